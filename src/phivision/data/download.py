@@ -1,0 +1,317 @@
+"""Concurrent, resumable, validated image downloads.
+
+Each unique URL is fetched once, with a global and a per-host concurrency limit. Connection errors, timeouts,
+5xx and 429 are retried with exponential backoff and jitter (429 and 503 honour ``Retry-After``, capped); other
+4xx fail at once. An image counts only after :func:`load_image` decoded it fully; it is then written atomically,
+so a rerun (even after SIGKILL) trusts what is on disk, re-validates it, and fetches only what is missing.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import email.utils
+import hashlib
+import io
+import random
+import re
+import time
+from collections import Counter
+from collections.abc import Callable, Coroutine
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from urllib.parse import unquote, urlsplit
+
+import httpx
+from PIL import Image
+
+from phivision.data.images import DEFAULT_MAX_PIXELS, ImageError, load_image
+from phivision.io import atomic_write_bytes
+
+USER_AGENT = "phivision-prepare/0.1 (+https://github.com/phivision)"
+EXTENSIONS = {"JPEG": ".jpg", "PNG": ".png", "WEBP": ".webp", "GIF": ".gif", "BMP": ".bmp", "TIFF": ".tif"}
+
+
+@dataclass
+class DownloadConfig:
+    """How politely and how persistently to fetch. Defaults suit a CDN; tests shrink the timeouts."""
+
+    concurrency: int = 32  # requests in flight overall
+    per_host: int = 32  # requests in flight per host
+    connect_timeout: float = 10.0
+    read_timeout: float = 30.0
+    retries: int = 3  # extra attempts after the first
+    backoff: float = 0.5  # first retry waits about this long, then doubles (with jitter)
+    max_wait: float = 30.0  # cap on any backoff or Retry-After wait
+    max_bytes: int = 50_000_000
+    max_pixels: int | None = DEFAULT_MAX_PIXELS
+    allow_local: bool = False  # accept file:// URLs and local paths
+
+    def __post_init__(self) -> None:
+        if self.concurrency < 1 or self.per_host < 1:
+            raise ValueError("concurrency and per_host must be >= 1")
+
+
+@dataclass
+class Fetched:
+    """What happened to one URL: ``status`` is ``downloaded``, ``reused`` (valid file already on disk) or
+    ``failed`` with a short ``reason`` such as ``http_404``, ``timeout``, ``not_an_image``."""
+
+    url: str
+    status: str
+    file: str | None = None  # name inside the images directory
+    reason: str | None = None
+    detail: str = ""
+    attempts: int = 0
+
+
+@dataclass
+class DownloadStats:
+    requests: int = 0
+    retries: int = 0
+    bytes: int = 0
+    seconds: float = 0.0
+    outcomes: Counter = field(default_factory=Counter)
+
+
+class _Failure(Exception):
+    def __init__(
+        self, reason: str, detail: str = "", retryable: bool = False, wait: float | None = None
+    ) -> None:
+        super().__init__(reason)
+        self.reason, self.detail, self.retryable, self.wait = reason, detail, retryable, wait
+
+
+def url_hash(url: str) -> str:
+    return hashlib.sha256(url.encode("utf-8")).hexdigest()[:16]
+
+
+def file_stem(product_code: str, url: str) -> str:
+    """A file name that cannot escape ``images/``: the product code reduced to ``[A-Za-z0-9._-]`` (no leading
+    dots), at most 60 characters, then the URL's hash, which alone identifies the file on a rerun."""
+    code = re.sub(r"[^A-Za-z0-9._-]+", "_", str(product_code)).lstrip("._-")[:60] or "image"
+    return f"{code}-{url_hash(url)}"
+
+
+def url_kind(url: str, allow_local: bool) -> str | None:
+    """``"http"`` or ``"local"`` when ``url`` can be fetched, else None."""
+    parts = urlsplit(url)
+    if parts.scheme in ("http", "https") and parts.netloc:
+        return "http"
+    if allow_local and (
+        parts.scheme == "file" or (parts.scheme == "" and url.startswith(("/", "./", "../")))
+    ):
+        return "local"
+    return None
+
+
+def existing_files(images_dir: Path) -> dict[str, str]:
+    """Map URL hash -> file name for the images already on disk, and remove temporary files a killed run left."""
+    found: dict[str, str] = {}
+    if not images_dir.is_dir():
+        return found
+    for entry in images_dir.iterdir():
+        if entry.name.startswith(".") and entry.name.endswith(".tmp"):
+            entry.unlink(missing_ok=True)
+            continue
+        stem = entry.name.rsplit(".", 1)[0]
+        found[stem.rsplit("-", 1)[-1]] = entry.name
+    return found
+
+
+def _retry_after(response: httpx.Response) -> float | None:
+    value = response.headers.get("retry-after")
+    if not value:
+        return None
+    try:
+        return max(0.0, float(value))
+    except ValueError:
+        pass
+    try:
+        when = email.utils.parsedate_to_datetime(value)
+    except (TypeError, ValueError):
+        return None
+    return max(0.0, when.timestamp() - time.time())
+
+
+class Downloader:
+    """Fetch ``{url: stem}`` into ``images_dir``. One instance per run; see :func:`download_images`."""
+
+    def __init__(
+        self, images_dir: Path, config: DownloadConfig, on_done: Callable[[Fetched], None] | None = None
+    ):
+        self.images_dir = images_dir
+        self.config = config
+        self.on_done = on_done
+        self.stats = DownloadStats()
+        self._global = asyncio.Semaphore(config.concurrency)
+        self._hosts: dict[str, asyncio.Semaphore] = {}
+
+    async def run(self, jobs: dict[str, str]) -> dict[str, Fetched]:
+        cfg = self.config
+        timeout = httpx.Timeout(cfg.read_timeout, connect=cfg.connect_timeout)
+        limits = httpx.Limits(max_connections=cfg.concurrency, max_keepalive_connections=cfg.concurrency)
+        headers = {"User-Agent": USER_AGENT, "Accept": "image/*,*/*;q=0.5"}
+        start = time.perf_counter()
+        async with httpx.AsyncClient(
+            timeout=timeout, limits=limits, headers=headers, follow_redirects=True
+        ) as client:
+            self.client = client
+            results = await asyncio.gather(*(self._one(url, stem) for url, stem in jobs.items()))
+        self.stats.seconds = time.perf_counter() - start
+        return {r.url: r for r in results}
+
+    async def _one(self, url: str, stem: str) -> Fetched:
+        kind = url_kind(url, self.config.allow_local)
+        try:
+            if kind is None:
+                raise _Failure("unsupported_url", "only http(s) URLs (use --allow-local for files)")
+            if kind == "local":
+                data = await asyncio.to_thread(_read_local, url)
+                attempts = 0
+            else:
+                data, attempts = await self._fetch(url)
+            file = await asyncio.to_thread(self._validate_and_save, data, stem)
+            result = Fetched(url, "downloaded", file=file, attempts=attempts)
+        except _Failure as err:
+            result = Fetched(url, "failed", reason=err.reason, detail=err.detail)
+        self.stats.outcomes[result.reason or result.status] += 1
+        if self.on_done:
+            self.on_done(result)
+        return result
+
+    async def _fetch(self, url: str) -> tuple[bytes, int]:
+        """GET with retries. Returns (body, attempts) or raises _Failure with the last attempt's reason."""
+        cfg = self.config
+        host = urlsplit(url).netloc
+        host_limit = self._hosts.setdefault(host, asyncio.Semaphore(cfg.per_host))
+        for attempt in range(cfg.retries + 1):
+            wait = None
+            async with host_limit, self._global:
+                self.stats.requests += 1
+                try:
+                    return await self._get(url), attempt + 1
+                except _Failure as err:
+                    if not err.retryable or attempt == cfg.retries:
+                        raise
+                    wait = err.wait
+            self.stats.retries += 1
+            if wait is None:
+                wait = cfg.backoff * 2**attempt * (0.5 + random.random())  # exponential, with jitter
+            await asyncio.sleep(min(wait, cfg.max_wait))
+        raise AssertionError("unreachable: the last attempt raises")
+
+    async def _get(self, url: str) -> bytes:
+        try:
+            async with self.client.stream("GET", url) as response:
+                code = response.status_code
+                if code != 200:
+                    raise _Failure(
+                        f"http_{code}",
+                        f"HTTP {code} from {url}",
+                        retryable=code == 429 or code >= 500,
+                        wait=_retry_after(response) if code in (429, 503) else None,
+                    )
+                chunks, size = [], 0
+                async for chunk in response.aiter_bytes():
+                    size += len(chunk)
+                    if size > self.config.max_bytes:
+                        raise _Failure("too_large", f"more than {self.config.max_bytes} bytes")
+                    chunks.append(chunk)
+                self.stats.bytes += size
+                return b"".join(chunks)
+        except httpx.TimeoutException as exc:
+            raise _Failure("timeout", f"{type(exc).__name__} for {url}", retryable=True) from None
+        except httpx.RemoteProtocolError as exc:  # e.g. the body ended before Content-Length
+            raise _Failure("incomplete_response", str(exc), retryable=True) from None
+        except httpx.TooManyRedirects as exc:
+            raise _Failure("too_many_redirects", str(exc)) from None
+        except httpx.TransportError as exc:
+            raise _Failure("connection_error", f"{type(exc).__name__}: {exc}", retryable=True) from None
+
+    def _validate_and_save(self, data: bytes, stem: str) -> str:
+        """Decode the whole image before it counts; keep the original bytes (EXIF and all) on disk."""
+        try:
+            load_image(data, max_pixels=self.config.max_pixels)
+        except ImageError as err:
+            raise _Failure(err.reason, err.detail) from None
+        with Image.open(io.BytesIO(data)) as image:
+            name = stem + EXTENSIONS.get(image.format or "", ".img")
+        atomic_write_bytes(self.images_dir / name, data)
+        return name
+
+
+def _read_local(url: str) -> bytes:
+    path = Path(unquote(urlsplit(url).path)) if url.startswith("file:") else Path(url)
+    try:
+        return path.read_bytes()
+    except FileNotFoundError:
+        raise _Failure("missing", str(path)) from None
+    except OSError as err:
+        raise _Failure("unreadable", f"{path}: {err}") from None
+
+
+def validate_existing(images_dir: Path, name: str, max_pixels: int | None) -> bool:
+    """True when a file left by an earlier run still decodes; a bad one is deleted so it is fetched again."""
+    try:
+        load_image(images_dir / name, max_pixels=max_pixels)
+        return True
+    except ImageError:
+        (images_dir / name).unlink(missing_ok=True)
+        return False
+
+
+def download_images(
+    jobs: dict[str, str],
+    images_dir: str | Path,
+    config: DownloadConfig | None = None,
+    progress: bool = True,
+) -> tuple[dict[str, Fetched], DownloadStats]:
+    """Make sure every URL in ``jobs`` (url -> file stem from :func:`file_stem`) has a valid file in
+    ``images_dir``: reuse the ones a previous run finished, download the rest concurrently.
+
+    Returns one :class:`Fetched` per URL and the run's statistics.
+    """
+    from tqdm.auto import tqdm
+
+    config = config or DownloadConfig()
+    images_dir = Path(images_dir)
+    images_dir.mkdir(parents=True, exist_ok=True)
+    on_disk = existing_files(images_dir)
+    candidates = {url: on_disk[url_hash(url)] for url in jobs if url_hash(url) in on_disk}
+    with ThreadPoolExecutor(max_workers=4) as pool:
+        valid = pool.map(
+            lambda name: validate_existing(images_dir, name, config.max_pixels), candidates.values()
+        )
+        results = {
+            url: Fetched(url, "reused", file=name)
+            for (url, name), ok in zip(candidates.items(), valid, strict=True)
+            if ok
+        }
+    todo = {url: stem for url, stem in jobs.items() if url not in results}
+    bar = tqdm(total=len(jobs), initial=len(results), desc="images", unit="img", disable=not progress)
+    failed = Counter()
+
+    def on_done(result: Fetched) -> None:
+        if result.status == "failed":
+            failed[result.reason] += 1
+            bar.set_postfix(failed=sum(failed.values()), refresh=False)
+        bar.update(1)
+
+    downloader = Downloader(images_dir, config, on_done)
+    try:
+        results.update(_run_async(downloader.run(todo)) if todo else {})
+    finally:
+        bar.close()
+    downloader.stats.outcomes["reused"] += sum(1 for r in results.values() if r.status == "reused")
+    return results, downloader.stats
+
+
+def _run_async(coro: Coroutine) -> dict:
+    """``asyncio.run``, also from inside a running event loop (a notebook): then in a helper thread."""
+    try:
+        asyncio.get_running_loop()
+    except RuntimeError:
+        return asyncio.run(coro)
+    with ThreadPoolExecutor(max_workers=1) as pool:
+        return pool.submit(asyncio.run, coro).result()

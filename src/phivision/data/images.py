@@ -1,0 +1,96 @@
+"""THE image loader: every part of phivision opens product photos through :func:`load_image`.
+
+Downloads, training, evaluation and serving must agree on what a valid image is and how it becomes RGB, so
+that a photo accepted by ``prepare`` decodes the same way at training and at serving time.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import os
+import warnings
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+from phivision.errors import PhivisionError
+
+# 40 megapixels: far above any product photo (and the 336 px crops the model sees), far below a decompression
+# bomb that would exhaust memory.
+DEFAULT_MAX_PIXELS = 40_000_000
+
+
+class ImageError(PhivisionError):
+    """An image that cannot be used. ``reason`` is short and machine-readable (it is counted in reports):
+    ``missing``, ``empty``, ``not_an_image``, ``truncated``, ``corrupt``, ``too_many_pixels``."""
+
+    def __init__(self, reason: str, detail: str = "") -> None:
+        self.reason = reason
+        self.detail = detail
+        super().__init__(f"{reason}: {detail}" if detail else reason)
+
+
+def load_image(source: str | os.PathLike | bytes, max_pixels: int | None = DEFAULT_MAX_PIXELS) -> Image.Image:
+    """Open ``source`` (a path or the file's bytes), decode it fully and return an RGB image.
+
+    EXIF orientation is applied; palette, CMYK, grey, 16-bit and transparent images become 8-bit RGB
+    (transparency over white). The pixel count is checked from the header, before decoding, so a
+    decompression bomb costs nothing. Raises :class:`ImageError`.
+    """
+    name = "image bytes" if isinstance(source, (bytes, bytearray)) else str(source)
+    if isinstance(source, (bytes, bytearray)):
+        if not source:
+            raise ImageError("empty", name)
+        stream: io.BytesIO | Path = io.BytesIO(source)
+    else:
+        path = Path(source)
+        if not path.is_file():
+            raise ImageError("missing", name)
+        if path.stat().st_size == 0:
+            raise ImageError("empty", name)
+        stream = path
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+        try:
+            image = Image.open(stream)
+        except Image.DecompressionBombError as err:
+            raise ImageError("too_many_pixels", f"{name}: {err}") from None
+        except (UnidentifiedImageError, SyntaxError, ValueError) as err:
+            raise ImageError("not_an_image", f"{name}: {err}") from None
+        with image:
+            pixels = image.width * image.height
+            if max_pixels is not None and pixels > max_pixels:
+                raise ImageError("too_many_pixels", f"{name}: {image.width}x{image.height} > {max_pixels}")
+            try:
+                image.load()
+            except Image.DecompressionBombError as err:
+                raise ImageError("too_many_pixels", f"{name}: {err}") from None
+            except (OSError, SyntaxError, ValueError, EOFError) as err:
+                reason = "truncated" if "truncat" in str(err).lower() else "corrupt"
+                raise ImageError(reason, f"{name}: {err}") from None
+            with contextlib.suppress(Exception):  # a broken EXIF block must not reject a photo that decodes
+                image = ImageOps.exif_transpose(image)
+            return to_rgb(image)
+
+
+def to_rgb(image: Image.Image) -> Image.Image:
+    """Convert any Pillow mode to 8-bit RGB: alpha is composited over white, 16/32-bit grey is rescaled."""
+    mode = image.mode
+    if mode == "RGB":
+        return image.copy()
+    if mode in ("I;16", "I;16B", "I;16L", "I;16N", "I", "F"):
+        array = np.asarray(image, dtype=np.float64)
+        top = 65535.0 if mode.startswith("I;16") or array.max(initial=0) > 255 else 255.0
+        grey = np.clip(array / top * 255.0 + 0.5, 0, 255).astype(np.uint8)
+        return Image.fromarray(grey, "L").convert("RGB")
+    if mode == "P":
+        image = image.convert("RGBA" if "transparency" in image.info else "RGB")
+    elif mode in ("LA", "La", "PA", "RGBa"):
+        image = image.convert("RGBA")
+    if image.mode == "RGBA":
+        background = Image.new("RGB", image.size, (255, 255, 255))
+        background.paste(image, mask=image.getchannel("A"))
+        return background
+    return image.convert("RGB")  # L, 1, CMYK, YCbCr, LAB, HSV, RGBX

@@ -1,0 +1,77 @@
+"""Train/val/test split: stratified by category, and leak-free across product variants.
+
+Catalogs list colour variants as separate products that share a title and a price. If one variant landed in
+train and another in test, the test score would measure memorisation, so all rows sharing a (normalised) title
+form one group, and whole groups are assigned to splits.
+"""
+
+from __future__ import annotations
+
+import re
+import zlib
+from collections.abc import Sequence
+
+import numpy as np
+import pandas as pd
+
+from phivision.data.layout import SPLITS
+from phivision.errors import PhivisionError
+
+
+def parse_ratios(text: str | Sequence[float]) -> tuple[float, float, float]:
+    """``"0.8,0.1,0.1"`` (or ``"80,10,10"``) -> train/val/test fractions that sum to 1."""
+    try:
+        values = [float(v) for v in (text.split(",") if isinstance(text, str) else text)]
+    except ValueError:
+        raise PhivisionError(f"--split {text!r}: expected three numbers such as 0.8,0.1,0.1") from None
+    if len(values) != 3 or any(v < 0 for v in values) or sum(values) <= 0 or values[0] == 0:
+        raise PhivisionError(f"--split {text!r}: expected three non-negative numbers with train > 0")
+    total = sum(values)
+    return (values[0] / total, values[1] / total, values[2] / total)
+
+
+def group_key(title: str) -> str:
+    """Titles that differ only in case, spacing or punctuation name the same product."""
+    return re.sub(r"[\W_]+", " ", str(title).lower()).strip()
+
+
+def assign_splits(
+    frame: pd.DataFrame,
+    ratios: Sequence[float] = (0.8, 0.1, 0.1),
+    seed: int = 0,
+    group_col: str = "title",
+    strat_col: str = "category",
+) -> pd.Series:
+    """Return a ``split`` Series (train/val/test) aligned with ``frame``.
+
+    Within each category the title groups are shuffled with a seed derived from ``seed`` and the category name
+    (so adding a category does not reshuffle the others), then laid end to end: a group goes to the split whose
+    share of the category's rows contains the group's midpoint. Small categories therefore fill train first.
+    """
+    ratios = parse_ratios(ratios)
+    bounds = np.cumsum(ratios)
+    keys = frame[group_col].map(group_key)
+    # a group belongs to the category most of its rows have (ties: alphabetical), so it is counted once
+    group_category = (
+        pd.DataFrame({"key": keys, "cat": frame[strat_col].astype(str)})
+        .groupby(["key", "cat"])
+        .size()
+        .reset_index(name="n")
+        .sort_values(["key", "n", "cat"], ascending=[True, False, True])
+        .drop_duplicates("key")
+        .set_index("key")["cat"]
+    )
+    sizes = keys.value_counts()
+    assignment: dict[str, str] = {}
+    for category, members in group_category.groupby(group_category):
+        groups = sorted(members.index)
+        rng = np.random.default_rng([seed, zlib.crc32(str(category).encode())])
+        order = rng.permutation(len(groups))
+        total = float(sum(sizes[g] for g in groups))
+        done = 0.0
+        for i in order:
+            group = groups[i]
+            middle = (done + sizes[group] / 2.0) / total
+            assignment[group] = SPLITS[min(int(np.searchsorted(bounds, middle, side="right")), 2)]
+            done += sizes[group]
+    return keys.map(assignment).rename("split")

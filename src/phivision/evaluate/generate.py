@@ -1,0 +1,100 @@
+"""Batched greedy answers for product photos: the one generation loop used by evaluate, training, predict and serve.
+
+Prompts are left-padded so every row's next token sits in the last column and the KV cache grows in step. Images
+are sorted by their image-token count before batching, so a batch holds prompts of similar length (little
+padding), and the answers are returned in the caller's order.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from PIL import Image
+from tqdm.auto import tqdm
+from transformers import GenerationConfig
+
+from phivision.prompt import PromptFormat, prompt_text
+
+
+def expected_length(processor: Any, image: Image.Image) -> int:
+    """Image tokens the processor will emit for ``image`` (arithmetic on the size only)."""
+    return processor.image_processor.calc_num_image_tokens(image.width, image.height)
+
+
+def _first_stop(row: list[int], stop_ids: set[int]) -> list[int]:
+    """The generated ids up to (not including) the first stop token."""
+    for i, token in enumerate(row):
+        if token in stop_ids:
+            return row[:i]
+    return row
+
+
+@torch.inference_mode()
+def generate_answers(
+    model: Any,
+    processor: Any,
+    images: Sequence[Image.Image],
+    prompt: PromptFormat = PromptFormat(),
+    batch_size: int = 8,
+    max_new_tokens: int = 64,
+    progress: bool = True,
+) -> list[str]:
+    """Greedy answers, one per image, in the order of ``images``.
+
+    Args:
+        model: a Phi3VForCausalLM (or a PEFT wrapper of one); put in eval mode for the call, then restored.
+        processor: the matching Phi3VProcessor (its ``stop_token_ids`` end an answer).
+        images: RGB PIL images (load them with ``phivision.data.images.load_image``).
+        prompt: the prompt format the model was trained with.
+        batch_size: prompts per forward pass.
+        max_new_tokens: answer length cap; an answer that reaches it is returned as is (and may not parse).
+        progress: show a tqdm bar.
+
+    Returns:
+        The decoded new tokens of each answer, special tokens skipped, surrounding whitespace stripped.
+    """
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be at least 1, got {batch_size}")
+    if not images:
+        return []
+    stop_ids = [int(t) for t in processor.stop_token_ids]
+    config = GenerationConfig(
+        max_new_tokens=max_new_tokens,
+        do_sample=False,
+        num_beams=1,
+        use_cache=True,
+        eos_token_id=stop_ids,
+        pad_token_id=processor.pad_token_id,
+    )
+    device = next(model.parameters()).device
+    dtype = getattr(model, "dtype", torch.float32)
+    text = prompt_text(prompt)
+    # Longest first: similar lengths share a batch, and a batch that does not fit in memory fails at once.
+    order = sorted(range(len(images)), key=lambda i: -expected_length(processor, images[i]))
+    answers = [""] * len(images)
+    was_training = model.training
+    model.eval()
+    try:
+        with tqdm(total=len(images), desc="generate", unit="img", disable=not progress) as bar:
+            for start in range(0, len(order), batch_size):
+                chunk = order[start : start + batch_size]
+                batch = processor(
+                    text=[text] * len(chunk),
+                    images=[images[i] for i in chunk],
+                    padding_side="left",
+                    return_tensors="pt",
+                )
+                inputs = {k: v.to(device) for k, v in batch.items() if isinstance(v, torch.Tensor)}
+                inputs["pixel_values"] = inputs["pixel_values"].to(dtype)
+                output = model.generate(**inputs, generation_config=config)  # (b, prompt + new)
+                new_tokens = output[:, inputs["input_ids"].shape[1] :].tolist()
+                rows = [_first_stop(row, set(stop_ids)) for row in new_tokens]
+                texts = processor.tokenizer.batch_decode(rows, skip_special_tokens=True)
+                for i, answer in zip(chunk, texts, strict=True):
+                    answers[i] = answer.strip()
+                bar.update(len(chunk))
+    finally:
+        model.train(was_training)
+    return answers

@@ -1,0 +1,247 @@
+"""Phi-3-Vision on top of transformers' own Phi-3 decoder and CLIP vision tower.
+
+Module paths equal the official checkpoint's keys, so official safetensors load unchanged:
+
+    model.embed_tokens / model.layers.N.* / model.norm          transformers' Phi3Model
+    model.vision_embed_tokens.img_processor.vision_model.*      transformers' CLIPVisionModel
+    model.vision_embed_tokens.{glb_GN, sub_GN, img_projection.0, img_projection.2}
+    lm_head                                                     untied
+
+Forward: negative ids in ``input_ids`` are image positions. Every image is encoded by CLIP as
+(num_crops + 1) tiles, each tile's patch grid is merged 2x2, the tiles are laid out as one HD grid plus a global
+view with learnable separators ("sub_glb" order), projected to the text width and written, in order, over the
+negative positions of the flattened (batch, seq) ids.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+from transformers import CLIPVisionConfig, CLIPVisionModel, Phi3Config
+from transformers import initialization as init
+from transformers.modeling_outputs import CausalLMOutputWithPast
+from transformers.models.phi3.modeling_phi3 import Phi3ForCausalLM, Phi3Model
+
+from phivision.model.configuration_phi3_v import Phi3VConfig
+
+
+class CLIPTower(nn.Module):
+    """Holds CLIP under the name ``vision_model`` as the official checkpoint does.
+
+    In transformers 5.x ``CLIPVisionModel``'s own keys start at ``embeddings.``; the checkpoint's keys are
+    ``img_processor.vision_model.embeddings...``, so this one-child module restores the path.
+    """
+
+    def __init__(self, config: CLIPVisionConfig) -> None:
+        super().__init__()
+        self.vision_model = CLIPVisionModel(config)
+
+
+class Phi3ImageEmbedding(nn.Module):
+    """CLIP features -> 2x2 merge -> HD layout with separators -> MLP projector (spec section 5)."""
+
+    def __init__(self, config: Phi3VConfig) -> None:
+        super().__init__()
+        vision = config.vision_tower_config()
+        dim = config.image_dim_out * 4  # width of one merged 2x2 block of patch features
+        self.img_processor = CLIPTower(vision)
+        self.glb_GN = nn.Parameter(torch.zeros(1, 1, dim))
+        self.sub_GN = nn.Parameter(torch.zeros(1, 1, 1, dim))
+        self.img_projection = nn.Sequential(
+            nn.Linear(dim, config.hidden_size), nn.GELU(), nn.Linear(config.hidden_size, config.hidden_size)
+        )
+        self.drop = nn.Dropout(config.embd_pdrop)
+        self.layer_idx = config.vision_layer_idx
+        self.crop_size = vision.image_size
+        self.grid = vision.image_size // vision.patch_size  # patches per tile side (24 for 336/14)
+
+    def tile_features(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """(num_images, tiles, 3, S, S) -> merged features (num_images, tiles, g/2, g/2, 4*d)."""
+        num_images, tiles = pixel_values.shape[:2]
+        clip = self.img_processor.vision_model
+        flat = pixel_values.flatten(0, 1).to(dtype=clip.dtype)
+        hidden = clip(pixel_values=flat, output_hidden_states=True).hidden_states[self.layer_idx]
+        patches = hidden[:, 1:]  # drop CLS: (N, g*g, d)
+        g, half, d = self.grid, self.grid // 2, patches.shape[-1]
+        # (N, g, g, d) -> 2x2 blocks; block (i, j) concatenates patches (2i+dy, 2j+dx) in (dy, dx) row-major order
+        blocks = patches.reshape(num_images, tiles, half, 2, half, 2, d).permute(0, 1, 2, 4, 3, 5, 6)
+        return blocks.reshape(num_images, tiles, half, half, 4 * d)
+
+    def hd_sequence(self, merged: torch.Tensor, height: int, width: int) -> torch.Tensor:
+        """One image's token sequence: sub-image grid + newlines, glb_GN, global grid + newlines."""
+        rows, cols = height // self.crop_size, width // self.crop_size
+        half, dim = merged.shape[1], merged.shape[-1]
+        newline_glb = self.sub_GN.reshape(1, 1, dim).expand(half, 1, dim)
+        glb = torch.cat([merged[0], newline_glb], dim=1).reshape(-1, dim)  # (half * (half + 1), dim)
+        sub = merged[1 : 1 + rows * cols].reshape(rows, cols, half, half, dim)
+        sub = sub.permute(0, 2, 1, 3, 4).reshape(rows * half, cols * half, dim)  # tiles side by side, row-major
+        newline_sub = self.sub_GN.reshape(1, 1, dim).expand(rows * half, 1, dim)
+        sub = torch.cat([sub, newline_sub], dim=1).reshape(-1, dim)
+        return torch.cat([sub, self.glb_GN.reshape(1, dim), glb])
+
+    def forward(self, pixel_values: torch.Tensor, image_sizes: torch.Tensor) -> torch.Tensor:
+        """(num_images, crops+1, 3, S, S), (num_images, 2) -> projected features (total_tokens, hidden)."""
+        if pixel_values.ndim != 5 or pixel_values.shape[-1] != self.crop_size:
+            raise ValueError(
+                f"pixel_values must be (num_images, num_crops+1, 3, {self.crop_size}, {self.crop_size}), "
+                f"got {tuple(pixel_values.shape)}"
+            )
+        if image_sizes is None or len(image_sizes) != len(pixel_values):
+            raise ValueError("image_sizes must give [height, width] for every image in pixel_values")
+        merged = self.tile_features(pixel_values)
+        sizes = image_sizes.tolist()
+        for (height, width), tiles in zip(sizes, merged):
+            if height % self.crop_size or width % self.crop_size or (height // self.crop_size) * (
+                width // self.crop_size
+            ) > len(tiles) - 1:
+                raise ValueError(
+                    f"image_sizes [{height}, {width}] do not fit {len(tiles) - 1} crops of {self.crop_size} px"
+                )
+        sequences = [self.hd_sequence(tiles, height, width) for (height, width), tiles in zip(sizes, merged)]
+        projector = self.img_projection[0]
+        features = torch.cat(sequences).to(dtype=projector.weight.dtype)
+        return self.drop(self.img_projection(features))
+
+
+class Phi3VModel(Phi3Model):
+    """transformers' Phi3Model plus the ``vision_embed_tokens`` child; merges image features into the embeddings."""
+
+    def __init__(self, config: Phi3Config, vision_parent: Phi3VConfig) -> None:
+        super().__init__(config)
+        self.vision_embed_tokens = Phi3ImageEmbedding(vision_parent)  # initialised by the owner's post_init()
+
+    def _init_weights(self, module: nn.Module) -> None:
+        """Standard init, plus the two separators (zeros in the official code; random here so tiny models see them)."""
+        super()._init_weights(module)
+        if isinstance(module, Phi3ImageEmbedding):
+            init.normal_(module.glb_GN, mean=0.0, std=self.config.initializer_range)
+            init.normal_(module.sub_GN, mean=0.0, std=self.config.initializer_range)
+
+    def embed(
+        self,
+        input_ids: torch.LongTensor,
+        pixel_values: torch.Tensor | None = None,
+        image_sizes: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Text embeddings with image features written over the negative ids (never mutates ``input_ids``)."""
+        embeds = self.embed_tokens(input_ids.clamp(min=0))
+        positions = (input_ids < 0).nonzero(as_tuple=True)  # row-major over (batch, seq)
+        num_positions = positions[0].numel()
+        if pixel_values is None or len(pixel_values) == 0:
+            if num_positions:
+                raise ValueError(f"input_ids hold {num_positions} image tokens but no pixel_values were given")
+            return embeds
+        features = self.vision_embed_tokens(pixel_values, image_sizes)
+        if features.shape[0] != num_positions:
+            raise ValueError(
+                f"image features and image tokens do not match: {len(pixel_values)} image(s) give "
+                f"{features.shape[0]} feature tokens but input_ids hold {num_positions} image tokens "
+                "(were the prompt and pixel_values made by the same processor settings?)"
+            )
+        return embeds.index_put(positions, features.to(embeds.dtype))
+
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        pixel_values: torch.Tensor | None = None,
+        image_sizes: torch.Tensor | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        **kwargs,
+    ):
+        """Phi3Model.forward on embeddings that already hold the image features."""
+        if inputs_embeds is None:
+            if input_ids is None:
+                raise ValueError("give input_ids or inputs_embeds")
+            inputs_embeds = self.embed(input_ids, pixel_values, image_sizes)
+        return super().forward(inputs_embeds=inputs_embeds, **kwargs)
+
+
+class Phi3VForCausalLM(Phi3ForCausalLM):
+    """Phi-3-Vision causal LM: official key names, eager/SDPA/FA2 attention, KV-cache generation, batches > 1.
+
+    Subclasses transformers' Phi3ForCausalLM to reuse its generation input preparation (which recomputes the
+    cache once when the sequence crosses the LongRoPE switch point, as the official code does).
+    """
+
+    config_class = Phi3VConfig
+    config: Phi3VConfig
+    base_model_prefix = "model"
+    _tied_weights_keys = None  # lm_head is untied in the official checkpoints
+    _no_split_modules = ["Phi3DecoderLayer", "CLIPEncoderLayer", "Phi3ImageEmbedding"]
+    # Some tools saved the embedding a second time under the vision module (the remote code registers it there).
+    _keys_to_ignore_on_load_unexpected = [r"model\.vision_embed_tokens\.wte\.weight"]
+    _supports_flash_attn = True
+    _supports_sdpa = True
+    _supports_flex_attn = False
+    _can_compile_fullgraph = False  # the number of image tokens is data dependent
+    supports_gradient_checkpointing = True
+
+    def __init__(self, config: Phi3VConfig) -> None:
+        # Skip Phi3ForCausalLM.__init__ (it would build a text-only Phi3Model from the Phi-3-V config).
+        super(Phi3ForCausalLM, self).__init__(config)
+        self.model = Phi3VModel(config.language_model_config(), config)
+        self.vocab_size = config.vocab_size
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.post_init()
+
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        pixel_values: torch.Tensor | None = None,
+        image_sizes: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        labels: torch.LongTensor | None = None,
+        use_cache: bool | None = None,
+        logits_to_keep: int | torch.Tensor = 0,
+        **kwargs,
+    ) -> CausalLMOutputWithPast:
+        """Logits (and the shifted cross-entropy loss when ``labels`` are given; -100 is ignored).
+
+        Args:
+            input_ids: (batch, seq) token ids; negative ids are image positions.
+            pixel_values: (num_images, num_crops+1, 3, S, S) for all images of the batch, in id order.
+            image_sizes: (num_images, 2) [height, width] of each padded HD image.
+            attention_mask: (batch, seq) 1 for tokens, 0 for padding (left or right).
+            position_ids: defaults to the cumulative sum of ``attention_mask`` (left padding works).
+        """
+        if inputs_embeds is None:
+            inputs_embeds = self.model.embed(input_ids, pixel_values, image_sizes)
+        if position_ids is None and attention_mask is not None and attention_mask.ndim == 2:
+            seq_len = inputs_embeds.shape[1]
+            position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)[:, -seq_len:]
+        outputs = self.model(
+            inputs_embeds=inputs_embeds,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            use_cache=use_cache,
+            **kwargs,
+        )
+        hidden = outputs.last_hidden_state
+        keep = slice(-logits_to_keep, None) if isinstance(logits_to_keep, int) else logits_to_keep
+        logits = self.lm_head(hidden[:, keep, :])
+        loss = None
+        if labels is not None:
+            loss = self.loss_function(logits=logits, labels=labels, vocab_size=self.config.vocab_size, **kwargs)
+        # Copy the decoder's other outputs by name (the cache field is `cache` or `past_key_values` by version).
+        extra = {key: value for key, value in outputs.items() if key != "last_hidden_state"}
+        return CausalLMOutputWithPast(loss=loss, logits=logits, **extra)
+
+    def prepare_inputs_for_generation(
+        self,
+        input_ids: torch.LongTensor,
+        pixel_values: torch.Tensor | None = None,
+        image_sizes: torch.Tensor | None = None,
+        **kwargs,
+    ) -> dict:
+        """Pass the images exactly on the steps whose ids still contain image tokens (the prefill, or a recompute)."""
+        model_inputs = super().prepare_inputs_for_generation(input_ids, **kwargs)
+        step_ids = model_inputs.get("input_ids")
+        if step_ids is not None and bool((step_ids < 0).any()):
+            model_inputs["pixel_values"] = pixel_values
+            model_inputs["image_sizes"] = image_sizes
+        else:
+            model_inputs.pop("pixel_values", None)
+            model_inputs.pop("image_sizes", None)
+        return model_inputs

@@ -1,0 +1,232 @@
+"""Phi-3-Vision processor: text with ``<|image_N|>`` tags + images -> model inputs, training examples, batches.
+
+Image tags are plain text to the tokenizer. As in the official processor, the text is split on the tags, every
+chunk is tokenized on its own with the tokenizer's default special tokens (so every chunk, even an empty one,
+starts with BOS), and tag ``<|image_k|>`` becomes ``[-k] * num_img_tokens`` between the chunks. The model fills
+the negative positions with image features in order, so tags must be ``<|image_1|>`` ... ``<|image_n|>`` in order,
+one per image; images of a batch are the flat list in the order their tags appear.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from transformers import AutoTokenizer
+from transformers.feature_extraction_utils import BatchFeature
+from transformers.processing_utils import ProcessorMixin
+
+from phivision.io import atomic_write_text
+from phivision.model.image_processing_phi3_v import Phi3VImageProcessor
+
+IMAGE_TAG = re.compile(r"<\|image_(\d+)\|>")
+END_TOKEN = "<|end|>"
+STOP_TOKENS = ("<|end|>", "<|endoftext|>", "</s>")
+IGNORE_INDEX = -100
+
+# from_pretrained arguments that locate files; they go to both the image processor and the tokenizer.
+_HUB_KWARGS = ("cache_dir", "force_download", "local_files_only", "token", "revision", "subfolder")
+
+
+def count_image_tags(text: str) -> int:
+    """How many images ``text`` refers to; raises unless its tags are ``<|image_1|>`` ... ``<|image_n|>`` in order."""
+    numbers = [int(n) for n in IMAGE_TAG.findall(text)]
+    if numbers != list(range(1, len(numbers) + 1)):
+        raise ValueError(
+            f"image tags must be <|image_1|> ... <|image_n|>, each once and in order; got {numbers} in {text!r}"
+        )
+    return len(numbers)
+
+
+def pad_sequences(rows: Sequence[Sequence[int]], value: int, side: str = "right") -> torch.Tensor:
+    """Stack 1-D id lists into a ``(batch, longest)`` long tensor, padding with ``value`` on ``side``."""
+    if side not in ("left", "right"):
+        raise ValueError(f"padding_side must be 'left' or 'right', got {side!r}")
+    longest = max(len(r) for r in rows)
+    out = torch.full((len(rows), longest), value, dtype=torch.long)
+    for i, row in enumerate(rows):
+        row = torch.as_tensor(row, dtype=torch.long)
+        if side == "right":
+            out[i, : len(row)] = row
+        else:
+            out[i, longest - len(row) :] = row
+    return out
+
+
+class Phi3VProcessor(ProcessorMixin):
+    """Image processor + tokenizer for Phi-3-Vision, with training helpers (:meth:`build_example`, :meth:`collate`).
+
+    ``save_pretrained`` writes ``preprocessor_config.json`` and the tokenizer files in the official layout;
+    :meth:`from_pretrained` reads them back (also the official hub files).
+    """
+
+    attributes = ["image_processor", "tokenizer"]
+
+    def __init__(
+        self, image_processor: Phi3VImageProcessor, tokenizer: Any, chat_template: str | None = None
+    ):
+        super().__init__(image_processor, tokenizer, chat_template=chat_template)
+
+    @classmethod
+    def from_pretrained(
+        cls, pretrained_model_name_or_path: str | os.PathLike, **kwargs: Any
+    ) -> Phi3VProcessor:
+        """Load ``preprocessor_config.json`` and the tokenizer from a directory (or hub id).
+
+        The two parts are loaded directly rather than through the Auto* classes, so a checkpoint loads whether or
+        not ``phivision`` registered them, and the official files load unchanged (their ``auto_map`` is ignored).
+        Other keyword arguments (e.g. ``num_crops=4``) override the image processor's settings.
+        """
+        hub = {k: kwargs.pop(k) for k in _HUB_KWARGS if k in kwargs}
+        kwargs.pop("trust_remote_code", None)
+        image_processor = Phi3VImageProcessor.from_pretrained(pretrained_model_name_or_path, **hub, **kwargs)
+        tokenizer = AutoTokenizer.from_pretrained(pretrained_model_name_or_path, **hub)
+        return cls(image_processor, tokenizer)
+
+    def save_pretrained(self, save_directory: str | os.PathLike, **kwargs: Any) -> list[str]:
+        """Write the official layout: ``preprocessor_config.json`` (atomically) and the tokenizer files.
+
+        No ``processor_config.json``: the official checkpoints have none, and :meth:`from_pretrained` reads the
+        image processor's settings from ``preprocessor_config.json``.
+        """
+        os.makedirs(save_directory, exist_ok=True)
+        config = atomic_write_text(
+            Path(save_directory) / "preprocessor_config.json", self.image_processor.to_json_string()
+        )
+        return [str(config), *self.tokenizer.save_pretrained(save_directory, **kwargs)]
+
+    # ------------------------------------------------------------------------------------------- tokens
+
+    @property
+    def pad_token_id(self) -> int:
+        pad = self.tokenizer.pad_token_id
+        return pad if pad is not None else self.tokenizer.eos_token_id
+
+    @property
+    def stop_token_ids(self) -> list[int]:
+        """Ids that end generation: ``<|end|>``, ``<|endoftext|>`` and ``</s>``, those the vocabulary has."""
+        vocab = self.tokenizer.get_vocab()
+        return [vocab[t] for t in STOP_TOKENS if t in vocab]
+
+    def apply_chat_template(self, conversation: Any, chat_template: str | None = None, **kwargs: Any) -> Any:
+        """The tokenizer's chat template (the official processor delegates the same way)."""
+        return self.tokenizer.apply_chat_template(conversation, chat_template=chat_template, **kwargs)
+
+    def encode_text(self, text: str, num_img_tokens: Sequence[int] = ()) -> list[int]:
+        """Token ids of one text whose tags ``<|image_1|>..<|image_n|>`` take ``num_img_tokens[k-1]`` ids ``-k``.
+
+        Without tags the whole string is tokenized at once (one BOS), as the official processor does.
+        """
+        n = count_image_tags(text)
+        if n != len(num_img_tokens):
+            raise ValueError(f"text has {n} image tag(s) but {len(num_img_tokens)} image(s) were given")
+        if n == 0:
+            return list(self.tokenizer(text)["input_ids"])
+        chunks = IMAGE_TAG.split(text)[::2]  # split() also returns the captured numbers; keep the text parts
+        ids = list(self.tokenizer(chunks[0])["input_ids"])
+        for k, chunk in enumerate(chunks[1:], start=1):
+            ids += [-k] * num_img_tokens[k - 1]
+            ids += self.tokenizer(chunk)["input_ids"]
+        return ids
+
+    # ------------------------------------------------------------------------------------------- inference
+
+    def __call__(
+        self,
+        text: str | list[str] | None = None,
+        images: list[Any] | None = None,
+        padding_side: str = "left",
+        return_tensors: str | None = "pt",
+        num_crops: int | None = None,
+        **kwargs: Any,
+    ) -> BatchFeature:
+        """Texts (+ the flat list of their images) -> ``input_ids``, ``attention_mask``, ``pixel_values``, ``image_sizes``.
+
+        Rows are padded with the pad id on ``padding_side`` (left for generation); ``pixel_values`` and
+        ``image_sizes`` cover all images of the batch in tag order.
+        """
+        if kwargs:
+            raise TypeError(f"unexpected arguments: {sorted(kwargs)}")
+        if return_tensors not in (None, "pt"):
+            raise ValueError(f"only return_tensors='pt' is supported, got {return_tensors!r}")
+        if text is None:
+            raise ValueError("text is required (use the image processor alone for images only)")
+        texts = [text] if isinstance(text, str) else list(text)
+        if images is not None and not isinstance(images, (list, tuple)):
+            images = [images]
+        images = list(images or [])
+        image_inputs = self.image_processor(images, num_crops=num_crops) if images else None
+        num_img_tokens = image_inputs["num_img_tokens"] if image_inputs else []
+
+        rows, used = [], 0
+        for i, t in enumerate(texts):
+            n = count_image_tags(t)
+            if used + n > len(images):
+                raise ValueError(
+                    f"text {i} has image tag(s) for {used + n} images but {len(images)} were given"
+                )
+            rows.append(self.encode_text(t, num_img_tokens[used : used + n]))
+            used += n
+        if used != len(images):
+            raise ValueError(f"{len(images)} image(s) were given but the text has {used} image tag(s)")
+
+        input_ids = pad_sequences(rows, self.pad_token_id, padding_side)
+        attention_mask = pad_sequences([[1] * len(r) for r in rows], 0, padding_side)
+        data = {"input_ids": input_ids, "attention_mask": attention_mask}
+        if image_inputs:
+            data["pixel_values"] = image_inputs["pixel_values"]
+            data["image_sizes"] = image_inputs["image_sizes"]
+        return BatchFeature(data=data)
+
+    # ------------------------------------------------------------------------------------------- training
+
+    def build_example(self, prompt: str, answer: str, images: Sequence[Any] | None = None) -> dict[str, Any]:
+        """One supervised example: the prompt (with its images) followed by ``answer<|end|>``.
+
+        The answer is tokenized without BOS and closed with ``<|end|>``. ``labels`` are -100 on the prompt
+        (image ids included) and equal ``input_ids`` on the answer tokens and that ``<|end|>``, so the model learns
+        to answer and to stop. ``pixel_values``/``image_sizes`` are None for a text-only example.
+        """
+        images = list(images or [])
+        image_inputs = self.image_processor(images) if images else None
+        prompt_ids = self.encode_text(prompt, image_inputs["num_img_tokens"] if image_inputs else [])
+        answer_ids = list(self.tokenizer(answer, add_special_tokens=False)["input_ids"])
+        answer_ids.append(self.tokenizer.convert_tokens_to_ids(END_TOKEN))
+        return {
+            "input_ids": torch.tensor(prompt_ids + answer_ids, dtype=torch.long),
+            "labels": torch.tensor([IGNORE_INDEX] * len(prompt_ids) + answer_ids, dtype=torch.long),
+            "pixel_values": image_inputs["pixel_values"] if image_inputs else None,
+            "image_sizes": image_inputs["image_sizes"] if image_inputs else None,
+        }
+
+    def collate(
+        self, examples: Sequence[dict[str, Any]], padding_side: str = "right"
+    ) -> dict[str, torch.Tensor]:
+        """Pad examples from :meth:`build_example` into a batch.
+
+        ``input_ids`` are padded with the pad id, ``labels`` with -100, ``attention_mask`` is 0 on padding.
+        ``pixel_values``/``image_sizes`` are the examples' images concatenated in row order, and are left out when
+        no example has an image (text-only rows simply have no negative ids).
+        """
+        if not examples:
+            raise ValueError("cannot collate an empty list of examples")
+        ids = [ex["input_ids"] for ex in examples]
+        batch = {
+            "input_ids": pad_sequences(ids, self.pad_token_id, padding_side),
+            "attention_mask": pad_sequences([[1] * len(x) for x in ids], 0, padding_side),
+            "labels": pad_sequences([ex["labels"] for ex in examples], IGNORE_INDEX, padding_side),
+        }
+        with_images = [ex for ex in examples if ex.get("pixel_values") is not None]
+        if with_images:
+            tile_shapes = {tuple(ex["pixel_values"].shape[1:]) for ex in with_images}
+            if len(tile_shapes) > 1:
+                raise ValueError(
+                    f"examples have different pixel_values shapes {sorted(tile_shapes)} (num_crops?)"
+                )
+            batch["pixel_values"] = torch.cat([ex["pixel_values"] for ex in with_images])
+            batch["image_sizes"] = torch.cat([ex["image_sizes"] for ex in with_images])
+        return batch

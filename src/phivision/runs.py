@@ -1,0 +1,220 @@
+"""Load a model for inference from whatever training produced: a RUN directory, a checkpoint, or a hub id.
+
+Everything downstream of training (evaluate, predict, serve, export) calls :func:`load_model`, so a RUN made with
+LoRA, QLoRA or full fine-tuning, an exported checkpoint and the untouched base model all load the same way and
+come back with the processor and the prompt format they were trained with.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import yaml
+
+from phivision.errors import PhivisionError
+from phivision.prompt import PromptFormat
+
+# Written by `phivision export` beside the official files: the prompt the weights were trained with.
+EXPORT_INFO_FILE = "phivision.json"
+
+_DTYPES = {
+    "float32": torch.float32,
+    "fp32": torch.float32,
+    "bfloat16": torch.bfloat16,
+    "bf16": torch.bfloat16,
+    "float16": torch.float16,
+    "fp16": torch.float16,
+}
+
+
+@dataclass
+class LoadedModel:
+    """A model ready for generation, with the processor and prompt format that go with it."""
+
+    model: Any  # Phi3VForCausalLM (or a PeftModel wrapping one when merge=False)
+    processor: Any  # Phi3VProcessor
+    prompt: PromptFormat
+    source: str  # what was loaded, for logs and /healthz
+
+
+@dataclass(frozen=True)
+class RunInfo:
+    """What a RUN directory holds, read from its config.yaml."""
+
+    run_dir: Path
+    base: str  # base checkpoint: a local directory or a hub id
+    method: str  # "lora", "qlora" or "full"
+    prompt: PromptFormat
+
+    @property
+    def adapter_dir(self) -> Path:
+        return self.run_dir / "adapter"
+
+    @property
+    def model_dir(self) -> Path:
+        return self.run_dir / "model"
+
+    @property
+    def processor_dir(self) -> Path:
+        return self.run_dir / "processor"
+
+
+def resolve_device(device: str | torch.device | None) -> torch.device:
+    """cuda when available, else cpu."""
+    if device is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+def resolve_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torch.dtype:
+    """bf16 on GPU (the official weights' dtype), fp32 on CPU (bf16 matmuls are slow there)."""
+    if dtype is None:
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype not in _DTYPES:
+        raise PhivisionError(f"--dtype {dtype!r}: expected one of {sorted(_DTYPES)}")
+    return _DTYPES[dtype]
+
+
+def is_run_dir(path: Path) -> bool:
+    return (path / "config.yaml").is_file() and ((path / "adapter").is_dir() or (path / "model").is_dir())
+
+
+def is_checkpoint_dir(path: Path) -> bool:
+    """A directory whose config.json declares ``model_type: phi3_v`` (official files or an export)."""
+    config = path / "config.json"
+    if not config.is_file():
+        return False
+    try:
+        return json.loads(config.read_text()).get("model_type") == "phi3_v"
+    except (json.JSONDecodeError, UnicodeDecodeError, AttributeError):
+        return False
+
+
+def read_run(run_dir: str | Path) -> RunInfo:
+    """Read RUN/config.yaml: the base model, the method and the prompt format."""
+    run_dir = Path(run_dir)
+    config_path = run_dir / "config.yaml"
+    try:
+        config = yaml.safe_load(config_path.read_text())
+    except OSError as err:
+        raise PhivisionError(f"{config_path}: cannot read ({err.strerror})") from err
+    except yaml.YAMLError as err:
+        raise PhivisionError(f"{config_path}: not valid YAML ({err})") from err
+    if not isinstance(config, dict) or not config.get("model"):
+        raise PhivisionError(f"{config_path}: field 'model' (the base checkpoint) is missing")
+    method = str(config.get("method", "lora"))
+    if method not in ("lora", "qlora", "full"):
+        raise PhivisionError(f"{config_path}: field 'method': expected lora, qlora or full, got {method!r}")
+    try:
+        prompt = PromptFormat.from_dict(config.get("prompt"))
+    except (ValueError, TypeError) as err:
+        raise PhivisionError(f"{config_path}: field 'prompt': {err}") from err
+    return RunInfo(run_dir=run_dir, base=_resolve_base(str(config["model"]), run_dir), method=method, prompt=prompt)
+
+
+def _resolve_base(base: str, run_dir: Path) -> str:
+    """A relative base path is tried from the working directory, then from the RUN directory (so a RUN that was
+    moved together with its base still loads); anything else is left to the hub."""
+    path = Path(base).expanduser()
+    if path.is_absolute() or path.exists():
+        return str(path.resolve()) if path.exists() else str(path)
+    beside = run_dir / path
+    if beside.exists():
+        return str(beside.resolve())
+    return base
+
+
+def _looks_like_hub_id(name: str) -> bool:
+    parts = name.split("/")
+    return len(parts) == 2 and all(parts) and not name.startswith((".", "~")) and "\\" not in name
+
+
+def _load_checkpoint(name: str, device: torch.device, dtype: torch.dtype) -> Any:
+    from phivision.model import Phi3VForCausalLM
+
+    try:
+        model = Phi3VForCausalLM.from_pretrained(name, dtype=dtype)
+    except OSError as err:
+        raise PhivisionError(f"cannot load checkpoint {name!r}: {err}") from err
+    return model.to(device).eval()
+
+
+def _load_processor(name: str | Path) -> Any:
+    from phivision.model import Phi3VProcessor
+
+    try:
+        return Phi3VProcessor.from_pretrained(str(name))
+    except OSError as err:
+        raise PhivisionError(f"cannot load processor from {name}: {err}") from err
+
+
+def _export_prompt(path: Path) -> PromptFormat:
+    info_path = path / EXPORT_INFO_FILE
+    if not info_path.is_file():
+        return PromptFormat()
+    try:
+        return PromptFormat.from_dict(json.loads(info_path.read_text()).get("prompt"))
+    except (ValueError, TypeError, AttributeError) as err:
+        raise PhivisionError(f"{info_path}: field 'prompt': {err}") from err
+
+
+def load_model(
+    path: str | Path,
+    device: str | torch.device | None = None,
+    dtype: str | torch.dtype | None = None,
+    merge: bool = True,
+) -> LoadedModel:
+    """Load a RUN directory, a checkpoint directory or a hub id for inference (eval mode, on ``device``).
+
+    Args:
+        path: RUN dir (config.yaml + adapter/ or model/), a directory with a ``phi3_v`` config.json, or a hub id.
+        device: default cuda if available, else cpu.
+        dtype: default bf16 on cuda, fp32 on cpu.
+        merge: fold a LoRA adapter into the base weights (faster generation); False keeps the PeftModel.
+    """
+    device = resolve_device(device)
+    dtype = resolve_dtype(dtype, device)
+    local = Path(str(path)).expanduser()
+
+    if local.is_dir() and is_run_dir(local):
+        return _load_run(read_run(local), device, dtype, merge)
+    if local.is_dir() and is_checkpoint_dir(local):
+        model = _load_checkpoint(str(local), device, dtype)
+        return LoadedModel(model, _load_processor(local), _export_prompt(local), source=str(local))
+    if local.exists():
+        raise PhivisionError(
+            f"{path}: neither a training run (config.yaml with adapter/ or model/) "
+            "nor a checkpoint (config.json with model_type phi3_v)"
+        )
+    if not _looks_like_hub_id(str(path)):
+        raise PhivisionError(f"{path}: no such directory (and not a hub id like 'microsoft/Phi-3-vision-128k-instruct')")
+    model = _load_checkpoint(str(path), device, dtype)
+    return LoadedModel(model, _load_processor(str(path)), PromptFormat(), source=str(path))
+
+
+def _load_run(run: RunInfo, device: torch.device, dtype: torch.dtype, merge: bool) -> LoadedModel:
+    processor_dir = run.processor_dir if run.processor_dir.is_dir() else None
+    if run.model_dir.is_dir():  # full fine-tuning saved the whole model
+        model = _load_checkpoint(str(run.model_dir), device, dtype)
+        processor = _load_processor(processor_dir or run.model_dir)
+        return LoadedModel(model, processor, run.prompt, source=f"{run.run_dir} (full fine-tune)")
+
+    from peft import PeftModel
+
+    # QLoRA adapters are applied to the unquantized base: merging into 4-bit weights would lose the update.
+    base = _load_checkpoint(run.base, device, dtype)
+    try:
+        model = PeftModel.from_pretrained(base, str(run.adapter_dir), is_trainable=False)
+    except (OSError, ValueError) as err:
+        raise PhivisionError(f"{run.adapter_dir}: cannot load the PEFT adapter: {err}") from err
+    model = model.to(device=device, dtype=dtype).eval()
+    if merge:
+        model = model.merge_and_unload()
+    processor = _load_processor(processor_dir or run.base)
+    return LoadedModel(model, processor, run.prompt, source=f"{run.run_dir} ({run.method} on {run.base})")

@@ -1,0 +1,113 @@
+"""`phivision export`: turn a training RUN into a standalone checkpoint in the official Phi-3-Vision layout.
+
+LoRA/QLoRA adapters are merged into the base weights; full fine-tunes are re-saved. The result has the files and
+tensor names of ``microsoft/Phi-3-vision-128k-instruct`` (config.json with ``model_type: phi3_v``, sharded
+safetensors with an index, tokenizer, preprocessor_config.json, generation_config.json), so phivision,
+transformers (after ``import phivision``) and vLLM's native ``Phi3VForCausalLM`` can all load it. The RUN itself
+is left untouched: its adapter stays loadable with PEFT.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+
+from phivision.errors import PhivisionError
+from phivision.io import atomic_write_json
+from phivision.runs import EXPORT_INFO_FILE, is_run_dir, load_model, read_run, resolve_dtype
+
+# Official files that point --trust-remote-code loaders (vLLM's processor, plain transformers) at hub code.
+AUTO_MAP_FILES = ("config.json", "preprocessor_config.json", "processor_config.json", "tokenizer_config.json")
+
+
+def export_run(
+    run: str | Path,
+    out: str | Path,
+    dtype: str | torch.dtype | None = None,
+    max_shard_size: str | int = "4GB",
+    device: str | None = "cpu",
+) -> Path:
+    """Merge (or re-save) a RUN into ``out``; written to a sibling temporary directory and moved into place whole.
+
+    Args:
+        run: a training RUN directory.
+        out: directory to create; it must not exist or be empty.
+        dtype: dtype of the saved weights; default: the base checkpoint's own (bf16 for the official model).
+            The merge itself is done in float32, so the adapter's update is not rounded twice.
+        max_shard_size: safetensors shard bound, e.g. "4GB" (the official files use two shards of <5 GB).
+        device: where to merge; cpu needs about 4 bytes of RAM per parameter (17 GB for the 4.2B model).
+    """
+    run_dir, out = Path(run), Path(out)
+    if not run_dir.is_dir() or not is_run_dir(run_dir):
+        raise PhivisionError(f"--run {run_dir}: not a training run (config.yaml with adapter/ or model/)")
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise PhivisionError(f"--out {out}: already exists and is not an empty directory")
+    info = read_run(run_dir)
+    weights_from = str(info.model_dir) if info.model_dir.is_dir() else info.base
+    target_dtype = resolve_dtype(dtype, torch.device("cpu")) if dtype is not None else _stored_dtype(weights_from)
+
+    loaded = load_model(run_dir, device=device, dtype=torch.float32, merge=True)
+    model = loaded.model.to(dtype=target_dtype)
+    # The official generation_config stops on </s> only, which Phi-3-V never emits at the end of a turn.
+    model.generation_config.eos_token_id = [int(t) for t in loaded.processor.stop_token_ids]
+    model.generation_config.pad_token_id = loaded.processor.pad_token_id
+
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    try:
+        model.save_pretrained(tmp, max_shard_size=max_shard_size)
+        loaded.processor.save_pretrained(tmp)
+        base_dir = Path(info.base)
+        if base_dir.is_dir():
+            carry_remote_code(base_dir, tmp)
+        atomic_write_json(
+            tmp / EXPORT_INFO_FILE,
+            {"prompt": info.prompt.to_dict(), "run": str(run_dir.resolve()), "base": info.base, "method": info.method},
+        )
+        if out.exists():
+            out.rmdir()  # empty, checked above
+        os.replace(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out
+
+
+def _stored_dtype(checkpoint: str) -> torch.dtype:
+    """The dtype a checkpoint's config.json records (``torch_dtype``, or ``dtype`` in newer files)."""
+    from transformers import AutoConfig
+
+    import phivision.model  # noqa: F401  (registers phi3_v with AutoConfig)
+
+    config = AutoConfig.from_pretrained(checkpoint)
+    stored = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None) or torch.float32
+    return getattr(torch, stored) if isinstance(stored, str) else stored
+
+
+def carry_remote_code(base_dir: Path, out_dir: Path) -> list[str]:
+    """Copy the official checkpoint's remote-code files (``*.py``) and their ``auto_map`` entries into an export.
+
+    vLLM builds Phi-3-V's processor with ``AutoProcessor.from_pretrained(..., trust_remote_code=True)``, which
+    needs ``processing_phi3_v.py`` and the ``auto_map`` that names it. A base without them (a tiny or an earlier
+    export) has nothing to carry. phivision itself ignores both: its own classes are registered for ``phi3_v``.
+    Returns the names of the copied files.
+    """
+    copied = []
+    for source in sorted(base_dir.glob("*.py")):
+        shutil.copy2(source, out_dir / source.name)
+        copied.append(source.name)
+    for name in AUTO_MAP_FILES:
+        base_file, out_file = base_dir / name, out_dir / name
+        if not (base_file.is_file() and out_file.is_file()):
+            continue
+        auto_map = json.loads(base_file.read_text()).get("auto_map")
+        if auto_map:
+            data = json.loads(out_file.read_text())
+            data["auto_map"] = auto_map
+            atomic_write_json(out_file, data)
+    return copied

@@ -1,0 +1,123 @@
+"""`phivision predict`: answer for image files and directories, one JSON line per image.
+
+Unreadable images get a line with an ``error`` field instead of stopping the batch: one corrupt photo in a
+folder of thousands should cost that photo, not the run.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import TextIO
+
+from tqdm import tqdm
+
+from phivision.errors import PhivisionError
+from phivision.io import atomic_write_text
+from phivision.prompt import parse_answer
+from phivision.runs import LoadedModel
+
+IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
+
+
+def expand_inputs(inputs: Sequence[str | Path]) -> list[Path]:
+    """Files as given; a directory becomes its image files (by suffix, sorted, not recursive).
+
+    A path that does not exist, or a directory without images, is a typo worth stopping for before the model
+    loads, so it raises PhivisionError.
+    """
+    paths: list[Path] = []
+    for item in inputs:
+        path = Path(item)
+        if path.is_dir():
+            found = sorted(p for p in path.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+            if not found:
+                raise PhivisionError(f"{path}: directory has no image files ({', '.join(sorted(IMAGE_SUFFIXES))})")
+            paths.extend(found)
+        elif path.is_file():
+            paths.append(path)
+        else:
+            raise PhivisionError(f"{path}: no such file or directory")
+    if not paths:
+        raise PhivisionError("no images given")
+    return paths
+
+
+def prediction_record(image: str, answer: str) -> dict:
+    """The JSON shape shared by predict and the HTTP API: parsed fields plus the raw answer."""
+    parsed = parse_answer(answer)
+    return {"image": image, "title": parsed.title, "category": parsed.category, "price": parsed.price, "answer": answer}
+
+
+def predict_images(
+    loaded: LoadedModel,
+    paths: Sequence[Path],
+    batch_size: int = 8,
+    max_new_tokens: int = 64,
+    progress: bool = True,
+) -> Iterator[dict]:
+    """Yield one record per path, in order. Images are decoded one batch at a time so memory stays flat."""
+    from phivision.data.images import ImageError, load_image
+    from phivision.evaluate.generate import generate_answers
+
+    with tqdm(total=len(paths), desc="predict", unit="img", disable=not progress) as bar:
+        for start in range(0, len(paths), batch_size):
+            chunk = paths[start : start + batch_size]
+            images, records = [], []
+            for path in chunk:
+                try:
+                    images.append(load_image(path))
+                    records.append({"image": str(path)})
+                except ImageError as err:
+                    records.append({"image": str(path), "error": str(err)})
+            readable = [r for r in records if "error" not in r]
+            answers = generate_answers(
+                loaded.model,
+                loaded.processor,
+                images,
+                prompt=loaded.prompt,
+                batch_size=batch_size,
+                max_new_tokens=max_new_tokens,
+                progress=False,
+            ) if images else []
+            for record, answer in zip(readable, answers, strict=True):
+                record.update(prediction_record(record["image"], answer))
+            yield from records
+            bar.update(len(chunk))
+
+
+def run_predict(
+    model: str | Path,
+    inputs: Sequence[str | Path],
+    out: str | Path | None = None,
+    batch_size: int = 8,
+    max_new_tokens: int = 64,
+    device: str | None = None,
+    stdout: TextIO | None = None,
+) -> tuple[int, int]:
+    """Predict for ``inputs`` and write JSON lines to ``out`` (atomically) or stream them to stdout.
+
+    Returns (number answered, number that could not be read).
+    """
+    from phivision.runs import load_model
+
+    if batch_size < 1:
+        raise PhivisionError(f"--batch-size must be at least 1, got {batch_size}")
+    paths = expand_inputs(inputs)
+    loaded = load_model(model, device=device)
+    stdout = stdout or sys.stdout
+    lines, ok, failed = [], 0, 0
+    for record in predict_images(loaded, paths, batch_size=batch_size, max_new_tokens=max_new_tokens):
+        line = json.dumps(record, ensure_ascii=False)
+        failed += "error" in record
+        ok += "error" not in record
+        if out is None:
+            stdout.write(line + "\n")
+            stdout.flush()
+        else:
+            lines.append(line)
+    if out is not None:
+        atomic_write_text(out, "".join(line + "\n" for line in lines))
+    return ok, failed

@@ -1,0 +1,205 @@
+"""Metrics on hand-made cases with values worked out by hand."""
+
+from __future__ import annotations
+
+import math
+
+import pandas as pd
+import pytest
+
+from phivision.evaluate.metrics import (
+    MISSING_PRICE_MIN_LOG_ERROR,
+    TrainStats,
+    baseline_metrics,
+    compute_metrics,
+    macro_f1,
+    score,
+    summarize,
+)
+from phivision.prompt import ParsedAnswer, parse_answer
+
+
+def frame(rows: list[tuple]) -> pd.DataFrame:
+    cols = ["title", "category", "full_price", "category1_code", "category2_code"]
+    return pd.DataFrame(rows, columns=cols)
+
+
+TRAIN = frame(
+    [
+        ("Red Bag", "Bags", 100.0, "WOMEN", "ACC"),
+        ("Red Bag", "Bags", 200.0, "WOMEN", "ACC"),
+        ("Blue Coat", "Coats", 1000.0, "MEN", "CLOTH"),
+    ]
+)
+TEST = frame(
+    [
+        ("Red Bag", "Bags", 100.0, "WOMEN", "ACC"),
+        ("Blue Coat", "Coats", 1000.0, "MEN", "CLOTH"),
+        ("Green Scarf", "Scarves", 400.0, "WOMEN", "ACC"),
+    ]
+)
+ANSWERS = [
+    "Product: red  bag, Category: bags, Full Price: $110",
+    "Product: Blue Coat, Category: Bags, Full Price: 500",
+    "I don't know",
+]
+
+
+def test_train_stats() -> None:
+    stats = TrainStats.from_catalog(TRAIN)
+    assert stats.median_price == 200.0
+    assert stats.majority_category == "Bags"
+    assert stats.most_common_title == "Red Bag"
+    assert stats.levels == ("category1_code", "category2_code")
+    assert stats.parents == {
+        "bags": {"category1_code": "WOMEN", "category2_code": "ACC"},
+        "coats": {"category1_code": "MEN", "category2_code": "CLOTH"},
+    }
+
+
+def test_train_stats_ties_are_order_independent() -> None:
+    rows = [("B", "Shoes", 1.0, "X", "Y"), ("A", "Bags", 3.0, "X", "Y")]
+    assert TrainStats.from_catalog(frame(rows)).majority_category == "Bags"
+    assert TrainStats.from_catalog(frame(rows[::-1])).majority_category == "Bags"
+    assert TrainStats.from_catalog(frame(rows)).most_common_title == "A"
+    assert TrainStats.from_catalog(frame(rows)).median_price == 2.0
+
+
+def test_metrics_by_hand() -> None:
+    stats = TrainStats.from_catalog(TRAIN)
+    m = compute_metrics(TEST, [parse_answer(a) for a in ANSWERS], stats)
+    assert m["n"] == 3
+    assert m["parse_rate"] == pytest.approx(2 / 3)
+    # the unparseable third answer is scored as predicting 0: abs error 400, APE 1.0
+    assert m["price_mae"] == pytest.approx((10 + 500 + 400) / 3)
+    assert m["price_mape"] == pytest.approx((0.1 + 0.5 + 1.0) / 3)
+    assert m["price_median_ape"] == pytest.approx(0.5)
+    assert m["price_within_10pct"] == pytest.approx(1 / 3)
+    # missing price: max(|ln(400 / 200)|, ln 10) = ln 10
+    expected_log = math.sqrt((math.log(1.1) ** 2 + math.log(2) ** 2 + math.log(10) ** 2) / 3)
+    assert m["price_log_rmse"] == pytest.approx(expected_log)
+    assert m["category_accuracy"] == pytest.approx(1 / 3)
+    # bags: tp 1, fp 1 -> F1 2/3; coats and scarves: 0
+    assert m["category_macro_f1"] == pytest.approx(2 / 9)
+    assert m["title_exact"] == pytest.approx(2 / 3)
+    assert m["title_similarity"] == pytest.approx(2 / 3)
+    # "Bags" maps to WOMEN/ACC: right for item 1, wrong for the coat; nothing for the unparsed scarf
+    assert m["category1_accuracy"] == pytest.approx(1 / 3)
+    assert m["category2_accuracy"] == pytest.approx(1 / 3)
+    assert m["per_category"] == {
+        "Bags": {"n": 1, "accuracy": 1.0, "price_mape": pytest.approx(0.1)},
+        "Coats": {"n": 1, "accuracy": 0.0, "price_mape": pytest.approx(0.5)},
+        "Scarves": {"n": 1, "accuracy": 0.0, "price_mape": 1.0},
+    }
+    # baseline: Red Bag / Bags / 200 for all -> APEs 1.0, 0.8, 0.5
+    assert m["baseline_price_mape"] == pytest.approx(2.3 / 3)
+    assert m["baseline_category_accuracy"] == pytest.approx(1 / 3)
+
+
+def test_unparseable_answers_are_failures_never_dropped() -> None:
+    stats = TrainStats.from_catalog(TRAIN)
+    m = compute_metrics(TEST, [parse_answer("garbage")] * 3, stats)
+    assert m["n"] == 3
+    assert m["parse_rate"] == 0.0
+    assert m["price_mape"] == 1.0
+    assert m["price_median_ape"] == 1.0
+    assert m["price_mae"] == pytest.approx(1500 / 3)
+    assert m["price_within_10pct"] == 0.0
+    assert m["category_accuracy"] == 0.0
+    assert m["category_macro_f1"] == 0.0
+    assert m["title_exact"] == 0.0
+    assert m["title_similarity"] == 0.0
+    assert m["category1_accuracy"] == 0.0
+    # log penalty: ln(1/2) and ln 5 are under ln 10, so all three get ln 10
+    assert m["price_log_rmse"] == pytest.approx(MISSING_PRICE_MIN_LOG_ERROR)
+
+
+def test_missing_price_log_error_is_never_better_than_the_median() -> None:
+    stats = TrainStats.from_catalog(TRAIN)
+    far = frame([("X", "Bags", 200_000.0, "WOMEN", "ACC")])
+    (record,) = score(far, [ParsedAnswer("X", "Bags", None)], stats)
+    assert record["errors"]["price_log_error"] == pytest.approx(math.log(1000))
+    assert record["errors"]["complete"] is False
+
+
+def test_partial_answers() -> None:
+    stats = TrainStats.from_catalog(TRAIN)
+    (record,) = score(TEST.iloc[:1], [parse_answer("Category: Bags")], stats)
+    errors = record["errors"]
+    assert errors["category_correct"] is True
+    assert errors["levels"] == {"category1_code": True, "category2_code": True}
+    assert errors["price_ape"] == 1.0 and errors["title_similarity"] == 0.0 and errors["complete"] is False
+    assert record["parsed"] == {"title": None, "category": "Bags", "price": None}
+    assert record["truth"] == {
+        "title": "Red Bag",
+        "category": "Bags",
+        "price": 100.0,
+        "category1_code": "WOMEN",
+        "category2_code": "ACC",
+    }
+
+
+def test_title_similarity_is_token_sort_ratio() -> None:
+    stats = TrainStats.from_catalog(TRAIN)
+    truths = frame(
+        [("Red Leather Bag", "Bags", 100.0, "WOMEN", "ACC"), ("red bag", "Bags", 100.0, "WOMEN", "ACC")]
+    )
+    records = score(
+        truths, [ParsedAnswer("bag, RED leather", None, None), ParsedAnswer("Red Bat", None, None)], stats
+    )
+    assert records[0]["errors"]["title_similarity"] == 1.0
+    assert records[0]["errors"]["title_exact"] is False
+    # "bag red" vs "bat red": indel distance 2 over 14 characters
+    assert records[1]["errors"]["title_similarity"] == pytest.approx(12 / 14)
+
+
+def test_within_10pct_boundary() -> None:
+    stats = TrainStats.from_catalog(TRAIN)
+    truths = frame([("A", "Bags", 1000.0, "W", "A")] * 3)
+    answers = [ParsedAnswer(None, None, p) for p in (1100.0, 900.0, 1100.01)]
+    assert [r["errors"]["price_within_10pct"] for r in score(truths, answers, stats)] == [True, True, False]
+
+
+def test_macro_f1_counts_hallucinated_classes() -> None:
+    # a: tp 1 fn 1 -> 2/3; b: 1; c (only predicted): 0
+    assert macro_f1(["a", "a", "b"], ["a", "c", "b"]) == pytest.approx(5 / 9)
+    # a missing prediction costs recall but adds no class
+    assert macro_f1(["a", "b"], ["a", None]) == pytest.approx((1 + 0) / 2)
+    assert macro_f1(["a", "b"], ["a", "b"]) == 1.0
+
+
+def test_levels_skip_items_without_a_true_level() -> None:
+    stats = TrainStats.from_catalog(TRAIN)
+    truths = frame([("A", "Bags", 100.0, None, "ACC"), ("B", "Coats", 100.0, "WOMEN", "CLOTH")])
+    m = summarize(score(truths, [ParsedAnswer("A", "Bags", 100.0), ParsedAnswer("B", "Coats", 100.0)], stats))
+    assert m["category1_accuracy"] == 0.0  # only the coat has a level-1 truth, and MEN != WOMEN
+    assert m["category2_accuracy"] == 1.0
+
+
+def test_unknown_predicted_category_is_wrong_at_every_level() -> None:
+    stats = TrainStats.from_catalog(TRAIN)
+    (record,) = score(TEST.iloc[:1], [ParsedAnswer("Red Bag", "Hats", 100.0)], stats)
+    assert record["errors"]["levels"] == {"category1_code": False, "category2_code": False}
+
+
+def test_baseline_metrics_use_the_same_keys() -> None:
+    stats = TrainStats.from_catalog(TRAIN)
+    base = baseline_metrics(TEST, stats)
+    model = compute_metrics(TEST, [parse_answer(a) for a in ANSWERS], stats)
+    assert set(base) | {"baseline_price_mape", "baseline_category_accuracy"} == set(model)
+    assert base["parse_rate"] == 1.0
+    assert base["price_mape"] == pytest.approx(2.3 / 3)
+    assert base["title_exact"] == pytest.approx(1 / 3)
+    assert base["category1_accuracy"] == pytest.approx(2 / 3)  # WOMEN for all; the coat is MEN
+
+
+def test_bad_inputs() -> None:
+    stats = TrainStats.from_catalog(TRAIN)
+    with pytest.raises(ValueError, match="2 answers"):
+        score(TEST, [ParsedAnswer(None, None, None)] * 2, stats)
+    with pytest.raises(ValueError, match="positive"):
+        score(frame([("A", "Bags", 0.0, "W", "A")]), [ParsedAnswer(None, None, None)], stats)
+    with pytest.raises(ValueError, match="no predictions"):
+        summarize([])
+    with pytest.raises(ValueError, match="train split is empty"):
+        TrainStats.from_catalog(TRAIN.iloc[:0])

@@ -1,0 +1,47 @@
+"""Helpers for the training tests: a short run config on the session's tiny checkpoint and sample catalog."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from phivision.train.config import TrainConfig, load_config
+
+
+def read_metrics(run: Path, kind: str) -> list[dict]:
+    lines = (run / "metrics.jsonl").read_text().splitlines()
+    return [r for r in map(json.loads, lines) if r["type"] == kind]
+
+
+@pytest.fixture
+def quick_config(tiny_checkpoint, sample_dataset, tmp_path):
+    """A config for a few fast steps; ``quick_config("name", "key=value", ...)``."""
+
+    def make(name: str = "run", *overrides: str) -> TrainConfig:
+        base = [
+            "data.batch_size=2",
+            "schedule.max_steps=4",
+            "optim.lr=1e-3",
+            "tracking.log_every=1",
+            "eval.gen_samples=2",
+            "eval.max_samples=4",
+            "eval.max_new_tokens=8",
+            "lora.dropout=0.0",
+        ]
+        return load_config(
+            None,
+            base + list(overrides),
+            model=str(tiny_checkpoint),
+            out=str(tmp_path / name),
+            data={"path": str(sample_dataset)},
+        )
+
+    return make
+
+
+# TEMP-DEV: until phivision.data.sample lands
+@pytest.fixture(scope="session")
+def sample_dataset():
+    return Path("/tmp/tr/data")
