@@ -115,7 +115,9 @@ def read_run(run_dir: str | Path) -> RunInfo:
         prompt = PromptFormat.from_dict(config.get("prompt"))
     except (ValueError, TypeError) as err:
         raise PhivisionError(f"{config_path}: field 'prompt': {err}") from err
-    return RunInfo(run_dir=run_dir, base=_resolve_base(str(config["model"]), run_dir), method=method, prompt=prompt)
+    return RunInfo(
+        run_dir=run_dir, base=_resolve_base(str(config["model"]), run_dir), method=method, prompt=prompt
+    )
 
 
 def _resolve_base(base: str, run_dir: Path) -> str:
@@ -135,13 +137,19 @@ def _looks_like_hub_id(name: str) -> bool:
     return len(parts) == 2 and all(parts) and not name.startswith((".", "~")) and "\\" not in name
 
 
+def _first_line(err: Exception) -> str:
+    """Library errors span several lines; a PhivisionError is one."""
+    lines = str(err).strip().splitlines()
+    return lines[0] if lines else type(err).__name__
+
+
 def _load_checkpoint(name: str, device: torch.device, dtype: torch.dtype) -> Any:
     from phivision.model import Phi3VForCausalLM
 
     try:
         model = Phi3VForCausalLM.from_pretrained(name, dtype=dtype)
-    except OSError as err:
-        raise PhivisionError(f"cannot load checkpoint {name!r}: {err}") from err
+    except (OSError, ValueError) as err:
+        raise PhivisionError(f"cannot load checkpoint {name!r}: {_first_line(err)}") from err
     return model.to(device).eval()
 
 
@@ -151,7 +159,7 @@ def _load_processor(name: str | Path) -> Any:
     try:
         return Phi3VProcessor.from_pretrained(str(name))
     except OSError as err:
-        raise PhivisionError(f"cannot load processor from {name}: {err}") from err
+        raise PhivisionError(f"cannot load processor from {name}: {_first_line(err)}") from err
 
 
 def _export_prompt(path: Path) -> PromptFormat:
@@ -193,7 +201,9 @@ def load_model(
             "nor a checkpoint (config.json with model_type phi3_v)"
         )
     if not _looks_like_hub_id(str(path)):
-        raise PhivisionError(f"{path}: no such directory (and not a hub id like 'microsoft/Phi-3-vision-128k-instruct')")
+        raise PhivisionError(
+            f"{path}: no such directory (and not a hub id like 'microsoft/Phi-3-vision-128k-instruct')"
+        )
     model = _load_checkpoint(str(path), device, dtype)
     return LoadedModel(model, _load_processor(str(path)), PromptFormat(), source=str(path))
 
@@ -212,7 +222,7 @@ def _load_run(run: RunInfo, device: torch.device, dtype: torch.dtype, merge: boo
     try:
         model = PeftModel.from_pretrained(base, str(run.adapter_dir), is_trainable=False)
     except (OSError, ValueError) as err:
-        raise PhivisionError(f"{run.adapter_dir}: cannot load the PEFT adapter: {err}") from err
+        raise PhivisionError(f"{run.adapter_dir}: cannot load the PEFT adapter: {_first_line(err)}") from err
     model = model.to(device=device, dtype=dtype).eval()
     if merge:
         model = model.merge_and_unload()

@@ -54,13 +54,17 @@ def oracle_answers(catalog: pd.DataFrame, quality: str):
     ``quality`` "good": mostly right with a few misses of each kind; "poor": many misses (the "before" model).
     """
 
-    def generate_answers(model, processor, images, prompt=None, batch_size=8, max_new_tokens=64, progress=True):
+    def generate_answers(
+        model, processor, images, prompt=None, batch_size=8, max_new_tokens=64, progress=True
+    ):
         answers = []
         for image in images:
             row = catalog.iloc[image.getpixel((0, 0))[0]]
-            kind = row.name % 6 if quality == "good" else (row.name % 3) * 2 + 1
+            kind = row.name % 6 if quality == "good" else (2, 3, 5)[row.name % 3]
             price = row.full_price * {0: 1.0, 1: 1.04, 2: 0.6, 3: 2.5, 4: 1.0, 5: 1.0}[kind]
-            category = row.category if kind not in (3, 5) else "Shirts" if row.category != "Shirts" else "Bags"
+            category = (
+                row.category if kind not in (3, 5) else "Shirts" if row.category != "Shirts" else "Bags"
+            )
             if kind == 5:
                 answers.append("I cannot tell.")
             elif kind == 4:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import json
-import subprocess
+import re
 import sys
 
 import pandas as pd
@@ -12,10 +12,10 @@ from eval_helpers import oracle_answers, write_catalog
 from typer.testing import CliRunner
 
 import phivision.evaluate.generate as generate_module
-from phivision.cli import app
+from phivision.cli import app, main
 from phivision.errors import PhivisionError
 from phivision.evaluate import eval_dir, evaluate
-from phivision.evaluate.metrics import HEADLINE
+from phivision.evaluate.metrics import HEADLINE, format_value
 from phivision.runs import load_model
 
 FLAT_KEYS = [
@@ -45,11 +45,20 @@ def loaded(tiny_checkpoint):
     return load_model(tiny_checkpoint, device="cpu")
 
 
-def test_evaluate_tiny_checkpoint_writes_metrics_and_predictions(tiny_checkpoint, catalog_dir, tmp_path) -> None:
+def test_evaluate_tiny_checkpoint_writes_metrics_and_predictions(
+    tiny_checkpoint, catalog_dir, tmp_path
+) -> None:
     out = tmp_path / "run" / "metrics.json"
     metrics = evaluate(tiny_checkpoint, catalog_dir, split="test", out=out, batch_size=4, max_new_tokens=8)
     assert json.loads(out.read_text()) == json.loads(json.dumps(metrics))
-    for key in [*FLAT_KEYS, "category1_accuracy", "category2_accuracy", "per_category", "baseline", "scoring"]:
+    for key in [
+        *FLAT_KEYS,
+        "category1_accuracy",
+        "category2_accuracy",
+        "per_category",
+        "baseline",
+        "scoring",
+    ]:
         assert key in metrics, key
     assert metrics["n"] == 12 and metrics["split"] == "test" and metrics["image_errors"] == 0
     assert sum(row["n"] for row in metrics["per_category"].values()) == 12
@@ -79,6 +88,8 @@ def test_evaluate_on_the_sample_dataset(loaded, sample_dataset, tmp_path) -> Non
     assert metrics["n"] == int((catalog["split"] == "val").sum())
     assert len((tmp_path / "predictions.jsonl").read_text().splitlines()) == metrics["n"]
     assert (tmp_path / "metrics.json").is_file()
+    # the sample catalog carries three category levels: each gets an accuracy
+    assert {"category1_accuracy", "category2_accuracy", "category3_accuracy"} <= set(metrics)
 
 
 def test_scores_follow_the_answers(monkeypatch, catalog_dir, loaded) -> None:
@@ -91,7 +102,12 @@ def test_scores_follow_the_answers(monkeypatch, catalog_dir, loaded) -> None:
     assert metrics["parse_rate"] == pytest.approx(8 / 12)
     assert metrics["category_accuracy"] == pytest.approx(4 / 12)
     assert metrics["price_within_10pct"] == pytest.approx(4 / 12)
-    assert metrics["price_mape"] == pytest.approx((4 * 0.04 + 4 * 1.5 + 4 * 1.0) / 12, rel=1e-3)
+    # an unparseable answer costs the worse of the train median's APE and 1.0
+    median = catalog.loc[catalog["split"] == "train", "full_price"].median()
+    test = catalog[catalog["split"] == "test"]
+    missing = [max(abs(median - p) / p, 1.0) for i, p in test["full_price"].items() if i % 6 == 5]
+    assert len(missing) == 4 and max(missing) > 1.0  # the cheap items: the median is the worse guess
+    assert metrics["price_mape"] == pytest.approx((4 * 0.04 + 4 * 1.5 + sum(missing)) / 12, rel=1e-3)
     assert metrics["title_exact"] == pytest.approx(8 / 12)
 
 
@@ -127,22 +143,39 @@ def test_eval_dir_layout(tmp_path) -> None:
     assert eval_dir(tmp_path, "after") == tmp_path / "eval" / "after"
 
 
-def test_cli_evaluate(monkeypatch, tiny_checkpoint, catalog_dir, tmp_path) -> None:
+def test_cli_evaluate(tiny_checkpoint, catalog_dir, tmp_path) -> None:
     result = CliRunner().invoke(
         app,
         ["evaluate", "--model", str(tiny_checkpoint), "--data", str(catalog_dir), "--out", str(tmp_path / "e"),
          "--limit", "3", "--max-new-tokens", "4", "--batch-size", "2"],
     )  # fmt: skip
     assert result.exit_code == 0, result.output
-    assert "price MAPE" in result.output and "baseline" in result.output
-    assert json.loads((tmp_path / "e" / "metrics.json").read_text())["n"] == 3
-    assert all(label in result.output for key, label, _ in HEADLINE if key in ("n", "parse_rate"))
+    metrics = json.loads((tmp_path / "e" / "metrics.json").read_text())
+    assert metrics["n"] == 3
+    # the printed summary has every headline metric, with its baseline beside it
+    for key, label, kind in HEADLINE:
+        if key in metrics:
+            assert re.search(
+                rf"{re.escape(label)}\s+{re.escape(format_value(metrics[key], kind))}\s", result.output
+            )
+    assert (tmp_path / "e" / "predictions.jsonl").is_file()
 
 
-def test_cli_user_error_is_one_line(tmp_path) -> None:
-    cmd = [sys.executable, "-m", "phivision.cli", "evaluate", "--model", str(tmp_path / "nope"), "--data", str(tmp_path),
-           "--out", str(tmp_path / "m.json")]  # fmt: skip
-    result = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
-    assert result.returncode == 2
-    assert result.stderr.startswith("error: ") and result.stderr.count("\n") == 1
-    assert "catalog.parquet" in result.stderr
+def test_cli_user_error_is_one_line(tmp_path, monkeypatch, capsys) -> None:
+    argv = [
+        "phivision",
+        "evaluate",
+        "--model",
+        str(tmp_path / "nope"),
+        "--data",
+        str(tmp_path),
+        "--out",
+        "m.json",
+    ]
+    monkeypatch.setattr(sys, "argv", argv)
+    with pytest.raises(SystemExit) as exit_info:
+        main()
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and err.count("\n") == 1
+    assert "catalog.parquet" in err

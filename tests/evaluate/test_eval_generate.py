@@ -20,12 +20,20 @@ def loaded(tiny_checkpoint):
 
 @pytest.fixture(scope="module")
 def images() -> list[Image.Image]:
-    colors = [(200, 30, 30), (30, 200, 30), (30, 30, 200), (220, 220, 40), (10, 10, 10), (250, 250, 250), (120, 60, 180)]
+    colors = [
+        (200, 30, 30),
+        (30, 200, 30),
+        (30, 30, 200),
+        (220, 220, 40),
+        (10, 10, 10),
+        (250, 250, 250),
+        (120, 60, 180),
+    ]
     return [Image.new("RGB", size, color) for size, color in zip(SIZES, colors, strict=True)]
 
 
 def answer(loaded, images, **kwargs) -> list[str]:
-    kwargs.setdefault("max_new_tokens", 12)
+    kwargs.setdefault("max_new_tokens", 8)
     return generate_answers(loaded.model, loaded.processor, images, loaded.prompt, progress=False, **kwargs)
 
 

@@ -70,7 +70,7 @@ def test_metrics_by_hand() -> None:
     m = compute_metrics(TEST, [parse_answer(a) for a in ANSWERS], stats)
     assert m["n"] == 3
     assert m["parse_rate"] == pytest.approx(2 / 3)
-    # the unparseable third answer is scored as predicting 0: abs error 400, APE 1.0
+    # the unparseable third answer: the floor (APE 1.0, abs error 400) is worse than the median's (0.5, 200)
     assert m["price_mae"] == pytest.approx((10 + 500 + 400) / 3)
     assert m["price_mape"] == pytest.approx((0.1 + 0.5 + 1.0) / 3)
     assert m["price_median_ape"] == pytest.approx(0.5)
@@ -114,12 +114,21 @@ def test_unparseable_answers_are_failures_never_dropped() -> None:
     assert m["price_log_rmse"] == pytest.approx(MISSING_PRICE_MIN_LOG_ERROR)
 
 
-def test_missing_price_log_error_is_never_better_than_the_median() -> None:
-    stats = TrainStats.from_catalog(TRAIN)
-    far = frame([("X", "Bags", 200_000.0, "WOMEN", "ACC")])
-    (record,) = score(far, [ParsedAnswer("X", "Bags", None)], stats)
-    assert record["errors"]["price_log_error"] == pytest.approx(math.log(1000))
-    assert record["errors"]["complete"] is False
+def test_missing_price_is_never_better_than_the_median() -> None:
+    stats = TrainStats.from_catalog(TRAIN)  # median 200
+    truths = frame([("X", "Bags", 200_000.0, "WOMEN", "ACC"), ("Y", "Bags", 32.0, "WOMEN", "ACC")])
+    far, cheap = (r["errors"] for r in score(truths, [ParsedAnswer("X", "Bags", None)] * 2, stats))
+    # far above the median: the floor (predicting 0) is worse for APE and abs error, the median for log error
+    assert far["price_ape"] == 1.0 and far["price_abs_error"] == 200_000.0
+    assert far["price_log_error"] == pytest.approx(math.log(1000))
+    # far below the median: the median is worse for APE and abs error, the ln 10 floor for log error
+    assert cheap["price_ape"] == pytest.approx(168 / 32) and cheap["price_abs_error"] == 168.0
+    assert cheap["price_log_error"] == pytest.approx(math.log(10))
+    assert far["complete"] is False and far["price_within_10pct"] is False
+    baseline = baseline_metrics(truths, stats)
+    missing = summarize(score(truths, [ParsedAnswer("X", "Bags", None)] * 2, stats))
+    for key in ("price_mape", "price_median_ape", "price_mae", "price_log_rmse"):
+        assert missing[key] >= baseline[key]
 
 
 def test_partial_answers() -> None:

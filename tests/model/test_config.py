@@ -76,7 +76,13 @@ def test_vision_tower_is_clip_vit_l_14_336_unless_overridden():
     assert (vision.num_attention_heads, vision.image_size, vision.patch_size) == (16, 336, 14)
     assert vision.hidden_act == "quick_gelu"
 
-    small = {"image_size": 56, "patch_size": 14, "hidden_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4}
+    small = {
+        "image_size": 56,
+        "patch_size": 14,
+        "hidden_size": 64,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 4,
+    }
     config = Phi3VConfig(img_processor={"image_dim_out": 64, "num_img_tokens": 4, "vision_config": small})
     vision = config.vision_tower_config()
     assert (vision.image_size, vision.hidden_size, vision.num_hidden_layers) == (56, 64, 2)
@@ -96,7 +102,9 @@ def test_flash_attention_request_falls_back_to_sdpa_and_is_written_back(tmp_path
     assert json.loads((tmp_path / "config.json").read_text())["_attn_implementation"] == "flash_attention_2"
 
     # an explicit choice wins over the file's
-    chosen = Phi3VConfig.from_pretrained(write_checkpoint_config(tmp_path / "ckpt", source), attn_implementation="eager")
+    chosen = Phi3VConfig.from_pretrained(
+        write_checkpoint_config(tmp_path / "ckpt", source), attn_implementation="eager"
+    )
     assert chosen._attn_implementation == "eager"
 
 

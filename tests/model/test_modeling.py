@@ -147,9 +147,10 @@ def test_image_features_follow_the_hd_layout():
     model = make_model()
     embedding = model.model.vision_embed_tokens
     _, tiles, size = make_example((2, 3), 0, 0, seed=1, num_crops=6)
+    assert embedding.crop_grid(size[None], 6) == [(2, 3)]  # image_sizes [112, 168] -> 2 rows, 3 columns
     with torch.no_grad():
         merged = embedding.tile_features(tiles[None])[0]  # (tiles, 2, 2, 4d)
-        seq = embedding.hd_sequence(merged, int(size[0]), int(size[1]))
+        seq = embedding.hd_sequence(merged, 2, 3)
     assert seq.shape == (image_tokens(2, 3), 4 * 64)
     sub_width = 3 * MERGED + 1
     sub = seq[: 2 * MERGED * sub_width].reshape(2 * MERGED, sub_width, -1)
@@ -159,6 +160,30 @@ def test_image_features_follow_the_hd_layout():
     torch.testing.assert_close(glb[:, :MERGED], merged[0])
     # the crop at grid row 1, column 2 (slot 1 + 1*3 + 2) lands at sub-grid rows 2-3, columns 4-5
     torch.testing.assert_close(sub[2:4, 4:6], merged[1 + 5])
+
+
+@pytest.mark.parametrize("grid", [(1, 1), (1, 3), (3, 1), (2, 2)])
+def test_hd_layout_matches_a_token_by_token_reference(grid):
+    """Spec 5.3 written as plain loops: every sub-grid row of crops, then sub_GN; glb_GN; global rows + sub_GN."""
+    model = make_model()
+    embedding = model.model.vision_embed_tokens
+    rows, cols = grid
+    merged = torch.randn(1 + rows * cols, MERGED, MERGED, 4 * 64)
+    newline, separator = embedding.sub_GN.reshape(-1), embedding.glb_GN.reshape(-1)
+    expected = []
+    for r in range(rows * MERGED):
+        for c in range(cols * MERGED):
+            crop = (r // MERGED) * cols + c // MERGED
+            expected.append(merged[1 + crop, r % MERGED, c % MERGED])
+        expected.append(newline)
+    expected.append(separator)
+    for r in range(MERGED):
+        expected.extend(merged[0, r, c] for c in range(MERGED))
+        expected.append(newline)
+    with torch.no_grad():
+        got = embedding.hd_sequence(merged, rows, cols)
+    assert len(expected) == image_tokens(rows, cols)
+    assert torch.equal(got, torch.stack(expected))
 
 
 def test_2x2_merge_concatenates_patches_row_major():
@@ -194,8 +219,17 @@ def test_padded_batch_with_different_grids_matches_single_runs(attn):
 def test_left_padding_matches_single_runs():
     model = make_model()
     examples = [make_example((1, 2), 2, 3, seed=20), make_example((2, 1), 4, 6, seed=21)]
+    seen = []
+    model.model.rotary_emb.register_forward_hook(
+        lambda module, args, kwargs, out: seen.append(kwargs.get("position_ids", args[-1])), with_kwargs=True
+    )
+    inputs = batch(examples, "left")
     with torch.no_grad():
-        together = model(**batch(examples, "left")).logits
+        together = model(**inputs).logits
+    # positions count real tokens only, so a left-padded row sees the positions it has alone
+    expected = (inputs["attention_mask"].cumsum(-1) - 1).clamp(min=0)
+    assert torch.equal(seen[0], expected)
+    with torch.no_grad():
         for row, example in enumerate(examples):
             alone = model(**batch([example])).logits[0]
             assert (together[row, -len(example[0]) :] - alone).abs().max() < 1e-4
@@ -209,6 +243,14 @@ def test_text_only_batch_without_pixel_values():
         logits = model(**inputs).logits
     assert logits.shape == (2, 5, 96)
     assert torch.isfinite(logits).all()
+
+
+def test_bfloat16_model_takes_float32_pixels_and_returns_float32_logits():
+    model = make_model().to(torch.bfloat16)
+    inputs = batch([make_example((1, 2), 2, 2, seed=45)])
+    with torch.no_grad():
+        logits = model(**inputs).logits
+    assert logits.dtype == torch.float32 and torch.isfinite(logits).all()
 
 
 def test_input_ids_are_not_mutated_and_repeated_forwards_agree():
@@ -236,6 +278,14 @@ def test_image_token_count_mismatch_raises():
         model(**inputs)
     with pytest.raises(ValueError, match="no pixel_values"):
         model(input_ids=inputs["input_ids"])
+
+
+@pytest.mark.parametrize("size", [[56, 100], [112, 168], [0, 56]])
+def test_image_sizes_that_do_not_fit_the_tiles_raise(size):
+    model = make_model()
+    ids, tiles, _ = make_example((1, 1), 2, 2, seed=55)
+    with pytest.raises(ValueError, match=r"image_sizes \[.*\] do not fit 4 crops"):
+        model(input_ids=ids[None], pixel_values=tiles[None], image_sizes=torch.tensor([size]))
 
 
 def test_labels_give_shifted_cross_entropy_ignoring_minus_100():

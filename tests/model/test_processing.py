@@ -126,6 +126,9 @@ def test_num_crops_override_per_call(processor):
     out = processor(text=PROMPT, images=[image(300, 100)], num_crops=2)
     assert out["pixel_values"].shape == (1, 3, 3, 56, 56)
     assert (out["input_ids"] == -1).sum() == processor.image_processor.calc_num_image_tokens(300, 100, 2)
+    example = processor.build_example(PROMPT, "x", [image(300, 100)], num_crops=2)
+    assert example["pixel_values"].shape == (1, 3, 3, 56, 56)
+    assert torch.equal(example["input_ids"][: out["input_ids"].shape[1]], out["input_ids"][0])
 
 
 def test_chat_template_and_stop_tokens(processor):

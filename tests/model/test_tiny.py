@@ -10,7 +10,8 @@ import pytest
 import torch
 from PIL import Image
 from safetensors.torch import load_file
-from transformers import AutoConfig, AutoImageProcessor, AutoModelForCausalLM, AutoProcessor
+from transformers import AutoConfig, AutoModelForCausalLM, AutoProcessor
+from transformers.models.auto.image_processing_auto import AutoImageProcessor  # not torchvision-gated in 5.17
 from typer.testing import CliRunner
 
 import phivision  # noqa: F401  (registers phi3_v)
@@ -40,7 +41,11 @@ def test_tiny_checkpoint_has_the_official_layout(tiny_checkpoint):
     assert written["model_type"] == "phi3_v"
     assert written["rope_scaling"]["type"] == "su"
     half_head = written["hidden_size"] // written["num_attention_heads"] // 2
-    assert len(written["rope_scaling"]["long_factor"]) == len(written["rope_scaling"]["short_factor"]) == half_head
+    assert (
+        len(written["rope_scaling"]["long_factor"])
+        == len(written["rope_scaling"]["short_factor"])
+        == half_head
+    )
     assert written["original_max_position_embeddings"] < written["max_position_embeddings"]
     assert written["img_processor"]["vision_config"]["image_size"] == 56
 
@@ -87,8 +92,12 @@ def test_training_examples_from_the_processor_give_a_loss(tiny_checkpoint):
     processor = AutoProcessor.from_pretrained(tiny_checkpoint)
     wide, tall = images()
     examples = [
-        processor.build_example(prompt_text(), "Product: Red Scarf, Category: Scarves, Full Price: 120.0", [wide]),
-        processor.build_example(prompt_text(), "Product: Green Boot, Category: Shoes, Full Price: 89.5", [tall]),
+        processor.build_example(
+            prompt_text(), "Product: Red Scarf, Category: Scarves, Full Price: 120.0", [wide]
+        ),
+        processor.build_example(
+            prompt_text(), "Product: Green Boot, Category: Shoes, Full Price: 89.5", [tall]
+        ),
     ]
     loss = model(**processor.collate(examples)).loss
     assert torch.isfinite(loss) and loss.item() > 0
@@ -139,7 +148,9 @@ def test_from_config_on_meta_device(tiny_checkpoint):
 
 def test_corpus_and_overrides(tmp_path):
     word = "Zyxwvubrand"
-    path = write_tiny_checkpoint(tmp_path / "ckpt", corpus=[word] * 50, num_crops=2, hidden_size=64, vision={"hidden_size": 32})
+    path = write_tiny_checkpoint(
+        tmp_path / "ckpt", corpus=[word] * 50, num_crops=2, hidden_size=64, vision={"hidden_size": 32}
+    )
     processor = AutoProcessor.from_pretrained(path)
     assert len(processor.tokenizer.tokenize(word)) <= 2  # learnt from the corpus
     assert processor.image_processor.num_crops == 2
@@ -161,7 +172,12 @@ def test_bad_requests_raise_and_write_nothing(tmp_path):
 
 
 def test_cli_tiny_writes_a_loadable_checkpoint(tmp_path):
-    result = CliRunner().invoke(app, ["tiny", "--out", str(tmp_path / "ckpt"), "--seed", "3"])
+    out = tmp_path / "ckpt"
+    result = CliRunner().invoke(app, ["tiny", "--out", str(out), "--seed", "3", "--num-crops", "2"])
     assert result.exit_code == 0, result.output
     assert "wrote tiny checkpoint" in result.output
-    assert type(AutoModelForCausalLM.from_pretrained(tmp_path / "ckpt")) is Phi3VForCausalLM
+    assert type(AutoModelForCausalLM.from_pretrained(out)) is Phi3VForCausalLM
+    assert AutoProcessor.from_pretrained(out).image_processor.num_crops == 2
+    # a second run must not overwrite it: a one-line PhivisionError (the CLI's main() prints it, exit code 2)
+    again = CliRunner().invoke(app, ["tiny", "--out", str(out)])
+    assert isinstance(again.exception, PhivisionError)

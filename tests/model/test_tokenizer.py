@@ -78,6 +78,11 @@ def test_corpus_and_vocab_size(tokenizer):
         build_tiny_tokenizer(vocab_size=200)
 
 
+def test_building_is_deterministic(tokenizer):
+    again = build_tiny_tokenizer(["Burberry Burberry Burberry trench", "Café crème brûlée"])
+    assert again.backend_tokenizer.to_str() == tokenizer.backend_tokenizer.to_str()
+
+
 def test_chat_template_matches_the_official_format(tokenizer):
     messages = [{"role": "user", "content": "<|image_1|>\nWhat is shown in this image?"}]
     text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)

@@ -39,9 +39,3 @@ def quick_config(tiny_checkpoint, sample_dataset, tmp_path):
         )
 
     return make
-
-
-# TEMP-DEV: until phivision.data.sample lands
-@pytest.fixture(scope="session")
-def sample_dataset():
-    return Path("/tmp/tr/data")

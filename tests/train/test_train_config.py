@@ -14,7 +14,9 @@ from phivision.train.config import cli_config, load_config, parse_overrides
 def test_yaml_then_overrides(tmp_path):
     path = tmp_path / "train.yaml"
     path.write_text("method: full\noptim:\n  lr: 3.0e-5\n  grad_accum: 4\nlora:\n  r: 8\n")
-    cfg = load_config(path, ["optim.lr=1e-4", "lora.target_modules=qkv_proj,o_proj", "eval.metric=price_mape"])
+    cfg = load_config(
+        path, ["optim.lr=1e-4", "lora.target_modules=qkv_proj,o_proj", "eval.metric=price_mape"]
+    )
     assert cfg.method == "full"
     assert cfg.optim.lr == pytest.approx(1e-4)  # YAML reads 1e-4 as a string; the float field parses it
     assert cfg.optim.grad_accum == 4
@@ -61,7 +63,19 @@ def test_resume_reads_the_runs_own_config(tmp_path):
 
 def test_cli_rejects_an_unknown_key_with_exit_2(tmp_path):
     proc = subprocess.run(
-        [sys.executable, "-m", "phivision.cli", "train", "--out", str(tmp_path / "r"), "--data", "d", "--model", "m", "optim.lrr=1"],
+        [
+            sys.executable,
+            "-m",
+            "phivision.cli",
+            "train",
+            "--out",
+            str(tmp_path / "r"),
+            "--data",
+            "d",
+            "--model",
+            "m",
+            "optim.lrr=1",
+        ],
         capture_output=True,
         text=True,
     )

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from phivision.data.layout import load_catalog
+from phivision.data import load_catalog
 from phivision.errors import PhivisionError
 from phivision.model.processing_phi3_v import Phi3VProcessor
 from phivision.prompt import PromptFormat, parse_answer
@@ -15,7 +15,9 @@ from phivision.train.data import BatchPlan, ProductDataset, RankBatches, split_r
 @pytest.fixture(scope="module")
 def train_set(tiny_checkpoint, sample_dataset):
     rows = split_rows(load_catalog(sample_dataset), "train")
-    return ProductDataset(sample_dataset, rows, Phi3VProcessor.from_pretrained(tiny_checkpoint), PromptFormat())
+    return ProductDataset(
+        sample_dataset, rows, Phi3VProcessor.from_pretrained(tiny_checkpoint), PromptFormat()
+    )
 
 
 def test_labels_cover_only_the_answer(train_set):
@@ -35,7 +37,9 @@ def test_batches_larger_than_one_pad_rows_and_labels(train_set):
     lengths = [len(e["input_ids"]) for e in examples]
     assert batch["input_ids"].shape == (3, max(lengths))
     assert batch["attention_mask"].sum(1).tolist() == lengths
-    assert ((batch["labels"] != -100).sum(1) == torch.tensor([(e["labels"] != -100).sum() for e in examples])).all()
+    assert (
+        (batch["labels"] != -100).sum(1) == torch.tensor([(e["labels"] != -100).sum() for e in examples])
+    ).all()
     assert batch["pixel_values"].shape[0] == 3
 
 
@@ -54,7 +58,9 @@ def test_length_grouping_reduces_padding():
     def padding(plan: BatchPlan) -> int:
         return sum(len(b) * max(lengths[i] for i in b) - sum(lengths[i] for i in b) for b in plan.epoch(0))
 
-    assert padding(BatchPlan(lengths, 8, 0, group_by_length=True)) < padding(BatchPlan(lengths, 8, 0, False)) / 3
+    assert (
+        padding(BatchPlan(lengths, 8, 0, group_by_length=True)) < padding(BatchPlan(lengths, 8, 0, False)) / 3
+    )
 
 
 def test_ranks_split_each_global_batch():

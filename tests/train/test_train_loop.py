@@ -8,16 +8,18 @@ import pytest
 import torch
 import yaml
 from safetensors.torch import load_file
+from tests.train.conftest import read_metrics
 
 from phivision.errors import PhivisionError
 from phivision.train import train
-from tests.train.conftest import read_metrics
 
 GENERATION_METRICS = ("parse_rate", "category_accuracy", "price_mape")
 
 
 def test_lora_run_writes_the_run_layout(quick_config):
-    cfg = quick_config("lora", "schedule.max_steps=6", "eval.every_steps=3", "checkpoint.every_steps=2", "optim.lr=5e-3")
+    cfg = quick_config(
+        "lora", "schedule.max_steps=6", "eval.every_steps=3", "checkpoint.every_steps=2", "optim.lr=5e-3"
+    )
     result = train(cfg)
     run = result.out
     assert (run / "adapter" / "adapter_config.json").is_file()
@@ -52,9 +54,13 @@ def test_full_fine_tuning_saves_a_loadable_model(quick_config, tiny_checkpoint):
     base = Phi3VForCausalLM.from_pretrained(tiny_checkpoint)
     tuned_sd, base_sd = tuned.state_dict(), base.state_dict()
     assert set(tuned_sd) == set(base_sd)
-    assert not torch.equal(tuned_sd["model.layers.0.self_attn.qkv_proj.weight"], base_sd["model.layers.0.self_attn.qkv_proj.weight"])
     assert not torch.equal(
-        tuned_sd["model.vision_embed_tokens.img_projection.0.weight"], base_sd["model.vision_embed_tokens.img_projection.0.weight"]
+        tuned_sd["model.layers.0.self_attn.qkv_proj.weight"],
+        base_sd["model.layers.0.self_attn.qkv_proj.weight"],
+    )
+    assert not torch.equal(
+        tuned_sd["model.vision_embed_tokens.img_projection.0.weight"],
+        base_sd["model.vision_embed_tokens.img_projection.0.weight"],
     )
     # CLIP's last layer feeds nothing (spec pitfall 5): frozen, so DDP never waits for its gradient
     last = [k for k in base_sd if ".encoder.layers.1." in k and "vision_model" in k]
@@ -64,7 +70,9 @@ def test_full_fine_tuning_saves_a_loadable_model(quick_config, tiny_checkpoint):
 def test_freeze_flags_keep_vision_and_projector(quick_config, tiny_checkpoint):
     from phivision.model.modeling_phi3_v import Phi3VForCausalLM
 
-    cfg = quick_config("frozen", "method=full", "schedule.max_steps=1", "freeze.vision=true", "freeze.projector=true")
+    cfg = quick_config(
+        "frozen", "method=full", "schedule.max_steps=1", "freeze.vision=true", "freeze.projector=true"
+    )
     tuned = Phi3VForCausalLM.from_pretrained(train(cfg).out / "model").state_dict()
     base = Phi3VForCausalLM.from_pretrained(tiny_checkpoint).state_dict()
     vision = [k for k in base if "vision_embed_tokens" in k]
@@ -74,7 +82,9 @@ def test_freeze_flags_keep_vision_and_projector(quick_config, tiny_checkpoint):
 
 
 def test_lora_on_vision_and_projector_targets_the_right_modules(quick_config):
-    cfg = quick_config("vision", "schedule.max_steps=1", "lora.vision=true", "lora.projector=true", "lora.modules_to_save=[]")
+    cfg = quick_config(
+        "vision", "schedule.max_steps=1", "lora.vision=true", "lora.projector=true", "lora.modules_to_save=[]"
+    )
     keys = load_file(train(cfg).out / "adapter" / "adapter_model.safetensors").keys()
     clip = [k for k in keys if "img_processor" in k]
     assert any("self_attn.q_proj" in k for k in clip) and any("mlp.fc2" in k for k in clip)
@@ -94,8 +104,13 @@ def test_gradient_accumulation_matches_a_bigger_batch(quick_config):
 
 def test_early_stopping_keeps_the_best_weights(quick_config):
     cfg = quick_config(
-        "early", "schedule.max_steps=20", "eval.every_steps=1", "eval.patience=2", "eval.metric=parse_rate",
-        "checkpoint.every_steps=1", "checkpoint.keep_last=5",
+        "early",
+        "schedule.max_steps=20",
+        "eval.every_steps=1",
+        "eval.patience=2",
+        "eval.metric=parse_rate",
+        "checkpoint.every_steps=1",
+        "checkpoint.keep_last=5",
     )
     result = train(cfg)
     # an untrained tiny model never writes a parseable answer in 3 steps: parse_rate stays 0, best is step 1
@@ -108,7 +123,9 @@ def test_early_stopping_keeps_the_best_weights(quick_config):
 
 
 def test_bf16_autocast_and_eager_attention_on_cpu(quick_config):
-    result = train(quick_config("bf16", "precision=bf16", "attn_implementation=eager", "schedule.max_steps=2"))
+    result = train(
+        quick_config("bf16", "precision=bf16", "attn_implementation=eager", "schedule.max_steps=2")
+    )
     assert all(math.isfinite(r["loss"]) for r in read_metrics(result.out, "train"))
 
 

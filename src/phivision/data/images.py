@@ -57,8 +57,12 @@ def load_image(source: str | os.PathLike | bytes, max_pixels: int | None = DEFAU
             image = Image.open(stream)
         except Image.DecompressionBombError as err:
             raise ImageError("too_many_pixels", f"{name}: {err}") from None
-        except (UnidentifiedImageError, SyntaxError, ValueError) as err:
+        except UnidentifiedImageError:
+            raise ImageError("not_an_image", f"{name}: not a known image format") from None
+        except (SyntaxError, ValueError) as err:
             raise ImageError("not_an_image", f"{name}: {err}") from None
+        except (OSError, EOFError) as err:  # a known format whose header is cut or broken
+            raise ImageError("truncated" if "truncat" in str(err).lower() else "corrupt", f"{name}: {err}") from None
         with image:
             pixels = image.width * image.height
             if max_pixels is not None and pixels > max_pixels:

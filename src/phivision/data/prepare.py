@@ -27,7 +27,21 @@ from phivision.prompt import parse_price
 
 TABLE_SUFFIXES = (".csv", ".tsv", ".parquet", ".pq", ".jsonl", ".ndjson", ".json")
 # values that catalogs put where a field is unknown; such rows are dropped with a reason, never kept
-PLACEHOLDERS = {"", "n.a.", "n.a", "na", "n/a", "#n/a", "none", "null", "nan", "-", "--", "missing", "no image"}
+PLACEHOLDERS = {
+    "",
+    "n.a.",
+    "n.a",
+    "na",
+    "n/a",
+    "#n/a",
+    "none",
+    "null",
+    "nan",
+    "-",
+    "--",
+    "missing",
+    "no image",
+}
 
 
 @dataclass(frozen=True)
@@ -76,7 +90,9 @@ def read_source(
             try:
                 return pd.read_parquet(path)
             except Exception as err:
-                raise PhivisionError(f"{path}: not a readable parquet file ({type(err).__name__}: {err})") from None
+                raise PhivisionError(
+                    f"{path}: not a readable parquet file ({type(err).__name__}: {err})"
+                ) from None
         return _read_jsonl(path)
     if path.suffix.lower() in TABLE_SUFFIXES or source.startswith((".", "/", "~")):
         raise PhivisionError(f"{source}: file not found")
@@ -90,7 +106,9 @@ def _read_csv(path: Path, sep: str) -> pd.DataFrame:
     try:
         return pd.read_csv(path, sep=sep, dtype=str, keep_default_na=False, na_values=[""], encoding="utf-8")
     except UnicodeDecodeError as err:
-        raise PhivisionError(f"{path}: not UTF-8 text (byte 0x{err.object[err.start]:02x} at offset {err.start})") from None
+        raise PhivisionError(
+            f"{path}: not UTF-8 text (byte 0x{err.object[err.start]:02x} at offset {err.start})"
+        ) from None
     except pd.errors.EmptyDataError:
         raise PhivisionError(f"{path}: empty file (no header, no rows)") from None
     except pd.errors.ParserError as err:
@@ -101,7 +119,9 @@ def _read_jsonl(path: Path) -> pd.DataFrame:
     try:
         text = path.read_text(encoding="utf-8")
     except UnicodeDecodeError as err:
-        raise PhivisionError(f"{path}: not UTF-8 text (byte 0x{err.object[err.start]:02x} at offset {err.start})") from None
+        raise PhivisionError(
+            f"{path}: not UTF-8 text (byte 0x{err.object[err.start]:02x} at offset {err.start})"
+        ) from None
     if text.lstrip().startswith("["):  # a .json file holding one array of objects
         try:
             records = json.loads(text)
@@ -117,7 +137,9 @@ def _read_jsonl(path: Path) -> pd.DataFrame:
                     raise PhivisionError(f"{path} line {lineno}: invalid JSON ({err.msg})") from None
     bad = next((i for i, r in enumerate(records) if not isinstance(r, dict)), None)
     if bad is not None:
-        raise PhivisionError(f"{path} row {bad + 1}: expected a JSON object, got {type(records[bad]).__name__}")
+        raise PhivisionError(
+            f"{path} row {bad + 1}: expected a JSON object, got {type(records[bad]).__name__}"
+        )
     return pd.DataFrame.from_records(records)
 
 
@@ -127,11 +149,15 @@ def _read_dataset(
     import datasets
 
     try:
-        if local and ((Path(source) / "state.json").is_file() or (Path(source) / "dataset_dict.json").is_file()):
+        if local and (
+            (Path(source) / "state.json").is_file() or (Path(source) / "dataset_dict.json").is_file()
+        ):
             data = datasets.load_from_disk(source)  # written by Dataset.save_to_disk
             if isinstance(data, datasets.DatasetDict):
                 if split not in data:
-                    raise PhivisionError(f"{source}: no split {split!r} (has {', '.join(data)}); use --hub-split")
+                    raise PhivisionError(
+                        f"{source}: no split {split!r} (has {', '.join(data)}); use --hub-split"
+                    )
                 data = data[split]
         else:
             data = datasets.load_dataset(source, name=config, split=split, revision=revision)
@@ -141,7 +167,9 @@ def _read_dataset(
         raise
     except Exception as err:
         first = (str(err).strip().splitlines() or [""])[0]
-        raise PhivisionError(f"--source {source}: cannot load dataset ({type(err).__name__}: {first})") from None
+        raise PhivisionError(
+            f"--source {source}: cannot load dataset ({type(err).__name__}: {first})"
+        ) from None
     return data.to_pandas()
 
 
@@ -159,7 +187,7 @@ def _text(value: object) -> str | None:
 
 
 def _as_text_column(series: pd.Series) -> pd.Series:
-    return series.map(_text).astype(object)
+    return pd.Series([_text(v) for v in series], index=series.index, dtype=object)
 
 
 def normalise_types(frame: pd.DataFrame, text_columns: Sequence[str] = ()) -> pd.DataFrame:
@@ -202,7 +230,10 @@ def clean_rows(
     """Map and clean one source's rows. Returns the usable rows (with ``_source``, ``_row``, ``_url``) and one
     dict per dropped row with its reason."""
     check_table(frame, label, columns, currency)
-    frame = normalise_types(frame, [c for f, c in asdict(columns).items() if f != "price"])
+    raw_urls = frame[columns.image_url].reset_index(drop=True)
+    frame = normalise_types(
+        frame.reset_index(drop=True), [c for f, c in asdict(columns).items() if f != "price"]
+    )
     out = frame.drop(columns=[c for c in REQUIRED_COLUMNS if c in frame.columns], errors="ignore")
     out.insert(0, "product_code", frame[columns.product_code])
     out.insert(1, "title", frame[columns.title])
@@ -219,12 +250,12 @@ def clean_rows(
         ("bad_price", out["full_price"].isna()),
         ("missing_currency", out["currency"].isna()),
         ("missing_image_url", out["_url"].isna()),
-        ("unsupported_url", out["_url"].map(lambda u: u is not None and url_kind(u, allow_local) is None)),
+        ("unsupported_url", out["_url"].map(lambda u: isinstance(u, str) and url_kind(u, allow_local) is None)),
     ]
     reason = pd.Series(None, index=out.index, dtype=object)
     for name, mask in checks:  # the first failing check names the row's reason
         reason = reason.mask(reason.isna() & mask.to_numpy(), name)
-    dropped = [_dropped(row, reason[i], frame.loc[i, columns.image_url]) for i, row in out[reason.notna()].iterrows()]
+    dropped = [_dropped(row, reason[i], raw_urls[i]) for i, row in out[reason.notna()].iterrows()]
     return out[reason.isna()].reset_index(drop=True), dropped
 
 
@@ -289,7 +320,7 @@ def prepare(
     for code, url in zip(rows["product_code"], rows["_url"], strict=True):
         jobs.setdefault(url, file_stem(code, url))
     fetched, stats = download_images(jobs, out / IMAGES_DIR, download, progress=progress)
-    ok = rows["_url"].map(lambda u: fetched[u].status != "failed")
+    ok = pd.Series([fetched[u].status != "failed" for u in rows["_url"]], index=rows.index, dtype=bool)
     for _, row in rows[~ok].iterrows():
         result = fetched[row["_url"]]
         dropped.append(_dropped(row, result.reason, row["_url"], result.detail))
@@ -303,7 +334,9 @@ def prepare(
         "downloaded": sum(r.status == "downloaded" for r in fetched.values()),
         "reused": sum(r.status == "reused" for r in fetched.values()),
         "failed": sum(r.status == "failed" for r in fetched.values()),
-        "failed_by_reason": dict(Counter(r.reason for r in fetched.values() if r.status == "failed").most_common()),
+        "failed_by_reason": dict(
+            Counter(r.reason for r in fetched.values() if r.status == "failed").most_common()
+        ),
         "requests": stats.requests,
         "retries": stats.retries,
         "bytes": stats.bytes,
@@ -316,16 +349,19 @@ def prepare(
 
     catalog.insert(6, "split", assign_splits(catalog, ratios, seed=seed))
     catalog = catalog.drop(columns=["_source", "_row", "_url"])
-    for source, kept_rows in zip(per_source, _kept_by_source(rows[ok]), strict=True):
-        source["kept"] = kept_rows
+    kept_counts = rows.loc[ok, "_source"].value_counts()
+    for source in per_source:
+        source["kept"] = int(kept_counts.get(source["source"], 0))
     report["splits"] = {s: int((catalog["split"] == s).sum()) for s in SPLITS}
-    report["categories"] = {str(k): int(v) for k, v in catalog["category"].value_counts().sort_index().items()}
+    report["categories"] = {
+        str(k): int(v) for k, v in catalog["category"].value_counts().sort_index().items()
+    }
     report["options"] = {
         "columns": asdict(columns),
         "currency": currency,
         "split": list(ratios),
         "seed": seed,
-        "download": {k: v for k, v in asdict(download).items()},
+        "download": asdict(download),
     }
     report["seconds"] = round(time.perf_counter() - start, 3)
     atomic_write_parquet(out / CATALOG_FILE, catalog)
@@ -333,12 +369,9 @@ def prepare(
     return report
 
 
-def _kept_by_source(rows: pd.DataFrame) -> list[int]:
-    counts = rows["_source"].value_counts()
-    return [int(counts.get(s, 0)) for s in dict.fromkeys(rows["_source"].tolist())]
-
-
-def _report(sources: Sequence[str], out: Path, per_source: list[dict], rows_in: int, dropped: list[dict]) -> dict:
+def _report(
+    sources: Sequence[str], out: Path, per_source: list[dict], rows_in: int, dropped: list[dict]
+) -> dict:
     by_reason = Counter(d["reason"] for d in dropped)
     return {
         "sources": per_source,

@@ -61,7 +61,9 @@ def _load_images(paths: list[Path]) -> tuple[list, list[str | None]]:
     return images, problems
 
 
-def _answer_all(loaded: Any, paths: list[Path], batch_size: int, max_new_tokens: int, progress: bool):
+def _answer_all(
+    loaded: Any, paths: list[Path], batch_size: int, max_new_tokens: int, progress: bool
+) -> tuple[list[str], list[str | None]]:
     """Raw answers for every image path, loading images chunk by chunk; unreadable images answer ""."""
     from phivision.evaluate.generate import generate_answers
 
@@ -79,12 +81,12 @@ def _answer_all(loaded: Any, paths: list[Path], batch_size: int, max_new_tokens:
                     prompt=loaded.prompt,
                     batch_size=batch_size,
                     max_new_tokens=max_new_tokens,
-                    progress=False,
+                    progress=bar,
                 )
             )
             answers += [next(generated) if im is not None else "" for im in images]
             problems += chunk_problems
-            bar.update(len(images))
+            bar.update(len(images) - len(readable))
     return answers, problems
 
 

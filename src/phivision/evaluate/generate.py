@@ -31,7 +31,9 @@ def _first_stop(row: list[int], stop_ids: set[int]) -> list[int]:
     return row
 
 
-@torch.inference_mode()
+# no_grad rather than inference_mode: training calls this between steps, and a buffer created lazily under
+# inference_mode (e.g. a rotary cache) would later break backward with "inference tensors cannot be saved".
+@torch.no_grad()
 def generate_answers(
     model: Any,
     processor: Any,
@@ -39,7 +41,7 @@ def generate_answers(
     prompt: PromptFormat = PromptFormat(),
     batch_size: int = 8,
     max_new_tokens: int = 64,
-    progress: bool = True,
+    progress: bool | tqdm = True,
 ) -> list[str]:
     """Greedy answers, one per image, in the order of ``images``.
 
@@ -50,7 +52,7 @@ def generate_answers(
         prompt: the prompt format the model was trained with.
         batch_size: prompts per forward pass.
         max_new_tokens: answer length cap; an answer that reaches it is returned as is (and may not parse).
-        progress: show a tqdm bar.
+        progress: show a tqdm bar; or an open tqdm bar to advance (a caller answering in chunks keeps one bar).
 
     Returns:
         The decoded new tokens of each answer, special tokens skipped, surrounding whitespace stripped.
@@ -60,6 +62,7 @@ def generate_answers(
     if not images:
         return []
     stop_ids = [int(t) for t in processor.stop_token_ids]
+    stops = set(stop_ids)
     config = GenerationConfig(
         max_new_tokens=max_new_tokens,
         do_sample=False,
@@ -74,27 +77,31 @@ def generate_answers(
     # Longest first: similar lengths share a batch, and a batch that does not fit in memory fails at once.
     order = sorted(range(len(images)), key=lambda i: -expected_length(processor, images[i]))
     answers = [""] * len(images)
+    own_bar = isinstance(progress, bool)
+    bar = tqdm(total=len(images), desc="generate", unit="img", disable=not progress) if own_bar else progress
     was_training = model.training
     model.eval()
     try:
-        with tqdm(total=len(images), desc="generate", unit="img", disable=not progress) as bar:
-            for start in range(0, len(order), batch_size):
-                chunk = order[start : start + batch_size]
-                batch = processor(
-                    text=[text] * len(chunk),
-                    images=[images[i] for i in chunk],
-                    padding_side="left",
-                    return_tensors="pt",
-                )
-                inputs = {k: v.to(device) for k, v in batch.items() if isinstance(v, torch.Tensor)}
-                inputs["pixel_values"] = inputs["pixel_values"].to(dtype)
-                output = model.generate(**inputs, generation_config=config)  # (b, prompt + new)
-                new_tokens = output[:, inputs["input_ids"].shape[1] :].tolist()
-                rows = [_first_stop(row, set(stop_ids)) for row in new_tokens]
-                texts = processor.tokenizer.batch_decode(rows, skip_special_tokens=True)
-                for i, answer in zip(chunk, texts, strict=True):
-                    answers[i] = answer.strip()
-                bar.update(len(chunk))
+        for start in range(0, len(order), batch_size):
+            chunk = order[start : start + batch_size]
+            batch = processor(
+                text=[text] * len(chunk),
+                images=[images[i] for i in chunk],
+                padding_side="left",
+                return_tensors="pt",
+            )
+            inputs = {k: v.to(device) for k, v in batch.items() if isinstance(v, torch.Tensor)}
+            inputs["pixel_values"] = inputs["pixel_values"].to(dtype)
+            output = model.generate(**inputs, generation_config=config)  # (b, prompt + new)
+            new_tokens = output[:, inputs["input_ids"].shape[1] :].tolist()
+            texts = processor.tokenizer.batch_decode(
+                [_first_stop(r, stops) for r in new_tokens], skip_special_tokens=True
+            )
+            for i, answer in zip(chunk, texts, strict=True):
+                answers[i] = answer.strip()
+            bar.update(len(chunk))
     finally:
         model.train(was_training)
+        if own_bar:
+            bar.close()
     return answers

@@ -6,9 +6,9 @@ recompute the metrics from a predictions file alone.
 
 Scoring rules (also written into ``metrics.json`` under ``scoring``):
 
-* An answer whose price is missing or unreadable is scored as a prediction of 0: absolute error = true price,
-  APE = 1.0, never within 10%. Its log error is that of predicting the train median price, but at least ln(10),
-  so a missing price never scores better than the trivial baseline or than being off by a factor of ten.
+* A missing or unreadable price scores the worse of two trivial predictions: the train median price, and a fixed
+  floor (APE 1.0 and absolute error = true price, as if predicting 0; log error ln(10), off by a factor of ten).
+  It is never within 10%. So an answer without a price never scores better than the baseline on any price metric.
 * A missing category or title is wrong (accuracy 0, title similarity 0) and counts as a false negative for the
   true class in macro-F1.
 * Categories and titles are compared after case folding and collapsing whitespace.
@@ -55,8 +55,8 @@ HEADLINE = (
 LOWER_IS_BETTER = frozenset({"price_mape", "price_median_ape", "price_log_rmse", "price_mae"})
 
 SCORING = {
-    "missing_price": "scored as predicting 0: abs error = true price, APE = 1.0, not within 10%; log error = "
-    "max(|ln(true / train median)|, ln 10)",
+    "missing_price": "the worse of predicting the train median and a floor: APE max(median APE, 1.0), abs error "
+    "max(median abs error, true price), log error max(|ln(true / median)|, ln 10); never within 10%",
     "missing_category_or_title": "wrong; title similarity 0; a false negative for the true class in macro-F1",
     "matching": "categories and titles compared case-folded with whitespace collapsed",
     "title_similarity": "rapidfuzz fuzz.token_sort_ratio(pred, true, processor=utils.default_process) / 100",
@@ -144,9 +144,14 @@ class TrainStats:
 
 
 def _price_errors(true: float, pred: float | None, median: float) -> dict:
+    """Absolute, relative and log error; a missing price gets the worse of the median's errors and the floor."""
     if pred is None:
-        log_error = max(abs(math.log(true / median)), MISSING_PRICE_MIN_LOG_ERROR)
-        return {"price_abs_error": true, "price_ape": MISSING_PRICE_APE, "price_log_error": log_error}
+        errors = _price_errors(true, median, median)
+        return {
+            "price_abs_error": max(errors["price_abs_error"], true),
+            "price_ape": max(errors["price_ape"], MISSING_PRICE_APE),
+            "price_log_error": max(errors["price_log_error"], MISSING_PRICE_MIN_LOG_ERROR),
+        }
     error = abs(pred - true)
     return {
         "price_abs_error": error,
@@ -250,7 +255,7 @@ def summarize(records: Sequence[Mapping], baseline: Mapping | None = None) -> di
         "title_similarity": _mean([e["title_similarity"] for e in errors]),
     }
     for col in sorted({c for e in errors for c in e.get("levels", {})}, key=lambda c: (len(c), c)):
-        known = [e["levels"][col] for e in errors if e["levels"].get(col) is not None]
+        known = [e["levels"][col] for e in errors if e.get("levels", {}).get(col) is not None]
         if known:
             metrics[f"{col.removesuffix('_code')}_accuracy"] = _mean(known)
     if baseline is not None:

@@ -22,6 +22,7 @@ import jinja2
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
+from phivision.data.images import ImageError, load_image
 from phivision.errors import PhivisionError
 from phivision.evaluate.evaluation import EVAL_DIR, METRICS_FILE, PREDICTIONS_FILE
 from phivision.evaluate.metrics import (
@@ -36,7 +37,7 @@ from phivision.io import atomic_write_text
 
 STAGE_ORDER = ("before", "after")
 
-GALLERY_SIZE = 8
+GALLERY_SIZE = 9  # three rows of three cards at the page width
 THUMBNAIL_PX = 192
 CONFUSION_MAX = 15
 
@@ -64,6 +65,8 @@ def read_predictions(path: Path) -> list[dict]:
                 record = json.loads(line)
             except json.JSONDecodeError as err:
                 raise PhivisionError(f"{path} line {number}: not JSON ({err.msg})") from None
+            if not isinstance(record, dict):
+                raise PhivisionError(f"{path} line {number}: expected a JSON object")
             missing = [k for k in ("truth", "parsed", "errors") if k not in record]
             if missing:
                 raise PhivisionError(f"{path} line {number}: missing key(s) {', '.join(missing)}")
@@ -222,8 +225,6 @@ def thumbnail(path: str | None) -> str | None:
     """A small base64 JPEG of the item's image, or None when the file is gone or unreadable."""
     if not path or not Path(path).is_file():
         return None
-    from phivision.data.images import ImageError, load_image
-
     try:
         image = load_image(path)
     except ImageError:
@@ -259,27 +260,27 @@ def gallery(records: list[dict], best: bool) -> list[dict]:
 
 
 def _money(value: float | None) -> str:
-    return "—" if value is None else f"{value:,.2f}"
+    return "none" if value is None else f"{value:,.2f}"
 
 
 def headline_table(stages: list[Stage]) -> dict:
-    """Rows of metric values, one column per stage plus the train baseline when metrics.json carries it."""
+    """Rows of metric values, one column per stage plus the train baseline when metrics.json carries it.
+
+    Each row marks its best value (lowest for errors, highest otherwise); the item count is not ranked.
+    """
     columns = [(s.name, s.metrics) for s in stages]
     baseline = stages[-1].metrics.get("baseline")
     if baseline:
         columns.append(("baseline (train median / majority)", baseline))
     rows = []
     for key, label, kind in HEADLINE:
-        if not any(key in m for _, m in columns):
-            continue
         values = [m.get(key) for _, m in columns]
-        rows.append(
-            {
-                "label": label,
-                "lower_better": key in LOWER_IS_BETTER,
-                "cells": [format_value(v, kind) for v in values],
-            }
-        )
+        known = [v for v in values if v is not None]
+        if not known:
+            continue
+        best = None if key == "n" or len(known) < 2 else (min if key in LOWER_IS_BETTER else max)(known)
+        cells = [{"text": format_value(v, kind), "best": v is not None and v == best} for v in values]
+        rows.append({"label": label, "lower_better": key in LOWER_IS_BETTER, "cells": cells})
     return {"columns": [name for name, _ in columns], "rows": rows}
 
 

@@ -6,7 +6,10 @@ transformers' Auto* classes, so ``AutoModelForCausalLM.from_pretrained(dir)`` an
 of the official files, which point at hub code, are then ignored).
 """
 
-from transformers import AutoConfig, AutoImageProcessor, AutoModelForCausalLM, AutoProcessor
+from transformers import AutoConfig, AutoModelForCausalLM, AutoProcessor
+
+# From its module: some transformers 5.x releases export a torchvision-only placeholder at the top level.
+from transformers.models.auto.image_processing_auto import AutoImageProcessor
 
 from phivision.model.configuration_phi3_v import Phi3VConfig
 from phivision.model.image_processing_phi3_v import Phi3VImageProcessor

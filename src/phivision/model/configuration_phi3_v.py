@@ -52,7 +52,9 @@ DEFAULT_IMG_PROCESSOR = {
 def _resolve_attn_implementation(requested: str | None) -> str | None:
     """The official config.json asks for flash_attention_2; without flash-attn use SDPA instead of failing."""
     if requested == "flash_attention_2" and not is_flash_attn_2_available():
-        logger.warning("config asks for flash_attention_2 but flash-attn is not installed: using sdpa instead")
+        logger.warning(
+            "config asks for flash_attention_2 but flash-attn is not installed: using sdpa instead"
+        )
         return "sdpa"
     return requested
 
@@ -121,7 +123,9 @@ class Phi3VConfig(PretrainedConfig):
         self.pad_token_id = pad_token_id
         self.sliding_window = sliding_window
         self.embd_layer = copy.deepcopy(embd_layer if embd_layer is not None else DEFAULT_EMBD_LAYER)
-        self.img_processor = copy.deepcopy(img_processor if img_processor is not None else DEFAULT_IMG_PROCESSOR)
+        self.img_processor = copy.deepcopy(
+            img_processor if img_processor is not None else DEFAULT_IMG_PROCESSOR
+        )
 
         # The file's `_attn_implementation` (flash_attention_2 in the official files) is remembered so that it is
         # written back unchanged; an explicit `attn_implementation=` argument wins over it at run time.

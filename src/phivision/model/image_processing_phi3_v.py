@@ -163,12 +163,14 @@ class Phi3VImageProcessor(BaseImageProcessor):
 
     def calc_num_image_tokens(self, width: int, height: int, num_crops: int | None = None) -> int:
         """Image tokens for an image of ``width x height`` pixels (arithmetic only, no pixels)."""
-        geometry = hd_geometry(width, height, num_crops or self.num_crops, self.crop_size)
+        geometry = hd_geometry(
+            width, height, self.num_crops if num_crops is None else num_crops, self.crop_size
+        )
         return self.tokens_for_grid(*geometry.grid)
 
     def hd_transform(self, image: Any, num_crops: int | None = None) -> tuple[torch.Tensor, list[int]]:
         """One image -> (tiles ``(num_crops+1, 3, S, S)``, ``[H, W]`` of the padded HD image)."""
-        num_crops = num_crops or self.num_crops
+        num_crops = self.num_crops if num_crops is None else num_crops
         size = self.crop_size
         image = to_rgb(image)
         geometry = hd_geometry(image.width, image.height, num_crops, size)
@@ -177,7 +179,7 @@ class Phi3VImageProcessor(BaseImageProcessor):
         new_w, new_h = geometry.resized
         image = image.resize((new_w, new_h), Image.Resampling.BILINEAR)
         # Pad the short side with white to whole tiles, centred (top gets the smaller half).
-        pad_h = math.ceil(new_h / size) * size
+        pad_h = geometry.padded[0] if geometry.transposed else geometry.padded[1]
         canvas = Image.new("RGB", (new_w, pad_h), (255, 255, 255))
         canvas.paste(image, (0, (pad_h - new_h) // 2))
         if geometry.transposed:
@@ -214,7 +216,7 @@ class Phi3VImageProcessor(BaseImageProcessor):
             images = [images]
         if not images:
             raise ValueError("no images given")
-        num_crops = num_crops or self.num_crops
+        num_crops = self.num_crops if num_crops is None else num_crops
         pixel_values, image_sizes, num_img_tokens = [], [], []
         for image in images:
             tiles, (height, width) = self.hd_transform(image, num_crops)

@@ -59,25 +59,40 @@ class Phi3ImageEmbedding(nn.Module):
         """(num_images, tiles, 3, S, S) -> merged features (num_images, tiles, g/2, g/2, 4*d)."""
         num_images, tiles = pixel_values.shape[:2]
         clip = self.img_processor.vision_model
-        flat = pixel_values.flatten(0, 1).to(dtype=clip.dtype)
+        flat = pixel_values.flatten(0, 1).to(device=clip.device, dtype=clip.dtype)
         hidden = clip(pixel_values=flat, output_hidden_states=True).hidden_states[self.layer_idx]
-        patches = hidden[:, 1:]  # drop CLS: (N, g*g, d)
-        g, half, d = self.grid, self.grid // 2, patches.shape[-1]
+        patches = hidden[:, 1:]  # drop CLS: (N, g*g, d), g = self.grid
+        half, d = self.grid // 2, patches.shape[-1]
         # (N, g, g, d) -> 2x2 blocks; block (i, j) concatenates patches (2i+dy, 2j+dx) in (dy, dx) row-major order
         blocks = patches.reshape(num_images, tiles, half, 2, half, 2, d).permute(0, 1, 2, 4, 3, 5, 6)
         return blocks.reshape(num_images, tiles, half, half, 4 * d)
 
-    def hd_sequence(self, merged: torch.Tensor, height: int, width: int) -> torch.Tensor:
-        """One image's token sequence: sub-image grid + newlines, glb_GN, global grid + newlines."""
-        rows, cols = height // self.crop_size, width // self.crop_size
+    def hd_sequence(self, merged: torch.Tensor, rows: int, cols: int) -> torch.Tensor:
+        """One image's token sequence: sub-image grid + newlines, glb_GN, global grid + newlines.
+
+        ``merged`` is (tiles, g/2, g/2, dim) with the global view in slot 0 and the rows x cols crops after it.
+        """
         half, dim = merged.shape[1], merged.shape[-1]
         newline_glb = self.sub_GN.reshape(1, 1, dim).expand(half, 1, dim)
         glb = torch.cat([merged[0], newline_glb], dim=1).reshape(-1, dim)  # (half * (half + 1), dim)
-        sub = merged[1 : 1 + rows * cols].reshape(rows, cols, half, half, dim)
-        sub = sub.permute(0, 2, 1, 3, 4).reshape(rows * half, cols * half, dim)  # tiles side by side, row-major
+        # crops side by side, row-major: crop (r, c) covers grid rows r*half.. and columns c*half..
+        sub = merged[1 : 1 + rows * cols].reshape(rows, cols, half, half, dim).permute(0, 2, 1, 3, 4)
+        sub = sub.reshape(rows * half, cols * half, dim)
         newline_sub = self.sub_GN.reshape(1, 1, dim).expand(rows * half, 1, dim)
         sub = torch.cat([sub, newline_sub], dim=1).reshape(-1, dim)
         return torch.cat([sub, self.glb_GN.reshape(1, dim), glb])
+
+    def crop_grid(self, image_sizes: torch.Tensor, num_crops: int) -> list[tuple[int, int]]:
+        """[height, width] of each padded HD image -> (rows, cols) of its crops, checked against the tile slots."""
+        grids = []
+        for height, width in image_sizes.tolist():
+            rows, cols = int(height) // self.crop_size, int(width) // self.crop_size
+            if height % self.crop_size or width % self.crop_size or not 0 < rows * cols <= num_crops:
+                raise ValueError(
+                    f"image_sizes [{height}, {width}] do not fit {num_crops} crops of {self.crop_size} px"
+                )
+            grids.append((rows, cols))
+        return grids
 
     def forward(self, pixel_values: torch.Tensor, image_sizes: torch.Tensor) -> torch.Tensor:
         """(num_images, crops+1, 3, S, S), (num_images, 2) -> projected features (total_tokens, hidden)."""
@@ -88,16 +103,11 @@ class Phi3ImageEmbedding(nn.Module):
             )
         if image_sizes is None or len(image_sizes) != len(pixel_values):
             raise ValueError("image_sizes must give [height, width] for every image in pixel_values")
+        grids = self.crop_grid(image_sizes, pixel_values.shape[1] - 1)
         merged = self.tile_features(pixel_values)
-        sizes = image_sizes.tolist()
-        for (height, width), tiles in zip(sizes, merged):
-            if height % self.crop_size or width % self.crop_size or (height // self.crop_size) * (
-                width // self.crop_size
-            ) > len(tiles) - 1:
-                raise ValueError(
-                    f"image_sizes [{height}, {width}] do not fit {len(tiles) - 1} crops of {self.crop_size} px"
-                )
-        sequences = [self.hd_sequence(tiles, height, width) for (height, width), tiles in zip(sizes, merged)]
+        sequences = [
+            self.hd_sequence(tiles, rows, cols) for tiles, (rows, cols) in zip(merged, grids, strict=True)
+        ]
         projector = self.img_projection[0]
         features = torch.cat(sequences).to(dtype=projector.weight.dtype)
         return self.drop(self.img_projection(features))
@@ -129,7 +139,9 @@ class Phi3VModel(Phi3Model):
         num_positions = positions[0].numel()
         if pixel_values is None or len(pixel_values) == 0:
             if num_positions:
-                raise ValueError(f"input_ids hold {num_positions} image tokens but no pixel_values were given")
+                raise ValueError(
+                    f"input_ids hold {num_positions} image tokens but no pixel_values were given"
+                )
             return embeds
         features = self.vision_embed_tokens(pixel_values, image_sizes)
         if features.shape[0] != num_positions:
@@ -138,7 +150,7 @@ class Phi3VModel(Phi3Model):
                 f"{features.shape[0]} feature tokens but input_ids hold {num_positions} image tokens "
                 "(were the prompt and pixel_values made by the same processor settings?)"
             )
-        return embeds.index_put(positions, features.to(embeds.dtype))
+        return embeds.index_put(positions, features.to(device=embeds.device, dtype=embeds.dtype))
 
     def forward(
         self,
@@ -151,7 +163,7 @@ class Phi3VModel(Phi3Model):
         """Phi3Model.forward on embeddings that already hold the image features."""
         if inputs_embeds is None:
             if input_ids is None:
-                raise ValueError("give input_ids or inputs_embeds")
+                raise ValueError("give input_ids or inputs_embeds, not neither")
             inputs_embeds = self.embed(input_ids, pixel_values, image_sizes)
         return super().forward(inputs_embeds=inputs_embeds, **kwargs)
 
@@ -206,12 +218,13 @@ class Phi3VForCausalLM(Phi3ForCausalLM):
             attention_mask: (batch, seq) 1 for tokens, 0 for padding (left or right).
             position_ids: defaults to the cumulative sum of ``attention_mask`` (left padding works).
         """
-        if inputs_embeds is None:
-            inputs_embeds = self.model.embed(input_ids, pixel_values, image_sizes)
         if position_ids is None and attention_mask is not None and attention_mask.ndim == 2:
-            seq_len = inputs_embeds.shape[1]
+            seq_len = (input_ids if input_ids is not None else inputs_embeds).shape[1]
             position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)[:, -seq_len:]
         outputs = self.model(
+            input_ids=input_ids,
+            pixel_values=pixel_values,
+            image_sizes=image_sizes,
             inputs_embeds=inputs_embeds,
             attention_mask=attention_mask,
             position_ids=position_ids,
@@ -220,10 +233,12 @@ class Phi3VForCausalLM(Phi3ForCausalLM):
         )
         hidden = outputs.last_hidden_state
         keep = slice(-logits_to_keep, None) if isinstance(logits_to_keep, int) else logits_to_keep
-        logits = self.lm_head(hidden[:, keep, :])
+        logits = self.lm_head(hidden[:, keep, :]).float()  # fp32 logits, as the official model returns
         loss = None
         if labels is not None:
-            loss = self.loss_function(logits=logits, labels=labels, vocab_size=self.config.vocab_size, **kwargs)
+            loss = self.loss_function(
+                logits=logits, labels=labels, vocab_size=self.config.vocab_size, **kwargs
+            )
         # Copy the decoder's other outputs by name (the cache field is `cache` or `past_key_values` by version).
         extra = {key: value for key, value in outputs.items() if key != "last_hidden_state"}
         return CausalLMOutputWithPast(loss=loss, logits=logits, **extra)

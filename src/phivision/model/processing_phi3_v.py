@@ -46,6 +46,8 @@ def pad_sequences(rows: Sequence[Sequence[int]], value: int, side: str = "right"
     """Stack 1-D id lists into a ``(batch, longest)`` long tensor, padding with ``value`` on ``side``."""
     if side not in ("left", "right"):
         raise ValueError(f"padding_side must be 'left' or 'right', got {side!r}")
+    if not rows:
+        raise ValueError("nothing to pad: no rows given")
     longest = max(len(r) for r in rows)
     out = torch.full((len(rows), longest), value, dtype=torch.long)
     for i, row in enumerate(rows):
@@ -66,10 +68,9 @@ class Phi3VProcessor(ProcessorMixin):
 
     attributes = ["image_processor", "tokenizer"]
 
-    def __init__(
-        self, image_processor: Phi3VImageProcessor, tokenizer: Any, chat_template: str | None = None
-    ):
-        super().__init__(image_processor, tokenizer, chat_template=chat_template)
+    def __init__(self, image_processor: Phi3VImageProcessor, tokenizer: Any) -> None:
+        # The chat template lives with the tokenizer (as in the official files); see apply_chat_template.
+        super().__init__(image_processor, tokenizer)
 
     @classmethod
     def from_pretrained(
@@ -103,6 +104,7 @@ class Phi3VProcessor(ProcessorMixin):
 
     @property
     def pad_token_id(self) -> int:
+        """The id rows are padded with (``<|endoftext|>`` in Phi-3's tokenizer)."""
         pad = self.tokenizer.pad_token_id
         return pad if pad is not None else self.tokenizer.eos_token_id
 
@@ -184,15 +186,18 @@ class Phi3VProcessor(ProcessorMixin):
 
     # ------------------------------------------------------------------------------------------- training
 
-    def build_example(self, prompt: str, answer: str, images: Sequence[Any] | None = None) -> dict[str, Any]:
+    def build_example(
+        self, prompt: str, answer: str, images: Sequence[Any] | None = None, num_crops: int | None = None
+    ) -> dict[str, Any]:
         """One supervised example: the prompt (with its images) followed by ``answer<|end|>``.
 
         The answer is tokenized without BOS and closed with ``<|end|>``. ``labels`` are -100 on the prompt
         (image ids included) and equal ``input_ids`` on the answer tokens and that ``<|end|>``, so the model learns
-        to answer and to stop. ``pixel_values``/``image_sizes`` are None for a text-only example.
+        to answer and to stop. ``pixel_values``/``image_sizes`` are None for a text-only example. ``num_crops``
+        overrides the image processor's setting.
         """
         images = list(images or [])
-        image_inputs = self.image_processor(images) if images else None
+        image_inputs = self.image_processor(images, num_crops=num_crops) if images else None
         prompt_ids = self.encode_text(prompt, image_inputs["num_img_tokens"] if image_inputs else [])
         answer_ids = list(self.tokenizer(answer, add_special_tokens=False)["input_ids"])
         answer_ids.append(self.tokenizer.convert_tokens_to_ids(END_TOKEN))

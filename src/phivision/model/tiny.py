@@ -47,7 +47,9 @@ TINY_TEXT = {
 }
 
 
-def tiny_config(vocab_size: int, bos_token_id: int, eos_token_id: int, pad_token_id: int, **overrides: Any) -> Phi3VConfig:
+def tiny_config(
+    vocab_size: int, bos_token_id: int, eos_token_id: int, pad_token_id: int, **overrides: Any
+) -> Phi3VConfig:
     """A tiny Phi3VConfig in the official layout.
 
     Args:
@@ -120,7 +122,9 @@ def write_tiny_checkpoint(
     )
     vision = config.vision_tower_config()
     image_processor = Phi3VImageProcessor(
-        num_crops=num_crops, crop_size=vision.image_size, num_img_tokens=config.img_processor["num_img_tokens"]
+        num_crops=num_crops,
+        crop_size=vision.image_size,
+        num_img_tokens=config.img_processor["num_img_tokens"],
     )
     processor = Phi3VProcessor(image_processor=image_processor, tokenizer=tokenizer)
 

@@ -1,10 +1,10 @@
 """A tiny Phi-3-style tokenizer, trained locally, for tiny checkpoints and tests.
 
 The real Phi-3-Vision tokenizer is a 32k SentencePiece BPE (Llama layout) with Phi-3's chat tokens added on top.
-This builds the same kind of tokenizer with the ``tokenizers`` library in about a second: SentencePiece-style
-"▁" space marking (Llama's legacy normalizer, as the official tokenizer.json), BPE with byte fallback (so any UTF-8
-text round-trips), ``<s>`` added by a post-processor, and the official chat template. Ids differ from the official ones (the vocabulary is small), so code must always
-ask the tokenizer for ids, never hard-code them.
+This builds the same kind of tokenizer with the ``tokenizers`` library in well under a second, deterministically:
+SentencePiece-style "▁" space marking (Llama's legacy normalizer, as in the official tokenizer.json), BPE with byte
+fallback (so any UTF-8 text round-trips), ``<s>`` added by a post-processor, and the official chat template.
+Ids differ from the official ones (the vocabulary is small), so code must always ask the tokenizer for ids.
 """
 
 from __future__ import annotations

@@ -49,7 +49,9 @@ def export_run(
         raise PhivisionError(f"--out {out}: already exists and is not an empty directory")
     info = read_run(run_dir)
     weights_from = str(info.model_dir) if info.model_dir.is_dir() else info.base
-    target_dtype = resolve_dtype(dtype, torch.device("cpu")) if dtype is not None else _stored_dtype(weights_from)
+    target_dtype = (
+        resolve_dtype(dtype, torch.device("cpu")) if dtype is not None else _stored_dtype(weights_from)
+    )
 
     loaded = load_model(run_dir, device=device, dtype=torch.float32, merge=True)
     model = loaded.model.to(dtype=target_dtype)
@@ -67,8 +69,14 @@ def export_run(
             carry_remote_code(base_dir, tmp)
         atomic_write_json(
             tmp / EXPORT_INFO_FILE,
-            {"prompt": info.prompt.to_dict(), "run": str(run_dir.resolve()), "base": info.base, "method": info.method},
+            {
+                "prompt": info.prompt.to_dict(),
+                "run": str(run_dir.resolve()),
+                "base": info.base,
+                "method": info.method,
+            },
         )
+        _default_permissions(tmp)
         if out.exists():
             out.rmdir()  # empty, checked above
         os.replace(tmp, out)
@@ -76,6 +84,15 @@ def export_run(
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return out
+
+
+def _default_permissions(directory: Path) -> None:
+    """mkdtemp/mkstemp create owner-only files; an export is meant to be read by other users (e.g. a server)."""
+    umask = os.umask(0)
+    os.umask(umask)
+    directory.chmod(0o777 & ~umask)
+    for path in directory.iterdir():
+        path.chmod(0o666 & ~umask)
 
 
 def _stored_dtype(checkpoint: str) -> torch.dtype:

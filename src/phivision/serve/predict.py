@@ -34,7 +34,9 @@ def expand_inputs(inputs: Sequence[str | Path]) -> list[Path]:
         if path.is_dir():
             found = sorted(p for p in path.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
             if not found:
-                raise PhivisionError(f"{path}: directory has no image files ({', '.join(sorted(IMAGE_SUFFIXES))})")
+                raise PhivisionError(
+                    f"{path}: directory has no image files ({', '.join(sorted(IMAGE_SUFFIXES))})"
+                )
             paths.extend(found)
         elif path.is_file():
             paths.append(path)
@@ -48,7 +50,13 @@ def expand_inputs(inputs: Sequence[str | Path]) -> list[Path]:
 def prediction_record(image: str, answer: str) -> dict:
     """The JSON shape shared by predict and the HTTP API: parsed fields plus the raw answer."""
     parsed = parse_answer(answer)
-    return {"image": image, "title": parsed.title, "category": parsed.category, "price": parsed.price, "answer": answer}
+    return {
+        "image": image,
+        "title": parsed.title,
+        "category": parsed.category,
+        "price": parsed.price,
+        "answer": answer,
+    }
 
 
 def predict_images(
@@ -73,7 +81,7 @@ def predict_images(
                 except ImageError as err:
                     records.append({"image": str(path), "error": str(err)})
             readable = [r for r in records if "error" not in r]
-            answers = generate_answers(
+            answers = generate_answers(  # [] when no image of the chunk could be read
                 loaded.model,
                 loaded.processor,
                 images,
@@ -81,7 +89,7 @@ def predict_images(
                 batch_size=batch_size,
                 max_new_tokens=max_new_tokens,
                 progress=False,
-            ) if images else []
+            )
             for record, answer in zip(readable, answers, strict=True):
                 record.update(prediction_record(record["image"], answer))
             yield from records

@@ -85,7 +85,11 @@ class MicroBatcher:
     """Queue of (image, future); one task drains it in batches and runs ``generate`` on one model thread."""
 
     def __init__(
-        self, generate: Callable[[list[Image.Image]], list[str]], max_batch_size: int, max_wait_s: float, max_queue: int
+        self,
+        generate: Callable[[list[Image.Image]], list[str]],
+        max_batch_size: int,
+        max_wait_s: float,
+        max_queue: int,
     ) -> None:
         self.generate = generate
         self.max_batch_size = max_batch_size
@@ -155,7 +159,9 @@ class MicroBatcher:
             self.batches += 1
             self.batch_sizes.append(len(batch))
             try:
-                answers = await loop.run_in_executor(self._executor, self.generate, [image for image, _ in batch])
+                answers = await loop.run_in_executor(
+                    self._executor, self.generate, [image for image, _ in batch]
+                )
                 if len(answers) != len(batch):
                     raise RuntimeError(f"generate returned {len(answers)} answers for {len(batch)} images")
             except Exception as err:  # a failed batch fails its requests, never the server
@@ -217,7 +223,9 @@ async def _send_json(send: Callable, status: int, body: dict) -> None:
 def render_page(limits: ServeLimits, source: str) -> str:
     """The upload page: one self-contained HTML file (inline CSS and JS, no external assets)."""
     template = resources.files("phivision.serve").joinpath("static/index.html").read_text(encoding="utf-8")
-    return template.replace("{{max_upload_mb}}", f"{limits.max_upload_mb:g}").replace("{{model}}", html.escape(source))
+    return template.replace("{{max_upload_mb}}", f"{limits.max_upload_mb:g}").replace(
+        "{{model}}", html.escape(source)
+    )
 
 
 def create_app(loaded: Any, limits: ServeLimits | None = None) -> FastAPI:
@@ -254,8 +262,6 @@ def create_app(loaded: Any, limits: ServeLimits | None = None) -> FastAPI:
         version="1",
         lifespan=lifespan,
     )
-    app.state.batcher = batcher
-    app.state.limits = limits
     app.add_middleware(UploadLimit, max_bytes=limits.max_body_bytes, paths=("/v1/predict",))
 
     @app.get("/", response_class=HTMLResponse, include_in_schema=False)
@@ -283,14 +289,20 @@ def create_app(loaded: Any, limits: ServeLimits | None = None) -> FastAPI:
             504: {"description": "No answer within the request timeout"},
         },
     )
-    async def predict(image: UploadFile = File(..., description="A product photo (JPEG, PNG, WebP, ...).")) -> dict:
+    async def predict(
+        image: UploadFile = File(..., description="A product photo (JPEG, PNG, WebP, ...)."),
+    ) -> dict:
         """Answer with the product's name, category and price for one uploaded photo."""
         data = await image.read()
         try:
             picture = await run_in_threadpool(load_image, data, limits.max_pixels)
         except ImageError as err:
-            status = 413 if err.reason == "too_many_pixels" else 415
-            raise HTTPException(status_code=status, detail=f"{image.filename or 'upload'}: {err}") from None
+            # The reason code only: the loader's detail names server-side objects, not the client's file.
+            name = image.filename or "upload"
+            if err.reason == "too_many_pixels":
+                detail = f"{name}: too_many_pixels (the limit is {limits.max_pixels:,} pixels)"
+                raise HTTPException(status_code=413, detail=detail) from None
+            raise HTTPException(status_code=415, detail=f"{name}: {err.reason}") from None
         try:
             answer = await asyncio.wait_for(batcher.submit(picture), limits.request_timeout_s)
         except QueueFull:

@@ -9,6 +9,7 @@ processes with batch 4 compute the same gradient, and padding never changes a ro
 from __future__ import annotations
 
 import math
+import os
 import shutil
 import time
 from dataclasses import dataclass, field
@@ -25,7 +26,7 @@ from phivision.train import checkpoint as ckpt
 from phivision.train.config import TrainConfig
 from phivision.train.data import BatchPlan, ProductDataset, RankBatches, split_rows
 from phivision.train.methods import apply_method, quantization_config, trainable_summary
-from phivision.train.tracking import MetricsFile, make_tracker
+from phivision.train.tracking import MetricsFile, make_tracker, require_backend
 
 LOWER_IS_BETTER = ("loss", "mape", "mae", "error", "rmse", "ape")
 
@@ -69,8 +70,11 @@ def _make_accelerator(config: TrainConfig) -> Any:
     GradientState._reset_state()
 
     mixed = {"fp32": "no", "bf16": "bf16", "fp16": "fp16"}[config.precision]
+    # Under torchrun without a GPU accelerate needs cpu=True to set up gloo DDP (else every rank trains alone).
+    multi_cpu = int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.cuda.is_available()
     try:
         return Accelerator(
+            cpu=multi_cpu,
             mixed_precision=mixed,
             gradient_accumulation_steps=config.optim.grad_accum,
             kwargs_handlers=[
@@ -152,8 +156,14 @@ def answer_loss(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> tuple
 def _loader(
     dataset: ProductDataset, sampler: Any, processor: Any, workers: int
 ) -> torch.utils.data.DataLoader:
+    # A private generator: creating a loader iterator must not draw from the global RNG, or a resumed run's
+    # dropout masks would differ from the uninterrupted run's.
     return torch.utils.data.DataLoader(
-        dataset, batch_sampler=sampler, collate_fn=processor.collate, num_workers=workers, pin_memory=False
+        dataset,
+        batch_sampler=sampler,
+        collate_fn=processor.collate,
+        num_workers=workers,
+        generator=torch.Generator(),
     )
 
 
@@ -235,9 +245,10 @@ def train(config: TrainConfig, resume: bool = False, progress: bool = True) -> T
             raise PhivisionError(f"config key '{key}' is required")
     run_dir = Path(config.out)
     _check_run_dir(run_dir, resume)
+    require_backend(config.tracking.backend)
     from accelerate.utils import set_seed
 
-    from phivision.data.layout import load_catalog
+    from phivision.data import load_catalog
 
     accelerator = _make_accelerator(config)
     is_main, world = accelerator.is_main_process, accelerator.num_processes

@@ -146,16 +146,20 @@ def _flatten(data: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     return out
 
 
+def require_backend(backend: str) -> None:
+    """Fail before any training work when the tracker's optional package is missing."""
+    if backend != "none" and importlib.util.find_spec(backend) is None:
+        raise PhivisionError(
+            f"tracking.backend={backend} needs the '{backend}' package: pip install phivision[{backend}]"
+        )
+
+
 def make_tracker(config: TrainConfig, run_dir: Path, resume_id: str | None = None) -> Tracker:
     """The tracker for ``config.tracking.backend``; a missing optional package is a one-line error."""
     backend = config.tracking.backend
+    require_backend(backend)
     if backend == "none":
         return Tracker()
-    package = {"wandb": "wandb", "tensorboard": "tensorboard", "mlflow": "mlflow"}[backend]
-    if importlib.util.find_spec(package) is None:
-        raise PhivisionError(
-            f"tracking.backend={backend} needs the '{package}' package: pip install phivision[{package}]"
-        )
     if backend == "wandb":
         return WandbTracker(config, run_dir, resume_id)
     if backend == "tensorboard":

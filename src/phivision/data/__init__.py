@@ -1,0 +1,23 @@
+"""Catalog datasets: the layout, the one image loader, ``prepare`` (tables of URLs -> dataset) and ``sample``."""
+
+from phivision.data.images import DEFAULT_MAX_PIXELS, ImageError, load_image
+from phivision.data.layout import (
+    CATALOG_FILE,
+    IMAGES_DIR,
+    REPORT_FILE,
+    REQUIRED_COLUMNS,
+    SPLITS,
+    load_catalog,
+)
+
+__all__ = [
+    "CATALOG_FILE",
+    "DEFAULT_MAX_PIXELS",
+    "IMAGES_DIR",
+    "REPORT_FILE",
+    "REQUIRED_COLUMNS",
+    "SPLITS",
+    "ImageError",
+    "load_catalog",
+    "load_image",
+]

@@ -1,0 +1,264 @@
+"""``phivision sample``: a synthetic catalog whose images decide the answer.
+
+Every product is drawn with Pillow from four visible attributes, and its price is a fixed function of them:
+
+    price = BASE[category] x MATERIAL[material] x SIZE[size] x PATTERN[pattern] x noise(+-5%), rounded to 10
+
+* category -> the silhouette (tote, sneaker, shirt, diagonal scarf, hat with brim, watch with dial);
+* colour -> the fill colour; pattern -> plain, stripes, checks or dots in white, coarse (4-5 repeats per object);
+* material -> a thick trim: none (canvas), brown (leather), gold (silk);
+* size -> how much of the canvas the object fills (45%, 68%, 92% of the short side).
+
+The cues are bold on purpose: a tiny model looking at 56 px tiles must be able to learn category and price in
+minutes on a CPU. Canvas sizes and aspect ratios vary so the HD crops differ from image to image.
+"""
+
+from __future__ import annotations
+
+import io
+import random
+from pathlib import Path
+
+import pandas as pd
+from PIL import Image, ImageChops, ImageDraw, ImageFilter
+
+from phivision.data.layout import CATALOG_FILE, IMAGES_DIR, REPORT_FILE, SPLITS
+from phivision.data.split import assign_splits
+from phivision.io import atomic_write_json, atomic_write_parquet, atomic_write_text
+
+# category3_code: (category1_code, category2_code, noun in the title, base price in USD)
+CATEGORIES = {
+    "bags": ("accessories", "bags", "Tote", 900.0),
+    "shoes": ("shoes", "sneakers", "Sneaker", 550.0),
+    "shirts": ("clothing", "tops", "Shirt", 320.0),
+    "scarves": ("accessories", "scarves", "Scarf", 420.0),
+    "hats": ("accessories", "hats", "Hat", 260.0),
+    "watches": ("accessories", "watches", "Watch", 1800.0),
+}
+COLORS = {
+    "Red": (205, 25, 35),
+    "Blue": (25, 65, 200),
+    "Green": (20, 140, 55),
+    "Grey": (105, 105, 110),
+    "Purple": (120, 35, 160),
+    "Pink": (230, 70, 150),
+}
+PATTERNS = {"Plain": 1.0, "Striped": 1.15, "Checked": 1.3, "Dotted": 1.2}
+MATERIALS = {"Canvas": (1.0, None), "Leather": (1.6, (100, 55, 15)), "Silk": (2.2, (225, 175, 30))}
+SIZES = {"Small": (0.8, 0.45), "Medium": (1.0, 0.68), "Large": (1.3, 0.92)}  # (price factor, canvas fill)
+PATTERN_INK = (250, 250, 250)
+NOISE = 0.05
+BRAND = "Phivision Atelier"
+
+# Silhouettes in a unit box: ("polygon", points) | ("ellipse"/"rectangle", box) | ("chord", box, start, end) |
+# ("arc", box, start, end, line width); ("cut", points) removes a region (the shirt's collar).
+SHAPES: dict[str, list[tuple]] = {
+    "bags": [
+        ("polygon", [(0.12, 0.36), (0.88, 0.36), (0.98, 0.98), (0.02, 0.98)]),
+        ("arc", (0.26, 0.04, 0.74, 0.68), 180, 360, 0.09),
+    ],
+    "shoes": [
+        (
+            "polygon",
+            [(0.02, 0.5), (0.42, 0.44), (0.56, 0.16), (0.84, 0.16), (0.9, 0.5), (0.98, 0.64)]
+            + [(0.98, 0.84), (0.02, 0.84)],
+        ),
+    ],
+    "shirts": [
+        (
+            "polygon",
+            [(0.36, 0.04), (0.64, 0.04), (0.98, 0.3), (0.86, 0.5), (0.76, 0.42), (0.76, 0.98)]
+            + [(0.24, 0.98), (0.24, 0.42), (0.14, 0.5), (0.02, 0.3)],
+        ),
+        ("cut", [(0.4, 0.04), (0.6, 0.04), (0.5, 0.2)]),
+    ],
+    "scarves": [("polygon", [(0.0, 0.24), (0.24, 0.0), (1.0, 0.76), (0.76, 1.0)])],
+    "hats": [("chord", (0.2, 0.12, 0.8, 1.0), 180, 360), ("ellipse", (0.0, 0.5, 1.0, 0.78))],
+    "watches": [("rectangle", (0.36, 0.0, 0.64, 1.0)), ("ellipse", (0.14, 0.22, 0.86, 0.78))],
+}
+
+
+def price_of(category: str, material: str, size: str, pattern: str, noise: float = 1.0) -> float:
+    """The catalog price: a deterministic function of what the image shows, times ``noise``, rounded to 10."""
+    value = CATEGORIES[category][3] * MATERIALS[material][0] * SIZES[size][0] * PATTERNS[pattern] * noise
+    return float(max(10, round(value / 10) * 10))
+
+
+def title_of(category: str, color: str, pattern: str, material: str, size: str) -> str:
+    """E.g. ``Large Red Striped Leather Tote`` (a plain pattern is not named)."""
+    words = [size, color, "" if pattern == "Plain" else pattern, material, CATEGORIES[category][2]]
+    return " ".join(w for w in words if w)
+
+
+def _scaled(points: list[tuple[float, float]], side: int) -> list[tuple[float, float]]:
+    return [(x * (side - 1), y * (side - 1)) for x, y in points]
+
+
+def _mask(category: str, side: int) -> Image.Image:
+    """The silhouette as an L mask of ``side`` x ``side``."""
+    mask = Image.new("L", (side, side), 0)
+    draw = ImageDraw.Draw(mask)
+    for kind, *args in SHAPES[category]:
+        if kind in ("polygon", "cut"):
+            draw.polygon(_scaled(args[0], side), fill=0 if kind == "cut" else 255)
+        elif kind == "arc":
+            box, start, end, width = args
+            draw.arc(_scaled([box[:2], box[2:]], side), start, end, fill=255, width=max(2, int(width * side)))
+        elif kind == "chord":
+            box, start, end = args
+            draw.chord(_scaled([box[:2], box[2:]], side), start, end, fill=255)
+        else:
+            getattr(draw, kind)(_scaled([args[0][:2], args[0][2:]], side), fill=255)
+    return mask
+
+
+def _fill(color: tuple[int, int, int], pattern: str, side: int) -> Image.Image:
+    """The object's colour with a coarse pattern: about four repeats across the object, so it survives 56 px."""
+    fill = Image.new("RGB", (side, side), color)
+    draw = ImageDraw.Draw(fill)
+    period = max(4, side // 4)
+    if pattern == "Striped":
+        for y in range(0, side, period):
+            draw.rectangle((0, y, side, y + period // 2 - 1), fill=PATTERN_INK)
+    elif pattern == "Checked":
+        for y in range(0, side, period // 2):
+            for x in range(0, side, period // 2):
+                if (x // (period // 2) + y // (period // 2)) % 2:
+                    draw.rectangle((x, y, x + period // 2 - 1, y + period // 2 - 1), fill=PATTERN_INK)
+    elif pattern == "Dotted":
+        radius = period // 4
+        for y in range(period // 2, side, period):
+            for x in range(period // 2, side, period):
+                draw.ellipse((x - radius, y - radius, x + radius, y + radius), fill=PATTERN_INK)
+    return fill
+
+
+def _trim(mask: Image.Image, side: int) -> Image.Image:
+    """The inner border of the silhouette (about 7% of its size), computed on an 8x smaller mask for speed."""
+    small = mask.reduce(8)
+    width = 2 * max(1, side * 7 // 100 // 8) + 1
+    eroded = small.filter(ImageFilter.MinFilter(width)).resize(mask.size, Image.Resampling.NEAREST)
+    return ImageChops.subtract(mask, eroded)
+
+
+def draw_product(
+    category: str,
+    color: str,
+    pattern: str,
+    material: str,
+    size: str,
+    canvas: tuple[int, int],
+    rng: random.Random,
+) -> Image.Image:
+    """Draw one product on a light background of ``canvas`` (width, height)."""
+    width, height = canvas
+    side = max(16, int(SIZES[size][1] * min(width, height)))
+    mask = _mask(category, side)
+    shade = rng.randint(232, 250)
+    image = Image.new("RGB", canvas, (shade, shade, min(255, shade + rng.randint(-4, 4))))
+    x = (width - side) // 2 + rng.randint(-(width - side) // 4, (width - side) // 4)
+    y = (height - side) // 2 + rng.randint(-(height - side) // 4, (height - side) // 4)
+    image.paste(_fill(COLORS[color], pattern, side), (x, y), mask)
+    trim = MATERIALS[material][1]
+    if trim is not None:
+        image.paste(Image.new("RGB", (side, side), trim), (x, y), _trim(mask, side))
+    if category == "watches":  # a white dial with two thick hands
+        draw = ImageDraw.Draw(image)
+        c, r = (x + side / 2, y + side / 2), side * 0.22
+        draw.ellipse((c[0] - r, c[1] - r, c[0] + r, c[1] + r), fill=(252, 252, 252))
+        draw.line((c, (c[0], c[1] - r * 0.8)), fill=(20, 20, 20), width=max(2, side // 30))
+        draw.line((c, (c[0] + r * 0.6, c[1])), fill=(20, 20, 20), width=max(2, side // 30))
+    return image
+
+
+def _canvas(rng: random.Random) -> tuple[int, int]:
+    """Canvas sizes from 256 to 672 px with aspect ratios from 1:1.8 to 1.8:1."""
+    short = rng.randrange(256, 480, 16)
+    ratio = rng.choice([1.0, 1.0, 1.25, 1.33, 1.5, 1.8])
+    long = min(672, int(short * ratio) // 16 * 16)
+    return (long, short) if rng.random() < 0.5 else (short, long)
+
+
+def sample_products(n: int, seed: int = 0) -> list[dict]:
+    """The attributes, title and price of ``n`` products; categories are balanced, the rest is random."""
+    rng = random.Random(seed)
+    names = list(CATEGORIES)
+    products = []
+    for i in range(n):
+        category = names[i % len(names)]
+        color, pattern = rng.choice(list(COLORS)), rng.choice(list(PATTERNS))
+        material, size = rng.choice(list(MATERIALS)), rng.choice(list(SIZES))
+        cat1, cat2, _, _ = CATEGORIES[category]
+        products.append(
+            {
+                "product_code": f"S{seed}-{i:05d}",
+                "title": title_of(category, color, pattern, material, size),
+                "category": category,
+                "full_price": price_of(category, material, size, pattern, rng.uniform(1 - NOISE, 1 + NOISE)),
+                "currency": "USD",
+                "brand": BRAND,
+                "category1_code": cat1,
+                "category2_code": cat2,
+                "category3_code": category,
+                "color": color,
+                "pattern": pattern,
+                "material": material,
+                "size": size,
+                "canvas": _canvas(rng),
+                "draw_seed": rng.getrandbits(32),
+            }
+        )
+    return products
+
+
+def write_sample_catalog(
+    out: str | Path,
+    n: int = 600,
+    seed: int = 0,
+    split: tuple[float, float, float] = (0.8, 0.1, 0.1),
+    urls_out: str | Path | None = None,
+    base_url: str = "http://127.0.0.1:8000",
+) -> Path:
+    """Write ``n`` synthetic products to ``out`` in the dataset layout and return ``out``.
+
+    With ``urls_out``, also write a CSV in the DBQ schema (prices as text such as ``$1,290.00``) whose
+    ``imageurl`` points at ``base_url`` + the image path: serve ``out`` over HTTP (``python -m http.server
+    --directory out 8000``) and ``phivision prepare --source urls.csv`` downloads it back.
+    """
+    if n < 1:
+        raise ValueError("n must be >= 1")
+    out = Path(out)
+    (out / IMAGES_DIR).mkdir(parents=True, exist_ok=True)
+    rows = []
+    for product in sample_products(n, seed):
+        canvas, draw_seed = product.pop("canvas"), product.pop("draw_seed")
+        attributes = [product[k] for k in ("category", "color", "pattern", "material", "size")]
+        image = draw_product(*attributes, canvas=canvas, rng=random.Random(draw_seed))
+        buffer = io.BytesIO()
+        image.save(buffer, format="JPEG", quality=90)
+        product["image_path"] = f"{IMAGES_DIR}/{product['product_code']}.jpg"
+        # plain writes: the catalog is written last (atomically), so a killed run leaves no dataset to misread
+        (out / product["image_path"]).write_bytes(buffer.getvalue())
+        rows.append(product)
+    catalog = pd.DataFrame(rows)
+    catalog.insert(5, "image_path", catalog.pop("image_path"))
+    catalog.insert(6, "split", assign_splits(catalog, split, seed=seed))
+    atomic_write_parquet(out / CATALOG_FILE, catalog)
+    report = {
+        "sources": [{"source": f"sample(n={n}, seed={seed})", "rows": n, "kept": n}],
+        "out": str(out),
+        "counts": {"rows": n, "kept": n, "dropped": 0},
+        "dropped_by_reason": {},
+        "failed": [],
+        "splits": {s: int((catalog["split"] == s).sum()) for s in SPLITS},
+        "categories": {str(k): int(v) for k, v in catalog["category"].value_counts().sort_index().items()},
+    }
+    atomic_write_json(out / REPORT_FILE, report)
+    if urls_out is not None:
+        table = catalog.drop(columns=["category", "currency", "image_path", "split"]).assign(
+            currency_code="USD",
+            full_price=catalog["full_price"].map(lambda p: f"${p:,.2f}"),
+            imageurl=catalog["image_path"].map(lambda p: f"{base_url.rstrip('/')}/{p}"),
+        )
+        atomic_write_text(urls_out, table.to_csv(index=False))
+    return out

@@ -1,0 +1,107 @@
+"""`phivision sample`: a valid dataset whose images show what decides category and price."""
+
+from __future__ import annotations
+
+import functools
+import random
+import threading
+from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from phivision.data import load_catalog, load_image
+from phivision.data.prepare import prepare
+from phivision.data.sample import (
+    CATEGORIES,
+    COLORS,
+    MATERIALS,
+    NOISE,
+    SIZES,
+    draw_product,
+    price_of,
+    write_sample_catalog,
+)
+
+
+def test_sample_dataset_follows_the_layout(sample_dataset):
+    catalog = load_catalog(sample_dataset)
+    assert len(catalog) == 60
+    assert catalog["category"].value_counts().to_dict() == {c: 10 for c in CATEGORIES}
+    assert set(catalog["split"]) == {"train", "val", "test"}
+    assert catalog["product_code"].is_unique
+    assert (catalog["category"] == catalog["category3_code"]).all()
+    assert (sample_dataset / "prepare_report.json").is_file()
+    sizes = {load_image(sample_dataset / p).size for p in catalog["image_path"]}
+    assert len(sizes) >= 8  # varied canvases, so the HD crops vary
+    assert any(w > h for w, h in sizes) and any(w < h for w, h in sizes)
+
+
+def test_price_follows_the_visible_attributes(sample_dataset):
+    catalog = load_catalog(sample_dataset)
+    for row in catalog.itertuples():
+        exact = price_of(row.category, row.material, row.size, row.pattern)
+        assert exact * (1 - NOISE) - 5 <= row.full_price <= exact * (1 + NOISE) + 5, row.title
+        words = row.title.split()
+        assert words[0] == row.size and words[1] == row.color and row.material in words
+        assert (row.pattern in words) == (row.pattern != "Plain")
+        assert words[-1] == CATEGORIES[row.category][2]
+
+
+def coverage(image, rgb, tolerance=40) -> float:
+    pixels = np.asarray(image, dtype=np.int32)
+    return float((np.abs(pixels - np.array(rgb)).max(axis=-1) <= tolerance).mean())
+
+
+@pytest.mark.parametrize("category", list(CATEGORIES))
+def test_size_and_material_are_visible(category):
+    drawn = {
+        s: draw_product(category, "Blue", "Plain", "Canvas", s, (400, 300), random.Random(0)) for s in SIZES
+    }
+    blue = [coverage(drawn[s], COLORS["Blue"]) for s in ("Small", "Medium", "Large")]
+    assert blue[0] < blue[1] < blue[2]
+    assert blue[2] > 0.15  # a large product fills much of the canvas
+    for material, (_, trim) in MATERIALS.items():
+        image = draw_product(category, "Blue", "Plain", material, "Large", (400, 300), random.Random(0))
+        if trim is None:
+            assert coverage(image, (100, 55, 15), 20) == 0 and coverage(image, (225, 175, 30), 20) == 0
+        else:
+            assert coverage(image, trim, 20) > 0.01, material
+
+
+def test_deterministic_for_a_seed(tmp_path):
+    first = write_sample_catalog(tmp_path / "a", n=12, seed=5)
+    second = write_sample_catalog(tmp_path / "b", n=12, seed=5)
+    other = write_sample_catalog(tmp_path / "c", n=12, seed=6)
+    pd.testing.assert_frame_equal(load_catalog(first), load_catalog(second))
+    for path in load_catalog(first)["image_path"]:
+        assert (first / path).read_bytes() == (second / path).read_bytes()
+    assert not load_catalog(first)["title"].equals(load_catalog(other)["title"])
+
+
+def test_url_table_round_trips_through_prepare(tmp_path):
+    """`sample --urls-out`, served over HTTP, is a table `prepare` turns back into the same catalog."""
+    data = tmp_path / "sample"
+    handler = functools.partial(SimpleHTTPRequestHandler, directory=str(data))
+    handler.log_message = lambda *args: None
+    httpd = ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=httpd.serve_forever, daemon=True).start()
+    try:
+        base = f"http://127.0.0.1:{httpd.server_address[1]}"
+        write_sample_catalog(data, n=18, seed=2, urls_out=tmp_path / "urls.csv", base_url=base)
+        assert pd.read_csv(tmp_path / "urls.csv")["full_price"].str.startswith("$").all()
+        report = prepare([str(tmp_path / "urls.csv")], tmp_path / "prepared", progress=False)
+    finally:
+        httpd.shutdown()
+        httpd.server_close()
+    assert report["counts"] == {"rows": 18, "kept": 18, "dropped": 0}
+    original = load_catalog(data).set_index("product_code")
+    prepared = load_catalog(tmp_path / "prepared").set_index("product_code")
+    for column in ("title", "category", "full_price", "currency", "color", "pattern", "material", "size"):
+        pd.testing.assert_series_equal(
+            prepared[column], original.loc[prepared.index, column], check_dtype=False
+        )
+    for code in prepared.index:
+        served = load_image(tmp_path / "prepared" / prepared.loc[code, "image_path"])
+        assert served.tobytes() == load_image(data / original.loc[code, "image_path"]).tobytes()

@@ -1,0 +1,107 @@
+"""Builders for tiny RUN directories (made here, not by the training code, in the layout of docs/ARCHITECTURE.md)
+and test images."""
+
+from __future__ import annotations
+
+import io
+import socket
+import threading
+from pathlib import Path
+
+import torch
+import uvicorn
+import yaml
+from PIL import Image
+
+from phivision.prompt import PromptFormat
+
+# A question other than the default, so tests can see the run's prompt travel through load_model and export.
+RUN_PROMPT = PromptFormat(question="Which product is this?")
+LORA_TARGETS = ["qkv_proj", "o_proj", "gate_up_proj", "down_proj"]
+
+
+def write_config(run: Path, model: str, method: str) -> None:
+    config = {"model": model, "method": method, "prompt": RUN_PROMPT.to_dict(), "seed": 0}
+    (run / "config.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
+
+
+def make_lora_run(base: Path, run: Path, model_field: str | None = None) -> Path:
+    """RUN/adapter (random non-zero LoRA, so the merged weights differ from the base), RUN/processor, config."""
+    from peft import LoraConfig, get_peft_model
+
+    from phivision.model import Phi3VForCausalLM, Phi3VProcessor
+
+    model = Phi3VForCausalLM.from_pretrained(base, dtype=torch.float32)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(1)
+        peft_model = get_peft_model(
+            model, LoraConfig(r=4, lora_alpha=8, target_modules=LORA_TARGETS, init_lora_weights=False)
+        )
+    run.mkdir(parents=True)
+    peft_model.save_pretrained(run / "adapter")
+    Phi3VProcessor.from_pretrained(base).save_pretrained(run / "processor")
+    write_config(run, model_field or str(base), "lora")
+    return run
+
+
+def make_full_run(base: Path, run: Path) -> Path:
+    """RUN/model: the tiny model with its weights nudged (a stand-in for full fine-tuning)."""
+    from phivision.model import Phi3VForCausalLM, Phi3VProcessor
+
+    model = Phi3VForCausalLM.from_pretrained(base, dtype=torch.float32)
+    with torch.no_grad(), torch.random.fork_rng(devices=[]):
+        torch.manual_seed(2)
+        for param in model.parameters():
+            param.add_(torch.randn_like(param) * 0.02)
+    run.mkdir(parents=True)
+    model.save_pretrained(run / "model")
+    Phi3VProcessor.from_pretrained(base).save_pretrained(run / "processor")
+    write_config(run, str(base), "full")
+    return run
+
+
+def png_bytes(size: tuple[int, int] = (64, 48), color: tuple[int, int, int] = (200, 40, 40)) -> bytes:
+    image = Image.new("RGB", size, color)
+    image.paste((20, 20, 160), (size[0] // 4, size[1] // 4, size[0] // 2, size[1] // 2))
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def forward_logits(model, processor, prompt: PromptFormat, image: Image.Image) -> torch.Tensor:
+    """Logits of one prompt + image forward pass (float32), to compare two loadings of the same weights."""
+    from phivision.prompt import prompt_text
+
+    batch = processor(text=prompt_text(prompt), images=[image], return_tensors="pt")
+    with torch.no_grad():
+        return model(**batch).logits.float()
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+class ServerThread:
+    """uvicorn on 127.0.0.1:<free port> in a daemon thread, stopped cleanly at the end."""
+
+    def __init__(self, app) -> None:
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.server = uvicorn.Server(
+            uvicorn.Config(app, host="127.0.0.1", port=self.port, log_level="warning")
+        )
+        self.thread = threading.Thread(target=self.server.run, daemon=True)
+
+    def __enter__(self) -> ServerThread:
+        self.thread.start()
+        for _ in range(600):
+            if self.server.started:
+                return self
+            self.thread.join(0.05)
+        raise RuntimeError("uvicorn did not start")
+
+    def __exit__(self, *exc) -> None:
+        self.server.should_exit = True
+        self.thread.join(30)

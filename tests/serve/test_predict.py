@@ -1,0 +1,85 @@
+"""`phivision predict`: JSON lines for files and directories; unreadable images become error lines."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from serve_helpers import png_bytes
+from typer.testing import CliRunner
+
+from phivision.cli import app
+from phivision.errors import PhivisionError
+from phivision.serve.predict import expand_inputs, run_predict
+
+
+@pytest.fixture()
+def photos(tmp_path: Path) -> Path:
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    (folder / "b.png").write_bytes(png_bytes(color=(10, 200, 10)))
+    (folder / "a.png").write_bytes(png_bytes(color=(200, 10, 10)))
+    (folder / "broken.png").write_bytes(png_bytes(size=(200, 150))[:200])  # cut off mid-file
+    (folder / "notes.txt").write_text("ignored: not an image suffix")
+    return folder
+
+
+def test_predict_cli_writes_json_lines(lora_run: Path, photos: Path, tmp_path: Path) -> None:
+    extra = tmp_path / "extra.png"
+    extra.write_bytes(png_bytes(size=(40, 80)))
+    result = CliRunner().invoke(
+        app,
+        [
+            "predict",
+            str(photos),
+            str(extra),
+            "--model",
+            str(lora_run),
+            "--batch-size",
+            "2",
+            "--max-new-tokens",
+            "8",
+        ],
+    )
+    assert result.exit_code == 0, result.output
+    records = [json.loads(line) for line in result.stdout.splitlines() if line.startswith("{")]
+    assert [Path(r["image"]).name for r in records] == ["a.png", "b.png", "broken.png", "extra.png"]
+    for record in records:
+        if Path(record["image"]).name == "broken.png":
+            assert set(record) == {"image", "error"}
+        else:
+            assert set(record) == {"image", "title", "category", "price", "answer"}
+            assert isinstance(record["answer"], str)
+
+
+def test_predict_to_file_matches_stdout(lora_run: Path, photos: Path, tmp_path: Path) -> None:
+    out = tmp_path / "predictions.jsonl"
+    answered, failed = run_predict(lora_run, [photos], out=out, batch_size=3, max_new_tokens=8, device="cpu")
+    assert (answered, failed) == (2, 1)
+    records = [json.loads(line) for line in out.read_text().splitlines()]
+    assert len(records) == 3
+    # Batch size does not change greedy answers.
+    answered_again, _ = run_predict(
+        lora_run, [photos], out=tmp_path / "again.jsonl", batch_size=1, max_new_tokens=8, device="cpu"
+    )
+    assert answered_again == 2
+    assert [json.loads(x) for x in (tmp_path / "again.jsonl").read_text().splitlines()] == records
+
+
+def test_predict_exit_code_when_nothing_readable(lora_run: Path, tmp_path: Path) -> None:
+    bad = tmp_path / "bad.png"
+    bad.write_bytes(b"not a png")
+    result = CliRunner().invoke(app, ["predict", str(bad), "--model", str(lora_run), "--max-new-tokens", "8"])
+    assert result.exit_code == 1
+    assert json.loads(result.stdout.splitlines()[0])["error"].startswith("not_an_image")
+
+
+def test_bad_inputs_raise_before_loading(tmp_path: Path) -> None:
+    with pytest.raises(PhivisionError, match="no such file"):
+        expand_inputs([tmp_path / "missing.png"])
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(PhivisionError, match="no image files"):
+        expand_inputs([tmp_path / "empty"])
+    with pytest.raises(PhivisionError, match="--batch-size"):
+        run_predict("unused", [tmp_path], batch_size=0)
