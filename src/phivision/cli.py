@@ -91,7 +91,7 @@ def prepare(
     ] = "0.8,0.1,0.1",
     seed: Annotated[int, typer.Option(help="Seed of the split.")] = 0,
     limit: Annotated[int | None, typer.Option(help="Use only the first N rows of each source.")] = None,
-    concurrency: Annotated[int, typer.Option(help="Downloads in flight overall.")] = 32,
+    concurrency: Annotated[int, typer.Option(help="Downloads in flight overall.")] = 64,
     per_host: Annotated[int, typer.Option(help="Downloads in flight per host.")] = 32,
     connect_timeout: Annotated[float, typer.Option(help="Seconds to wait for a connection.")] = 10.0,
     read_timeout: Annotated[float, typer.Option(help="Seconds to wait for data.")] = 30.0,

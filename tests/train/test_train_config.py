@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -83,3 +84,26 @@ def test_cli_rejects_an_unknown_key_with_exit_2(tmp_path):
     assert proc.stderr.strip().startswith("error: unknown config key 'optim.lrr'")
     assert len(proc.stderr.strip().splitlines()) == 1
     assert not (tmp_path / "r").exists()
+
+
+@pytest.mark.parametrize("name", ["lora.yaml", "qlora.yaml", "full.yaml", "demo.yaml"])
+def test_shipped_configs_load(name):
+    root = Path(__file__).resolve().parents[2] / "configs"
+    cfg = load_config(root / name)
+    assert cfg.method in ("lora", "qlora", "full")
+    header = (root / name).read_text().splitlines()[0]
+    assert header.startswith("#")  # every config opens with what it is for and how to launch it
+
+
+def test_shipped_accelerate_configs_name_an_engine():
+    import yaml
+
+    root = Path(__file__).resolve().parents[2] / "configs" / "accelerate"
+    engines = {p.name: yaml.safe_load(p.read_text())["distributed_type"] for p in root.glob("*.yaml")}
+    assert engines == {
+        "ddp.yaml": "MULTI_GPU",
+        "multi_node_ddp.yaml": "MULTI_GPU",
+        "deepspeed_zero2.yaml": "DEEPSPEED",
+        "deepspeed_zero3.yaml": "DEEPSPEED",
+        "fsdp.yaml": "FSDP",
+    }

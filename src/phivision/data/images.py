@@ -62,7 +62,9 @@ def load_image(source: str | os.PathLike | bytes, max_pixels: int | None = DEFAU
         except (SyntaxError, ValueError) as err:
             raise ImageError("not_an_image", f"{name}: {err}") from None
         except (OSError, EOFError) as err:  # a known format whose header is cut or broken
-            raise ImageError("truncated" if "truncat" in str(err).lower() else "corrupt", f"{name}: {err}") from None
+            raise ImageError(
+                "truncated" if "truncat" in str(err).lower() else "corrupt", f"{name}: {err}"
+            ) from None
         with image:
             pixels = image.width * image.height
             if max_pixels is not None and pixels > max_pixels:

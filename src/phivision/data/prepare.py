@@ -250,7 +250,10 @@ def clean_rows(
         ("bad_price", out["full_price"].isna()),
         ("missing_currency", out["currency"].isna()),
         ("missing_image_url", out["_url"].isna()),
-        ("unsupported_url", out["_url"].map(lambda u: isinstance(u, str) and url_kind(u, allow_local) is None)),
+        (
+            "unsupported_url",
+            out["_url"].map(lambda u: isinstance(u, str) and url_kind(u, allow_local) is None),
+        ),
     ]
     reason = pd.Series(None, index=out.index, dtype=object)
     for name, mask in checks:  # the first failing check names the row's reason

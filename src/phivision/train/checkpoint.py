@@ -60,9 +60,28 @@ def recover_dir(final: Path) -> None:
         os.replace(old, final)
 
 
-def save_weights(model: torch.nn.Module, out: Path) -> None:
-    """The loadable export: a PEFT adapter (adapter_config.json + adapter_model.safetensors) or the full model."""
-    model.save_pretrained(str(out), safe_serialization=True)
+def _sharded(accelerator: Any) -> bool:
+    from accelerate.utils import DistributedType
+
+    return accelerator.distributed_type in (DistributedType.DEEPSPEED, DistributedType.FSDP)
+
+
+def save_weights(accelerator: Any, model: torch.nn.Module, out: Path) -> None:
+    """The loadable export: a PEFT adapter (adapter_config.json + adapter_model.safetensors) or the full model.
+
+    Every rank must call this: under ZeRO-3 or FSDP gathering the full weights is a collective. The main process
+    writes ``out`` whole or, if killed, leaves a temporary directory that is never mistaken for weights.
+    """
+    state_dict = accelerator.get_state_dict(model)
+    if accelerator.is_main_process:
+        tmp = out.with_name(f".{out.name}.tmp")
+        if tmp.exists():
+            shutil.rmtree(tmp)
+        accelerator.unwrap_model(model).save_pretrained(
+            str(tmp), state_dict=state_dict, safe_serialization=True
+        )
+        replace_dir(tmp, out)
+    accelerator.wait_for_everyone()
 
 
 def load_weights(model: torch.nn.Module, src: Path, method: str) -> None:
@@ -138,10 +157,14 @@ def save_checkpoint(
             shutil.rmtree(tmp)
         tmp.mkdir(parents=True)
     accelerator.wait_for_everyone()
-    torch.save(rng_state(), tmp / f"rng-{accelerator.process_index}.pt")
+    rank = accelerator.process_index
+    torch.save(rng_state(), tmp / f"rng-{rank}.pt")
+    save_weights(accelerator, model, tmp / weights_dirname(method))
+    if _sharded(accelerator):  # ZeRO/FSDP: each rank holds its own optimizer shard
+        torch.save(optimizer.state_dict(), tmp / f"optimizer-{rank}.pt")
     if accelerator.is_main_process:
-        save_weights(accelerator.unwrap_model(model), tmp / weights_dirname(method))
-        torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+        if not _sharded(accelerator):
+            torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
         torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
         atomic_write_json(tmp / "trainer_state.json", state)
     accelerator.wait_for_everyone()
@@ -162,8 +185,15 @@ def load_checkpoint(
     method: str,
 ) -> dict[str, Any]:
     """Restore weights, optimizer, scheduler and this rank's RNG; returns the saved trainer state."""
+    from accelerate.utils import DistributedType
+
+    stage = getattr(getattr(accelerator.state, "deepspeed_plugin", None), "zero_stage", 0)
+    if accelerator.distributed_type == DistributedType.FSDP or stage == 3:
+        raise PhivisionError(f"{ckpt}: --resume of FSDP or ZeRO-3 runs is not supported; use DDP or ZeRO-2")
     load_weights(accelerator.unwrap_model(model), ckpt / weights_dirname(method), method)
-    optimizer.load_state_dict(torch.load(ckpt / "optimizer.pt", map_location="cpu", weights_only=False))
+    rank_file = ckpt / f"optimizer-{accelerator.process_index}.pt"
+    optimizer_file = rank_file if rank_file.exists() else ckpt / "optimizer.pt"
+    optimizer.load_state_dict(torch.load(optimizer_file, map_location="cpu", weights_only=False))
     scheduler.load_state_dict(torch.load(ckpt / "scheduler.pt", weights_only=False))
     rng_file = ckpt / f"rng-{accelerator.process_index}.pt"
     if not rng_file.exists():

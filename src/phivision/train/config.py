@@ -36,6 +36,7 @@ class DataConfig:
     group_by_length: bool = True  # batches of similar length pad less
     max_train_samples: int = 0  # 0: all of the train split
     num_workers: int = 0
+    cache_examples: bool = False  # keep processed examples in memory after the first epoch (small datasets)
 
 
 @dataclass
@@ -130,6 +131,7 @@ class TrainConfig:
     num_crops: int = 0  # 0: the checkpoint's preprocessor_config.json value
     gradient_checkpointing: bool = False
     ddp_find_unused_parameters: bool = False
+    num_threads: int = 0  # torch CPU threads per process; 0: torch's default (1 is fastest for tiny models)
     data: DataConfig = field(default_factory=DataConfig)
     lora: LoraConfig = field(default_factory=LoraConfig)
     freeze: FreezeConfig = field(default_factory=FreezeConfig)

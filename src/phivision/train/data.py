@@ -32,12 +32,20 @@ def split_rows(catalog: pd.DataFrame, split: str, limit: int = 0) -> pd.DataFram
 class ProductDataset(torch.utils.data.Dataset):
     """One example per catalog row: the prompt with the product image, answered with title, category and price."""
 
-    def __init__(self, root: str | os.PathLike, rows: pd.DataFrame, processor: Any, fmt: PromptFormat):
+    def __init__(
+        self,
+        root: str | os.PathLike,
+        rows: pd.DataFrame,
+        processor: Any,
+        fmt: PromptFormat,
+        cache: bool = False,
+    ):
         self.root = Path(root)
         self.rows = rows.reset_index(drop=True)
         self.processor = processor
         self.fmt = fmt
         self.prompt = prompt_text(fmt)
+        self.cache: dict[int, dict[str, torch.Tensor]] | None = {} if cache else None
 
     def __len__(self) -> int:
         return len(self.rows)
@@ -56,7 +64,12 @@ class ProductDataset(torch.utils.data.Dataset):
         return format_answer(self.fmt, row["title"], row["category"], row["full_price"])
 
     def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
-        return self.processor.build_example(self.prompt, self.answer(i), [self.image(i)])
+        if self.cache is not None and i in self.cache:
+            return self.cache[i]
+        example = self.processor.build_example(self.prompt, self.answer(i), [self.image(i)])
+        if self.cache is not None:
+            self.cache[i] = example
+        return example
 
     def lengths(self) -> list[int]:
         """Approximate token counts (text + image tokens from the image's size) for length grouping.

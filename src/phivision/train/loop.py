@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import math
 import os
-import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -252,6 +251,8 @@ def train(config: TrainConfig, resume: bool = False, progress: bool = True) -> T
 
     accelerator = _make_accelerator(config)
     is_main, world = accelerator.is_main_process, accelerator.num_processes
+    if config.num_threads:
+        torch.set_num_threads(config.num_threads)
     set_seed(config.seed)
 
     catalog = load_catalog(config.data.path)
@@ -260,13 +261,12 @@ def train(config: TrainConfig, resume: bool = False, progress: bool = True) -> T
         raise PhivisionError(f"{config.data.path}: the catalog has no train rows")
     model, processor = _load_model(config, accelerator.device)
     model = apply_method(model, config)
-    for (
-        param
-    ) in model.parameters():  # trained weights stay fp32 (AdamW on 16-bit weights loses small updates)
+    # Trained weights stay fp32: AdamW on 16-bit weights loses small updates.
+    for param in model.parameters():
         if param.requires_grad and param.dtype != torch.float32:
             param.data = param.data.float()
     fmt = config.prompt.format()
-    train_set = ProductDataset(config.data.path, train_rows, processor, fmt)
+    train_set = ProductDataset(config.data.path, train_rows, processor, fmt, cache=config.data.cache_examples)
     val_set = ProductDataset(config.data.path, split_rows(catalog, "val"), processor, fmt)
 
     accum = config.optim.grad_accum
@@ -280,7 +280,16 @@ def train(config: TrainConfig, resume: bool = False, progress: bool = True) -> T
         optimizer,
         lambda s: lr_factor(s, total_steps, warmup, config.schedule.decay, config.schedule.min_lr_ratio),
     )
+    deepspeed = getattr(accelerator.state, "deepspeed_plugin", None)
+    if deepspeed is not None:  # no dataloader goes through prepare(), so DeepSpeed is told the batch here
+        deepspeed.deepspeed_config["train_micro_batch_size_per_gpu"] = config.data.batch_size
+        deepspeed.deepspeed_config["gradient_clipping"] = config.optim.grad_clip
     model, optimizer = accelerator.prepare(model, optimizer)
+    if accelerator.gradient_accumulation_steps != accum:
+        raise PhivisionError(
+            f"the DeepSpeed config's gradient_accumulation_steps ({accelerator.gradient_accumulation_steps}) "
+            f"differs from optim.grad_accum ({accum}): set it to 'auto' or to the same value"
+        )
 
     method, metric = config.method, config.eval.metric
     weights_dir = run_dir / ckpt.weights_dirname(method)
@@ -339,11 +348,8 @@ def train(config: TrainConfig, resume: bool = False, progress: bool = True) -> T
             metrics_file.append(record)
             tracker.log({f"eval/{k}": v for k, v in metrics.items()}, step)
             tracker.log_samples(samples, step)
-            if improved:  # keep the best weights as the run's weights
-                tmp = run_dir / f".{weights_dir.name}.tmp"
-                shutil.rmtree(tmp, ignore_errors=True)
-                ckpt.save_weights(accelerator.unwrap_model(model), tmp)
-                ckpt.replace_dir(tmp, weights_dir)
+        if improved:  # keep the best weights as the run's weights
+            ckpt.save_weights(accelerator, model, weights_dir)
         accelerator.wait_for_everyone()
         return metrics
 
@@ -424,11 +430,8 @@ def train(config: TrainConfig, resume: bool = False, progress: bool = True) -> T
     metrics = state["history"][-1] if state["history"] else {}
     if len(val_set) and last_eval_step != step:
         metrics = {"type": "eval", "step": step, **run_eval(step)}
-    if not len(val_set) and is_main:  # no evaluation: the run's weights are the last ones
-        tmp = run_dir / f".{weights_dir.name}.tmp"
-        shutil.rmtree(tmp, ignore_errors=True)
-        ckpt.save_weights(accelerator.unwrap_model(model), tmp)
-        ckpt.replace_dir(tmp, weights_dir)
+    if not len(val_set):  # no evaluation: the run's weights are the last ones
+        ckpt.save_weights(accelerator, model, weights_dir)
     state["done"] = True
     ckpt.save_checkpoint(
         accelerator, model, optimizer, scheduler, state, run_dir, method, config.checkpoint.keep_last
