@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 
+from phivision.demo import demo_config_path
 from phivision.errors import PhivisionError
 from phivision.train.config import cli_config, load_config, parse_overrides
 
@@ -86,12 +87,18 @@ def test_cli_rejects_an_unknown_key_with_exit_2(tmp_path):
     assert not (tmp_path / "r").exists()
 
 
-@pytest.mark.parametrize("name", ["lora.yaml", "qlora.yaml", "full.yaml", "demo.yaml"])
-def test_shipped_configs_load(name):
-    root = Path(__file__).resolve().parents[2] / "configs"
-    cfg = load_config(root / name)
+SHIPPED = Path(__file__).resolve().parents[2] / "configs"
+
+
+@pytest.mark.parametrize(
+    "path",
+    [SHIPPED / "lora.yaml", SHIPPED / "qlora.yaml", SHIPPED / "full.yaml", demo_config_path()],
+    ids=str,
+)
+def test_shipped_configs_load(path):
+    cfg = load_config(path)
     assert cfg.method in ("lora", "qlora", "full")
-    header = (root / name).read_text().splitlines()[0]
+    header = path.read_text().splitlines()[0]
     assert header.startswith("#")  # every config opens with what it is for and how to launch it
 
 

@@ -7,9 +7,9 @@ import subprocess
 import sys
 
 import pytest
-from tests.train.conftest import read_metrics
 
 from phivision.train import train
+from phivision.train.tracking import read_metrics
 
 ARGS = ["method=full", "schedule.max_steps=3", "eval.gen_samples=0", "eval.max_samples=2", "optim.lr=1e-3"]
 

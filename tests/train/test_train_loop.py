@@ -8,10 +8,10 @@ import pytest
 import torch
 import yaml
 from safetensors.torch import load_file
-from tests.train.conftest import read_metrics
 
 from phivision.errors import PhivisionError
 from phivision.train import train
+from phivision.train.tracking import read_metrics
 
 GENERATION_METRICS = ("parse_rate", "category_accuracy", "price_mape")
 

@@ -9,9 +9,9 @@ import sys
 import time
 
 import pytest
-from tests.train.conftest import read_metrics
 
 from phivision.train import train
+from phivision.train.tracking import read_metrics
 
 STEPS = 10
 ARGS = [

@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import pytest
-from tests.train.conftest import read_metrics
 
 from phivision.errors import PhivisionError
 from phivision.train import tracking, train
+from phivision.train.tracking import read_metrics
 
 SHORT = ("schedule.max_steps=2", "eval.every_steps=2")
 

@@ -41,6 +41,15 @@ class MetricsFile:
         atomic_write_text(self.path, "".join(line + "\n" for line in kept))
 
 
+def read_metrics(run_dir: str | Path, kind: str | None = None) -> list[dict[str, Any]]:
+    """The records of ``RUN/metrics.jsonl``, optionally only those of one ``type`` ("train" or "eval")."""
+    path = Path(run_dir) / "metrics.jsonl"
+    if not path.exists():
+        raise PhivisionError(f"{path}: no metrics logged (is {run_dir} a training run?)")
+    records = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    return [r for r in records if kind is None or r.get("type") == kind]
+
+
 class Tracker:
     """No-op tracker (backend 'none'): metrics go only to ``RUN/metrics.jsonl``."""
 
