@@ -131,7 +131,8 @@ def run_demo(
     else:
         step(f"resuming or reusing the run in {run_dir}")
     result = train(train_config, resume=True, progress=progress)
-    step(f"trained {result.steps} steps, final train loss {result.train_loss}")
+    loss = "" if result.train_loss is None else f", final train loss {result.train_loss:.4f}"
+    step(f"trained {result.steps} steps{loss}")
 
     step("evaluating the fine-tuned model on the test split")
     after = evaluate(

@@ -1,6 +1,6 @@
 """Catalog datasets: the layout, the one image loader, ``prepare`` (tables of URLs -> dataset) and ``sample``."""
 
-from phivision.data.images import DEFAULT_MAX_PIXELS, ImageError, load_image
+from phivision.data.images import DEFAULT_MAX_PIXELS, ImageError, check_image, load_image
 from phivision.data.layout import (
     CATALOG_FILE,
     IMAGES_DIR,
@@ -18,6 +18,7 @@ __all__ = [
     "REQUIRED_COLUMNS",
     "SPLITS",
     "ImageError",
+    "check_image",
     "load_catalog",
     "load_image",
 ]

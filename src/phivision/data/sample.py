@@ -4,7 +4,8 @@ Every product is drawn with Pillow from four visible attributes, and its price i
 
     price = BASE[category] x MATERIAL[material] x SIZE[size] x PATTERN[pattern] x noise(+-5%), rounded to 10
 
-* category -> the silhouette (tote, sneaker, shirt, diagonal scarf, hat with brim, watch with dial);
+* category -> the silhouette (tote, sneaker, shirt, diagonal scarf, hat with brim, watch with dial) and the
+  department's studio backdrop colour;
 * colour -> the fill colour; pattern -> plain, stripes, checks or dots in white, coarse (4-5 repeats per object);
 * material -> a thick trim: none (canvas), brown (leather), gold (silk);
 * size -> how much of the canvas the object fills (45%, 68%, 92% of the short side).
@@ -43,9 +44,18 @@ COLORS = {
     "Purple": (120, 35, 160),
     "Pink": (230, 70, 150),
 }
-PATTERNS = {"Plain": 1.0, "Striped": 1.15, "Checked": 1.3, "Dotted": 1.2}
+PATTERNS = {"Plain": 1.0, "Striped": 1.1, "Checked": 1.2, "Dotted": 1.1}
 MATERIALS = {"Canvas": (1.0, None), "Leather": (1.6, (100, 55, 15)), "Silk": (2.2, (225, 175, 30))}
 SIZES = {"Small": (0.8, 0.45), "Medium": (1.0, 0.68), "Large": (1.3, 0.92)}  # (price factor, canvas fill)
+# Each department shoots on its own studio backdrop, so the category shows in every tile, not only in the outline.
+BACKDROPS = {
+    "bags": (238, 214, 170),
+    "shoes": (170, 208, 238),
+    "shirts": (188, 232, 176),
+    "scarves": (240, 182, 200),
+    "hats": (236, 236, 160),
+    "watches": (196, 188, 226),
+}
 PATTERN_INK = (250, 250, 250)
 NOISE = 0.05
 BRAND = "Phivision Atelier"
@@ -134,9 +144,9 @@ def _fill(color: tuple[int, int, int], pattern: str, side: int) -> Image.Image:
 
 
 def _trim(mask: Image.Image, side: int) -> Image.Image:
-    """The inner border of the silhouette (about 7% of its size), computed on an 8x smaller mask for speed."""
+    """The inner border of the silhouette (about 13% of its size), computed on an 8x smaller mask for speed."""
     small = mask.reduce(8)
-    width = 2 * max(1, side * 7 // 100 // 8) + 1
+    width = 2 * max(1, side * 15 // 100 // 8) + 1
     eroded = small.filter(ImageFilter.MinFilter(width)).resize(mask.size, Image.Resampling.NEAREST)
     return ImageChops.subtract(mask, eroded)
 
@@ -150,12 +160,12 @@ def draw_product(
     canvas: tuple[int, int],
     rng: random.Random,
 ) -> Image.Image:
-    """Draw one product on a light background of ``canvas`` (width, height)."""
+    """Draw one product on its department's backdrop, on a canvas of ``canvas`` (width, height)."""
     width, height = canvas
     side = max(16, int(SIZES[size][1] * min(width, height)))
     mask = _mask(category, side)
-    shade = rng.randint(232, 250)
-    image = Image.new("RGB", canvas, (shade, shade, min(255, shade + rng.randint(-4, 4))))
+    backdrop = tuple(min(255, max(0, c + rng.randint(-8, 8))) for c in BACKDROPS[category])
+    image = Image.new("RGB", canvas, backdrop)
     x = (width - side) // 2 + rng.randint(-(width - side) // 4, (width - side) // 4)
     y = (height - side) // 2 + rng.randint(-(height - side) // 4, (height - side) // 4)
     image.paste(_fill(COLORS[color], pattern, side), (x, y), mask)
