@@ -9,7 +9,7 @@ import pytest
 from fault_server import bomb_bytes, image_bytes
 from PIL import Image
 
-from phivision.data import ImageError, load_image
+from phivision.data import ImageError, check_image, load_image
 
 
 def encode(image: Image.Image, fmt: str, **kwargs) -> bytes:
@@ -81,6 +81,25 @@ def test_bad_images_fail_with_a_reason(data, reason):
     with pytest.raises(ImageError) as info:
         load_image(data)
     assert info.value.reason == reason
+    with pytest.raises(ImageError) as info:  # prepare's cheaper check gives the same verdict
+        check_image(data)
+    assert info.value.reason == reason
+
+
+@pytest.mark.parametrize("progressive", [False, True])
+def test_check_image_reads_the_whole_jpeg_at_reduced_scale(progressive):
+    """check_image decodes JPEGs at 1/8 scale but still reads every byte: a cut anywhere is still caught."""
+    noise = Image.effect_noise((320, 240), 40).convert("RGB")
+    buffer = io.BytesIO()
+    noise.save(buffer, format="JPEG", quality=85, progressive=progressive)
+    data = buffer.getvalue()
+    assert check_image(data) == (320, 240) == load_image(data).size
+    for cut in (len(data) // 4, len(data) // 2, len(data) - 100):
+        with pytest.raises(ImageError) as info:
+            check_image(data[:cut])
+        assert info.value.reason == "truncated"
+    with pytest.raises(ImageError, match="too_many_pixels"):
+        check_image(data, max_pixels=320 * 240 - 1)
 
 
 def test_pixel_limit_is_configurable_and_missing_files_fail(tmp_path):

@@ -1,4 +1,4 @@
-"""Trackers: W&B offline, TensorBoard event files, none; a missing MLflow is a one-line error naming the extra."""
+"""Trackers: W&B offline, TensorBoard event files, MLflow on sqlite, none; a missing package names the extra."""
 
 from __future__ import annotations
 
@@ -48,3 +48,25 @@ def test_missing_mlflow_names_the_extra(quick_config, monkeypatch):
     )
     with pytest.raises(PhivisionError, match=r"pip install phivision\[mlflow\]"):
         train(quick_config("mlflow", "tracking.backend=mlflow", *SHORT))
+
+
+def test_mlflow_logs_params_metrics_and_the_sample_table(quick_config, tmp_path, monkeypatch):
+    mlflow = pytest.importorskip("mlflow")  # the [mlflow] extra; scripts/test.sh installs it
+    monkeypatch.chdir(tmp_path)  # a sqlite store keeps artifacts under ./mlruns
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    run = train(
+        quick_config(
+            "mlflow",
+            "tracking.backend=mlflow",
+            f"tracking.mlflow_tracking_uri={uri}",
+            *SHORT,
+        )
+    ).out
+    client = mlflow.tracking.MlflowClient(tracking_uri=uri)
+    (logged,) = client.search_runs([client.get_experiment_by_name("phivision").experiment_id])
+    assert logged.data.params["method"] == "lora"
+    assert [m.step for m in client.get_metric_history(logged.info.run_id, "train_loss")] == [1, 2]
+    assert "eval_val_loss" in logged.data.metrics
+    artifacts = [a.path for a in client.list_artifacts(logged.info.run_id, "eval/step-2")]
+    assert "eval/step-2/samples.json" in artifacts
+    assert logged.info.run_name == run.name
