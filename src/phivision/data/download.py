@@ -2,9 +2,9 @@
 
 Each unique URL is fetched once, with a global and a per-host concurrency limit. Connection errors, timeouts,
 5xx and 429 are retried with exponential backoff and jitter (429 and 503 honour ``Retry-After``, capped); other
-4xx fail at once. An image counts only after :func:`check_image` decoded it (what :func:`load_image` accepts, JPEGs
-checked at 1/8 scale); it is then written atomically, so a rerun (even after SIGKILL) trusts what is on disk,
-re-validates it, and fetches only what is missing.
+4xx fail at once. An image counts only after :func:`check_image` decoded it (the checks of :func:`load_image`,
+JPEGs decoded at 1/8 scale); it is then written atomically, so a rerun (even after SIGKILL) trusts what is on
+disk, re-validates it, and fetches only what is missing.
 """
 
 from __future__ import annotations
