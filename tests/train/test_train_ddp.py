@@ -1,10 +1,11 @@
-"""Two processes (torchrun, gloo on CPU) at the same global batch train like one process."""
+"""Two processes (torchrun or accelerate launch, gloo on CPU) at the same global batch train like one process."""
 
 from __future__ import annotations
 
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -14,12 +15,24 @@ from phivision.train.tracking import read_metrics
 ARGS = ["method=full", "schedule.max_steps=3", "eval.gen_samples=0", "eval.max_samples=2", "optim.lr=1e-3"]
 
 
+ACCELERATE_DDP = Path(__file__).resolve().parents[2] / "configs" / "accelerate" / "ddp.yaml"
+LAUNCHERS = {
+    "torchrun": [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"],
+    # the shipped GPU config; without GPUs accelerate starts the same processes on the gloo backend
+    "accelerate": [
+        sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(ACCELERATE_DDP),
+        "--num_processes", "2",
+    ],
+}  # fmt: skip
+
+
 @pytest.mark.slow
-def test_ddp_two_processes_match_one_process(quick_config, tmp_path):
+@pytest.mark.parametrize("launcher", sorted(LAUNCHERS))
+def test_ddp_two_processes_match_one_process(quick_config, tmp_path, launcher):
     single = train(quick_config("single", "data.batch_size=4", *ARGS))
     cfg = quick_config("ddp", "data.batch_size=2", *ARGS)
     command = [
-        sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+        *LAUNCHERS[launcher],
         "-m", "phivision.cli", "train", "--out", cfg.out, "--data", cfg.data.path, "--model", cfg.model,
         "data.batch_size=2", "tracking.log_every=1", *ARGS,
     ]  # fmt: skip
