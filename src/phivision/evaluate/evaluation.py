@@ -14,7 +14,6 @@ from typing import Any
 
 from tqdm.auto import tqdm
 
-from phivision.data.images import ImageError, load_image
 from phivision.data.layout import SPLITS, load_catalog
 from phivision.errors import PhivisionError
 from phivision.evaluate.metrics import (
@@ -48,45 +47,20 @@ def output_paths(out: str | os.PathLike) -> tuple[Path, Path]:
     return metrics_path, metrics_path.parent / PREDICTIONS_FILE
 
 
-def _load_images(paths: list[Path]) -> tuple[list, list[str | None]]:
-    """Images for one chunk; an unreadable file becomes None with its reason (the item is scored as a failure)."""
-    images, problems = [], []
-    for path in paths:
-        try:
-            images.append(load_image(path))
-            problems.append(None)
-        except ImageError as err:
-            images.append(None)
-            problems.append(str(err))
-    return images, problems
-
-
 def _answer_all(
     loaded: Any, paths: list[Path], batch_size: int, max_new_tokens: int, progress: bool
 ) -> tuple[list[str], list[str | None]]:
     """Raw answers for every image path, loading images chunk by chunk; unreadable images answer ""."""
-    from phivision.evaluate.generate import generate_answers
+    from phivision.evaluate.generate import answer_image_files
 
     answers: list[str] = []
     problems: list[str | None] = []
     with tqdm(total=len(paths), desc="evaluate", unit="img", disable=not progress) as bar:
-        for start in range(0, len(paths), IMAGES_PER_CHUNK):
-            images, chunk_problems = _load_images(paths[start : start + IMAGES_PER_CHUNK])
-            readable = [im for im in images if im is not None]
-            generated = iter(
-                generate_answers(
-                    loaded.model,
-                    loaded.processor,
-                    readable,
-                    prompt=loaded.prompt,
-                    batch_size=batch_size,
-                    max_new_tokens=max_new_tokens,
-                    progress=bar,
-                )
-            )
-            answers += [next(generated) if im is not None else "" for im in images]
-            problems += chunk_problems
-            bar.update(len(images) - len(readable))
+        for _, answer, problem in answer_image_files(
+            loaded, paths, IMAGES_PER_CHUNK, batch_size, max_new_tokens, progress=bar
+        ):
+            answers.append(answer)
+            problems.append(problem)
     return answers, problems
 
 

@@ -7,7 +7,8 @@ padding), and the answers are returned in the caller's order.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -15,6 +16,7 @@ from PIL import Image
 from tqdm.auto import tqdm
 from transformers import GenerationConfig
 
+from phivision.data.images import ImageError, load_image
 from phivision.prompt import PromptFormat, prompt_text
 
 
@@ -105,3 +107,50 @@ def generate_answers(
         if own_bar:
             bar.close()
     return answers
+
+
+def answer_image_files(
+    loaded: Any,
+    paths: Sequence[Path],
+    chunk_size: int,
+    batch_size: int = 8,
+    max_new_tokens: int = 64,
+    progress: bool | tqdm = True,
+) -> Iterator[tuple[Path, str, str | None]]:
+    """``(path, answer, error)`` for every image file, in order: the file loop shared by evaluate and predict.
+
+    Images are decoded ``chunk_size`` at a time, so memory stays flat on large folders and results stream out.
+    An unreadable file yields ``(path, "", reason)`` instead of stopping the run: one corrupt photo costs that
+    photo only. ``loaded`` is a :class:`phivision.runs.LoadedModel`.
+    """
+    own_bar = isinstance(progress, bool)
+    bar = tqdm(total=len(paths), desc="generate", unit="img", disable=not progress) if own_bar else progress
+    try:
+        for start in range(0, len(paths), chunk_size):
+            chunk = paths[start : start + chunk_size]
+            images, errors = [], []
+            for path in chunk:
+                try:
+                    images.append(load_image(path))
+                    errors.append(None)
+                except ImageError as err:
+                    images.append(None)
+                    errors.append(str(err))
+            readable = [image for image in images if image is not None]
+            answers = iter(
+                generate_answers(
+                    loaded.model,
+                    loaded.processor,
+                    readable,
+                    prompt=loaded.prompt,
+                    batch_size=batch_size,
+                    max_new_tokens=max_new_tokens,
+                    progress=bar,
+                )
+            )
+            bar.update(len(images) - len(readable))
+            for path, image, error in zip(chunk, images, errors, strict=True):
+                yield path, ("" if image is None else next(answers)), error
+    finally:
+        if own_bar:
+            bar.close()

@@ -67,33 +67,13 @@ def predict_images(
     progress: bool = True,
 ) -> Iterator[dict]:
     """Yield one record per path, in order. Images are decoded one batch at a time so memory stays flat."""
-    from phivision.data.images import ImageError, load_image
-    from phivision.evaluate.generate import generate_answers
+    from phivision.evaluate.generate import answer_image_files
 
     with tqdm(total=len(paths), desc="predict", unit="img", disable=not progress) as bar:
-        for start in range(0, len(paths), batch_size):
-            chunk = paths[start : start + batch_size]
-            images, records = [], []
-            for path in chunk:
-                try:
-                    images.append(load_image(path))
-                    records.append({"image": str(path)})
-                except ImageError as err:
-                    records.append({"image": str(path), "error": str(err)})
-            readable = [r for r in records if "error" not in r]
-            answers = generate_answers(  # [] when no image of the chunk could be read
-                loaded.model,
-                loaded.processor,
-                images,
-                prompt=loaded.prompt,
-                batch_size=batch_size,
-                max_new_tokens=max_new_tokens,
-                progress=False,
-            )
-            for record, answer in zip(readable, answers, strict=True):
-                record.update(prediction_record(record["image"], answer))
-            yield from records
-            bar.update(len(chunk))
+        for path, answer, error in answer_image_files(
+            loaded, paths, batch_size, batch_size, max_new_tokens, progress=bar
+        ):
+            yield {"image": str(path), "error": error} if error else prediction_record(str(path), answer)
 
 
 def run_predict(
