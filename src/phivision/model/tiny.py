@@ -8,8 +8,6 @@ The checkpoint has the same files and config fields as the real one (``rope_scal
 from __future__ import annotations
 
 import os
-import shutil
-import tempfile
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
@@ -17,6 +15,7 @@ from typing import Any
 import torch
 
 from phivision.errors import PhivisionError
+from phivision.io import atomic_directory, require_empty_dir
 from phivision.model.configuration_phi3_v import DEFAULT_EMBD_LAYER, Phi3VConfig
 from phivision.model.image_processing_phi3_v import Phi3VImageProcessor
 from phivision.model.modeling_phi3_v import Phi3VForCausalLM
@@ -109,9 +108,7 @@ def write_tiny_checkpoint(
     Returns:
         The checkpoint directory.
     """
-    out = Path(out_dir)
-    if out.exists() and (not out.is_dir() or any(out.iterdir())):
-        raise PhivisionError(f"--out {out}: already exists and is not an empty directory")
+    out = require_empty_dir(out_dir)  # checked before the work; atomic_directory checks again at the end
     tokenizer = build_tiny_tokenizer(corpus, vocab_size=tokenizer_vocab_size)
     config = tiny_config(
         vocab_size=len(tokenizer),
@@ -132,16 +129,7 @@ def write_tiny_checkpoint(
         torch.manual_seed(seed)
         model = Phi3VForCausalLM(config)
 
-    # Build in a sibling temporary directory, then move it into place: no half-written checkpoint on failure.
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-    try:
+    with atomic_directory(out) as tmp:  # no half-written checkpoint on failure
         model.save_pretrained(tmp)
         processor.save_pretrained(tmp)
-        if out.exists():
-            out.rmdir()  # empty, checked above
-        os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return out

@@ -12,13 +12,12 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import tempfile
 from pathlib import Path
 
 import torch
 
 from phivision.errors import PhivisionError
-from phivision.io import atomic_write_json
+from phivision.io import atomic_directory, atomic_write_json, require_empty_dir
 from phivision.runs import EXPORT_INFO_FILE, is_run_dir, load_model, read_run, resolve_dtype
 
 # Official files that point --trust-remote-code loaders (vLLM's processor, plain transformers) at hub code.
@@ -45,8 +44,7 @@ def export_run(
     run_dir, out = Path(run), Path(out)
     if not run_dir.is_dir() or not is_run_dir(run_dir):
         raise PhivisionError(f"--run {run_dir}: not a training run (config.yaml with adapter/ or model/)")
-    if out.exists() and (not out.is_dir() or any(out.iterdir())):
-        raise PhivisionError(f"--out {out}: already exists and is not an empty directory")
+    require_empty_dir(out)  # before the merge; atomic_directory checks again at the end
     info = read_run(run_dir)
     weights_from = str(info.model_dir) if info.model_dir.is_dir() else info.base
     target_dtype = (
@@ -59,9 +57,7 @@ def export_run(
     model.generation_config.eos_token_id = [int(t) for t in loaded.processor.stop_token_ids]
     model.generation_config.pad_token_id = loaded.processor.pad_token_id
 
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-    try:
+    with atomic_directory(out) as tmp:
         model.save_pretrained(tmp, max_shard_size=max_shard_size)
         loaded.processor.save_pretrained(tmp)
         base_dir = Path(info.base)
@@ -77,12 +73,6 @@ def export_run(
             },
         )
         _default_permissions(tmp)
-        if out.exists():
-            out.rmdir()  # empty, checked above
-        os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return out
 
 
