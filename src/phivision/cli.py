@@ -172,8 +172,9 @@ def tiny(
 ) -> None:
     """Write a tiny, randomly initialised Phi-3-Vision checkpoint in the official layout (for tests and demos).
 
-    It has config.json, model.safetensors, tokenizer files and preprocessor_config.json, and loads like the real
-    checkpoint (AutoModelForCausalLM / AutoProcessor). OUT must not exist or be empty.
+    It has config.json, model.safetensors, tokenizer files, preprocessor_config.json and the model code, and
+    loads like the real checkpoint (AutoModelForCausalLM / AutoProcessor, with trust_remote_code=True where
+    phivision is not installed). OUT must not exist or be empty.
     """
     from phivision.model.tiny import write_tiny_checkpoint
 
@@ -362,8 +363,11 @@ def export(
         str, typer.Option(help="Largest safetensors shard, e.g. 4GB or 500MB.")
     ] = "4GB",
 ) -> None:
-    """Merge the run's LoRA adapter into its base (or re-save a full fine-tune) and write the official
-    Phi-3-Vision checkpoint layout, loadable by phivision, transformers and vLLM (see docs/serving.md)."""
+    """Merge the run's LoRA adapter into its base (or re-save a full fine-tune) into a standalone checkpoint.
+
+    The official Phi-3-Vision layout plus phivision's model code and its auto_map: it loads with phivision, with
+    plain transformers (trust_remote_code=True, phivision not needed) and with vLLM (see docs/serving.md).
+    """
     from phivision.serve.export import export_run
 
     path = export_run(run, out, dtype=dtype, max_shard_size=max_shard_size)

@@ -12,10 +12,15 @@ import copy
 import logging
 from typing import Any
 
+import transformers
 from transformers import CLIPVisionConfig, Phi3Config, PretrainedConfig
 from transformers.utils import is_flash_attn_2_available
 
 logger = logging.getLogger(__name__)
+
+# This file also ships inside exports, where transformers 4.4x may load it: its Phi3Config takes the rope settings
+# as `rope_scaling` ({"type": "longrope", ...}) instead of 5.x's `rope_parameters`.
+TRANSFORMERS_4 = int(transformers.__version__.split(".")[0]) < 5
 
 # The CLIP ViT-L/14-336 tower of both official checkpoints (not in config.json; hard-coded by the remote code).
 CLIP_VIT_L_14_336 = {
@@ -115,12 +120,8 @@ class Phi3VConfig(PretrainedConfig):
         self.initializer_range = initializer_range
         self.rms_norm_eps = rms_norm_eps
         self.use_cache = use_cache
-        self.tie_word_embeddings = tie_word_embeddings
         self.rope_theta = rope_theta
         self.rope_scaling = copy.deepcopy(rope_scaling)
-        self.bos_token_id = bos_token_id
-        self.eos_token_id = eos_token_id
-        self.pad_token_id = pad_token_id
         self.sliding_window = sliding_window
         self.embd_layer = copy.deepcopy(embd_layer if embd_layer is not None else DEFAULT_EMBD_LAYER)
         self.img_processor = copy.deepcopy(
@@ -132,6 +133,11 @@ class Phi3VConfig(PretrainedConfig):
         self._attn_implementation_in_file = kwargs.pop("_attn_implementation", None)
         requested = kwargs.pop("attn_implementation", None) or self._attn_implementation_in_file
         super().__init__(attn_implementation=_resolve_attn_implementation(requested), **kwargs)
+        # Set after the base class, whose 4.x version resets them to its own defaults (tied embeddings, no ids).
+        self.tie_word_embeddings = tie_word_embeddings
+        self.bos_token_id = bos_token_id
+        self.eos_token_id = eos_token_id
+        self.pad_token_id = pad_token_id
         self._validate()
 
     def _validate(self) -> None:
@@ -208,7 +214,7 @@ class Phi3VConfig(PretrainedConfig):
             rms_norm_eps=self.rms_norm_eps,
             use_cache=self.use_cache,
             tie_word_embeddings=self.tie_word_embeddings,
-            rope_parameters=rope,
+            **_phi3_rope_arguments(rope),
             bos_token_id=self.bos_token_id,
             eos_token_id=self.eos_token_id,
             pad_token_id=self.pad_token_id,
@@ -233,3 +239,13 @@ class Phi3VConfig(PretrainedConfig):
         if output.get("dtype") is not None:
             output["torch_dtype"] = output.pop("dtype")
         return output
+
+
+def _phi3_rope_arguments(rope: dict[str, Any]) -> dict[str, Any]:
+    """``Phi3Config`` keyword arguments for the rope settings, in the form the installed transformers takes."""
+    if not TRANSFORMERS_4:
+        return {"rope_parameters": rope}
+    if rope["rope_type"] == "default":
+        return {"rope_theta": rope["rope_theta"], "rope_scaling": None}
+    factors = {"long_factor": rope["long_factor"], "short_factor": rope["short_factor"]}
+    return {"rope_theta": rope["rope_theta"], "rope_scaling": {"type": "longrope", **factors}}

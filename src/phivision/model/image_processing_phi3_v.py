@@ -168,6 +168,12 @@ class Phi3VImageProcessor(BaseImageProcessor):
         )
         return self.tokens_for_grid(*geometry.grid)
 
+    def calc_num_image_tokens_from_image_size(
+        self, width: int, height: int, num_crops: int | None = None
+    ) -> int:
+        """The official processor's name for :meth:`calc_num_image_tokens` (vLLM calls it by this name)."""
+        return self.calc_num_image_tokens(width, height, num_crops)
+
     def hd_transform(self, image: Any, num_crops: int | None = None) -> tuple[torch.Tensor, list[int]]:
         """One image -> (tiles ``(num_crops+1, 3, S, S)``, ``[H, W]`` of the padded HD image)."""
         num_crops = self.num_crops if num_crops is None else num_crops

@@ -18,11 +18,15 @@ from __future__ import annotations
 import torch
 from torch import nn
 from transformers import CLIPVisionConfig, CLIPVisionModel, Phi3Config
-from transformers import initialization as init
+
+try:  # transformers 5.x; an export may also be loaded by 4.4x, which has torch's plain init functions only
+    from transformers import initialization as init
+except ImportError:
+    from torch.nn import init
 from transformers.modeling_outputs import CausalLMOutputWithPast
 from transformers.models.phi3.modeling_phi3 import Phi3ForCausalLM, Phi3Model
 
-from phivision.model.configuration_phi3_v import Phi3VConfig
+from .configuration_phi3_v import Phi3VConfig
 
 
 class CLIPTower(nn.Module):
@@ -34,7 +38,9 @@ class CLIPTower(nn.Module):
 
     def __init__(self, config: CLIPVisionConfig) -> None:
         super().__init__()
-        self.vision_model = CLIPVisionModel(config)
+        clip = CLIPVisionModel(config)
+        # transformers 4.x's CLIPVisionModel keeps its layers under its own `vision_model`: take that one.
+        self.vision_model = getattr(clip, "vision_model", clip)
 
 
 class Phi3ImageEmbedding(nn.Module):
@@ -59,7 +65,8 @@ class Phi3ImageEmbedding(nn.Module):
         """(num_images, tiles, 3, S, S) -> merged features (num_images, tiles, g/2, g/2, 4*d)."""
         num_images, tiles = pixel_values.shape[:2]
         clip = self.img_processor.vision_model
-        flat = pixel_values.flatten(0, 1).to(device=clip.device, dtype=clip.dtype)
+        weight = clip.embeddings.patch_embedding.weight
+        flat = pixel_values.flatten(0, 1).to(device=weight.device, dtype=weight.dtype)
         hidden = clip(pixel_values=flat, output_hidden_states=True).hidden_states[self.layer_idx]
         patches = hidden[:, 1:]  # drop CLS: (N, g*g, d), g = self.grid
         half, d = self.grid // 2, patches.shape[-1]

@@ -5,12 +5,17 @@ chunk is tokenized on its own with the tokenizer's default special tokens (so ev
 starts with BOS), and tag ``<|image_k|>`` becomes ``[-k] * num_img_tokens`` between the chunks. The model fills
 the negative positions with image features in order, so tags must be ``<|image_1|>`` ... ``<|image_n|>`` in order,
 one per image; images of a batch are the flat list in the order their tags appear.
+
+This file ships inside every export (``trust_remote_code``), so it imports only torch, transformers and its sibling
+modules.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import re
+import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -20,8 +25,7 @@ from transformers import AutoTokenizer
 from transformers.feature_extraction_utils import BatchFeature
 from transformers.processing_utils import ProcessorMixin
 
-from phivision.io import atomic_write_text
-from phivision.model.image_processing_phi3_v import Phi3VImageProcessor
+from .image_processing_phi3_v import Phi3VImageProcessor
 
 IMAGE_TAG = re.compile(r"<\|image_(\d+)\|>")
 END_TOKEN = "<|end|>"
@@ -30,6 +34,54 @@ IGNORE_INDEX = -100
 
 # from_pretrained arguments that locate files; they go to both the image processor and the tokenizer.
 _HUB_KWARGS = ("cache_dir", "force_download", "local_files_only", "token", "revision", "subfolder")
+
+# transformers 5 saves a tokenizer built from a `tokenizers` object as "TokenizersBackend", a name transformers 4
+# does not know; "PreTrainedTokenizerFast" names the same thing (tokenizer.json as is) in both.
+_PORTABLE_TOKENIZER_CLASS = {"TokenizersBackend": "PreTrainedTokenizerFast"}
+# The official processor's limit on image tags.
+MAX_IMAGE_TAGS = 1_000_000
+
+
+class ImageTags(Sequence):
+    """``img_tokens[k]`` is ``"<|image_{k+1}|>"``: the tag strings, computed on demand (vLLM reads them)."""
+
+    def __len__(self) -> int:
+        return MAX_IMAGE_TAGS
+
+    def __getitem__(self, index: int | slice) -> Any:
+        if isinstance(index, slice):
+            return [self[i] for i in range(*index.indices(len(self)))]
+        if index < 0:
+            index += len(self)
+        if not 0 <= index < len(self):
+            raise IndexError(f"image tag index {index} out of range")
+        return f"<|image_{index + 1}|>"
+
+
+def _write_text_atomically(path: Path, text: str) -> Path:
+    """Write ``text`` to a temporary file beside ``path`` and move it into place (no half-written file)."""
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def _make_tokenizer_config_portable(directory: Path) -> None:
+    """Name a tokenizer class that both transformers 4.4x and 5.x load from ``tokenizer.json``."""
+    path = directory / "tokenizer_config.json"
+    if not path.is_file():
+        return
+    config = json.loads(path.read_text(encoding="utf-8"))
+    portable = _PORTABLE_TOKENIZER_CLASS.get(config.get("tokenizer_class"))
+    if portable:
+        config["tokenizer_class"] = portable
+        _write_text_atomically(path, json.dumps(config, indent=2, ensure_ascii=False) + "\n")
 
 
 def count_image_tags(text: str) -> int:
@@ -67,6 +119,9 @@ class Phi3VProcessor(ProcessorMixin):
     """
 
     attributes = ["image_processor", "tokenizer"]
+    # transformers 4.x checks the parts against these names; 5.x reads them from the type hints.
+    image_processor_class = "AutoImageProcessor"
+    tokenizer_class = "AutoTokenizer"
 
     def __init__(self, image_processor: Phi3VImageProcessor, tokenizer: Any) -> None:
         # The chat template lives with the tokenizer (as in the official files); see apply_chat_template.
@@ -83,9 +138,12 @@ class Phi3VProcessor(ProcessorMixin):
         Other keyword arguments (e.g. ``num_crops=4``) override the image processor's settings.
         """
         hub = {k: kwargs.pop(k) for k in _HUB_KWARGS if k in kwargs}
-        kwargs.pop("trust_remote_code", None)
+        # Passed on to AutoTokenizer, which reads config.json (and, without it, would ask about the auto_map).
+        trust_remote_code = kwargs.pop("trust_remote_code", None)
         image_processor = Phi3VImageProcessor.from_pretrained(pretrained_model_name_or_path, **hub, **kwargs)
-        tokenizer = AutoTokenizer.from_pretrained(pretrained_model_name_or_path, **hub)
+        tokenizer = AutoTokenizer.from_pretrained(
+            pretrained_model_name_or_path, trust_remote_code=trust_remote_code, **hub
+        )
         return cls(image_processor, tokenizer)
 
     def save_pretrained(self, save_directory: str | os.PathLike, **kwargs: Any) -> list[str]:
@@ -94,11 +152,27 @@ class Phi3VProcessor(ProcessorMixin):
         No ``processor_config.json``: the official checkpoints have none, and :meth:`from_pretrained` reads the
         image processor's settings from ``preprocessor_config.json``.
         """
-        os.makedirs(save_directory, exist_ok=True)
-        config = atomic_write_text(
-            Path(save_directory) / "preprocessor_config.json", self.image_processor.to_json_string()
+        directory = Path(save_directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        config = _write_text_atomically(
+            directory / "preprocessor_config.json", self.image_processor.to_json_string()
         )
-        return [str(config), *self.tokenizer.save_pretrained(save_directory, **kwargs)]
+        tokenizer_files = self.tokenizer.save_pretrained(save_directory, **kwargs)
+        _make_tokenizer_config_portable(directory)
+        return [str(config), *tokenizer_files]
+
+    # ------------------------------------------------------------------------------------------- images
+
+    @property
+    def img_tokens(self) -> ImageTags:
+        """The image tag strings: ``img_tokens[0] == "<|image_1|>"`` (as the official processor, for vLLM)."""
+        return ImageTags()
+
+    def calc_num_image_tokens_from_image_size(
+        self, width: int, height: int, num_crops: int | None = None
+    ) -> int:
+        """How many image positions (negative ids) an image of ``width x height`` pixels takes in ``input_ids``."""
+        return self.image_processor.calc_num_image_tokens_from_image_size(width, height, num_crops)
 
     # ------------------------------------------------------------------------------------------- tokens
 

@@ -1,8 +1,9 @@
 """Tiny random Phi-3-Vision checkpoints in the official layout, for tests and demos.
 
 The checkpoint has the same files and config fields as the real one (``rope_scaling`` of type "su" with
-``original_max_position_embeddings``, ``embd_layer``, ``img_processor``), so it goes through the very same
-``from_pretrained`` path; only the sizes differ, and ``img_processor["vision_config"]`` shrinks the CLIP tower.
+``original_max_position_embeddings``, ``embd_layer``, ``img_processor``, the model code with its ``auto_map``), so
+it goes through the very same ``from_pretrained`` path; only the sizes differ, and
+``img_processor["vision_config"]`` shrinks the CLIP tower.
 """
 
 from __future__ import annotations
@@ -16,10 +17,8 @@ import torch
 
 from phivision.errors import PhivisionError
 from phivision.io import atomic_directory, require_empty_dir
+from phivision.model import Phi3VForCausalLM, Phi3VImageProcessor, Phi3VProcessor, save_checkpoint
 from phivision.model.configuration_phi3_v import DEFAULT_EMBD_LAYER, Phi3VConfig
-from phivision.model.image_processing_phi3_v import Phi3VImageProcessor
-from phivision.model.modeling_phi3_v import Phi3VForCausalLM
-from phivision.model.processing_phi3_v import Phi3VProcessor
 from phivision.model.tokenizer import build_tiny_tokenizer
 
 # Small CLIP: a 56 px tile is a 4x4 patch grid, i.e. 2x2 = 4 tokens per tile after the 2x2 merge.
@@ -95,7 +94,8 @@ def write_tiny_checkpoint(
     tokenizer_vocab_size: int = 1024,
     **overrides: Any,
 ) -> Path:
-    """Write a random tiny checkpoint: config.json, model.safetensors, tokenizer files, preprocessor_config.json.
+    """Write a random tiny checkpoint: config.json, model.safetensors, tokenizer files, preprocessor_config.json
+    and the model code (loadable with ``trust_remote_code=True`` where phivision is not installed).
 
     Args:
         out_dir: directory to create; it must not exist or be empty. Written whole or not at all.
@@ -130,6 +130,5 @@ def write_tiny_checkpoint(
         model = Phi3VForCausalLM(config)
 
     with atomic_directory(out) as tmp:  # no half-written checkpoint on failure
-        model.save_pretrained(tmp)
-        processor.save_pretrained(tmp)
+        save_checkpoint(model, processor, tmp)
     return out

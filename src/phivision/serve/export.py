@@ -1,28 +1,24 @@
 """`phivision export`: turn a training RUN into a standalone checkpoint in the official Phi-3-Vision layout.
 
 LoRA/QLoRA adapters are merged into the base weights; full fine-tunes are re-saved. The result has the files and
-tensor names of ``microsoft/Phi-3-vision-128k-instruct`` (config.json with ``model_type: phi3_v``, sharded
-safetensors with an index, tokenizer, preprocessor_config.json, generation_config.json), so phivision,
-transformers (after ``import phivision``) and vLLM's native ``Phi3VForCausalLM`` can all load it. The RUN itself
-is left untouched: its adapter stays loadable with PEFT.
+tensor names of ``microsoft/Phi-3-vision-128k-instruct`` plus phivision's own model code beside the weights
+(``config.json: auto_map``), whatever the base was (a local official checkpoint, a hub id, a tiny checkpoint, a
+full fine-tune): phivision, plain transformers with ``trust_remote_code=True`` (phivision not installed) and
+vLLM's native ``Phi3VForCausalLM`` can all load it. The RUN itself is left untouched: its adapter stays loadable
+with PEFT.
 """
 
 from __future__ import annotations
 
-import json
 import os
-import shutil
 from pathlib import Path
+from typing import Any
 
 import torch
 
 from phivision.errors import PhivisionError
 from phivision.io import atomic_directory, atomic_write_json, require_empty_dir
 from phivision.runs import EXPORT_INFO_FILE, is_run_dir, load_model, read_run, resolve_dtype
-
-# Official files that point --trust-remote-code loaders (vLLM's processor, plain transformers) at hub code.
-AUTO_MAP_FILES = ("config.json", "preprocessor_config.json", "processor_config.json", "tokenizer_config.json")
-
 
 def export_run(
     run: str | Path,
@@ -57,23 +53,23 @@ def export_run(
     model.generation_config.eos_token_id = [int(t) for t in loaded.processor.stop_token_ids]
     model.generation_config.pad_token_id = loaded.processor.pad_token_id
 
+    from phivision.model import save_checkpoint
+
     with atomic_directory(out) as tmp:
-        model.save_pretrained(tmp, max_shard_size=max_shard_size)
-        loaded.processor.save_pretrained(tmp)
-        base_dir = Path(info.base)
-        if base_dir.is_dir():
-            carry_remote_code(base_dir, tmp)
-        atomic_write_json(
-            tmp / EXPORT_INFO_FILE,
-            {
-                "prompt": info.prompt.to_dict(),
-                "run": str(run_dir.resolve()),
-                "base": info.base,
-                "method": info.method,
-            },
-        )
+        save_checkpoint(model, loaded.processor, tmp, max_shard_size=max_shard_size)
+        atomic_write_json(tmp / EXPORT_INFO_FILE, export_info(info, run_dir))
         _default_permissions(tmp)
     return out
+
+
+def export_info(info: Any, run_dir: Path) -> dict[str, Any]:
+    """``phivision.json``: what :func:`phivision.runs.load_model` reads back (the prompt) and where it came from."""
+    return {
+        "prompt": info.prompt.to_dict(),
+        "run": str(run_dir.resolve()),
+        "base": info.base,
+        "method": info.method,
+    }
 
 
 def _default_permissions(directory: Path) -> None:
@@ -94,27 +90,3 @@ def _stored_dtype(checkpoint: str) -> torch.dtype:
     config = AutoConfig.from_pretrained(checkpoint)
     stored = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None) or torch.float32
     return getattr(torch, stored) if isinstance(stored, str) else stored
-
-
-def carry_remote_code(base_dir: Path, out_dir: Path) -> list[str]:
-    """Copy the official checkpoint's remote-code files (``*.py``) and their ``auto_map`` entries into an export.
-
-    vLLM builds Phi-3-V's processor with ``AutoProcessor.from_pretrained(..., trust_remote_code=True)``, which
-    needs ``processing_phi3_v.py`` and the ``auto_map`` that names it. A base without them (a tiny or an earlier
-    export) has nothing to carry. phivision itself ignores both: its own classes are registered for ``phi3_v``.
-    Returns the names of the copied files.
-    """
-    copied = []
-    for source in sorted(base_dir.glob("*.py")):
-        shutil.copy2(source, out_dir / source.name)
-        copied.append(source.name)
-    for name in AUTO_MAP_FILES:
-        base_file, out_file = base_dir / name, out_dir / name
-        if not (base_file.is_file() and out_file.is_file()):
-            continue
-        auto_map = json.loads(base_file.read_text()).get("auto_map")
-        if auto_map:
-            data = json.loads(out_file.read_text())
-            data["auto_map"] = auto_map
-            atomic_write_json(out_file, data)
-    return copied
