@@ -83,7 +83,16 @@ def synthetic_photos(count: int, seed: int) -> list[Any]:
     import numpy as np
     from PIL import Image
 
-    sizes = [(800, 600), (600, 800), (1200, 900), (500, 1000), (1500, 500), (336, 336), (1024, 683), (480, 640)]
+    sizes = [
+        (800, 600),
+        (600, 800),
+        (1200, 900),
+        (500, 1000),
+        (1500, 500),
+        (336, 336),
+        (1024, 683),
+        (480, 640),
+    ]
     rng = np.random.default_rng(seed)
     photos = [Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8), "RGB") for w, h in sizes]
     return [photos[i % len(photos)] for i in range(count)]
@@ -134,11 +143,24 @@ def time_generation(args: argparse.Namespace) -> None:
         if args.device.startswith("cuda"):
             torch.cuda.synchronize()
         seconds = time.perf_counter() - start
-        peak = f"{torch.cuda.max_memory_allocated() / 2**30:.1f} GiB" if args.device.startswith("cuda") else "-"
-        rows.append([size, len(photos), f"{seconds:.2f}", f"{len(photos) / seconds:.2f}", f"{tokens / seconds:.1f}", peak])
+        peak = (
+            f"{torch.cuda.max_memory_allocated() / 2**30:.1f} GiB" if args.device.startswith("cuda") else "-"
+        )
+        rows.append(
+            [
+                size,
+                len(photos),
+                f"{seconds:.2f}",
+                f"{len(photos) / seconds:.2f}",
+                f"{tokens / seconds:.1f}",
+                peak,
+            ]
+        )
     device = torch.cuda.get_device_name() if args.device.startswith("cuda") else args.device
-    print(f"\ntransformers {transformers.__version__}, torch {torch.__version__}, {device}, {args.dtype}, sdpa, "
-          f"num_crops {args.num_crops}, {args.max_new_tokens} new tokens per image, greedy, KV cache\n")
+    print(
+        f"\ntransformers {transformers.__version__}, torch {torch.__version__}, {device}, {args.dtype}, sdpa, "
+        f"num_crops {args.num_crops}, {args.max_new_tokens} new tokens per image, greedy, KV cache\n"
+    )
     headers = ["batch", "images", "seconds", "images/s", "new tokens/s", "peak memory"]
     print("| " + " | ".join(headers) + " |\n|" + "---|" * len(headers))
     for row in rows:
@@ -158,7 +180,9 @@ def main() -> None:
     parser.add_argument("--batch-sizes", default="1,16")
     parser.add_argument("--max-new-tokens", type=int, default=32)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--workdir", type=Path, default=None, help="default: a temporary directory, removed after")
+    parser.add_argument(
+        "--workdir", type=Path, default=None, help="default: a temporary directory, removed after"
+    )
     parser.add_argument("--child", type=Path, default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.device is None:
@@ -178,10 +202,21 @@ def main() -> None:
         start = time.perf_counter()
         export_and_copy(workdir / "run", workdir / "export", workdir / "clean")
         size = sum(p.stat().st_size for p in (workdir / "clean").iterdir()) / 2**30
-        print(f"2. exported ({size:.2f} GiB) and copied to a clean directory: {time.perf_counter() - start:.1f} s")
+        print(
+            f"2. exported ({size:.2f} GiB) and copied to a clean directory: {time.perf_counter() - start:.1f} s"
+        )
         env = {**os.environ, "HF_MODULES_CACHE": str(workdir / "modules"), "HF_HUB_OFFLINE": "1"}
         child = [sys.executable, __file__, "--child", str(workdir / "clean")]
-        for name in ("size", "device", "dtype", "num_crops", "images", "batch_sizes", "max_new_tokens", "seed"):
+        for name in (
+            "size",
+            "device",
+            "dtype",
+            "num_crops",
+            "images",
+            "batch_sizes",
+            "max_new_tokens",
+            "seed",
+        ):
             child += [f"--{name.replace('_', '-')}", str(getattr(args, name))]
         print("3. loaded with trust_remote_code=True in a process without phivision:", flush=True)
         subprocess.run(child, env=env, check=True)

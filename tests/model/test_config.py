@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 from transformers import AutoConfig
 
-import phivision  # noqa: F401  (registers phi3_v)
+import phivision.model  # noqa: F401  (registers phi3_v with the Auto* classes)
 from phivision.model import Phi3VConfig
 from phivision.model import configuration_phi3_v as configuration
 

@@ -10,7 +10,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM
 
-import phivision  # noqa: F401  (registers phi3_v)
+import phivision.model  # noqa: F401  (registers phi3_v with the Auto* classes)
 from phivision.model import Phi3VConfig, Phi3VForCausalLM
 from phivision.model.tiny import tiny_config
 

@@ -14,7 +14,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoProcessor
 from transformers.models.auto.image_processing_auto import AutoImageProcessor  # not torchvision-gated in 5.17
 from typer.testing import CliRunner
 
-import phivision  # noqa: F401  (registers phi3_v)
+import phivision.model  # noqa: F401  (registers phi3_v with the Auto* classes)
 from phivision.cli import app
 from phivision.errors import PhivisionError
 from phivision.model import Phi3VConfig, Phi3VForCausalLM, Phi3VImageProcessor, Phi3VProcessor

@@ -77,7 +77,8 @@ def generate(model, processor, prompt: str, paths: list[str], spec: dict) -> lis
 
 
 def main(spec_path: str, out_path: str) -> None:
-    spec = json.loads(open(spec_path).read())
+    with open(spec_path) as f:
+        spec = json.load(f)
     path = spec["checkpoint"]
     result: dict = {
         "transformers": transformers.__version__,

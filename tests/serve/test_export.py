@@ -63,7 +63,7 @@ def test_export_writes_the_official_layout(exported: Path, tiny_checkpoint: Path
 def test_export_reloads_with_identical_logits(exported: Path, lora_run: Path) -> None:
     from transformers import AutoModelForCausalLM, AutoProcessor
 
-    import phivision  # noqa: F401  (registers phi3_v)
+    import phivision.model  # noqa: F401  (registers phi3_v with the Auto* classes)
 
     run = load_model(lora_run, device="cpu", dtype="float32")
     model = AutoModelForCausalLM.from_pretrained(exported, dtype=torch.float32)
@@ -103,23 +103,25 @@ def test_full_run_export_matches(full_run: Path, tmp_path: Path) -> None:
 
 
 def test_export_follows_an_official_base(tiny_checkpoint: Path, tmp_path: Path) -> None:
-    """A bf16 base with the hub's processing_phi3_v.py + auto_map: the export is saved in bf16 and keeps both
-    (vLLM builds its processor from them)."""
+    """A bf16 base with the hub's remote code and auto_map: the export is saved in bf16 and ships phivision's own
+    model code and auto_map instead (the base's code is never copied)."""
+    from phivision.model import AUTO_MAP, MODEL_CODE_FILES
+
     base = tmp_path / "base"
     shutil.copytree(tiny_checkpoint, base)
     config = json.loads((base / "config.json").read_text())
-    (base / "config.json").write_text(json.dumps({**config, "torch_dtype": "bfloat16"}))
+    hub_map = {"AutoConfig": "configuration_phi3_v.Phi3VConfig"}
+    (base / "config.json").write_text(json.dumps({**config, "torch_dtype": "bfloat16", "auto_map": hub_map}))
     (base / "processing_phi3_v.py").write_text("# stands in for the hub's processor code\n")
-    auto_map = {"AutoProcessor": "processing_phi3_v.Phi3VProcessor"}
-    preprocessor = json.loads((base / "preprocessor_config.json").read_text())
-    (base / "preprocessor_config.json").write_text(json.dumps({**preprocessor, "auto_map": auto_map}))
+    (base / "image_embedding_phi3_v.py").write_text("# stands in for the hub's embedding code\n")
 
     out = export_run(make_lora_run(base, tmp_path / "run"), tmp_path / "out")
-    assert (out / "processing_phi3_v.py").read_text() == (base / "processing_phi3_v.py").read_text()
-    assert json.loads((out / "preprocessor_config.json").read_text())["auto_map"] == auto_map
+    assert sorted(p.name for p in out.glob("*.py")) == sorted(MODEL_CODE_FILES)
+    assert "stands in" not in (out / "processing_phi3_v.py").read_text()
+    assert json.loads((out / "config.json").read_text())["auto_map"] == AUTO_MAP
     with safe_open(str(out / "model.safetensors"), framework="pt") as f:
         assert f.get_tensor("lm_head.weight").dtype == torch.bfloat16
-    load_model(out, device="cpu")  # phivision's own classes still load it (the hub code is not executed)
+    load_model(out, device="cpu")  # phivision's own classes load it
 
 
 def test_export_refuses_bad_arguments(lora_run: Path, exported: Path, tmp_path: Path) -> None:

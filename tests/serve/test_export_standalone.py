@@ -63,7 +63,9 @@ def standalone_env() -> CleanEnv:
 
 
 @pytest.fixture(scope="module")
-def short_lora_run(tiny_checkpoint: Path, sample_dataset: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+def short_lora_run(
+    tiny_checkpoint: Path, sample_dataset: Path, tmp_path_factory: pytest.TempPathFactory
+) -> Path:
     """A real (short) LoRA run of phivision's training loop on the tiny checkpoint."""
     from phivision.train import train
     from phivision.train.config import load_config
@@ -98,7 +100,9 @@ def photos(tmp_path_factory: pytest.TempPathFactory) -> list[Path]:
         [((120, 90), (200, 40, 40)), ((64, 160), (30, 160, 90)), ((300, 140), (40, 60, 210))]
     ):
         image = Image.new("RGB", size, (245, 245, 240))
-        ImageDraw.Draw(image).ellipse((size[0] // 6, size[1] // 6, size[0] * 5 // 6, size[1] * 5 // 6), colour)
+        ImageDraw.Draw(image).ellipse(
+            (size[0] // 6, size[1] // 6, size[0] * 5 // 6, size[1] * 5 // 6), colour
+        )
         paths.append(folder / f"photo{i}.png")
         image.save(paths[-1])
     return paths
@@ -139,7 +143,13 @@ def phivision_side(short_lora_run: Path, photos: list[Path]) -> dict:
             )
         generated.append(ids[0, batch["input_ids"].shape[1] :].tolist())
     answers = generate_answers(
-        loaded.model, processor, images, loaded.prompt, batch_size=1, max_new_tokens=MAX_NEW_TOKENS, progress=False
+        loaded.model,
+        processor,
+        images,
+        loaded.prompt,
+        batch_size=1,
+        max_new_tokens=MAX_NEW_TOKENS,
+        progress=False,
     )
     inputs = [processor(text=prompt, images=[image], return_tensors="pt") for image in images]
     return {
@@ -280,7 +290,9 @@ def test_the_export_has_one_shape_whatever_the_base(
 # ----------------------------------------------------------------------------- loading without phivision
 
 
-def test_transformers5_loads_everything_without_phivision(transformers5: dict, standalone_env: CleanEnv) -> None:
+def test_transformers5_loads_everything_without_phivision(
+    transformers5: dict, standalone_env: CleanEnv
+) -> None:
     result = transformers5
     assert result["transformers"].startswith("5.")
     assert result["phivision_importable"] is False
@@ -386,7 +398,14 @@ def vllm_parameters(config: Phi3VConfig) -> set[str]:
     if kept == vision.num_hidden_layers:
         names |= {f"{CLIP}post_layernorm.{p}" for p in ("weight", "bias")}
     for i in range(kept):
-        for part in ("self_attn.qkv_proj", "self_attn.out_proj", "layer_norm1", "layer_norm2", "mlp.fc1", "mlp.fc2"):
+        for part in (
+            "self_attn.qkv_proj",
+            "self_attn.out_proj",
+            "layer_norm1",
+            "layer_norm2",
+            "mlp.fc1",
+            "mlp.fc2",
+        ):
             names |= {f"{CLIP}encoder.layers.{i}.{part}.{p}" for p in ("weight", "bias")}
     names |= {"vision_embed_tokens.glb_GN", "vision_embed_tokens.sub_GN"}
     names |= {f"vision_embed_tokens.img_projection.{i}.{p}" for i in (0, 2) for p in ("weight", "bias")}
@@ -407,7 +426,10 @@ def vllm_name(name: str, config: Phi3VConfig) -> str | None:
         rest = name[len(CLIP) :]
         if rest.startswith("encoder.layers.") and int(rest.split(".")[2]) >= vision_layers_kept(config):
             return None  # layers past the feature layer are not built
-        if rest.startswith("post_layernorm.") and vision_layers_kept(config) < config.vision_tower_config().num_hidden_layers:
+        if (
+            rest.startswith("post_layernorm.")
+            and vision_layers_kept(config) < config.vision_tower_config().num_hidden_layers
+        ):
             return None
         for proj in ("q_proj", "k_proj", "v_proj"):
             name = name.replace(f".self_attn.{proj}.", ".self_attn.qkv_proj.")

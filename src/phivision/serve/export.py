@@ -18,7 +18,8 @@ import torch
 
 from phivision.errors import PhivisionError
 from phivision.io import atomic_directory, atomic_write_json, require_empty_dir
-from phivision.runs import EXPORT_INFO_FILE, is_run_dir, load_model, read_run, resolve_dtype
+from phivision.runs import EXPORT_INFO_FILE, RunInfo, is_run_dir, load_model, read_run, resolve_dtype
+
 
 def export_run(
     run: str | Path,
@@ -62,7 +63,7 @@ def export_run(
     return out
 
 
-def export_info(info: Any, run_dir: Path) -> dict[str, Any]:
+def export_info(info: RunInfo, run_dir: Path) -> dict[str, Any]:
     """``phivision.json``: what :func:`phivision.runs.load_model` reads back (the prompt) and where it came from."""
     return {
         "prompt": info.prompt.to_dict(),
