@@ -240,3 +240,34 @@ def test_save_and_reload_round_trip(processor, tmp_path):
         [{"role": "user", "content": "x"}], tokenize=False
     ) == processor.apply_chat_template([{"role": "user", "content": "x"}], tokenize=False)
     assert Phi3VProcessor.from_pretrained(tmp_path, num_crops=2).image_processor.num_crops == 2
+
+
+# ------------------------------------------------------------------------------- what vLLM's Phi-3-V path calls
+
+
+def test_img_tokens_are_the_tag_strings(processor):
+    tags = processor.img_tokens
+    assert tags[0] == "<|image_1|>" and tags[9] == "<|image_10|>"
+    assert tags[:3] == ["<|image_1|>", "<|image_2|>", "<|image_3|>"]
+    assert tags.__getitem__(1) == "<|image_2|>"  # vLLM passes the bound __getitem__ as its target
+    with pytest.raises(IndexError):
+        tags[len(tags)]
+
+
+@pytest.mark.parametrize("size", [(50, 8000), (8000, 50), (1, 1), (57, 55), (300, 40), (40, 300)])
+def test_token_arithmetic_equals_the_positions_written(processor, size):
+    width, height = size
+    ids = processor(text="<|image_1|>", images=[image(width, height)])["input_ids"]
+    assert processor.calc_num_image_tokens_from_image_size(width=width, height=height) == int((ids < 0).sum())
+    one_crop = processor.calc_num_image_tokens_from_image_size(width=width, height=height, num_crops=1)
+    ids = processor(text="<|image_1|>", images=[image(width, height)], num_crops=1)["input_ids"]
+    assert one_crop == int((ids < 0).sum())
+
+
+def test_num_crops_from_pretrained_and_saved_tokenizer_class(processor, tmp_path):
+    processor.save_pretrained(tmp_path)
+    config = json.loads((tmp_path / "tokenizer_config.json").read_text())
+    assert config["tokenizer_class"] == "PreTrainedTokenizerFast"  # transformers 4.x knows this name too
+    assert Phi3VProcessor.from_pretrained(tmp_path, num_crops=2).image_processor.num_crops == 2
+    reloaded = Phi3VProcessor.from_pretrained(tmp_path)
+    assert reloaded.tokenizer(PROMPT)["input_ids"] == processor.tokenizer(PROMPT)["input_ids"]

@@ -17,7 +17,14 @@ from typer.testing import CliRunner
 import phivision.model  # noqa: F401  (registers phi3_v with the Auto* classes)
 from phivision.cli import app
 from phivision.errors import PhivisionError
-from phivision.model import Phi3VConfig, Phi3VForCausalLM, Phi3VImageProcessor, Phi3VProcessor
+from phivision.model import (
+    AUTO_MAP,
+    MODEL_CODE_FILES,
+    Phi3VConfig,
+    Phi3VForCausalLM,
+    Phi3VImageProcessor,
+    Phi3VProcessor,
+)
 from phivision.model.tiny import write_tiny_checkpoint
 from phivision.prompt import prompt_text
 
@@ -34,10 +41,12 @@ def images() -> list[Image.Image]:
 def test_tiny_checkpoint_has_the_official_layout(tiny_checkpoint):
     files = {p.name for p in Path(tiny_checkpoint).iterdir()}
     assert {"config.json", "model.safetensors", "preprocessor_config.json", "tokenizer.json"} <= files
+    assert set(MODEL_CODE_FILES) <= files  # phivision's own model code, as the official files carry theirs
     written = json.loads((tiny_checkpoint / "config.json").read_text())
     official = json.loads((DATA / "phi-3-vision-128k-instruct.config.json").read_text())
-    # same fields as the real file (minus the hub-code pointers and the FA2 request, plus the dropouts/pad id)
-    assert set(official) - {"auto_map", "_attn_implementation", "_name_or_path"} <= set(written)
+    # same fields as the real file (minus the FA2 request, plus the dropouts/pad id); auto_map names our code
+    assert set(official) - {"_attn_implementation", "_name_or_path"} <= set(written)
+    assert written["auto_map"] == AUTO_MAP
     assert written["model_type"] == "phi3_v"
     assert written["rope_scaling"]["type"] == "su"
     half_head = written["hidden_size"] // written["num_attention_heads"] // 2
