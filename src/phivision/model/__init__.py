@@ -23,10 +23,10 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoProcessor
 # From its module: some transformers 5.x releases export a torchvision-only placeholder at the top level.
 from transformers.models.auto.image_processing_auto import AutoImageProcessor
 
-from phivision.model.configuration_phi3_v import Phi3VConfig
-from phivision.model.image_processing_phi3_v import Phi3VImageProcessor
-from phivision.model.modeling_phi3_v import Phi3VForCausalLM
-from phivision.model.processing_phi3_v import Phi3VProcessor
+from .configuration_phi3_v import Phi3VConfig
+from .image_processing_phi3_v import Phi3VImageProcessor
+from .modeling_phi3_v import Phi3VForCausalLM
+from .processing_phi3_v import Phi3VProcessor
 
 AutoConfig.register(Phi3VConfig.model_type, Phi3VConfig, exist_ok=True)
 AutoModelForCausalLM.register(Phi3VConfig, Phi3VForCausalLM, exist_ok=True)
