@@ -58,6 +58,13 @@ def image_token_counts(processor, sizes: list[list[int]]) -> list[dict]:
     return rows
 
 
+def cut_at_stop(ids: list[int], stop_ids: list[int]) -> list[int]:
+    for i, token in enumerate(ids):
+        if token in stop_ids:
+            return ids[:i]
+    return ids
+
+
 def generate(model, processor, prompt: str, paths: list[str], spec: dict) -> list[list[int]]:
     """Greedy ids, one image at a time (batch 1), up to ``max_new_tokens`` or a stop id."""
     out = []
@@ -132,6 +139,10 @@ def main(spec_path: str, out_path: str) -> None:
         ).eval()
         result["classes"]["model"] = class_name(model)
         result["generated"] = generate(model, processor, spec["prompt"], spec["images"], spec)
+        result["answers"] = [
+            tokenizer.decode(cut_at_stop(ids, spec["stop_ids"]), skip_special_tokens=True).strip()
+            for ids in result["generated"]
+        ]
     with open(out_path, "w") as f:
         json.dump(result, f)
 

@@ -17,6 +17,8 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from importlib.metadata import version
 from pathlib import Path
@@ -83,6 +85,7 @@ class CleanEnv:
             raise AssertionError(f"standalone check failed (exit {proc.returncode}):\n{proc.stderr[-6000:]}")
         result = json.loads(out_path.read_text())
         result["stderr"] = proc.stderr
+        out_path.write_text(json.dumps(result))
         return result
 
 
@@ -105,8 +108,30 @@ def _build(root: Path) -> None:
     _pip(python, "--target", str(root / "transformers4"), *TRANSFORMERS_4)
 
 
+@contextmanager
+def _locked(path: Path) -> Iterator[None]:
+    with open(path, "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        yield
+
+
+def build_once(target: Path, build: Callable[[Path], None]) -> Path:
+    """``target``, made by ``build(target)`` by the first process that asks; the others wait and reuse it.
+
+    pytest-xdist workers are separate processes with their own session fixtures: this makes an expensive
+    artifact (a venv, a training run, an export) exist once. A build that died half-way is redone.
+    """
+    done = target.with_name(target.name + ".done")
+    with _locked(target.with_name(target.name + ".lock")):
+        if not done.exists():
+            shutil.rmtree(target, ignore_errors=True)
+            build(target)
+            done.touch()
+    return target
+
+
 def clean_env(cache_dir: Path | None = None) -> CleanEnv:
-    """The cached clean venv, built first if missing (under a lock, so parallel workers build it once)."""
+    """The cached clean venv, built first if missing (once, whatever the number of workers)."""
     torch_pin, stack = _pins()
     key_text = "\n".join([sys.version, _LAYOUT_VERSION, *torch_pin, *stack, *TRANSFORMERS_4])
     key = hashlib.sha256(key_text.encode()).hexdigest()[:16]
@@ -114,12 +139,11 @@ def clean_env(cache_dir: Path | None = None) -> CleanEnv:
         os.environ.get("PHIVISION_CLEAN_VENV_DIR", Path(tempfile.gettempdir()) / "phivision-clean-venvs")
     )
     cache.mkdir(parents=True, exist_ok=True)
-    root, done = cache / f"venv-{key}", cache / f"venv-{key}.json"
-    with open(cache / f"venv-{key}.lock", "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        if not done.is_file():
-            shutil.rmtree(root, ignore_errors=True)  # a build that died half-way
-            start = time.perf_counter()
-            _build(root)
-            done.write_text(json.dumps({"build_seconds": round(time.perf_counter() - start, 1)}))
-    return CleanEnv(root=root, build_seconds=json.loads(done.read_text())["build_seconds"])
+
+    def build(root: Path) -> None:
+        start = time.perf_counter()
+        _build(root)
+        (root / "build.json").write_text(json.dumps({"build_seconds": round(time.perf_counter() - start, 1)}))
+
+    root = build_once(cache / f"venv-{key}", build)
+    return CleanEnv(root=root, build_seconds=json.loads((root / "build.json").read_text())["build_seconds"])

@@ -19,7 +19,7 @@ import pytest
 import torch
 from PIL import Image, ImageDraw
 from safetensors import safe_open
-from standalone_env import CleanEnv, clean_env
+from standalone_env import CleanEnv, build_once, clean_env
 
 import phivision.model
 from phivision.model import AUTO_MAP, MODEL_CODE_FILES, Phi3VConfig, Phi3VForCausalLM, Phi3VImageProcessor
@@ -55,6 +55,17 @@ TEXTS = [
 
 
 # ------------------------------------------------------------------------------------------------ fixtures
+# Every expensive artifact is made once per test session, also under pytest-xdist (build_once), in a directory
+# all workers share.
+
+pytestmark = pytest.mark.timeout(1800)  # the first test may wait for the clean venv to be built
+
+
+@pytest.fixture(scope="session")
+def shared_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """This session's directory for all workers: the parent of each xdist worker's basetemp."""
+    base = tmp_path_factory.getbasetemp()
+    return base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base
 
 
 @pytest.fixture(scope="session")
@@ -62,10 +73,8 @@ def standalone_env() -> CleanEnv:
     return clean_env()
 
 
-@pytest.fixture(scope="module")
-def short_lora_run(
-    tiny_checkpoint: Path, sample_dataset: Path, tmp_path_factory: pytest.TempPathFactory
-) -> Path:
+@pytest.fixture(scope="session")
+def short_lora_run(tiny_checkpoint: Path, sample_dataset: Path, shared_dir: Path) -> Path:
     """A real (short) LoRA run of phivision's training loop on the tiny checkpoint."""
     from phivision.train import train
     from phivision.train.config import load_config
@@ -79,104 +88,115 @@ def short_lora_run(
         "lora.dropout=0.0",
         "num_threads=1",
     ]
-    out = tmp_path_factory.mktemp("standalone") / "run"
-    config = load_config(
-        None, overrides, model=str(tiny_checkpoint), out=str(out), data={"path": str(sample_dataset)}
-    )
-    return train(config, progress=False).out
 
-
-@pytest.fixture(scope="module")
-def standalone_export(short_lora_run: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return export_run(short_lora_run, tmp_path_factory.mktemp("standalone") / "export")
-
-
-@pytest.fixture(scope="module")
-def photos(tmp_path_factory: pytest.TempPathFactory) -> list[Path]:
-    """Three product-like pictures of different sizes and aspect ratios."""
-    folder = tmp_path_factory.mktemp("photos")
-    paths = []
-    for i, (size, colour) in enumerate(
-        [((120, 90), (200, 40, 40)), ((64, 160), (30, 160, 90)), ((300, 140), (40, 60, 210))]
-    ):
-        image = Image.new("RGB", size, (245, 245, 240))
-        ImageDraw.Draw(image).ellipse(
-            (size[0] // 6, size[1] // 6, size[0] * 5 // 6, size[1] * 5 // 6), colour
+    def build(out: Path) -> None:
+        data = {"path": str(sample_dataset)}
+        train(
+            load_config(None, overrides, model=str(tiny_checkpoint), out=str(out), data=data), progress=False
         )
-        paths.append(folder / f"photo{i}.png")
-        image.save(paths[-1])
-    return paths
+
+    return build_once(shared_dir / "standalone-run", build)
 
 
-def make_spec(export: Path, prompt: str, photos: list[Path], stop_ids: list[int], load_model: bool) -> dict:
-    return {
-        "checkpoint": str(export),
-        "prompt": prompt,
-        "images": [str(p) for p in photos],
-        "max_new_tokens": MAX_NEW_TOKENS,
-        "stop_ids": stop_ids,
-        "sizes": SIZES,
-        "texts": TEXTS,
-        "load_model": load_model,
-    }
+@pytest.fixture(scope="session")
+def standalone_export(short_lora_run: Path, shared_dir: Path) -> Path:
+    return build_once(shared_dir / "standalone-export", lambda out: export_run(short_lora_run, out))
 
 
-@pytest.fixture(scope="module")
-def phivision_side(short_lora_run: Path, photos: list[Path]) -> dict:
+@pytest.fixture(scope="session")
+def photos(shared_dir: Path) -> list[Path]:
+    """Three product-like pictures of different sizes and aspect ratios."""
+    drawings = [((120, 90), (200, 40, 40)), ((64, 160), (30, 160, 90)), ((300, 140), (40, 60, 210))]
+
+    def build(folder: Path) -> None:
+        folder.mkdir()
+        for i, (size, colour) in enumerate(drawings):
+            image = Image.new("RGB", size, (245, 245, 240))
+            box = (size[0] // 6, size[1] // 6, size[0] * 5 // 6, size[1] * 5 // 6)
+            ImageDraw.Draw(image).ellipse(box, colour)
+            image.save(folder / f"photo{i}.png")
+
+    folder = build_once(shared_dir / "standalone-photos", build)
+    return sorted(folder.glob("photo*.png"))
+
+
+def read_json(path: Path) -> dict:
+    return json.loads((path / "result.json").read_text())
+
+
+@pytest.fixture(scope="session")
+def phivision_side(short_lora_run: Path, photos: list[Path], shared_dir: Path) -> dict:
     """What phivision itself says for the same inputs: the RUN loaded by load_model (adapter merged in-process)."""
+    from standalone_check import digest
+
     from phivision.evaluate.generate import generate_answers
 
-    loaded = load_model(short_lora_run, device="cpu", dtype="float32")
-    processor, prompt = loaded.processor, prompt_text(loaded.prompt)
-    images = [Image.open(p).convert("RGB") for p in photos]
-    generated = []
-    for image in images:
-        batch = processor(text=prompt, images=[image], return_tensors="pt")
-        with torch.no_grad():
-            ids = loaded.model.generate(
-                **batch,
-                max_new_tokens=MAX_NEW_TOKENS,
-                do_sample=False,
-                num_beams=1,
-                eos_token_id=processor.stop_token_ids,
-                pad_token_id=processor.pad_token_id,
-            )
-        generated.append(ids[0, batch["input_ids"].shape[1] :].tolist())
-    answers = generate_answers(
-        loaded.model,
-        processor,
-        images,
-        loaded.prompt,
-        batch_size=1,
-        max_new_tokens=MAX_NEW_TOKENS,
-        progress=False,
-    )
-    inputs = [processor(text=prompt, images=[image], return_tensors="pt") for image in images]
+    def build(out: Path) -> None:
+        loaded = load_model(short_lora_run, device="cpu", dtype="float32")
+        processor, prompt = loaded.processor, prompt_text(loaded.prompt)
+        images = [Image.open(p).convert("RGB") for p in photos]
+        batches = [processor(text=prompt, images=[image], return_tensors="pt") for image in images]
+        generated = []
+        for batch in batches:
+            with torch.no_grad():
+                ids = loaded.model.generate(
+                    **batch,
+                    max_new_tokens=MAX_NEW_TOKENS,
+                    do_sample=False,
+                    num_beams=1,
+                    eos_token_id=processor.stop_token_ids,
+                    pad_token_id=processor.pad_token_id,
+                )
+            generated.append(ids[0, batch["input_ids"].shape[1] :].tolist())
+        answers = generate_answers(
+            loaded.model,
+            processor,
+            images,
+            loaded.prompt,
+            batch_size=1,
+            max_new_tokens=MAX_NEW_TOKENS,
+            progress=False,
+        )
+        out.mkdir()
+        result = {
+            "prompt": prompt,
+            "stop_ids": processor.stop_token_ids,
+            "generated": generated,
+            "answers": answers,  # phivision's one generation loop
+            "input_ids": [batch["input_ids"][0].tolist() for batch in batches],
+            "pixel_values": [digest(batch["pixel_values"]) for batch in batches],
+            "encodings": [processor.tokenizer(text)["input_ids"] for text in TEXTS],
+        }
+        (out / "result.json").write_text(json.dumps(result))
+
+    return read_json(build_once(shared_dir / "standalone-phivision", build))
+
+
+def make_spec(export: Path, photos: list[Path], phivision_side: dict) -> dict:
     return {
-        "prompt": prompt,
-        "processor": processor,
-        "generated": generated,
-        "answers": answers,
-        "input_ids": [batch["input_ids"][0].tolist() for batch in inputs],
-        "pixel_values": [batch["pixel_values"] for batch in inputs],
-        "encodings": [processor.tokenizer(text)["input_ids"] for text in TEXTS],
+        "checkpoint": str(export),
+        "prompt": phivision_side["prompt"],
+        "images": [str(p) for p in photos],
+        "max_new_tokens": MAX_NEW_TOKENS,
+        "stop_ids": phivision_side["stop_ids"],
+        "sizes": SIZES,
+        "texts": TEXTS,
     }
 
 
-@pytest.fixture(scope="module")
-def transformers5(standalone_env, standalone_export, photos, phivision_side, tmp_path_factory) -> dict:
-    spec = make_spec(
-        standalone_export, phivision_side["prompt"], photos, phivision_side["processor"].stop_token_ids, True
-    )
-    return standalone_env.check(spec, tmp_path_factory.mktemp("clean5"))
+@pytest.fixture(scope="session")
+def transformers5(standalone_env, standalone_export, photos, phivision_side, shared_dir) -> dict:
+    spec = make_spec(standalone_export, photos, phivision_side)
+    return read_json(build_once(shared_dir / "standalone-clean5", lambda d: standalone_env.check(spec, d)))
 
 
-@pytest.fixture(scope="module")
-def transformers4(standalone_env, standalone_export, photos, phivision_side, tmp_path_factory) -> dict:
-    spec = make_spec(
-        standalone_export, phivision_side["prompt"], photos, phivision_side["processor"].stop_token_ids, True
+@pytest.fixture(scope="session")
+def transformers4(standalone_env, standalone_export, photos, phivision_side, shared_dir) -> dict:
+    spec = make_spec(standalone_export, photos, phivision_side)
+    clean4 = build_once(
+        shared_dir / "standalone-clean4", lambda d: standalone_env.check(spec, d, transformers4=True)
     )
-    return standalone_env.check(spec, tmp_path_factory.mktemp("clean4"), transformers4=True)
+    return read_json(clean4)
 
 
 # --------------------------------------------------------------------------------------- the files shipped
@@ -309,24 +329,16 @@ def test_greedy_tokens_equal_phivisions(transformers5: dict, phivision_side: dic
     # Discriminating: several tokens, and the three photos do not all get the same answer.
     assert all(len(ids) >= 4 for ids in phivision_side["generated"]), phivision_side["generated"]
     assert len({tuple(ids) for ids in phivision_side["generated"]}) > 1, phivision_side["generated"]
-    tokenizer = phivision_side["processor"].tokenizer
-    stops = set(phivision_side["processor"].stop_token_ids)
-    texts = [
-        tokenizer.decode([t for t in ids if t not in stops], skip_special_tokens=True).strip()
-        for ids in transformers5["generated"]
-    ]
-    assert texts == phivision_side["answers"]  # phivision's one generation loop (generate_answers)
+    assert transformers5["answers"] == phivision_side["answers"]  # phivision's one generation loop
 
 
 def test_processor_inputs_equal_phivisions(transformers5: dict, phivision_side: dict) -> None:
-    from standalone_check import digest
-
     for row, ids, pixels in zip(
         transformers5["inputs"], phivision_side["input_ids"], phivision_side["pixel_values"], strict=True
     ):
         assert row["input_ids"] == ids
         assert any(i < 0 for i in ids)  # negative image ids, as vLLM expects
-        assert row["pixel_values"] == digest(pixels)
+        assert row["pixel_values"] == pixels
         assert row["image_sizes"][0][0] % 56 == 0 and row["image_sizes"][0][1] % 56 == 0
     assert transformers5["encodings"] == phivision_side["encodings"]
 
@@ -357,6 +369,7 @@ def test_transformers4_reads_config_processor_and_model(
     for key in ("encodings", "decoded", "chat", "special", "inputs", "image_tokens", "img_tokens"):
         assert result[key] == transformers5[key], key
     assert result["generated"] == phivision_side["generated"]
+    assert result["answers"] == phivision_side["answers"]
 
 
 # ---------------------------------------------------------------------------------------------- vLLM names
