@@ -271,3 +271,8 @@ def test_num_crops_from_pretrained_and_saved_tokenizer_class(processor, tmp_path
     assert Phi3VProcessor.from_pretrained(tmp_path, num_crops=2).image_processor.num_crops == 2
     reloaded = Phi3VProcessor.from_pretrained(tmp_path)
     assert reloaded.tokenizer(PROMPT)["input_ids"] == processor.tokenizer(PROMPT)["input_ids"]
+    # Saved again after loading (as every run and export does): no loading arguments in the config.
+    reloaded.save_pretrained(tmp_path / "again")
+    config = json.loads((tmp_path / "again" / "tokenizer_config.json").read_text())
+    assert not {"is_local", "local_files_only"} & set(config)
+    assert config["tokenizer_class"] == "PreTrainedTokenizerFast"

@@ -215,6 +215,7 @@ def test_export_ships_phivisions_own_model_code(standalone_export: Path) -> None
     assert preprocessor["auto_map"] == {k: AUTO_MAP[k] for k in ("AutoProcessor", "AutoImageProcessor")}
     tokenizer_config = json.loads((standalone_export / "tokenizer_config.json").read_text())
     assert tokenizer_config["tokenizer_class"] == "PreTrainedTokenizerFast"  # not 5.x-only TokenizersBackend
+    assert "local_files_only" not in tokenizer_config  # how the exporting process loaded it is not a setting
 
 
 @pytest.mark.parametrize("name", MODEL_CODE_FILES)

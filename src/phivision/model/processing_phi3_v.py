@@ -38,6 +38,9 @@ _HUB_KWARGS = ("cache_dir", "force_download", "local_files_only", "token", "revi
 # transformers 5 saves a tokenizer built from a `tokenizers` object as "TokenizersBackend", a name transformers 4
 # does not know; "PreTrainedTokenizerFast" names the same thing (tokenizer.json as is) in both.
 _PORTABLE_TOKENIZER_CLASS = {"TokenizersBackend": "PreTrainedTokenizerFast"}
+# How the tokenizer was loaded, which transformers 5 writes back into tokenizer_config.json: not a setting of the
+# tokenizer, and wrong on any other machine (e.g. local_files_only under HF_HUB_OFFLINE).
+_LOADING_KEYS = ("is_local", "local_files_only")
 # The official processor's limit on image tags.
 MAX_IMAGE_TAGS = 1_000_000
 
@@ -73,15 +76,18 @@ def _write_text_atomically(path: Path, text: str) -> Path:
 
 
 def _make_tokenizer_config_portable(directory: Path) -> None:
-    """Name a tokenizer class that both transformers 4.4x and 5.x load from ``tokenizer.json``."""
+    """Name a tokenizer class that transformers 4.4x and 5.x both load from ``tokenizer.json``; drop the
+    loading arguments transformers 5 records."""
     path = directory / "tokenizer_config.json"
     if not path.is_file():
         return
     config = json.loads(path.read_text(encoding="utf-8"))
-    portable = _PORTABLE_TOKENIZER_CLASS.get(config.get("tokenizer_class"))
-    if portable:
-        config["tokenizer_class"] = portable
-        _write_text_atomically(path, json.dumps(config, indent=2, ensure_ascii=False) + "\n")
+    portable = {key: value for key, value in config.items() if key not in _LOADING_KEYS}
+    name = portable.get("tokenizer_class")
+    if name in _PORTABLE_TOKENIZER_CLASS:
+        portable["tokenizer_class"] = _PORTABLE_TOKENIZER_CLASS[name]
+    if portable != config:
+        _write_text_atomically(path, json.dumps(portable, indent=2, ensure_ascii=False) + "\n")
 
 
 def count_image_tags(text: str) -> int:
