@@ -277,22 +277,18 @@ def hub_cache_with(checkpoint: Path, cache: Path, repo_id: str) -> Path:
 def test_the_export_has_one_shape_whatever_the_base(
     standalone_export: Path, full_run: Path, tiny_checkpoint: Path, tmp_path: Path
 ) -> None:
+    """The reference is a LoRA run on a local tiny checkpoint; a full fine-tune and a LoRA run whose base is a hub
+    id (holding official-like files: bf16, the hub's remote code and auto_map) give the same files.
+    (A LoRA run on a local official-like base: tests/serve/test_export.py.)"""
     from serve_helpers import make_lora_run
 
     reference = file_shape(standalone_export)
-    assert not (standalone_export / "image_embedding_phi3_v.py").exists()
+    assert file_shape(export_run(full_run, tmp_path / "from-full")) == reference
 
+    # Exported by the CLI in a fresh process, offline, from a local hub cache.
     official = official_like_base(tiny_checkpoint, tmp_path / "official")
-    from_official = export_run(make_lora_run(official, tmp_path / "run-official"), tmp_path / "from-official")
-    from_full = export_run(full_run, tmp_path / "from-full")
-    for export in (from_official, from_full):  # the reference itself is a LoRA run on the tiny checkpoint
-        assert file_shape(export) == reference, export.name
-    with safe_open(str(from_official / "model.safetensors"), framework="pt") as f:
-        assert f.get_tensor("lm_head.weight").dtype == torch.bfloat16  # the base's dtype is kept
-
-    # A base given as a hub id, exported by the CLI in a fresh process (offline, from a local hub cache).
-    cache = hub_cache_with(tiny_checkpoint, tmp_path / "hub", "someone/phi3v-tiny")
-    run = make_lora_run(tiny_checkpoint, tmp_path / "run-hub", model_field="someone/phi3v-tiny")
+    cache = hub_cache_with(official, tmp_path / "hub", "someone/phi3v-tiny")
+    run = make_lora_run(official, tmp_path / "run-hub", model_field="someone/phi3v-tiny")
     env = {**os.environ, "HF_HUB_CACHE": str(cache), "HF_HUB_OFFLINE": "1"}
     out = tmp_path / "from-hub"
     proc = subprocess.run(
@@ -304,7 +300,10 @@ def test_the_export_has_one_shape_whatever_the_base(
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert file_shape(out) == reference
+    assert not (out / "image_embedding_phi3_v.py").exists()  # the base's own code is never copied
     assert json.loads((out / "phivision.json").read_text())["base"] == "someone/phi3v-tiny"
+    with safe_open(str(out / "model.safetensors"), framework="pt") as f:
+        assert f.get_tensor("lm_head.weight").dtype == torch.bfloat16  # the base's dtype is kept
 
 
 # ----------------------------------------------------------------------------- loading without phivision
