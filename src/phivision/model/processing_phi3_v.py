@@ -125,7 +125,7 @@ class Phi3VProcessor(ProcessorMixin):
     """
 
     attributes = ["image_processor", "tokenizer"]
-    # transformers 4.x checks the parts against these names; 5.x reads them from the type hints.
+    # transformers 4.x checks the two parts against these names when the processor is built.
     image_processor_class = "AutoImageProcessor"
     tokenizer_class = "AutoTokenizer"
 
