@@ -774,7 +774,10 @@ def run_perf(args: argparse.Namespace) -> None:
     peak = args.peak_tflops or (H100_BF16_TFLOPS if on_cuda else None)
     print(f"## Training performance matrix, `--size {args.size}`\n\n{environment(args.device)}\n")
     started = time.perf_counter()
-    table, baseline = [], {}
+    baseline: dict[int, float] = {}
+    headers = ["layout", "attn", "crops", "logits", "liger", "tokens/step", "padding", "median step ms"]
+    headers += ["samples/s", "tokens/s", "tokens/s vs first row", "model TFLOP/s (6NT)", "MFU", "peak memory"]
+    print(markdown_table(headers, []), flush=True)  # rows follow as they finish, so a timeout keeps them
     for row in rows:
         cells: list[Any] = [row.layout, resolve_attn(row.attn, args.device), row.crops]
         cells += ["answer" if row.answer_only else "all", "on" if row.liger else "off"]
@@ -802,12 +805,11 @@ def run_perf(args: argparse.Namespace) -> None:
             baseline.setdefault(row.crops, tokens_per_s)
         ratio = f"{tokens_per_s / baseline[row.crops]:.2f}x" if tokens_per_s and row.crops in baseline else ""
         result[4] = f"{tokens_per_s:,.0f}" if tokens_per_s is not None else ""
-        table.append(cells + result[:5] + [ratio] + result[5:])
+        print(
+            markdown_table(headers, [cells + result[:5] + [ratio] + result[5:]]).splitlines()[-1], flush=True
+        )
         free(args.device)
         print(f"  done {row.label} after {time.perf_counter() - started:.0f} s", file=sys.stderr, flush=True)
-    headers = ["layout", "attn", "crops", "logits", "liger", "tokens/step", "padding", "median step ms"]
-    headers += ["samples/s", "tokens/s", "tokens/s vs first row", "model TFLOP/s (6NT)", "MFU", "peak memory"]
-    print(markdown_table(headers, table))
     print(
         f"\n{args.dtype} base weights, bf16 autocast on CUDA, LoRA r {args.lora_r} alpha {args.lora_alpha} on "
         f"qkv_proj/o_proj/gate_up_proj/down_proj, AdamW; gradient checkpointing "

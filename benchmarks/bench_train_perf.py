@@ -6,7 +6,7 @@
     packing  tokens/s of padded batches (fixed 4 rows, shuffled or length-grouped; or a token budget) vs packed
              rows, one epoch over the same rows of a sample catalog (mixed aspect ratios), small model, 16 crops
     clip     image-embedding time when every tile slot goes through CLIP (before) vs only the tiles each image
-             uses (now), real 336 px CLIP geometry at full width with 2 layers, sample-catalog photos
+             uses (now), real 336 px CLIP tile geometry (width 256, 2 layers by default), sample-catalog photos
 
     python benchmarks/bench_train_perf.py memory
     python benchmarks/bench_train_perf.py packing
@@ -47,9 +47,9 @@ from phivision.train.loop import answer_loss  # noqa: E402
 from phivision.train.methods import apply_method  # noqa: E402
 
 # ``packing``: a small decoder, CLIP at the real tile geometry (so token counts are the real ones) but narrow.
-SMALL_TEXT = {**bm.MID_TEXT, "hidden_size": 512, "intermediate_size": 1408, "num_hidden_layers": 4}
-SMALL_TEXT.update(num_attention_heads=8, num_key_value_heads=8)
-SMALL_VISION = {**bm.MID_VISION, "hidden_size": 256, "intermediate_size": 1024, "num_attention_heads": 4}
+SMALL_TEXT = {**bm.MID_TEXT, "hidden_size": 256, "intermediate_size": 704, "num_hidden_layers": 2}
+SMALL_TEXT.update(num_attention_heads=4, num_key_value_heads=4)
+SMALL_VISION = {**bm.MID_VISION, "hidden_size": 128, "intermediate_size": 512, "num_attention_heads": 2}
 
 
 def max_rss_gib() -> float:
@@ -177,28 +177,34 @@ def run_packing(args: argparse.Namespace) -> None:
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=2e-4)
     print(f"## Packed vs padded training steps (CPU)\n\n{bm.environment('cpu')}\n")
     timings: dict[str, list[float]] = {name: [] for name in plans}
+    cpu: dict[str, list[float]] = {name: [] for name in plans}
     counts: dict[str, tuple[int, int, int, int]] = {}
     for repeat in range(args.repeats):  # modes interleaved, so a load change on the machine hits all of them
         for name, (plan, packed) in plans.items():
             batches = [[examples[i] for i in batch] for batch in plan.epoch(0)]
             collated = [pack_examples(b) if packed else setup.processor.collate(b) for b in batches]
-            start = time.perf_counter()
+            start, start_cpu = time.perf_counter(), time.process_time()
             for batch in collated:
                 loss, count = answer_loss(model, batch)
                 (loss / max(count, 1)).backward()
                 optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
             timings[name].append(time.perf_counter() - start)
+            cpu[name].append(time.process_time() - start_cpu)
             tokens = sum(sum(lengths[i] for i in b) for b in plan.epoch(0))
             positions = sum(b["input_ids"].numel() for b in collated)
             counts[name] = (len(collated), sum(len(b) for b in batches), tokens, positions)
-            print(f"  repeat {repeat}: {name} {timings[name][-1]:.1f} s", file=sys.stderr, flush=True)
+            print(
+                f"  repeat {repeat}: {name} {timings[name][-1]:.1f} s wall, {cpu[name][-1]:.1f} s CPU",
+                file=sys.stderr,
+                flush=True,
+            )
     table = []
     base = None
     for name in plans:
         steps, used, tokens, positions = counts[name]
-        seconds = statistics.median(timings[name])
-        rate = tokens / seconds
+        seconds, cpu_seconds = statistics.median(timings[name]), statistics.median(cpu[name])
+        rate = tokens / cpu_seconds
         base = base or rate
         table.append(
             [
@@ -208,11 +214,13 @@ def run_packing(args: argparse.Namespace) -> None:
                 f"{tokens:,}",
                 f"{100 * (positions - tokens) / positions:.1f}%",
                 f"{seconds:.1f}",
+                f"{cpu_seconds:.1f}",
                 f"{rate:,.0f}",
                 f"{rate / base:.2f}x",
             ]
         )
-    headers = ["batches", "steps", "rows", "tokens", "padding", "median s / epoch", "tokens/s", "vs first"]
+    headers = ["batches", "steps", "rows", "tokens", "padding", "wall s / epoch", "CPU s / epoch"]
+    headers += ["tokens per CPU s", "vs first"]
     print(bm.markdown_table(headers, table))
     print(
         f"\n{len(lengths)} train rows of a {args.catalog_rows}-product sample catalog (`phivision sample`, canvases "
@@ -221,8 +229,9 @@ def run_packing(args: argparse.Namespace) -> None:
         f"{SMALL_TEXT['num_hidden_layers']} layers, vocabulary {bm.OFFICIAL_VOCAB:,}; CLIP 336 px, width "
         f"{SMALL_VISION['hidden_size']}, {SMALL_VISION['num_hidden_layers']} layers; fp32, SDPA, LoRA r "
         f"{args.lora_r}, answer-only logits in every mode; one epoch per mode, modes interleaved, "
-        f"{args.repeats} repeats, median; {args.threads} torch threads; token budget = {args.batch} x the longest "
-        "example (the padded batch's worst case)"
+        f"{args.repeats} repeat(s), median; {args.threads} torch threads; token budget = {args.batch} x the "
+        "longest example (the padded batch's worst case). Throughput is per CPU second of the process "
+        "(time.process_time): the shared machine's load changed the wall time by 2x between runs"
     )
 
 
@@ -249,8 +258,10 @@ def run_clip(args: argparse.Namespace) -> None:
 
         images = [load_image(data / p) for p in catalog["image_path"].head(args.images)]
     table = []
+    vision = {**bm.MID_VISION, "hidden_size": args.clip_width, "intermediate_size": 4 * args.clip_width}
+    vision["num_attention_heads"] = args.clip_width // 64
     for crops in (16, 4):
-        setup = bm.build_setup("mid", crops)
+        setup = setup_with(bm.MID_TEXT, vision, crops)
         embedding = Phi3ImageEmbedding(setup.config).eval()
         inputs = setup.processor.image_processor(images, num_crops=crops)
         pixel_values, image_sizes = inputs["pixel_values"], inputs["image_sizes"]
@@ -283,9 +294,10 @@ def run_clip(args: argparse.Namespace) -> None:
     print(bm.markdown_table([*headers, "max abs feature diff"], table))
     sizes = ", ".join(f"{im.width}x{im.height}" for im in images)
     print(
-        f"\nphotos ({sizes}) from a `phivision sample` catalog; CLIP 336 px / patch 14, width 1024, "
-        f"{bm.MID_VISION['num_hidden_layers']} layers (the real tower has 24: time scales with depth, the ratio does "
-        f"not); image embedding forward (CLIP, 2x2 merge, HD layout, projector) under no_grad, fp32; "
+        f"\nphotos ({sizes}) from a `phivision sample` catalog; CLIP 336 px / patch 14 (577 tokens per tile), "
+        f"width {args.clip_width}, {vision['num_hidden_layers']} layers (the real tower: width 1024, 24 layers; "
+        "time scales with tiles x depth, the ratio follows the tiles); image embedding forward (CLIP, 2x2 merge, "
+        "HD layout, projector) under no_grad, fp32; "
         f"{args.repeats} repeats, median; {args.threads} torch threads"
     )
 
@@ -299,12 +311,13 @@ def main() -> None:
     child.add_argument("--gradient-checkpointing", type=int, required=True)
     packing = sub.add_parser("packing", help="tokens/s, packed vs padded")
     packing.add_argument("--catalog-rows", type=int, default=60)
-    packing.add_argument("--rows", type=int, default=24)
+    packing.add_argument("--rows", type=int, default=16)
     packing.add_argument("--batch", type=int, default=4)
     packing.add_argument("--num-crops", type=int, default=16)
     packing.add_argument("--repeats", type=int, default=2)
     clip = sub.add_parser("clip", help="CLIP time, every tile vs used tiles")
     clip.add_argument("--images", type=int, default=6)
+    clip.add_argument("--clip-width", type=int, default=256, help="CLIP width (real: 1024)")
     clip.add_argument("--repeats", type=int, default=2)
     for p in (memory, child, packing, clip):
         p.add_argument("--threads", type=int, default=2)
