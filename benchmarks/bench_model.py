@@ -811,7 +811,7 @@ def run_perf(args: argparse.Namespace) -> None:
         free(args.device)
         print(f"  done {row.label} after {time.perf_counter() - started:.0f} s", file=sys.stderr, flush=True)
     print(
-        f"\n{args.dtype} base weights, bf16 autocast on CUDA, LoRA r {args.lora_r} alpha {args.lora_alpha} on "
+        f"\n{args.dtype} base weights{', bf16 autocast' if args.dtype == 'bf16' else ''}, LoRA r {args.lora_r} alpha {args.lora_alpha} on "
         f"qkv_proj/o_proj/gate_up_proj/down_proj, AdamW; gradient checkpointing "
         f"{'on' if args.gradient_checkpointing else 'off'}; {args.warmup} warm-up + {args.iters} timed steps per "
         f"row; total {time.perf_counter() - started:.0f} s\n"
