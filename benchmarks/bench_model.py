@@ -48,7 +48,7 @@ included). ``--peak-tflops`` defaults to 989 (H100 SXM, dense bf16; no MFU is pr
 What the estimate leaves out, so the figures are comparable with other 6NT figures but are not exact FLOP counts:
 attention's own FLOPs (quadratic in the sequence); that LoRA computes no weight gradients for frozen weights
 (about 4NT of real work in the language model, not 6NT); and that the CLIP tower (0.3 B parameters) runs on
-``(num_crops + 1) * 577`` patch tokens per image, not on the image's 1,900 to 2,500 language-model tokens, and with
+``(used crops + 1) * 577`` patch tokens per image, not on the image's 1,900 to 2,500 language-model tokens, and with
 LoRA on the language model only, gets no backward pass at all.
 
 Generation (``generate``). ``phivision.evaluate.generate.generate_answers`` (processor, left padding, KV cache,
@@ -70,6 +70,7 @@ import json
 import platform
 import resource
 import statistics
+import sys
 import time
 import warnings
 from collections.abc import Callable, Iterator
@@ -84,11 +85,15 @@ from PIL import Image
 from transformers import AutoModelForCausalLM
 
 import phivision.model  # noqa: F401  (registers phi3_v with the Auto* classes)
+from phivision.errors import PhivisionError
 from phivision.model import Phi3VConfig, Phi3VForCausalLM, Phi3VImageProcessor, Phi3VProcessor
+from phivision.model.image_processing_phi3_v import hd_geometry
 from phivision.model.tiny import tiny_config
 from phivision.model.tokenizer import build_tiny_tokenizer
 from phivision.prompt import PromptFormat, format_answer, prompt_text
 from phivision.train.config import LoraConfig, TrainConfig
+from phivision.train.data import pack_examples
+from phivision.train.kernels import apply_liger, require_liger
 from phivision.train.loop import answer_loss
 from phivision.train.methods import VISION_PREFIX, apply_method
 
@@ -106,6 +111,30 @@ IMAGE_SIZES = [
     (480, 640),
 ]
 ANSWER = format_answer(PromptFormat(), "Check Cotton Shirt", "Shirts", 1290.0)
+OFFICIAL_VOCAB = 32064
+# ``--size mid``: the issue's mid-size CPU config. The official vocabulary (so logits are as large per token as
+# the real model's), a 1024-wide 8-layer decoder, and CLIP at the real 336 px / patch 14 geometry (577 tokens per
+# tile, 144 image tokens per tile) with the real width but 2 layers.
+MID_TEXT = {
+    "hidden_size": 1024,
+    "intermediate_size": 2816,
+    "num_hidden_layers": 8,
+    "num_attention_heads": 16,
+    "num_key_value_heads": 16,
+    "max_position_embeddings": 131072,
+    "original_max_position_embeddings": 4096,
+    "sliding_window": 131072,
+}
+MID_VISION = {
+    "image_size": 336,
+    "patch_size": 14,
+    "hidden_size": 1024,
+    "intermediate_size": 4096,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 16,
+    "projection_dim": 768,
+}
+SIZES = ["full", "mid", "tiny"]
 DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
 H100_BF16_TFLOPS = 989.0
 # transformers 5.x warns that names the project still calls (gradient_checkpointing_enable, and the property peft
@@ -135,6 +164,8 @@ def build_setup(size: str, num_crops: int) -> Setup:
     }
     if size == "tiny":
         config = tiny_config(vocab_size=len(tokenizer), **ids)
+    elif size == "mid":
+        config = tiny_config(vocab_size=OFFICIAL_VOCAB, **ids, **MID_TEXT, vision=MID_VISION)
     else:
         official = json.loads(OFFICIAL_CONFIG.read_text())
         official.pop("_attn_implementation", None)  # flash_attention_2 in the file; each run picks its own
@@ -165,11 +196,23 @@ def synthetic_images(seed: int = 0) -> list[Image.Image]:
 
 
 class Batches:
-    """Training batches from the real processor: batch ``i`` holds images ``i*b ..`` (cyclic), cached on device."""
+    """Training batches from the real processor: batch ``i`` holds images ``i*b ..`` (cyclic), cached on device.
 
-    def __init__(self, setup: Setup, images: list[Image.Image], batch: int, num_crops: int, device: str):
+    ``packed``: the same examples as one padding-free row (``phivision.train.data.pack_examples``) instead of padded
+    rows (``collate``).
+    """
+
+    def __init__(
+        self,
+        setup: Setup,
+        images: list[Image.Image],
+        batch: int,
+        num_crops: int,
+        device: str,
+        packed: bool = False,
+    ):
         self.setup, self.images, self.batch = setup, images, batch
-        self.num_crops, self.device = num_crops, device
+        self.num_crops, self.device, self.packed = num_crops, device, packed
         self._cache: dict[int, dict[str, torch.Tensor]] = {}
 
     def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
@@ -181,12 +224,19 @@ class Batches:
                 processor.build_example(prompt_text(), ANSWER, [image], num_crops=self.num_crops)
                 for image in chosen
             ]
-            self._cache[start] = {k: v.to(self.device) for k, v in processor.collate(examples).items()}
+            batch = pack_examples(examples) if self.packed else processor.collate(examples)
+            self._cache[start] = {k: v.to(self.device) for k, v in batch.items()}
         return self._cache[start]
 
     def tokens(self, i: int) -> int:
         """Non-padding tokens (text + image) of batch ``i``."""
-        return int(self[i]["attention_mask"].sum())
+        batch = self[i]
+        mask = batch.get("attention_mask")
+        return int(mask.sum()) if mask is not None else batch["input_ids"].numel()
+
+    def positions(self, i: int) -> int:
+        """Positions the decoder computes for batch ``i``, padding included."""
+        return self[i]["input_ids"].numel()
 
 
 # ----------------------------------------------------------------------------------------------- measuring
@@ -314,7 +364,9 @@ def dry_run(args: argparse.Namespace) -> None:
         example = setup.processor.build_example(prompt_text(), ANSWER, [image], num_crops=args.num_crops)
         image_tokens = image_processor.calc_num_image_tokens(w, h, args.num_crops)
         total = len(example["input_ids"])
-        rows.append([f"{w}x{h}", image_tokens, total - image_tokens, total, (args.num_crops + 1) * patches])
+        grid_rows, grid_cols = hd_geometry(w, h, args.num_crops, vision.image_size).grid
+        clip_tokens = (1 + grid_rows * grid_cols) * patches  # CLIP encodes the used crops + the global view
+        rows.append([f"{w}x{h}", image_tokens, total - image_tokens, total, clip_tokens])
     mean_tokens = statistics.mean(r[3] for r in rows)
     peak = args.peak_tflops or H100_BF16_TFLOPS
     flops = 6 * n * mean_tokens
@@ -584,6 +636,225 @@ def run_precision(args: argparse.Namespace) -> None:
     )
 
 
+# ----------------------------------------------------------------------------------------------- perf
+
+
+LAYOUTS = {"padded8": (8, False), "packed8": (8, True), "batch1": (1, False)}  # rows per step, packed
+
+
+@dataclass(frozen=True)
+class PerfRow:
+    """One row of the ``perf`` matrix: batch layout, attention, crops, which logits, Liger."""
+
+    layout: str
+    attn: str
+    crops: int
+    answer_only: bool
+    liger: bool
+
+    @property
+    def label(self) -> str:
+        logits = "answer" if self.answer_only else "all"
+        return f"{self.layout}:{self.attn}:{self.crops}:{logits}:{'on' if self.liger else 'off'}"
+
+
+def default_perf_matrix() -> str:
+    rows = []
+    for crops in (16, 4):
+        rows += [
+            f"padded8:sdpa:{crops}:all:off",  # the trainer as it was: padded batch 8, every position's logits
+            f"padded8:sdpa:{crops}:answer:off",
+            f"packed8:auto:{crops}:answer:off",
+            f"packed8:auto:{crops}:answer:on",
+            f"padded8:sdpa:{crops}:answer:on",
+            f"batch1:eager:{crops}:all:off",  # the cookbook's recipe: batch 1, eager attention
+            f"batch1:eager:{crops}:answer:off",
+        ]
+    return ",".join(rows)
+
+
+def parse_perf_matrix(spec: str) -> list[PerfRow]:
+    """``"padded8:sdpa:16:all:off,packed8:auto:4:answer:on"`` -> rows (layout:attn:crops:logits:liger)."""
+    rows = []
+    for item in spec.split(","):
+        layout, attn, crops, logits, liger = item.strip().split(":")
+        if layout not in LAYOUTS or logits not in ("all", "answer") or liger not in ("on", "off"):
+            raise SystemExit(
+                f"--matrix: bad row {item!r} (layout {sorted(LAYOUTS)}, logits all|answer, liger on|off)"
+            )
+        rows.append(PerfRow(layout, attn, int(crops), logits == "answer", liger == "on"))
+    return rows
+
+
+def resolve_attn(attn: str, device: str) -> str:
+    """``auto``: FlashAttention-2 (varlen for packed rows) where flash-attn and CUDA are there, else SDPA."""
+    if attn != "auto":
+        return attn
+    import importlib.util
+
+    on_cuda = torch.device(device).type == "cuda"
+    return "flash_attention_2" if on_cuda and importlib.util.find_spec("flash_attn") else "sdpa"
+
+
+@contextlib.contextmanager
+def phi3_module_restored() -> Iterator[None]:
+    """Undo Liger's module-wide patches of transformers' Phi-3 code after a row, so later rows run without them."""
+    from transformers.models.phi3 import modeling_phi3
+
+    names = ("apply_rotary_pos_emb", "Phi3RMSNorm", "Phi3MLP")
+    saved = {name: getattr(modeling_phi3, name) for name in names}
+    try:
+        yield
+    finally:
+        for name, value in saved.items():
+            setattr(modeling_phi3, name, value)
+
+
+def liger_unavailable(device: str) -> str | None:
+    """Why Liger cannot run here (the project's own check), or None."""
+    if torch.device(device).type != "cuda":
+        return "n/a: Liger needs CUDA"
+    try:
+        require_liger(True)
+    except PhivisionError as err:
+        return "n/a: " + str(err).split(": ", 1)[-1][:60]
+    return None
+
+
+def perf_row(args: argparse.Namespace, row: PerfRow, peak: float | None) -> list[Any]:
+    """Measure one row; its model and optimizer are freed when it returns (or raises out of memory)."""
+    batch, packed = LAYOUTS[row.layout]
+    setup = build_setup(args.size, row.crops)
+    dtype = DTYPES[args.dtype]
+    device_type = torch.device(args.device).type
+    model = build_model(setup, dtype, args.device, resolve_attn(row.attn, args.device), args.seed)
+    model.config.use_cache = False
+    if args.gradient_checkpointing:
+        model.gradient_checkpointing_enable()
+    if row.liger:
+        apply_liger(model)  # before LoRA, as the training loop does
+    model = apply_method(model, lora_config(args)).train()
+    params = count_parameters(model)["total"]
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(trainable, lr=2e-4, betas=(0.9, 0.95), weight_decay=0.01)
+    batches = Batches(setup, synthetic_images(args.seed), batch, row.crops, args.device, packed=packed)
+    reset_peak_memory(args.device)
+
+    def step(i: int) -> None:
+        with torch.autocast(device_type, dtype=torch.bfloat16, enabled=dtype == torch.bfloat16):
+            loss, count = answer_loss(model, batches[i], answer_only=row.answer_only)
+        (loss / max(count, 1)).backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    times = time_steps(step, args.warmup, args.iters, args.device)
+    timed = range(args.warmup, args.warmup + args.iters)
+    tokens = sum(batches.tokens(i) for i in timed)
+    positions = sum(batches.positions(i) for i in timed)
+    seconds = sum(times)
+    tflops = 6 * params * tokens / seconds / 1e12
+    return [
+        f"{tokens / args.iters:,.0f}",
+        f"{100 * (positions - tokens) / positions:.1f}%",
+        f"{1000 * statistics.median(times):,.1f}",
+        f"{batch * args.iters / seconds:,.2f}",
+        tokens / seconds,
+        f"{tflops:.3g}",
+        f"{100 * tflops / peak:.1f}%" if peak else "n/a (CPU)",
+        peak_memory(args.device),
+    ]
+
+
+def run_perf(args: argparse.Namespace) -> None:
+    """Issue 9's matrix: padded batch 8 vs packed vs batch 1 eager, answer-only logits and Liger on and off."""
+    rows = parse_perf_matrix(args.matrix)
+    if args.dry_run:
+        return perf_dry_run(args, rows)
+    on_cuda = torch.device(args.device).type == "cuda"
+    peak = args.peak_tflops or (H100_BF16_TFLOPS if on_cuda else None)
+    print(f"## Training performance matrix, `--size {args.size}`\n\n{environment(args.device)}\n")
+    started = time.perf_counter()
+    baseline: dict[int, float] = {}
+    headers = ["layout", "attn", "crops", "logits", "liger", "tokens/step", "padding", "median step ms"]
+    headers += ["samples/s", "tokens/s", "tokens/s vs first row", "model TFLOP/s (6NT)", "MFU", "peak memory"]
+    print(markdown_table(headers, []), flush=True)  # rows follow as they finish, so a timeout keeps them
+    for row in rows:
+        cells: list[Any] = [row.layout, resolve_attn(row.attn, args.device), row.crops]
+        cells += ["answer" if row.answer_only else "all", "on" if row.liger else "off"]
+        reason = liger_unavailable(args.device) if row.liger else None
+        if time.perf_counter() - started > args.budget_s:
+            reason = f"skipped: past the {args.budget_s:g} s budget"
+        errors: list[str] = []
+        result: list[Any] = []
+        if reason is None:
+            with out_of_memory_guard(errors), phi3_module_restored():
+                result = perf_row(args, row, peak)
+        if reason or errors:
+            result = [
+                reason or errors[0],
+                "",
+                "",
+                "",
+                None,
+                "",
+                "",
+                peak_memory(args.device) if errors else "",
+            ]
+        tokens_per_s = result[4]
+        if tokens_per_s is not None:
+            baseline.setdefault(row.crops, tokens_per_s)
+        ratio = f"{tokens_per_s / baseline[row.crops]:.2f}x" if tokens_per_s and row.crops in baseline else ""
+        result[4] = f"{tokens_per_s:,.0f}" if tokens_per_s is not None else ""
+        print(
+            markdown_table(headers, [cells + result[:5] + [ratio] + result[5:]]).splitlines()[-1], flush=True
+        )
+        free(args.device)
+        print(f"  done {row.label} after {time.perf_counter() - started:.0f} s", file=sys.stderr, flush=True)
+    print(
+        f"\n{args.dtype} base weights{', bf16 autocast' if args.dtype == 'bf16' else ''}, LoRA r {args.lora_r} alpha {args.lora_alpha} on "
+        f"qkv_proj/o_proj/gate_up_proj/down_proj, AdamW; gradient checkpointing "
+        f"{'on' if args.gradient_checkpointing else 'off'}; {args.warmup} warm-up + {args.iters} timed steps per "
+        f"row; total {time.perf_counter() - started:.0f} s\n"
+        "layouts: padded8 = 8 samples right-padded; packed8 = the same 8 samples in one padding-free row; batch1 = "
+        "one sample per step. logits: all = the LM head on every position, answer = only where the next token is "
+        "labelled. tokens = non-padding tokens; padding = share of computed positions that are padding; "
+        "'tokens/s vs first row' compares with the matrix's first measured row of the same crops\n"
+        f"MFU = 6 * N * T / step time / peak; N = all parameters, LoRA included; T = non-padding tokens; "
+        f"peak = {f'{peak:g} TFLOP/s' if peak else 'none given'}\n{memory_note(args.device)}"
+    )
+
+
+def perf_dry_run(args: argparse.Namespace, rows: list[PerfRow]) -> None:
+    """Full size on the meta device: build and wrap the model, make every row's batch, print its sizes."""
+    args.command = "train"  # the parameter table with LoRA
+    dry_run(args)
+    vocab = build_setup(args.size, rows[0].crops).config.vocab_size
+    table = []
+    for row in rows:
+        batch, packed = LAYOUTS[row.layout]
+        setup = build_setup(args.size, row.crops)
+        batches = Batches(setup, synthetic_images(args.seed), batch, row.crops, "cpu", packed=packed)
+        inputs = batches[0]
+        answer = int((inputs["labels"][:, 1:] != -100).sum())
+        positions = inputs["input_ids"].numel()
+        logit_rows = answer if row.answer_only else positions
+        table.append(
+            [
+                row.label,
+                resolve_attn(row.attn, args.device),
+                "x".join(str(d) for d in inputs["input_ids"].shape),
+                f"{batches.tokens(0):,}",
+                f"{positions:,}",
+                answer,
+                f"{2 * logit_rows * vocab * 4 / 2**30:.2f} GiB",
+                liger_unavailable(args.device) or "usable" if row.liger else "off",
+            ]
+        )
+    print(f"\n### The `perf` matrix, first batch of each row (synthetic photos, `--size {args.size}`)\n")
+    headers = ["row", "attn here", "input_ids", "tokens", "positions", "answer tokens", "fp32 logits + grad"]
+    print(markdown_table([*headers, "liger here"], table))
+
+
 # ----------------------------------------------------------------------------------------------- main
 
 
@@ -596,7 +867,7 @@ def main() -> None:
     ) -> argparse.ArgumentParser:
         p = sub.add_parser(name, help=help, description=func.__doc__)
         p.set_defaults(func=func)
-        p.add_argument("--size", choices=["full", "tiny"], default=size, help=f"model size (default {size})")
+        p.add_argument("--size", choices=SIZES, default=size, help=f"model size (default {size})")
         p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
         p.add_argument("--seed", type=int, default=0)
         return p
@@ -635,6 +906,33 @@ def main() -> None:
     generate.add_argument("--max-new-tokens", type=int, default=32)
     generate.add_argument("--num-crops", type=int, default=16)
     generate.add_argument("--attn", choices=["sdpa", "eager", "flash_attention_2"], default="sdpa")
+
+    perf = add("perf", run_perf, "full", "issue 9 matrix: padded vs packed vs batch 1, logits, Liger")
+    perf.add_argument("--dtype", choices=list(DTYPES), default="bf16")
+    perf.add_argument(
+        "--matrix",
+        default=default_perf_matrix(),
+        help="rows layout:attn:crops:logits:liger, comma-separated; layout padded8|packed8|batch1, attn "
+        "sdpa|eager|flash_attention_2|auto, logits all|answer, liger on|off (default: 7 rows each at 16 and 4 crops)",
+    )
+    perf.add_argument("--num-crops", type=int, default=16, help="for --dry-run's token table only")
+    perf.add_argument("--lora-r", type=int, default=64, help="default as configs/lora.yaml")
+    perf.add_argument("--lora-alpha", type=int, default=128)
+    perf.add_argument(
+        "--no-gradient-checkpointing",
+        dest="gradient_checkpointing",
+        action="store_false",
+        help="gradient checkpointing is on by default, as in configs/lora.yaml",
+    )
+    perf.add_argument(
+        "--peak-tflops", type=float, default=None, help="default 989 (H100/H200 SXM bf16) on CUDA"
+    )
+    perf.add_argument("--warmup", type=int, default=2)
+    perf.add_argument("--iters", type=int, default=5)
+    perf.add_argument(
+        "--budget-s", type=float, default=420, help="start no new row after this many seconds (default 420)"
+    )
+    perf.add_argument("--dry-run", action="store_true", help="build on the meta device, print sizes per row")
 
     precision = add("precision", run_precision, "tiny", "bf16 vs fp32 logits")
     precision.add_argument("--num-crops", type=int, default=16)

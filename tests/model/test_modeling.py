@@ -149,7 +149,7 @@ def test_image_features_follow_the_hd_layout():
     _, tiles, size = make_example((2, 3), 0, 0, seed=1, num_crops=6)
     assert embedding.crop_grid(size[None], 6) == [(2, 3)]  # image_sizes [112, 168] -> 2 rows, 3 columns
     with torch.no_grad():
-        merged = embedding.tile_features(tiles[None])[0]  # (tiles, 2, 2, 4d)
+        merged = embedding.tile_features(tiles)  # (tiles, 2, 2, 4d)
         seq = embedding.hd_sequence(merged, 2, 3)
     assert seq.shape == (image_tokens(2, 3), 4 * 64)
     sub_width = 3 * MERGED + 1
@@ -194,7 +194,7 @@ def test_2x2_merge_concatenates_patches_row_major():
         hidden = embedding.img_processor.vision_model(
             pixel_values=tiles, output_hidden_states=True
         ).hidden_states[-2]
-        merged = embedding.tile_features(tiles[None])[0]
+        merged = embedding.tile_features(tiles)
     patches = hidden[:, 1:].reshape(len(tiles), 4, 4, -1)  # 4x4 patch grid, CLS dropped
     block = torch.cat([patches[:, 2, 0], patches[:, 2, 1], patches[:, 3, 0], patches[:, 3, 1]], dim=-1)
     torch.testing.assert_close(merged[:, 1, 0], block)
@@ -298,6 +298,101 @@ def test_labels_give_shifted_cross_entropy_ignoring_minus_100():
     logits = out.logits.float()[0, :-1]
     expected = torch.nn.functional.cross_entropy(logits, labels[0, 1:], ignore_index=-100)
     torch.testing.assert_close(out.loss, expected)
+
+
+# ------------------------------------------------------------------------- performance paths (issue 9)
+
+
+def features_of_every_tile(embedding, pixel_values, image_sizes):
+    """The image features as computed before padding tiles were skipped: every tile slot goes through CLIP."""
+    num_images, slots = pixel_values.shape[:2]
+    merged = embedding.tile_features(pixel_values.flatten(0, 1)).unflatten(0, (num_images, slots))
+    grids = embedding.crop_grid(image_sizes, slots - 1)
+    sequences = [embedding.hd_sequence(m, rows, cols) for m, (rows, cols) in zip(merged, grids, strict=True)]
+    return embedding.img_projection(torch.cat(sequences))
+
+
+def test_clip_encodes_only_the_tiles_each_image_uses():
+    model = make_model()
+    embedding = model.model.vision_embed_tokens
+    grids = [(1, 1), (2, 2), (1, 3), (3, 1), (1, 2)]
+    examples = [make_example(grid, 0, 0, seed=100 + i) for i, grid in enumerate(grids)]
+    pixel_values = torch.stack([tiles for _, tiles, _ in examples])
+    image_sizes = torch.stack([size for _, _, size in examples])
+    tiles_seen = []
+    embedding.img_processor.vision_model.register_forward_hook(
+        lambda module, args, kwargs, out: tiles_seen.append(len(kwargs["pixel_values"])), with_kwargs=True
+    )
+    poisoned = pixel_values.clone()
+    for image, (rows, cols) in zip(poisoned, grids, strict=True):
+        image[1 + rows * cols :] = float("nan")  # padding slots: never read, so NaN cannot reach a feature
+    with torch.no_grad():
+        features = embedding(poisoned, image_sizes)
+        reference = features_of_every_tile(embedding, pixel_values, image_sizes)
+    assert tiles_seen == [sum(1 + r * c for r, c in grids), len(grids) * (NUM_CROPS + 1)]  # 18 tiles, not 25
+    assert torch.isfinite(features).all()
+    torch.testing.assert_close(features, reference)
+
+
+def test_logits_mask_computes_only_the_selected_positions():
+    model = make_model()
+    inputs = batch([make_example((1, 2), 3, 5, seed=120), make_example((1, 1), 2, 3, seed=121)])
+    mask = torch.zeros_like(inputs["input_ids"], dtype=torch.bool)
+    mask[0, -4:-1] = True
+    mask[1, 5:7] = True
+    with torch.no_grad():
+        selected = model(**inputs, logits_mask=mask).logits
+        full = model(**inputs).logits
+    assert selected.shape == (5, 96)
+    torch.testing.assert_close(selected, full[mask])
+    with pytest.raises(ValueError, match="labels or logits_mask"):
+        model(**inputs, logits_mask=mask, labels=inputs["input_ids"])
+
+
+def pack(examples):
+    """Rows concatenated into one row, position ids restarting at 0 for each, no attention mask."""
+    padded = batch(examples)
+    return {
+        "input_ids": torch.cat([ids for ids, _, _ in examples])[None],
+        "position_ids": torch.cat([torch.arange(len(ids)) for ids, _, _ in examples])[None],
+        "pixel_values": padded["pixel_values"],
+        "image_sizes": padded["image_sizes"],
+    }
+
+
+@pytest.mark.parametrize("attn", ["eager", "sdpa"])
+def test_packed_row_matches_the_padded_batch(attn):
+    """Attention stays inside each packed sample and each image's features land on its own sample."""
+    model = make_model(attn)
+    examples = [
+        make_example((1, 1), 3, 4, seed=130),
+        make_example((2, 2), 5, 2, seed=131),
+        make_example(None, 6, 0, seed=132),  # text only
+        make_example((1, 3), 2, 5, seed=133),
+    ]
+    with torch.no_grad():
+        padded = model(**batch(examples)).logits
+        packed = model(**pack(examples)).logits[0]
+    start = 0
+    for row, (ids, _, _) in enumerate(examples):
+        torch.testing.assert_close(packed[start : start + len(ids)], padded[row, : len(ids)])
+        start += len(ids)
+    # the same row without restarting positions would attend across samples: the check above can fail
+    crossing = pack(examples)
+    crossing["position_ids"] = torch.arange(start)[None]
+    with torch.no_grad():
+        mixed = model(**crossing).logits[0]
+    assert not torch.allclose(mixed[len(examples[0][0]) :], packed[len(examples[0][0]) :], atol=1e-4)
+
+
+def test_packed_sequence_lengths_for_varlen_flash_attention():
+    from phivision.model.modeling_phi3_v import packed_sequence_lengths
+
+    lengths = packed_sequence_lengths(torch.tensor([[0, 1, 2, 0, 1, 0, 1, 2, 3]]))
+    assert lengths["cu_seq_lens_q"].tolist() == [0, 3, 5, 9] and lengths["cu_seq_lens_q"].dtype == torch.int32
+    assert lengths["max_length_q"] == lengths["max_length_k"] == 4
+    assert packed_sequence_lengths(torch.arange(6)[None]) == {}  # one sample: plain causal attention
+    assert packed_sequence_lengths(torch.tensor([[0, 1, 0], [0, 1, 2]])) == {}  # batches of rows: padded path
 
 
 # ----------------------------------------------------------------------------------------- generation

@@ -61,18 +61,17 @@ class Phi3ImageEmbedding(nn.Module):
         self.crop_size = vision.image_size
         self.grid = vision.image_size // vision.patch_size  # patches per tile side (24 for 336/14)
 
-    def tile_features(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        """(num_images, tiles, 3, S, S) -> merged features (num_images, tiles, g/2, g/2, 4*d)."""
-        num_images, tiles = pixel_values.shape[:2]
+    def tile_features(self, tiles: torch.Tensor) -> torch.Tensor:
+        """(N, 3, S, S) tiles -> merged features (N, g/2, g/2, 4*d): CLIP hidden state ``layer_idx``, 2x2 merged."""
         clip = self.img_processor.vision_model
-        weight = clip.embeddings.patch_embedding.weight
-        flat = pixel_values.flatten(0, 1).to(device=weight.device, dtype=weight.dtype)
+        weight = clip.embeddings.patch_embedding.weight  # transformers 4.x CLIP has no .device/.dtype
+        flat = tiles.to(device=weight.device, dtype=weight.dtype)
         hidden = clip(pixel_values=flat, output_hidden_states=True).hidden_states[self.layer_idx]
         patches = hidden[:, 1:]  # drop CLS: (N, g*g, d), g = self.grid
         half, d = self.grid // 2, patches.shape[-1]
         # (N, g, g, d) -> 2x2 blocks; block (i, j) concatenates patches (2i+dy, 2j+dx) in (dy, dx) row-major order
-        blocks = patches.reshape(num_images, tiles, half, 2, half, 2, d).permute(0, 1, 2, 4, 3, 5, 6)
-        return blocks.reshape(num_images, tiles, half, half, 4 * d)
+        blocks = patches.reshape(len(tiles), half, 2, half, 2, d).permute(0, 1, 3, 2, 4, 5)
+        return blocks.reshape(len(tiles), half, half, 4 * d)
 
     def hd_sequence(self, merged: torch.Tensor, rows: int, cols: int) -> torch.Tensor:
         """One image's token sequence: sub-image grid + newlines, glb_GN, global grid + newlines.
@@ -102,7 +101,10 @@ class Phi3ImageEmbedding(nn.Module):
         return grids
 
     def forward(self, pixel_values: torch.Tensor, image_sizes: torch.Tensor) -> torch.Tensor:
-        """(num_images, crops+1, 3, S, S), (num_images, 2) -> projected features (total_tokens, hidden)."""
+        """(num_images, crops+1, 3, S, S), (num_images, 2) -> projected features (total_tokens, hidden).
+
+        Unused tile slots (beyond each image's ``image_sizes`` grid) are never read.
+        """
         if pixel_values.ndim != 5 or pixel_values.shape[-1] != self.crop_size:
             raise ValueError(
                 f"pixel_values must be (num_images, num_crops+1, 3, {self.crop_size}, {self.crop_size}), "
@@ -111,13 +113,40 @@ class Phi3ImageEmbedding(nn.Module):
         if image_sizes is None or len(image_sizes) != len(pixel_values):
             raise ValueError("image_sizes must give [height, width] for every image in pixel_values")
         grids = self.crop_grid(image_sizes, pixel_values.shape[1] - 1)
-        merged = self.tile_features(pixel_values)
+        # Only the global view and the crops an image uses go through CLIP; the zero padding tiles would be
+        # encoded and thrown away (17 tiles per image at 16 crops, of which a 3x4 grid uses 13).
+        used = [1 + rows * cols for rows, cols in grids]
+        tiles = torch.cat([image[:n] for image, n in zip(pixel_values, used, strict=True)])
+        merged = self.tile_features(tiles).split(used)
         sequences = [
-            self.hd_sequence(tiles, rows, cols) for tiles, (rows, cols) in zip(merged, grids, strict=True)
+            self.hd_sequence(image, rows, cols) for image, (rows, cols) in zip(merged, grids, strict=True)
         ]
         projector = self.img_projection[0]
         features = torch.cat(sequences).to(dtype=projector.weight.dtype)
         return self.drop(self.img_projection(features))
+
+
+def packed_sequence_lengths(position_ids: torch.Tensor) -> dict[str, torch.Tensor | int]:
+    """FlashAttention-2 varlen arguments for one packed row whose position ids restart at 0 for every sample.
+
+    transformers can infer them from ``position_ids`` in every layer; computed once here, the decoder reads them
+    from these keyword arguments instead (one host sync per forward, not one per layer). Empty for a batch of
+    several rows or a row of one sample.
+    """
+    if position_ids.ndim != 2 or position_ids.shape[0] != 1 or position_ids.shape[1] < 2:
+        return {}
+    starts = (position_ids[0] == 0).nonzero().flatten()
+    if len(starts) < 2 or int(starts[0]) != 0:
+        return {}
+    total = torch.tensor([position_ids.shape[1]], device=starts.device)
+    cu_seq_lens = torch.cat([starts, total]).to(torch.int32)
+    longest = int(cu_seq_lens.diff().max())
+    return {
+        "cu_seq_lens_q": cu_seq_lens,
+        "cu_seq_lens_k": cu_seq_lens,
+        "max_length_q": longest,
+        "max_length_k": longest,
+    }
 
 
 class Phi3VModel(Phi3Model):
@@ -214,6 +243,7 @@ class Phi3VForCausalLM(Phi3ForCausalLM):
         labels: torch.LongTensor | None = None,
         use_cache: bool | None = None,
         logits_to_keep: int | torch.Tensor = 0,
+        logits_mask: torch.Tensor | None = None,
         **kwargs,
     ) -> CausalLMOutputWithPast:
         """Logits (and the shifted cross-entropy loss when ``labels`` are given; -100 is ignored).
@@ -223,11 +253,26 @@ class Phi3VForCausalLM(Phi3ForCausalLM):
             pixel_values: (num_images, num_crops+1, 3, S, S) for all images of the batch, in id order.
             image_sizes: (num_images, 2) [height, width] of each padded HD image.
             attention_mask: (batch, seq) 1 for tokens, 0 for padding (left or right).
-            position_ids: defaults to the cumulative sum of ``attention_mask`` (left padding works).
+            position_ids: defaults to the cumulative sum of ``attention_mask`` (left padding works). Without an
+                attention mask, ids that restart at 0 mark packed sequences: ``(1, total)`` rows of several samples
+                attend only within each sample (block-diagonal mask for eager/SDPA, varlen FlashAttention-2).
+            logits_mask: (batch, seq) bool; when given, the LM head runs only where it is True and ``logits`` is
+                (positions, vocab) in row-major order. Training scores only the answer tokens this way: at 16 crops
+                a sample has ~2,500 positions and ~25 labelled ones. Not combined with ``labels``.
         """
+        if logits_mask is not None and labels is not None:
+            raise ValueError(
+                "pass labels or logits_mask, not both (compute the loss from the selected logits)"
+            )
         if position_ids is None and attention_mask is not None and attention_mask.ndim == 2:
             seq_len = (input_ids if input_ids is not None else inputs_embeds).shape[1]
             position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)[:, -seq_len:]
+        if attention_mask is None and position_ids is not None and kwargs.get("past_key_values") is None:
+            # A possibly packed row. transformers reads sample boundaries from position ids only without a cache,
+            # so none is made unless asked for (a packed row is a training input, never a generation prefix).
+            use_cache = bool(use_cache)
+            if "flash" in self.config._attn_implementation:
+                kwargs.update(packed_sequence_lengths(position_ids))  # varlen FlashAttention-2
         outputs = self.model(
             input_ids=input_ids,
             pixel_values=pixel_values,
@@ -239,8 +284,12 @@ class Phi3VForCausalLM(Phi3ForCausalLM):
             **kwargs,
         )
         hidden = outputs.last_hidden_state
-        keep = slice(-logits_to_keep, None) if isinstance(logits_to_keep, int) else logits_to_keep
-        logits = self.lm_head(hidden[:, keep, :]).float()  # fp32 logits, as the official model returns
+        if logits_mask is not None:
+            hidden = hidden[logits_mask.to(device=hidden.device, dtype=torch.bool)]  # (positions, hidden)
+        else:
+            keep = slice(-logits_to_keep, None) if isinstance(logits_to_keep, int) else logits_to_keep
+            hidden = hidden[:, keep, :]
+        logits = self.lm_head(hidden).float()  # fp32 logits, as the official model returns
         loss = None
         if labels is not None:
             loss = self.loss_function(

@@ -37,6 +37,23 @@ class DataConfig:
     max_train_samples: int = 0  # 0: all of the train split
     num_workers: int = 0
     cache_examples: bool = False  # keep processed examples in memory after the first epoch (small datasets)
+    packing: bool = field(
+        default=False,
+        metadata={
+            "help": "Concatenate examples into one padding-free row of at most max_tokens tokens per micro-batch; "
+            "position ids restart for every example and attention never crosses examples. Same loss as padding, "
+            "no compute spent on padding. batch_size then only sets the default budget."
+        },
+    )
+    max_tokens: int = field(
+        default=0,
+        metadata={
+            "help": "Token budget of one micro-batch (per device). With packing: the packed row's length "
+            "(0: batch_size x the longest example). Without: rows x longest row, padding included, so batches of "
+            "short examples hold more rows (length-grouped batches; batch_size is then not used). 0: batches of "
+            "batch_size rows."
+        },
+    )
 
 
 @dataclass
@@ -132,6 +149,13 @@ class TrainConfig:
     gradient_checkpointing: bool = False
     ddp_find_unused_parameters: bool = False
     num_threads: int = 0  # torch CPU threads per process; 0: torch's default (1 is fastest for tiny models)
+    use_liger_kernel: bool = field(
+        default=False,
+        metadata={
+            "help": "Liger's fused Triton kernels (RMSNorm, SwiGLU MLP, RoPE) in the Phi-3 decoder. CUDA only; "
+            "needs the liger-kernel package (pip install 'phivision[liger]')."
+        },
+    )
     data: DataConfig = field(default_factory=DataConfig)
     lora: LoraConfig = field(default_factory=LoraConfig)
     freeze: FreezeConfig = field(default_factory=FreezeConfig)
@@ -173,6 +197,7 @@ class TrainConfig:
             raise PhivisionError(f"config key 'optim.betas': needs two values, got {self.optim.betas}")
         if self.eval.patience and not self.eval.every_steps:
             raise PhivisionError("config key 'eval.patience': early stopping needs 'eval.every_steps' > 0")
+        check_performance_keys(self)
         return self
 
     def to_dict(self) -> dict[str, Any]:
@@ -180,6 +205,20 @@ class TrainConfig:
 
     def to_yaml(self) -> str:
         return yaml.safe_dump(self.to_dict(), sort_keys=False, allow_unicode=True)
+
+
+def check_performance_keys(config: TrainConfig) -> None:
+    """Ranges of the batching and kernel keys (``data.packing``, ``data.max_tokens``, ``use_liger_kernel``).
+
+    Whether Liger can run (CUDA, the package) is checked by :func:`phivision.train.kernels.require_liger`
+    before the model loads, not here: validating a config imports no torch.
+    """
+    data = config.data
+    if data.max_tokens < 0:
+        raise PhivisionError(
+            f"config key 'data.max_tokens': must be >= 0 (0: no token budget), got {data.max_tokens}"
+        )
+    # That the budget holds the longest example is checked when the batch plan is made (it needs the data).
 
 
 # --------------------------------------------------------------------------------------------- loading

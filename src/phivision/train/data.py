@@ -3,6 +3,8 @@
 ``ProductDataset`` turns catalog rows into supervised examples (the processor masks everything but the answer).
 ``BatchPlan`` fixes the order of every micro-batch of the run from the seed alone, so micro-batch ``m`` is the
 same batch whether the run was interrupted or not: resuming only needs the index of the next micro-batch.
+Batches hold a fixed number of rows, or as many as fit a token budget (``data.max_tokens``); the collate pads
+them (``Phi3VProcessor.collate``) or packs them into one padding-free row (:func:`pack_examples`).
 """
 
 from __future__ import annotations
@@ -10,9 +12,9 @@ from __future__ import annotations
 import math
 import os
 import random
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pandas as pd
 import torch
@@ -21,6 +23,13 @@ from PIL import Image
 from phivision.data.images import load_image
 from phivision.errors import PhivisionError
 from phivision.prompt import PromptFormat, format_answer, prompt_text
+
+if TYPE_CHECKING:
+    from phivision.train.config import DataConfig
+
+IGNORE_INDEX = -100
+EXIF_ORIENTATION = 0x0112
+ROTATED = (5, 6, 7, 8)  # EXIF orientations that swap width and height
 
 
 def split_rows(catalog: pd.DataFrame, split: str, limit: int = 0) -> pd.DataFrame:
@@ -72,78 +81,246 @@ class ProductDataset(torch.utils.data.Dataset):
         return example
 
     def lengths(self) -> list[int]:
-        """Approximate token counts (text + image tokens from the image's size) for length grouping.
+        """Token count of every example, exactly as ``build_example`` makes it: prompt text + image tokens
+        (from the image's size) + answer + ``<|end|>``. Token budgets and packing rely on it being exact.
 
-        Reads only image headers: decoding every image just to sort batches would cost as much as an epoch.
+        Reads only image headers: decoding every image just to plan batches would cost as much as an epoch.
         """
         tokenizer = self.processor.tokenizer
-        count_image = getattr(self.processor.image_processor, "calc_num_image_tokens", None)
-        lengths = []
-        for i in range(len(self)):
-            text = self.prompt + self.answer(i)
-            n = len(tokenizer(text, add_special_tokens=False)["input_ids"])
-            if count_image is not None:
-                try:
-                    with Image.open(self.root / self.rows.at[i, "image_path"]) as im:
-                        n += int(count_image(*im.size))
-                except OSError:
-                    pass  # unreadable image: __getitem__ raises the real error with the row
-            lengths.append(n)
-        return lengths
+        prompt = len(self.processor.encode_text(self.prompt, [0]))  # text tokens of the prompt
+        return [
+            prompt
+            + self.image_tokens(i)
+            + len(tokenizer(self.answer(i), add_special_tokens=False)["input_ids"])
+            + 1  # <|end|>
+            for i in range(len(self))
+        ]
+
+    def image_tokens(self, i: int) -> int:
+        """Image tokens of row ``i`` from its header (EXIF rotation included, as ``load_image`` applies it).
+
+        An unreadable image counts 0: ``__getitem__`` raises the real error, naming the row.
+        """
+        count = getattr(self.processor.image_processor, "calc_num_image_tokens", None)
+        if count is None:
+            return 0
+        try:
+            with Image.open(self.root / self.rows.at[i, "image_path"]) as im:
+                width, height = im.size
+                if im.getexif().get(EXIF_ORIENTATION) in ROTATED:
+                    width, height = height, width
+        except (OSError, ValueError, SyntaxError):
+            return 0
+        return int(count(width, height))
+
+
+def pack_examples(examples: Sequence[dict[str, Any]]) -> dict[str, torch.Tensor]:
+    """Examples from ``build_example`` -> one padding-free row ``(1, total tokens)``.
+
+    ``position_ids`` restart at 0 for every example and there is no ``attention_mask``: the model reads the
+    boundaries from the position ids, so attention never crosses examples (block-diagonal mask with eager/SDPA,
+    varlen FlashAttention-2). Each example's first label is -100, so no example is scored on predicting the next
+    one's first token. Images are concatenated in row order, as in a padded batch, and land on their own example.
+    """
+    if not examples:
+        raise ValueError("cannot pack an empty list of examples")
+    labels = []
+    for example in examples:
+        row = example["labels"].clone()
+        row[0] = IGNORE_INDEX
+        labels.append(row)
+    batch = {
+        "input_ids": torch.cat([ex["input_ids"] for ex in examples])[None],
+        "labels": torch.cat(labels)[None],
+        "position_ids": torch.cat([torch.arange(len(ex["input_ids"])) for ex in examples])[None],
+    }
+    with_images = [ex for ex in examples if ex.get("pixel_values") is not None]
+    if with_images:
+        tile_shapes = {tuple(ex["pixel_values"].shape[1:]) for ex in with_images}
+        if len(tile_shapes) > 1:
+            raise ValueError(
+                f"examples have different pixel_values shapes {sorted(tile_shapes)} (num_crops?)"
+            )
+        batch["pixel_values"] = torch.cat([ex["pixel_values"] for ex in with_images])
+        batch["image_sizes"] = torch.cat([ex["image_sizes"] for ex in with_images])
+    return batch
 
 
 class BatchPlan:
     """The global batches of every epoch, drawn from ``seed`` and the epoch number only.
 
-    With ``group_by_length`` each epoch's shuffled order is cut into mega-batches of 32 global batches, each sorted
-    by length, so a batch holds examples of similar length (less padding); batch order is shuffled again so long
-    batches do not all come first. The last incomplete global batch of an epoch is dropped, which keeps every
+    A global batch is ``world`` micro-batches, one per rank. Without a token budget it is ``global_batch`` rows,
+    split evenly over the ranks. With ``max_tokens`` each micro-batch takes rows in plan order while they fit:
+    padded, rows x longest row <= ``max_tokens``; packed, the sum of their lengths <= ``max_tokens``. Rows per batch
+    and batches per epoch then vary (still a function of the seed and the epoch).
+
+    With ``group_by_length`` each epoch's shuffled order is cut into mega-batches of about 32 global batches, each
+    sorted by length, so a batch holds examples of similar length (less padding); batch order is shuffled again so
+    long batches do not all come first. The last incomplete global batch of an epoch is dropped, which keeps every
     rank's share equal under DDP.
     """
 
-    def __init__(self, lengths: list[int], global_batch: int, seed: int, group_by_length: bool = True):
-        if len(lengths) < global_batch:
-            raise PhivisionError(
-                f"the train split has {len(lengths)} rows, fewer than one global batch ({global_batch}): "
-                "lower data.batch_size or add data"
-            )
+    def __init__(
+        self,
+        lengths: list[int],
+        global_batch: int,
+        seed: int,
+        group_by_length: bool = True,
+        *,
+        world: int = 1,
+        max_tokens: int = 0,
+        packing: bool = False,
+    ):
         self.lengths = lengths
-        self.global_batch = global_batch
         self.seed = seed
         self.group_by_length = group_by_length
-        self.batches_per_epoch = len(lengths) // global_batch
-        self._cache: tuple[int, list[list[int]]] | None = None
+        self.world = world
+        self.max_tokens = max_tokens
+        self.packing = packing
+        if max_tokens:
+            if max(lengths, default=0) > max_tokens:
+                raise PhivisionError(
+                    f"an example has {max(lengths)} tokens, more than the token budget data.max_tokens={max_tokens}"
+                )
+            per_micro = max(1, max_tokens // max(1, round(sum(lengths) / max(1, len(lengths)))))
+            self.mega = 32 * world * per_micro
+        else:
+            if len(lengths) < global_batch:
+                raise PhivisionError(
+                    f"the train split has {len(lengths)} rows, fewer than one global batch ({global_batch}): "
+                    "lower data.batch_size or add data"
+                )
+            self.mega = 32 * global_batch
+        self._fixed_batch = global_batch
+        self._sizes: list[int] = []  # global batches of each epoch seen so far
+        self._cache: tuple[int, list[list[list[int]]]] | None = None
+        self.batches_per_epoch = self._size(0)
+        if self.batches_per_epoch == 0:
+            raise PhivisionError(
+                f"the train split ({len(lengths)} rows) does not fill one global batch of {world} micro-batch(es) "
+                f"of at most {max_tokens} tokens: add data or lower data.max_tokens"
+            )
+        first = self._parts(0)
+        # Rows per global batch (a mean under a token budget); for messages and the DeepSpeed micro-batch size.
+        self.global_batch = round(sum(len(part) for parts in first for part in parts) / len(first))
 
-    def epoch(self, epoch: int) -> list[list[int]]:
-        if self._cache is not None and self._cache[0] == epoch:
-            return self._cache[1]
-        rng = random.Random(self.seed * 100_003 + epoch)
+    def _order(self, rng: random.Random) -> list[int]:
         order = list(range(len(self.lengths)))
         rng.shuffle(order)
         if self.group_by_length:
-            mega = self.global_batch * 32
             order = [
                 i
-                for start in range(0, len(order), mega)
-                for i in sorted(order[start : start + mega], key=lambda i: -self.lengths[i])
+                for start in range(0, len(order), self.mega)
+                for i in sorted(order[start : start + self.mega], key=lambda i: -self.lengths[i])
             ]
-        b = self.global_batch
-        batches = [order[s : s + b] for s in range(0, self.batches_per_epoch * b, b)]
+        return order
+
+    def _micro_batches(self, order: list[int]) -> list[list[int]]:
+        """Cut the order into micro-batches that fit the token budget."""
+        batches: list[list[int]] = []
+        current: list[int] = []
+        longest = total = 0
+        for i in order:
+            n = self.lengths[i]
+            cost = total + n if self.packing else (len(current) + 1) * max(longest, n)
+            if current and cost > self.max_tokens:
+                batches.append(current)
+                current, longest, total = [], 0, 0
+            current.append(i)
+            longest, total = max(longest, n), total + n
+        if current:
+            batches.append(current)
+        return batches
+
+    def _parts(self, epoch: int) -> list[list[list[int]]]:
+        """The epoch's global batches, each as its ``world`` micro-batches."""
+        if self._cache is not None and self._cache[0] == epoch:
+            return self._cache[1]
+        rng = random.Random(self.seed * 100_003 + epoch)
+        order = self._order(rng)
+        if self.max_tokens:
+            micro = self._micro_batches(order)
+            w = self.world
+            batches = [micro[s : s + w] for s in range(0, len(micro) - len(micro) % w, w)]
+        else:
+            b = self._fixed_batch
+            per_rank = b // self.world
+            flat = [order[s : s + b] for s in range(0, len(order) // b * b, b)]
+            batches = [
+                [batch[r * per_rank : (r + 1) * per_rank] for r in range(self.world)] for batch in flat
+            ]
         if self.group_by_length:
             rng.shuffle(batches)
         self._cache = (epoch, batches)
         return batches
 
+    def _size(self, epoch: int) -> int:
+        while len(self._sizes) <= epoch:
+            self._sizes.append(len(self._parts(len(self._sizes))))
+        return self._sizes[epoch]
+
+    def _locate(self, micro: int) -> tuple[int, int]:
+        epoch = 0
+        while micro >= self._size(epoch):
+            micro -= self._size(epoch)
+            epoch += 1
+        return epoch, micro
+
+    def epoch(self, epoch: int) -> list[list[int]]:
+        """The epoch's global batches as flat row lists."""
+        return [[i for part in parts for i in part] for parts in self._parts(epoch)]
+
     def global_batch_at(self, micro: int) -> list[int]:
         """The global batch consumed as micro-batch number ``micro`` of the run (counting across epochs)."""
-        epoch, pos = divmod(micro, self.batches_per_epoch)
-        return self.epoch(epoch)[pos]
+        epoch, pos = self._locate(micro)
+        return [i for part in self._parts(epoch)[pos] for i in part]
+
+    def rank_batch(self, micro: int, rank: int, world: int) -> list[int]:
+        """Rank ``rank``'s micro-batch of global batch ``micro``."""
+        epoch, pos = self._locate(micro)
+        parts = self._parts(epoch)[pos]
+        if len(parts) == world:
+            return parts[rank]
+        if self.max_tokens:
+            raise ValueError(f"this plan was made for {self.world} rank(s), not {world}")
+        flat = [i for part in parts for i in part]
+        per_rank = len(flat) // world
+        return flat[rank * per_rank : (rank + 1) * per_rank]
 
     def epoch_of(self, micro: int) -> float:
-        return micro / self.batches_per_epoch
+        epoch, pos = self._locate(micro)
+        return epoch + pos / self._size(epoch)
 
     def total_micro(self, epochs: float) -> int:
-        return math.floor(epochs * self.batches_per_epoch)
+        whole = math.floor(epochs)
+        return sum(self._size(e) for e in range(whole)) + math.floor((epochs - whole) * self._size(whole))
+
+
+def make_plan(dataset: ProductDataset, data: DataConfig, seed: int, world: int) -> BatchPlan:
+    """The run's batch plan from the ``data`` config: fixed ``batch_size`` rows, or a token budget per micro-batch.
+
+    With ``packing`` and no ``max_tokens``, the budget is what a padded batch of the longest rows would hold
+    (``batch_size`` x the longest example).
+    """
+    lengths = dataset.lengths()
+    max_tokens = data.max_tokens
+    if data.packing and not max_tokens:
+        max_tokens = data.batch_size * max(lengths, default=1)
+    if max_tokens and lengths and max(lengths) > max_tokens:
+        longest = max(range(len(lengths)), key=lengths.__getitem__)
+        raise PhivisionError(
+            f"config key 'data.max_tokens': {max_tokens} is less than the longest train example "
+            f"({lengths[longest]} tokens, product '{dataset.rows.at[longest, 'product_code']}'); raise it"
+        )
+    return BatchPlan(
+        lengths,
+        data.batch_size * world,
+        seed,
+        data.group_by_length,
+        world=world,
+        max_tokens=max_tokens,
+        packing=data.packing,
+    )
 
 
 class RankBatches(torch.utils.data.Sampler):
@@ -156,7 +333,5 @@ class RankBatches(torch.utils.data.Sampler):
         return max(0, self.stop - self.start)
 
     def __iter__(self) -> Iterator[list[int]]:
-        per_rank = self.plan.global_batch // self.world
         for micro in range(self.start, self.stop):
-            batch = self.plan.global_batch_at(micro)
-            yield batch[self.rank * per_rank : (self.rank + 1) * per_rank]
+            yield self.plan.rank_batch(micro, self.rank, self.world)
