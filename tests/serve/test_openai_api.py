@@ -260,6 +260,12 @@ def test_oversized_body_and_image_are_413(lora_server: ServerThread) -> None:
         ({"max_tokens": 9}, "max_tokens", "max_tokens_too_large"),
         ({"n": 2}, "n", "unsupported_parameter"),
         ({"stop": ["\n"]}, "stop", "unsupported_parameter"),
+        ({"seed": 7, "temperature": 0.8}, "seed", "unsupported_parameter"),
+        (
+            {"messages": [{"role": "user", "content": [{"type": "text", "text": 3}]}]},
+            "messages[0].content[0].text",
+            "invalid_request",
+        ),
         ({"temperature": 2.5}, "temperature", None),
         ({"response_format": {"type": "xml"}}, "response_format.type", "invalid_request"),
         (

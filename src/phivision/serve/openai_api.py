@@ -39,7 +39,7 @@ MAX_QUESTION_CHARS = 2000
 # Parameters that change nothing when left at these values; any other value is refused rather than ignored.
 NEUTRAL = {"n": 1, "logprobs": False, "presence_penalty": 0, "frequency_penalty": 0, "top_logprobs": 0}
 # Parameters that only label the request for the client's own bookkeeping.
-IGNORED = {"user", "metadata", "store", "service_tier", "safety_identifier", "prompt_cache_key", "seed"}
+IGNORED = {"user", "metadata", "store", "service_tier", "safety_identifier", "prompt_cache_key"}
 END = object()  # marks the end of a stream's text pieces
 
 
@@ -139,6 +139,8 @@ def check_parameters(request: ChatRequest) -> None:
     for name, value in (request.model_extra or {}).items():
         if value is None or name in IGNORED or value in ([], {}):
             continue
+        if name == "seed" and not request.temperature:  # greedy answers do not depend on a seed
+            continue
         if name in NEUTRAL and value == NEUTRAL[name]:
             continue
         raise invalid(
@@ -164,7 +166,9 @@ def read_message(request: ChatRequest) -> tuple[str, str, str | None]:
     for j, part in enumerate(content):
         param = f"messages[0].content[{j}]"
         kind = part.get("type")
-        if kind == "text" and isinstance(part.get("text"), str):
+        if kind == "text":
+            if not isinstance(part.get("text"), str):
+                raise invalid("a text part needs its text as a string", f"{param}.text")
             texts.append(part["text"])
         elif kind == "image_url":
             image_url = part.get("image_url")

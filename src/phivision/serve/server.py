@@ -23,7 +23,7 @@ import time
 import warnings
 from collections.abc import Callable
 from contextlib import asynccontextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from importlib import resources
 from typing import Any
 
@@ -38,7 +38,7 @@ from phivision.data.images import ImageError, load_image
 from phivision.netguard import AddressPolicy
 from phivision.prompt import PromptFormat
 from phivision.serve.batcher import MicroBatcher, QueueFull, WorkerStopped
-from phivision.serve.limits import MB, ServeLimits, allowed_hosts, check_bind
+from phivision.serve.limits import ServeLimits, allowed_hosts, check_bind
 from phivision.serve.predict import prediction_record
 
 __all__ = ["MicroBatcher", "QueueFull", "ServeLimits", "create_app", "serve"]
@@ -86,10 +86,9 @@ def image_pixels(data: bytes, max_pixels: int) -> int:
             with Image.open(io.BytesIO(data)) as image:
                 pixels = image.width * image.height
     except Exception:
-        load_image(data, max_pixels)  # raises the loader's reason (not_an_image, empty, too_many_pixels...)
-        raise ImageError(
-            "corrupt", "no readable image header"
-        ) from None  # the loader accepted it: unreachable
+        # Let the one image loader say why (not_an_image, empty, truncated, too_many_pixels...); it fails too.
+        load_image(data, max_pixels)
+        raise ImageError("corrupt", "no readable image header") from None
     if pixels > max_pixels:
         raise ImageError("too_many_pixels", f"{pixels:,} pixels")
     return pixels
@@ -158,7 +157,7 @@ class Serving:
     batcher: MicroBatcher
     model_name: str
     remote_images: AddressPolicy | None = None
-    created: int = field(default=0)
+    created: int = 0  # when the server started (the model's `created` in /v1/models)
 
     @property
     def question(self) -> str:
@@ -252,8 +251,8 @@ def _host_name(value: str) -> str:
 
 
 class BodyTooLarge(ServeError):
-    def __init__(self, limit: int) -> None:
-        super().__init__(413, f"request body too large: the limit is {limit / MB:g} MB", "body_too_large")
+    def __init__(self, message: str) -> None:
+        super().__init__(413, message, "body_too_large")
 
 
 class BodyTimeout(ServeError):
@@ -271,20 +270,20 @@ class BodyGuard:
     the request, so a client trickling bytes cannot hold a connection and a buffer indefinitely.
     """
 
-    def __init__(self, app: Any, limits: dict[str, int], default: int, timeout: float) -> None:
+    def __init__(self, app: Any, limits: dict[str, tuple[int, str]], default: int, timeout: float) -> None:
         self.app = app
-        self.limits = limits
-        self.default = default
+        self.limits = limits  # path -> (bytes, what to tell a client over it)
+        self.default = (default, f"request body too large: at most {default // 1024} KB on this route")
         self.timeout = timeout
 
     async def __call__(self, scope: dict, receive: Callable, send: Callable) -> None:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        limit = self.limits.get(scope["path"], self.default)
+        limit, too_large = self.limits.get(scope["path"], self.default)
         declared = dict(scope.get("headers") or []).get(b"content-length")
         if declared is not None and (not declared.isdigit() or int(declared) > limit):
-            await _send_error(scope, send, 413, BodyTooLarge(limit).detail, "body_too_large")
+            await _send_error(scope, send, 413, too_large, "body_too_large")
             return
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self.timeout
@@ -302,7 +301,7 @@ class BodyGuard:
             if message["type"] == "http.request":
                 received += len(message.get("body", b""))
                 if received > limit:
-                    raise BodyTooLarge(limit)
+                    raise BodyTooLarge(too_large)
                 done = not message.get("more_body", False)
             return message
 
@@ -413,9 +412,13 @@ def create_app(
         docs_url=None,  # FastAPI's pages load their scripts from a CDN; /docs below is self-contained
         redoc_url=None,
     )
+    too_large = f"request body too large: images up to {limits.max_upload_mb:g} MB are accepted"
     body_limits = {
-        "/v1/predict": limits.max_upload_bytes + MULTIPART_OVERHEAD,
-        "/v1/chat/completions": openai_api.max_body_bytes(limits.max_upload_bytes) + JSON_OVERHEAD,
+        "/v1/predict": (limits.max_upload_bytes + MULTIPART_OVERHEAD, too_large),
+        "/v1/chat/completions": (
+            openai_api.max_body_bytes(limits.max_upload_bytes) + JSON_OVERHEAD,
+            too_large,
+        ),
     }
     app.add_middleware(BodyGuard, limits=body_limits, default=SMALL_BODY, timeout=limits.body_timeout)
     if hosts is not None:
