@@ -315,41 +315,114 @@ def predict(
         raise typer.Exit(code=1)
 
 
+def _serve_default(name: str):
+    """A serve flag's default, defined once in ServeLimits (a light module: no torch, FastAPI or Pillow)."""
+    from phivision.serve.limits import ServeLimits
+
+    return getattr(ServeLimits, name)
+
+
 @app.command()
 def serve(
     model: Annotated[str, typer.Option(help="Training RUN directory, checkpoint directory or hub id.")],
     host: Annotated[str, typer.Option(help="Interface to bind (0.0.0.0: every interface).")] = "127.0.0.1",
-    port: Annotated[int, typer.Option(help="TCP port.")] = 8000,
-    max_batch_size: Annotated[int, typer.Option(help="Most concurrent requests answered in one batch.")] = 8,
+    port: Annotated[int, typer.Option(help="TCP port (1-65535).")] = 8000,
+    served_model_name: Annotated[
+        str | None, typer.Option(help="Model id of the OpenAI API (/v1/models). Default: --model as given.")
+    ] = None,
+    max_batch_size: Annotated[
+        int, typer.Option(help="Most concurrent requests answered in one batch.")
+    ] = _serve_default("max_batch_size"),
     max_wait_ms: Annotated[
         float, typer.Option(help="How long a batch waits for more requests to join.")
-    ] = 10.0,
+    ] = _serve_default("max_wait_ms"),
+    max_batch_pixels: Annotated[
+        int, typer.Option(help="Decoded pixels one batch may hold (bounds memory; one image always fits).")
+    ] = _serve_default("max_batch_pixels"),
     max_upload_mb: Annotated[
-        float, typer.Option(help="Largest upload accepted (bigger ones get 413).")
-    ] = 10.0,
+        float, typer.Option(help="Largest image file accepted (bigger ones get 413).")
+    ] = _serve_default("max_upload_mb"),
     max_pixels: Annotated[
         int, typer.Option(help="Largest image in pixels (bigger ones, e.g. decompression bombs, get 413).")
-    ] = 40_000_000,
-    max_new_tokens: Annotated[int, typer.Option(help="Longest answer generated, in tokens.")] = 64,
+    ] = _serve_default("max_pixels"),
+    max_queue: Annotated[
+        int, typer.Option(help="Most requests waiting for the model (more get 503).")
+    ] = _serve_default("max_queue"),
+    max_queue_mb: Annotated[
+        float, typer.Option(help="Most image bytes waiting for the model (more get 503).")
+    ] = _serve_default("max_queue_mb"),
+    max_new_tokens: Annotated[
+        int, typer.Option(help="Longest answer generated, in tokens (the largest max_tokens accepted).")
+    ] = _serve_default("max_new_tokens"),
+    body_timeout: Annotated[
+        float, typer.Option(help="Seconds a client may take to send its request body (then 408).")
+    ] = _serve_default("body_timeout"),
+    answer_timeout: Annotated[
+        float, typer.Option(help="Seconds a request may wait for its answer (then 504).")
+    ] = _serve_default("answer_timeout"),
+    allow_remote_images: Annotated[
+        bool,
+        typer.Option(
+            help="Let chat requests give http(s) image URLs, fetched by the server (public addresses only; "
+            "never link-local or cloud metadata addresses)."
+        ),
+    ] = False,
+    allow_private_image_hosts: Annotated[
+        bool,
+        typer.Option(help="With --allow-remote-images: also fetch from loopback and private networks."),
+    ] = False,
+    remote_image_timeout: Annotated[
+        float, typer.Option(help="Seconds for fetching one http(s) image, redirects included.")
+    ] = _serve_default("remote_image_timeout"),
+    allowed_host: Annotated[
+        list[str] | None,
+        typer.Option(
+            help="A Host name to answer besides the loopback names (repeatable), e.g. the name a reverse "
+            "proxy forwards. Bound to loopback, other names are refused (DNS rebinding)."
+        ),
+    ] = None,
     device: Annotated[
         str | None, typer.Option(help="cuda, cpu, cuda:1... (default: cuda if available)")
     ] = None,
+    dtype: Annotated[
+        str | None, typer.Option(help="float32, bfloat16 or float16 (default: bf16 on cuda, fp32 on cpu).")
+    ] = None,
 ) -> None:
-    """Serve the model over HTTP: POST /v1/predict (multipart field "image"), an upload page at /, /healthz,
-    and the OpenAPI schema at /openapi.json (interactive docs at /docs)."""
-    from phivision.serve.server import ServeLimits
+    """Serve the model over HTTP: the OpenAI-compatible POST /v1/chat/completions and GET /v1/models,
+    POST /v1/predict (multipart field "image"), an upload page at /, /healthz, and the API reference at /docs
+    (schema: /openapi.json). Every flag is checked before the model loads. See docs/serving.md."""
+    from phivision.netguard import AddressPolicy
+    from phivision.serve.limits import ServeLimits
     from phivision.serve.server import serve as run_server
 
-    if max_batch_size < 1 or max_upload_mb <= 0 or max_pixels < 1:
-        raise PhivisionError("--max-batch-size, --max-upload-mb and --max-pixels must be positive")
+    if allow_private_image_hosts and not allow_remote_images:
+        raise PhivisionError("--allow-private-image-hosts needs --allow-remote-images")
     limits = ServeLimits(
         max_batch_size=max_batch_size,
         max_wait_ms=max_wait_ms,
+        max_batch_pixels=max_batch_pixels,
         max_upload_mb=max_upload_mb,
         max_pixels=max_pixels,
+        max_queue=max_queue,
+        max_queue_mb=max_queue_mb,
         max_new_tokens=max_new_tokens,
+        body_timeout=body_timeout,
+        answer_timeout=answer_timeout,
+        remote_image_timeout=remote_image_timeout,
     )
-    run_server(model, host=host, port=port, limits=limits, device=device)
+    private = allow_private_image_hosts
+    remote = AddressPolicy(allow_loopback=private, allow_private=private) if allow_remote_images else None
+    run_server(
+        model,
+        host=host,
+        port=port,
+        limits=limits,
+        device=device,
+        dtype=dtype,
+        served_model_name=served_model_name,
+        allowed_host=tuple(allowed_host or ()),
+        remote_images=remote,
+    )
 
 
 @app.command()

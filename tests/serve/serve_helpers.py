@@ -105,3 +105,35 @@ class ServerThread:
     def __exit__(self, *exc) -> None:
         self.server.should_exit = True
         self.thread.join(30)
+
+
+def data_url(data: bytes, mime: str = "image/png") -> str:
+    import base64
+
+    return f"data:{mime};base64,{base64.b64encode(data).decode()}"
+
+
+TAUGHT_ANSWER = "Product: Check Cotton Shirt, Category: shirts, Full Price: 890.0"
+
+
+def teach_answer(base: Path, image: Image.Image, answer: str = TAUGHT_ANSWER, steps: int = 60):
+    """A tiny model trained for a few steps on one photo until greedy decoding says ``answer`` for it: a short run
+    whose answers parse, so structured answers have real fields to carry. Returns a LoadedModel."""
+    from phivision.model import Phi3VForCausalLM, Phi3VProcessor
+    from phivision.prompt import PromptFormat, prompt_text
+    from phivision.runs import LoadedModel
+
+    torch.manual_seed(0)
+    model = Phi3VForCausalLM.from_pretrained(base, dtype=torch.float32)
+    processor = Phi3VProcessor.from_pretrained(base)
+    prompt = PromptFormat()
+    batch = processor.collate([processor.build_example(prompt_text(prompt), answer, [image])])
+    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    model.train()
+    for _ in range(steps):
+        loss = model(**batch).loss
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    model.eval()
+    return LoadedModel(model, processor, prompt, source="taught-tiny")

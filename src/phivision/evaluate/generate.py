@@ -7,7 +7,8 @@ padding), and the answers are returned in the caller's order.
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -15,6 +16,7 @@ import torch
 from PIL import Image
 from tqdm.auto import tqdm
 from transformers import GenerationConfig
+from transformers.generation.streamers import BaseStreamer
 
 from phivision.data.images import ImageError, load_image
 from phivision.prompt import PromptFormat, prompt_text
@@ -33,9 +35,35 @@ def _first_stop(row: list[int], stop_ids: set[int]) -> list[int]:
     return row
 
 
-# no_grad rather than inference_mode: training calls this between steps, and a buffer created lazily under
-# inference_mode (e.g. a rotary cache) would later break backward with "inference tensors cannot be saved".
-@torch.no_grad()
+@dataclass(frozen=True)
+class Completion:
+    """One generated answer and its token counts (serve reports them as the OpenAI API's ``usage``)."""
+
+    text: str  # the decoded answer, special tokens skipped, surrounding whitespace stripped
+    prompt_tokens: int  # prompt length, image tokens included
+    completion_tokens: int  # tokens generated, the closing stop token included
+    finished: bool  # ended with a stop token (False: cut off at max_new_tokens)
+
+
+class _StepTokens(BaseStreamer):
+    """Hands each generation step's new token of every row to ``callback(image_index, token_id)``."""
+
+    def __init__(self, rows: list[int], callback: Callable[[int, int], None]) -> None:
+        self.rows = rows
+        self.callback = callback
+        self.prompt_seen = False
+
+    def put(self, value: torch.Tensor) -> None:
+        if not self.prompt_seen:  # generate() first passes the prompt ids
+            self.prompt_seen = True
+            return
+        for row, token in zip(self.rows, value.reshape(-1).tolist(), strict=True):
+            self.callback(row, int(token))
+
+    def end(self) -> None:
+        pass
+
+
 def generate_answers(
     model: Any,
     processor: Any,
@@ -45,7 +73,27 @@ def generate_answers(
     max_new_tokens: int = 64,
     progress: bool | tqdm = True,
 ) -> list[str]:
-    """Greedy answers, one per image, in the order of ``images``.
+    """Greedy answers, one per image, in the order of ``images`` (see :func:`generate_completions`)."""
+    completions = generate_completions(model, processor, images, prompt, batch_size, max_new_tokens, progress)
+    return [completion.text for completion in completions]
+
+
+# no_grad rather than inference_mode: training calls this between steps, and a buffer created lazily under
+# inference_mode (e.g. a rotary cache) would later break backward with "inference tensors cannot be saved".
+@torch.no_grad()
+def generate_completions(
+    model: Any,
+    processor: Any,
+    images: Sequence[Image.Image],
+    prompt: PromptFormat = PromptFormat(),
+    batch_size: int = 8,
+    max_new_tokens: int = 64,
+    progress: bool | tqdm = True,
+    temperature: float = 0.0,
+    top_p: float = 1.0,
+    on_token: Callable[[int, int], None] | None = None,
+) -> list[Completion]:
+    """Answers, one per image, in the order of ``images``: greedy unless ``temperature`` > 0.
 
     Args:
         model: a Phi3VForCausalLM (or a PEFT wrapper of one); put in eval mode for the call, then restored.
@@ -55,9 +103,13 @@ def generate_answers(
         batch_size: prompts per forward pass.
         max_new_tokens: answer length cap; an answer that reaches it is returned as is (and may not parse).
         progress: show a tqdm bar; or an open tqdm bar to advance (a caller answering in chunks keeps one bar).
+        temperature: 0 decodes greedily; above 0 samples with this temperature (and ``top_p``).
+        top_p: nucleus sampling mass (sampling only).
+        on_token: called as ``on_token(image_index, token_id)`` for every new token as it is generated (rows
+            that already stopped keep receiving padding), so a server can stream answers.
 
     Returns:
-        The decoded new tokens of each answer, special tokens skipped, surrounding whitespace stripped.
+        One :class:`Completion` per image.
     """
     if batch_size < 1:
         raise ValueError(f"batch_size must be at least 1, got {batch_size}")
@@ -65,9 +117,11 @@ def generate_answers(
         return []
     stop_ids = [int(t) for t in processor.stop_token_ids]
     stops = set(stop_ids)
+    sampling = {"temperature": temperature, "top_p": top_p} if temperature > 0 else {}
     config = GenerationConfig(
         max_new_tokens=max_new_tokens,
-        do_sample=False,
+        do_sample=temperature > 0,
+        **sampling,
         num_beams=1,
         use_cache=True,
         eos_token_id=stop_ids,
@@ -78,7 +132,7 @@ def generate_answers(
     text = prompt_text(prompt)
     # Longest first: similar lengths share a batch, and a batch that does not fit in memory fails at once.
     order = sorted(range(len(images)), key=lambda i: -expected_length(processor, images[i]))
-    answers = [""] * len(images)
+    answers: list[Completion | None] = [None] * len(images)
     own_bar = isinstance(progress, bool)
     bar = tqdm(total=len(images), desc="generate", unit="img", disable=not progress) if own_bar else progress
     was_training = model.training
@@ -94,19 +148,28 @@ def generate_answers(
             )
             inputs = {k: v.to(device) for k, v in batch.items() if isinstance(v, torch.Tensor)}
             inputs["pixel_values"] = inputs["pixel_values"].to(dtype)
-            output = model.generate(**inputs, generation_config=config)  # (b, prompt + new)
+            streamer = _StepTokens(chunk, on_token) if on_token is not None else None
+            output = model.generate(
+                **inputs, generation_config=config, streamer=streamer
+            )  # (b, prompt + new)
             new_tokens = output[:, inputs["input_ids"].shape[1] :].tolist()
-            texts = processor.tokenizer.batch_decode(
-                [_first_stop(r, stops) for r in new_tokens], skip_special_tokens=True
-            )
-            for i, answer in zip(chunk, texts, strict=True):
-                answers[i] = answer.strip()
+            kept = [_first_stop(r, stops) for r in new_tokens]
+            texts = processor.tokenizer.batch_decode(kept, skip_special_tokens=True)
+            prompt_lengths = inputs["attention_mask"].sum(dim=1).tolist()
+            for row, i in enumerate(chunk):
+                finished = len(kept[row]) < len(new_tokens[row])
+                answers[i] = Completion(
+                    text=texts[row].strip(),
+                    prompt_tokens=int(prompt_lengths[row]),
+                    completion_tokens=len(kept[row]) + finished,
+                    finished=finished,
+                )
             bar.update(len(chunk))
     finally:
         model.train(was_training)
         if own_bar:
             bar.close()
-    return answers
+    return answers  # type: ignore[return-value]  (every slot is filled above)
 
 
 def answer_image_files(

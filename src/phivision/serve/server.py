@@ -1,44 +1,314 @@
-"""`phivision serve`: an HTTP API and a small upload page around one loaded model.
+"""`phivision serve`: an HTTP API (phivision's own route and an OpenAI-compatible chat API) and a small upload
+page around one loaded model.
 
-Requests never touch the model directly. Each upload is checked (size, then image decoding with a pixel bound)
-on the request's own task, then queued; one background task gathers up to ``max_batch_size`` queued images
-within ``max_wait_ms`` and answers them with a single batched ``generate_answers`` call on one dedicated
-thread. So concurrent requests share GPU batches, the model is only ever used from one thread, and the event
-loop stays free to accept uploads and answer ``/healthz`` while a batch runs.
+Requests never touch the model directly. A request reads its image bytes (bounded in size and in time), checks
+the image's header (pixel count, before any decoding) and queues the bytes; the :class:`MicroBatcher` gathers
+waiting requests into batches bounded in count and in decoded pixels, and one model thread decodes that batch's
+images and answers them with batched generation. Waiting requests therefore hold only their compressed bytes,
+and the model is only ever used from one thread.
 
-Status codes: 413 for a request body over ``max_upload_mb`` (checked from Content-Length and again while the
-body streams in) and for images over ``max_pixels`` (decompression bombs: refused from the header before any
-decoding); 415 for files that are not decodable images; 503 when the queue is full; 504 when an answer takes
-longer than ``request_timeout_s``; 500 if generation itself fails (the server keeps running).
+Routes: ``POST /v1/predict`` (multipart upload), ``POST /v1/chat/completions`` and ``GET /v1/models`` (OpenAI
+schema, see :mod:`phivision.serve.openai_api`), ``GET /`` (upload page), ``GET /healthz``, ``GET /docs`` (an
+offline route list) and ``GET /openapi.json``. docs/serving.md lists the status codes.
 """
 
 from __future__ import annotations
 
 import asyncio
 import html
+import io
 import json
 import logging
+import time
+import warnings
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
-from contextlib import asynccontextmanager, suppress
+from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from importlib import resources
 from typing import Any
 
-from fastapi import FastAPI, File, HTTPException, UploadFile
-from fastapi.concurrency import run_in_threadpool
-from fastapi.responses import HTMLResponse
+from fastapi import FastAPI, File, HTTPException, Request, UploadFile
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import HTMLResponse, JSONResponse
 from PIL import Image
 from pydantic import BaseModel
+from starlette.concurrency import run_in_threadpool
 
-from phivision.data.images import DEFAULT_MAX_PIXELS, ImageError, load_image
+from phivision.data.images import ImageError, load_image
+from phivision.netguard import AddressPolicy
+from phivision.prompt import PromptFormat
+from phivision.serve.batcher import MicroBatcher, QueueFull, WorkerStopped
+from phivision.serve.limits import ServeLimits, allowed_hosts, check_bind
 from phivision.serve.predict import prediction_record
+
+__all__ = ["MicroBatcher", "QueueFull", "ServeLimits", "create_app", "serve"]
 
 log = logging.getLogger("phivision.serve")
 
-MB = 1024 * 1024
 # Multipart framing (boundaries, part headers) around the file itself: allowed on top of the upload bound.
 MULTIPART_OVERHEAD = 16 * 1024
+# JSON around a chat request's base64 image (messages, parameters): allowed on top of the encoded upload bound.
+JSON_OVERHEAD = 64 * 1024
+# Any other route: GET requests and small JSON bodies only.
+SMALL_BODY = 64 * 1024
+OPENAI_PATHS = ("/v1/chat/completions", "/v1/models")
+
+
+# ------------------------------------------------------------------------------------------ answering
+
+
+@dataclass(frozen=True)
+class Generation:
+    """How to answer: requests with equal settings share one batched generate call."""
+
+    question: str
+    max_new_tokens: int
+    temperature: float = 0.0
+    top_p: float = 1.0
+
+
+@dataclass
+class Job:
+    """One queued request: the image's bytes (decoded on the model thread), how to answer, and an optional
+    ``on_token(token_id)`` called on the model thread as tokens are generated (streaming)."""
+
+    data: bytes
+    generation: Generation
+    on_token: Callable[[int], None] | None = None
+
+
+def image_pixels(data: bytes, max_pixels: int) -> int:
+    """The image's pixel count from its header, without decoding it. Raises :class:`ImageError` for an image
+    over ``max_pixels`` or a file without a readable header (the reason comes from the one image loader)."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            with Image.open(io.BytesIO(data)) as image:
+                pixels = image.width * image.height
+    except Exception:
+        # Let the one image loader say why (not_an_image, empty, truncated, too_many_pixels...); it fails too.
+        load_image(data, max_pixels)
+        raise ImageError("corrupt", "no readable image header") from None
+    if pixels > max_pixels:
+        raise ImageError("too_many_pixels", f"{pixels:,} pixels")
+    return pixels
+
+
+def answer_jobs(loaded: Any, limits: ServeLimits, jobs: list[Job]) -> list[Any]:
+    """Decode the batch's images and answer them (on the model thread): one Completion or ImageError per job.
+
+    Decoding happens here, one batch at a time, so decoded pixels exist only for the batch being answered.
+    Jobs with different generation settings are answered by one generate call per setting.
+    """
+    from phivision.evaluate.generate import generate_completions
+
+    results: list[Any] = [None] * len(jobs)
+    images: dict[int, Image.Image] = {}
+    for i, job in enumerate(jobs):
+        try:
+            images[i] = load_image(job.data, limits.max_pixels)
+        except ImageError as err:
+            results[i] = err
+    groups: dict[Generation, list[int]] = {}
+    for i in images:
+        groups.setdefault(jobs[i].generation, []).append(i)
+    for generation, members in groups.items():
+        streams = {k: jobs[i].on_token for k, i in enumerate(members) if jobs[i].on_token is not None}
+
+        def on_token(k: int, token: int, streams: dict = streams) -> None:
+            if k in streams:
+                streams[k](token)
+
+        completions = generate_completions(
+            loaded.model,
+            loaded.processor,
+            [images.pop(i) for i in members],
+            prompt=PromptFormat(generation.question, loaded.prompt.answer_template),
+            batch_size=len(members),
+            max_new_tokens=generation.max_new_tokens,
+            progress=False,
+            temperature=generation.temperature,
+            top_p=generation.top_p,
+            on_token=on_token if streams else None,
+        )
+        for i, completion in zip(members, completions, strict=True):
+            results[i] = completion
+    return results
+
+
+class ServeError(HTTPException):
+    """An HTTP error with the OpenAI error fields: rendered as ``{"error": {...}}`` on the OpenAI routes and as
+    ``{"detail": ...}`` on phivision's own."""
+
+    def __init__(
+        self, status: int, message: str, code: str | None = None, param: str | None = None, **headers: str
+    ) -> None:
+        super().__init__(status_code=status, detail=message, headers=headers or None)
+        self.code = code
+        self.param = param
+
+
+@dataclass
+class Serving:
+    """What the routes share: the model, the bounds, the batcher and the names the server answers to."""
+
+    loaded: Any
+    limits: ServeLimits
+    batcher: MicroBatcher
+    model_name: str
+    remote_images: AddressPolicy | None = None
+    created: int = 0  # when the server started (the model's `created` in /v1/models)
+
+    @property
+    def question(self) -> str:
+        return self.loaded.prompt.question
+
+    async def answer(
+        self, data: bytes, generation: Generation, on_token: Callable[[int], None] | None = None
+    ):
+        """Check the image's header, queue it and wait for its Completion. Raises ImageError, QueueFull,
+        WorkerStopped, TimeoutError, or the generation's own error."""
+        pixels = await run_in_threadpool(image_pixels, data, self.limits.max_pixels)
+        job = Job(data, generation, on_token)
+        return await asyncio.wait_for(
+            self.batcher.submit(job, cost=pixels, nbytes=len(data)), self.limits.answer_timeout
+        )
+
+
+def failure(
+    err: Exception, limits: ServeLimits, bad_image: int, label: str, param: str | None = None
+) -> ServeError:
+    """The HTTP error for an exception raised while answering (``bad_image``: the status for an undecodable
+    image: 415 on /v1/predict, 400 on the chat API, where OpenAI clients expect 400)."""
+    if isinstance(err, ImageError):
+        # The loader's detail names server-side objects, never the client's file: the reason code only.
+        if err.reason == "too_many_pixels":
+            message = f"{label}: too_many_pixels (the limit is {limits.max_pixels:,} pixels)"
+            return ServeError(413, message, "image_too_large", param)
+        return ServeError(bad_image, f"{label}: {err.reason}", "invalid_image", param)
+    if isinstance(err, QueueFull):
+        return ServeError(503, "server busy: too many requests queued", "queue_full", **{"Retry-After": "1"})
+    if isinstance(err, WorkerStopped):
+        return ServeError(503, f"the model worker is not running: {err}", "worker_stopped")
+    if isinstance(err, asyncio.TimeoutError):
+        return ServeError(504, "no answer within the request timeout", "timeout")
+    log.error("answering failed: %s: %s", type(err).__name__, err)
+    return ServeError(500, f"generation failed: {type(err).__name__}", "generation_failed")
+
+
+# ------------------------------------------------------------------------------------------ middleware
+
+
+def error_body(
+    path: str, status: int, message: str, code: str | None = None, param: str | None = None
+) -> dict:
+    """The error shape of ``path``: OpenAI's on the OpenAI routes, FastAPI's ``{"detail"}`` elsewhere."""
+    if path.startswith(OPENAI_PATHS):
+        kind = "invalid_request_error" if status < 500 else "server_error"
+        return {"error": {"message": message, "type": kind, "param": param, "code": code}}
+    return {"detail": message}
+
+
+async def _send_error(scope: dict, send: Callable, status: int, message: str, code: str) -> None:
+    data = json.dumps(error_body(scope["path"], status, message, code)).encode()
+    headers = [
+        (b"content-type", b"application/json"),
+        (b"content-length", str(len(data)).encode()),
+        (b"connection", b"close"),
+    ]
+    await send({"type": "http.response.start", "status": status, "headers": headers})
+    await send({"type": "http.response.body", "body": data})
+
+
+class HostGuard:
+    """ASGI middleware: answer only requests whose ``Host`` header names one of ``hosts`` (400 otherwise).
+
+    A server bound to loopback is reachable from any web page the user opens, through a DNS name that resolves
+    to 127.0.0.1 (DNS rebinding); such requests carry the attacker's name in ``Host`` and are refused here.
+    """
+
+    def __init__(self, app: Any, hosts: frozenset[str]) -> None:
+        self.app = app
+        self.hosts = hosts
+
+    async def __call__(self, scope: dict, receive: Callable, send: Callable) -> None:
+        if scope["type"] == "http":
+            host = dict(scope.get("headers") or []).get(b"host")
+            name = _host_name(host.decode("latin-1")) if host is not None else None
+            if name is not None and name not in self.hosts:
+                message = f"Host {name!r} is not served here (allowed: {', '.join(sorted(self.hosts))})"
+                await _send_error(scope, send, 400, message, "invalid_host")
+                return
+        await self.app(scope, receive, send)
+
+
+def _host_name(value: str) -> str:
+    """``example.com:8000`` -> ``example.com``; ``[::1]:8000`` -> ``::1``."""
+    value = value.strip().lower()
+    if value.startswith("["):
+        return value[1 : value.find("]")] if "]" in value else value
+    return value.rsplit(":", 1)[0] if value.count(":") == 1 else value
+
+
+class BodyTooLarge(ServeError):
+    def __init__(self, message: str) -> None:
+        super().__init__(413, message, "body_too_large")
+
+
+class BodyTimeout(ServeError):
+    def __init__(self, seconds: float) -> None:
+        super().__init__(
+            408, f"request body not received within {seconds:g} s", "body_timeout", connection="close"
+        )
+
+
+class BodyGuard:
+    """ASGI middleware: bound every request body in size (413) and in time (408).
+
+    Content-Length is checked before anything is read; the body is also counted while it streams in, so a
+    chunked or lying client is cut off at the bound. The whole body must arrive within ``timeout`` seconds of
+    the request, so a client trickling bytes cannot hold a connection and a buffer indefinitely.
+    """
+
+    def __init__(self, app: Any, limits: dict[str, tuple[int, str]], default: int, timeout: float) -> None:
+        self.app = app
+        self.limits = limits  # path -> (bytes, what to tell a client over it)
+        self.default = (default, f"request body too large: at most {default // 1024} KB on this route")
+        self.timeout = timeout
+
+    async def __call__(self, scope: dict, receive: Callable, send: Callable) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        limit, too_large = self.limits.get(scope["path"], self.default)
+        declared = dict(scope.get("headers") or []).get(b"content-length")
+        if declared is not None and (not declared.isdigit() or int(declared) > limit):
+            await _send_error(scope, send, 413, too_large, "body_too_large")
+            return
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.timeout
+        received = 0
+        done = False
+
+        async def guarded_receive() -> dict:
+            nonlocal received, done
+            if done:  # after the body: waiting for a disconnect is not bounded
+                return await receive()
+            try:
+                message = await asyncio.wait_for(receive(), max(0.0, deadline - loop.time()))
+            except asyncio.TimeoutError:
+                raise BodyTimeout(self.timeout) from None
+            if message["type"] == "http.request":
+                received += len(message.get("body", b""))
+                if received > limit:
+                    raise BodyTooLarge(too_large)
+                done = not message.get("more_body", False)
+            return message
+
+        await self.app(scope, guarded_receive, send)
+
+
+# ------------------------------------------------------------------------------------------ the app
 
 
 class Prediction(BaseModel):
@@ -52,172 +322,15 @@ class Prediction(BaseModel):
 
 
 class Health(BaseModel):
-    status: str
+    status: str  # "ok", or "error" when the model worker died or the latest batch failed (HTTP 503)
     model: str
+    served_model_name: str
     queued: int
     requests: int
     batches: int
+    failed_batches: int
     max_batch_size: int
-
-
-@dataclass
-class ServeLimits:
-    """The bounds one server enforces; the defaults suit product photos."""
-
-    max_batch_size: int = 8
-    max_wait_ms: float = 10.0
-    max_upload_mb: float = 10.0
-    max_pixels: int = DEFAULT_MAX_PIXELS
-    max_queue: int = 256
-    request_timeout_s: float = 300.0
-    max_new_tokens: int = 64
-
-    @property
-    def max_body_bytes(self) -> int:
-        return int(self.max_upload_mb * MB) + MULTIPART_OVERHEAD
-
-
-class QueueFull(Exception):
-    """More requests are waiting than the server accepts (answered with 503)."""
-
-
-class MicroBatcher:
-    """Queue of (image, future); one task drains it in batches and runs ``generate`` on one model thread."""
-
-    def __init__(
-        self,
-        generate: Callable[[list[Image.Image]], list[str]],
-        max_batch_size: int,
-        max_wait_s: float,
-        max_queue: int,
-    ) -> None:
-        self.generate = generate
-        self.max_batch_size = max_batch_size
-        self.max_wait_s = max_wait_s
-        self.max_queue = max_queue
-        self.requests = 0
-        self.batches = 0
-        self.batch_sizes: list[int] = []
-        self._queue: asyncio.Queue | None = None
-        self._task: asyncio.Task | None = None
-        self._executor: ThreadPoolExecutor | None = None
-
-    @property
-    def queued(self) -> int:
-        return self._queue.qsize() if self._queue is not None else 0
-
-    def start(self) -> None:
-        """Create the queue and start the worker on the running event loop."""
-        self._queue = asyncio.Queue(maxsize=self.max_queue)
-        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="phivision-model")
-        self._task = asyncio.get_running_loop().create_task(self._run())
-
-    async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with suppress(asyncio.CancelledError):
-                await self._task
-        if self._executor is not None:
-            self._executor.shutdown(wait=True)
-
-    async def submit(self, image: Image.Image) -> str:
-        """Queue one image and wait for its answer."""
-        assert self._queue is not None, "MicroBatcher.start() was not called"
-        future = asyncio.get_running_loop().create_future()
-        try:
-            self._queue.put_nowait((image, future))
-        except asyncio.QueueFull:
-            raise QueueFull from None
-        self.requests += 1
-        return await future
-
-    async def _next_batch(self) -> list[tuple[Image.Image, asyncio.Future]]:
-        """Wait for one request, then take whatever else arrives within max_wait_s, up to max_batch_size."""
-        assert self._queue is not None
-        loop = asyncio.get_running_loop()
-        batch = [await self._queue.get()]
-        deadline = loop.time() + self.max_wait_s
-        while len(batch) < self.max_batch_size:
-            if not self._queue.empty():
-                batch.append(self._queue.get_nowait())
-                continue
-            remaining = deadline - loop.time()
-            if remaining <= 0:
-                break
-            try:
-                batch.append(await asyncio.wait_for(self._queue.get(), remaining))
-            except asyncio.TimeoutError:
-                break
-        return [(image, future) for image, future in batch if not future.done()]  # drop disconnected clients
-
-    async def _run(self) -> None:
-        loop = asyncio.get_running_loop()
-        while True:
-            batch = await self._next_batch()
-            if not batch:
-                continue
-            self.batches += 1
-            self.batch_sizes.append(len(batch))
-            try:
-                answers = await loop.run_in_executor(
-                    self._executor, self.generate, [image for image, _ in batch]
-                )
-                if len(answers) != len(batch):
-                    raise RuntimeError(f"generate returned {len(answers)} answers for {len(batch)} images")
-            except Exception as err:  # a failed batch fails its requests, never the server
-                log.exception("generation failed for a batch of %d", len(batch))
-                for _, future in batch:
-                    if not future.done():
-                        future.set_exception(err)
-                continue
-            for (_, future), answer in zip(batch, answers, strict=True):
-                if not future.done():
-                    future.set_result(answer)
-
-
-class UploadLimit:
-    """ASGI middleware: refuse request bodies over ``max_bytes`` on ``paths`` with 413.
-
-    Content-Length is checked before anything is read; the body is also counted while it streams in, so a
-    chunked or lying client is cut off at the bound instead of filling memory or disk.
-    """
-
-    def __init__(self, app: Any, max_bytes: int, paths: tuple[str, ...]) -> None:
-        self.app = app
-        self.max_bytes = max_bytes
-        self.paths = paths
-
-    async def __call__(self, scope: dict, receive: Callable, send: Callable) -> None:
-        if scope["type"] != "http" or scope["path"] not in self.paths:
-            await self.app(scope, receive, send)
-            return
-        headers = dict(scope.get("headers") or [])
-        declared = headers.get(b"content-length")
-        if declared is not None and (not declared.isdigit() or int(declared) > self.max_bytes):
-            await _send_json(send, 413, {"detail": self._message()})
-            return
-        received = 0
-
-        async def limited_receive() -> dict:
-            nonlocal received
-            message = await receive()
-            if message["type"] == "http.request":
-                received += len(message.get("body", b""))
-                if received > self.max_bytes:
-                    raise HTTPException(status_code=413, detail=self._message())
-            return message
-
-        await self.app(scope, limited_receive, send)
-
-    def _message(self) -> str:
-        return f"upload too large: the limit is {(self.max_bytes - MULTIPART_OVERHEAD) / MB:g} MB"
-
-
-async def _send_json(send: Callable, status: int, body: dict) -> None:
-    data = json.dumps(body).encode()
-    headers = [(b"content-type", b"application/json"), (b"content-length", str(len(data)).encode())]
-    await send({"type": "http.response.start", "status": status, "headers": headers})
-    await send({"type": "http.response.body", "body": data})
+    error: str | None = None
 
 
 def render_page(limits: ServeLimits, source: str) -> str:
@@ -228,26 +341,61 @@ def render_page(limits: ServeLimits, source: str) -> str:
     )
 
 
-def create_app(loaded: Any, limits: ServeLimits | None = None) -> FastAPI:
-    """The FastAPI app for one loaded model (a :class:`phivision.runs.LoadedModel`)."""
-    from phivision.evaluate.generate import generate_answers
+def render_docs(schema: dict) -> str:
+    """The API reference as one offline HTML page (FastAPI's /docs loads Swagger UI from a CDN)."""
+    rows = []
+    for path, operations in schema.get("paths", {}).items():
+        for method, operation in operations.items():
+            statuses = ", ".join(
+                f"{code} {html.escape(str(response.get('description', '')))}"
+                for code, response in operation.get("responses", {}).items()
+            )
+            rows.append(
+                f"<tr><td><code>{method.upper()} {html.escape(path)}</code></td>"
+                f"<td>{html.escape(operation.get('summary', ''))}"
+                f"<p>{html.escape(operation.get('description', '') or '')}</p></td><td>{statuses}</td></tr>"
+            )
+    return (
+        "<!doctype html><html lang='en'><head><meta charset='utf-8'><title>phivision API</title>"
+        "<link rel='icon' href='data:,'><style>body{font:15px/1.5 system-ui,sans-serif;margin:32px;color:#1d2330}"
+        "table{border-collapse:collapse}td,th{border:1px solid #d8dee6;padding:6px 10px;vertical-align:top;"
+        "text-align:left}p{margin:4px 0 0;color:#5f6b7a;white-space:pre-wrap}</style></head><body>"
+        f"<h1>{html.escape(schema['info']['title'])} API</h1><p>The machine-readable schema: "
+        "<a href='/openapi.json'>/openapi.json</a>. Usage and examples: docs/serving.md.</p>"
+        "<table><tr><th>route</th><th>what</th><th>status codes</th></tr>" + "".join(rows) + "</table>"
+        "</body></html>"
+    )
 
-    limits = limits or ServeLimits()
-    if limits.max_batch_size < 1:
-        raise ValueError(f"max_batch_size must be at least 1, got {limits.max_batch_size}")
 
-    def generate(images: list[Image.Image]) -> list[str]:
-        return generate_answers(
-            loaded.model,
-            loaded.processor,
-            images,
-            prompt=loaded.prompt,
-            batch_size=len(images),
-            max_new_tokens=limits.max_new_tokens,
-            progress=False,
-        )
+def create_app(
+    loaded: Any,
+    limits: ServeLimits | None = None,
+    model_name: str | None = None,
+    hosts: frozenset[str] | None = None,
+    remote_images: AddressPolicy | None = None,
+) -> FastAPI:
+    """The FastAPI app for one loaded model (a :class:`phivision.runs.LoadedModel`).
 
-    batcher = MicroBatcher(generate, limits.max_batch_size, limits.max_wait_ms / 1000, limits.max_queue)
+    Args:
+        limits: the server's bounds (validated here).
+        model_name: the model id of the OpenAI API (``/v1/models``); default: ``loaded.source``.
+        hosts: the ``Host`` names answered (see :func:`phivision.serve.limits.allowed_hosts`); None: any.
+        remote_images: fetch http(s) ``image_url``s under this address policy; None: data: URLs only.
+    """
+    from phivision.serve import openai_api
+
+    limits = (limits or ServeLimits()).validate()
+    batcher = MicroBatcher(
+        lambda jobs: answer_jobs(loaded, limits, jobs),
+        max_batch_size=limits.max_batch_size,
+        max_wait_s=limits.max_wait_ms / 1000,
+        max_queue=limits.max_queue,
+        max_batch_cost=limits.max_batch_pixels,
+        max_queue_bytes=limits.max_queue_bytes,
+    )
+    serving = Serving(
+        loaded, limits, batcher, model_name or loaded.source, remote_images, created=int(time.time())
+    )
     page = render_page(limits, loaded.source)
 
     @asynccontextmanager
@@ -261,31 +409,69 @@ def create_app(loaded: Any, limits: ServeLimits | None = None) -> FastAPI:
         summary="Read a product photo and answer with its name, category and price.",
         version="1",
         lifespan=lifespan,
+        docs_url=None,  # FastAPI's pages load their scripts from a CDN; /docs below is self-contained
+        redoc_url=None,
     )
-    app.add_middleware(UploadLimit, max_bytes=limits.max_body_bytes, paths=("/v1/predict",))
+    too_large = f"request body too large: images up to {limits.max_upload_mb:g} MB are accepted"
+    body_limits = {
+        "/v1/predict": (limits.max_upload_bytes + MULTIPART_OVERHEAD, too_large),
+        "/v1/chat/completions": (
+            openai_api.max_body_bytes(limits.max_upload_bytes) + JSON_OVERHEAD,
+            too_large,
+        ),
+    }
+    app.add_middleware(BodyGuard, limits=body_limits, default=SMALL_BODY, timeout=limits.body_timeout)
+    if hosts is not None:
+        app.add_middleware(HostGuard, hosts=hosts)  # added last: runs first
+
+    @app.exception_handler(HTTPException)
+    async def http_error(request: Request, err: HTTPException) -> JSONResponse:
+        code, param = getattr(err, "code", None), getattr(err, "param", None)
+        body = error_body(request.url.path, err.status_code, str(err.detail), code, param)
+        return JSONResponse(body, status_code=err.status_code, headers=getattr(err, "headers", None))
+
+    @app.exception_handler(RequestValidationError)
+    async def validation_error(request: Request, err: RequestValidationError) -> JSONResponse:
+        if request.url.path.startswith(OPENAI_PATHS):
+            return JSONResponse(openai_api.validation_error_body(err), status_code=400)
+        return JSONResponse({"detail": err.errors()}, status_code=422)
 
     @app.get("/", response_class=HTMLResponse, include_in_schema=False)
     async def index() -> str:
         return page
 
-    @app.get("/healthz", response_model=Health)
-    async def healthz() -> Health:
-        return Health(
-            status="ok",
+    @app.get("/docs", response_class=HTMLResponse, include_in_schema=False)
+    async def docs() -> str:
+        return render_docs(app.openapi())
+
+    @app.get(
+        "/healthz", response_model=Health, responses={503: {"description": "The model is not answering"}}
+    )
+    async def healthz() -> JSONResponse:
+        """Whether the model answers: "error" (503) when its worker died or the latest batch failed."""
+        error = None if batcher.alive else (batcher.worker_error or "the model worker is not running")
+        error = error or batcher.last_error
+        health = Health(
+            status="error" if error else "ok",
             model=loaded.source,
+            served_model_name=serving.model_name,
             queued=batcher.queued,
             requests=batcher.requests,
             batches=batcher.batches,
+            failed_batches=batcher.failed_batches,
             max_batch_size=limits.max_batch_size,
+            error=error,
         )
+        return JSONResponse(health.model_dump(), status_code=503 if error else 200)
 
     @app.post(
         "/v1/predict",
         response_model=Prediction,
         responses={
+            408: {"description": "Request body not received in time"},
             413: {"description": "Upload or image dimensions over the server's bounds"},
             415: {"description": "Not a decodable image"},
-            503: {"description": "Too many requests queued"},
+            503: {"description": "Too many requests queued, or the model worker stopped"},
             504: {"description": "No answer within the request timeout"},
         },
     )
@@ -293,26 +479,19 @@ def create_app(loaded: Any, limits: ServeLimits | None = None) -> FastAPI:
         image: UploadFile = File(..., description="A product photo (JPEG, PNG, WebP, ...)."),
     ) -> dict:
         """Answer with the product's name, category and price for one uploaded photo."""
+        name = image.filename or "upload"
         data = await image.read()
+        await image.close()
+        if len(data) > limits.max_upload_bytes:
+            raise ServeError(413, f"{name}: upload too large: the limit is {limits.max_upload_mb:g} MB")
+        generation = Generation(serving.question, limits.max_new_tokens)
         try:
-            picture = await run_in_threadpool(load_image, data, limits.max_pixels)
-        except ImageError as err:
-            # The reason code only: the loader's detail names server-side objects, not the client's file.
-            name = image.filename or "upload"
-            if err.reason == "too_many_pixels":
-                detail = f"{name}: too_many_pixels (the limit is {limits.max_pixels:,} pixels)"
-                raise HTTPException(status_code=413, detail=detail) from None
-            raise HTTPException(status_code=415, detail=f"{name}: {err.reason}") from None
-        try:
-            answer = await asyncio.wait_for(batcher.submit(picture), limits.request_timeout_s)
-        except QueueFull:
-            raise HTTPException(status_code=503, detail="server busy: too many requests queued") from None
-        except asyncio.TimeoutError:
-            raise HTTPException(status_code=504, detail="no answer within the request timeout") from None
+            completion = await serving.answer(data, generation)
         except Exception as err:
-            raise HTTPException(status_code=500, detail=f"generation failed: {type(err).__name__}") from None
-        return prediction_record(image.filename or "upload", answer)
+            raise failure(err, limits, 415, name) from None
+        return prediction_record(name, completion.text)
 
+    openai_api.add_routes(app, serving)
     return app
 
 
@@ -323,11 +502,47 @@ def serve(
     limits: ServeLimits | None = None,
     device: str | None = None,
     dtype: str | None = None,
+    served_model_name: str | None = None,
+    allowed_host: tuple[str, ...] | list[str] = (),
+    remote_images: AddressPolicy | None = None,
 ) -> None:
-    """Load ``model`` (RUN, checkpoint or hub id) and serve it with uvicorn until interrupted."""
+    """Load ``model`` (RUN, checkpoint or hub id) and serve it with uvicorn until interrupted.
+
+    Every argument is checked before the model loads (a bad one raises PhivisionError naming its flag).
+    """
     import uvicorn
 
-    from phivision.runs import load_model
+    from phivision.runs import load_model, resolve_device
 
+    limits = (limits or ServeLimits()).validate()
+    check_bind(host, port)
+    check_device(device, resolve_device)
     loaded = load_model(model, device=device, dtype=dtype)
-    uvicorn.run(create_app(loaded, limits), host=host, port=port, log_level="info")
+    app = create_app(
+        loaded,
+        limits,
+        model_name=served_model_name or str(model),
+        hosts=allowed_hosts(host, allowed_host),
+        remote_images=remote_images,
+    )
+    uvicorn.run(app, host=host, port=port, log_level="info")
+
+
+def check_device(device: str | None, resolve: Callable) -> None:
+    """``--device``: a device torch knows and this machine has."""
+    if device is None:
+        return
+    import torch
+
+    from phivision.errors import PhivisionError
+
+    try:
+        resolved = resolve(device)
+    except (RuntimeError, ValueError) as err:
+        raise PhivisionError(f"--device {device!r}: not a device ({err})") from None
+    if resolved.type == "cuda" and not torch.cuda.is_available():
+        raise PhivisionError(f"--device {device}: no CUDA device is available on this machine")
+    if resolved.type == "cuda" and resolved.index is not None and resolved.index >= torch.cuda.device_count():
+        raise PhivisionError(
+            f"--device {device}: this machine has {torch.cuda.device_count()} CUDA device(s)"
+        )

@@ -1,0 +1,215 @@
+"""The micro-batcher between HTTP requests and the model.
+
+Requests queue small work items (an upload's bytes, not decoded pixels); one task takes the first waiting item
+plus whatever else arrives within ``max_wait_s``, up to ``max_batch_size`` items and ``max_batch_cost`` (decoded
+pixels), and hands the batch to ``process`` on one dedicated thread. So concurrent requests share GPU batches, the
+model is only ever used from that thread, memory held by waiting requests is their bytes, and the event loop stays
+free to accept uploads and answer ``/healthz`` while a batch runs.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import suppress
+from dataclasses import dataclass
+from typing import Any
+
+log = logging.getLogger("phivision.serve")
+
+
+class QueueFull(Exception):
+    """More requests (or more bytes) are waiting than the server accepts (answered with 503)."""
+
+
+class WorkerStopped(Exception):
+    """The batching task is not running, so nothing would ever answer (answered with 503)."""
+
+
+@dataclass
+class _Waiting:
+    item: Any
+    cost: int
+    nbytes: int
+    future: asyncio.Future
+
+
+class MicroBatcher:
+    """Queue of work items; one task drains it in batches and runs ``process`` on one model thread.
+
+    ``process(items)`` returns one result per item, in order; a result that is an exception fails only its own
+    request (e.g. an image that does not decode). If ``process`` raises, every request of the batch fails with
+    that error and :attr:`last_error` says so until a later batch succeeds.
+    """
+
+    def __init__(
+        self,
+        process: Callable[[list[Any]], list[Any]],
+        max_batch_size: int,
+        max_wait_s: float,
+        max_queue: int,
+        max_batch_cost: int | None = None,
+        max_queue_bytes: int | None = None,
+    ) -> None:
+        self.process = process
+        self.max_batch_size = max_batch_size
+        self.max_wait_s = max_wait_s
+        self.max_queue = max_queue
+        self.max_batch_cost = max_batch_cost
+        self.max_queue_bytes = max_queue_bytes
+        self.requests = 0
+        self.batches = 0
+        self.failed_batches = 0
+        self.batch_sizes: list[int] = []
+        self.last_error: str | None = None  # why the latest batch failed; None once one succeeds
+        self.queued_bytes = 0
+        self._carry: _Waiting | None = None  # taken from the queue but over the last batch's cost: goes next
+        self._queue: asyncio.Queue | None = None
+        self._task: asyncio.Task | None = None
+        self._executor: ThreadPoolExecutor | None = None
+
+    @property
+    def queued(self) -> int:
+        waiting = self._queue.qsize() if self._queue is not None else 0
+        return waiting + (self._carry is not None)
+
+    @property
+    def alive(self) -> bool:
+        """The batching task is running (False before start, after stop, or if it died)."""
+        return self._task is not None and not self._task.done()
+
+    @property
+    def worker_error(self) -> str | None:
+        """Why the batching task ended, when it died of an error."""
+        if self._task is None or not self._task.done() or self._task.cancelled():
+            return None
+        err = self._task.exception()
+        return f"{type(err).__name__}: {err}" if err is not None else "the worker stopped"
+
+    def start(self) -> None:
+        """Create the queue and start the worker on the running event loop."""
+        self._queue = asyncio.Queue(maxsize=self.max_queue)
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="phivision-model")
+        self._task = asyncio.get_running_loop().create_task(self._run())
+
+    async def stop(self) -> None:
+        if self._task is not None and not self._task.done():
+            self._task.cancel()
+            with suppress(asyncio.CancelledError):
+                await self._task
+        elif self._task is not None:
+            self.worker_error  # noqa: B018  (retrieves a dead worker's exception: it was logged already)
+        if self._executor is not None:
+            self._executor.shutdown(wait=True)
+
+    async def submit(self, item: Any, cost: int = 1, nbytes: int = 0) -> Any:
+        """Queue one item (``cost``: its share of ``max_batch_cost``; ``nbytes``: memory it holds while it
+        waits) and wait for its result."""
+        if self._queue is None:
+            raise RuntimeError("MicroBatcher.start() was not called")
+        if not self.alive:
+            raise WorkerStopped(self.worker_error or "the worker is not running")
+        if self.max_queue_bytes is not None and self.queued_bytes + nbytes > self.max_queue_bytes:
+            raise QueueFull
+        waiting = _Waiting(item, cost, nbytes, asyncio.get_running_loop().create_future())
+        try:
+            self._queue.put_nowait(waiting)
+        except asyncio.QueueFull:
+            raise QueueFull from None
+        self.requests += 1
+        self.queued_bytes += nbytes
+        return await waiting.future
+
+    async def _take(self, timeout: float | None) -> _Waiting:
+        """The carried-over item, else the next queued one (waiting at most ``timeout``; None: forever)."""
+        assert self._queue is not None
+        if self._carry is not None:
+            waiting, self._carry = self._carry, None
+        elif not self._queue.empty():
+            waiting = self._queue.get_nowait()
+        elif timeout is None:
+            waiting = await self._queue.get()
+        else:
+            # Not wait_for(queue.get()): on Python < 3.12 it can drop an item that arrives as the timeout fires.
+            getter = asyncio.ensure_future(self._queue.get())
+            await asyncio.wait({getter}, timeout=timeout)
+            if not getter.done():
+                getter.cancel()
+                await asyncio.wait({getter})  # it may have taken an item just before the cancel
+            if getter.cancelled():
+                raise asyncio.TimeoutError
+            waiting = getter.result()
+        self.queued_bytes -= waiting.nbytes
+        return waiting
+
+    async def _next_batch(self) -> list[_Waiting]:
+        """Wait for one request, then take whatever else arrives within max_wait_s, up to max_batch_size items
+        and max_batch_cost; an item over the cost bound waits for the next batch."""
+        loop = asyncio.get_running_loop()
+        batch = [await self._take(None)]
+        cost = batch[0].cost
+        deadline = loop.time() + self.max_wait_s
+        while len(batch) < self.max_batch_size:
+            try:
+                waiting = await self._take(max(0.0, deadline - loop.time()))
+            except asyncio.TimeoutError:
+                break
+            if self.max_batch_cost is not None and cost + waiting.cost > self.max_batch_cost:
+                self.queued_bytes += waiting.nbytes
+                self._carry = waiting
+                break
+            batch.append(waiting)
+            cost += waiting.cost
+        return [waiting for waiting in batch if not waiting.future.done()]  # drop abandoned requests
+
+    async def _run(self) -> None:
+        batch: list[_Waiting] = []
+        try:
+            while True:
+                batch = await self._next_batch()
+                if batch:
+                    await self._answer(batch)
+                batch = []
+        except asyncio.CancelledError:
+            raise
+        except BaseException as err:  # a bug or a fatal error in process: fail everyone rather than hang
+            log.exception("the model worker stopped")
+            stopped = WorkerStopped(f"{type(err).__name__}: {err}")
+            for waiting in batch + self._drain():
+                if not waiting.future.done():
+                    waiting.future.set_exception(stopped)
+            raise
+
+    def _drain(self) -> list[_Waiting]:
+        drained = [self._carry] if self._carry is not None else []
+        self._carry = None
+        while self._queue is not None and not self._queue.empty():
+            drained.append(self._queue.get_nowait())
+        return drained
+
+    async def _answer(self, batch: list[_Waiting]) -> None:
+        self.batches += 1
+        self.batch_sizes.append(len(batch))
+        loop = asyncio.get_running_loop()
+        try:
+            results = await loop.run_in_executor(self._executor, self.process, [w.item for w in batch])
+            if len(results) != len(batch):
+                raise RuntimeError(f"process returned {len(results)} results for {len(batch)} items")
+        except Exception as err:  # a failed batch fails its requests, never the server
+            log.exception("generation failed for a batch of %d", len(batch))
+            self.failed_batches += 1
+            self.last_error = f"{type(err).__name__}: {err}"
+            for waiting in batch:
+                if not waiting.future.done():
+                    waiting.future.set_exception(err)
+            return
+        self.last_error = None
+        for waiting, result in zip(batch, results, strict=True):
+            if waiting.future.done():
+                continue
+            if isinstance(result, BaseException):
+                waiting.future.set_exception(result)
+            else:
+                waiting.future.set_result(result)
