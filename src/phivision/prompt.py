@@ -133,7 +133,9 @@ def answer_template_parts(template: str) -> TemplateParts:
     try:
         pieces = list(string.Formatter().parse(template))
     except ValueError as err:
-        raise ValueError(f"answer_template {template!r}: {err} (write a literal brace as {{{{ or }}}})") from err
+        raise ValueError(
+            f"answer_template {template!r}: {err} (write a literal brace as {{{{ or }}}})"
+        ) from err
     literals, fields = [""], []
     for literal, name, spec, conversion in pieces:
         literals[-1] += literal
@@ -146,7 +148,9 @@ def answer_template_parts(template: str) -> TemplateParts:
                 "and {full_price}"
             )
         if spec or conversion:
-            raise ValueError(f"answer_template {template!r}: write {{{name}}} without a format spec or conversion")
+            raise ValueError(
+                f"answer_template {template!r}: write {{{name}}} without a format spec or conversion"
+            )
         if name in fields:
             raise ValueError(f"answer_template {template!r}: {{{name}}} appears more than once")
         fields.append(name)
@@ -154,8 +158,10 @@ def answer_template_parts(template: str) -> TemplateParts:
     missing = [name for name in ANSWER_FIELDS if name not in fields]
     if missing:
         shown = ", ".join("{" + name + "}" for name in missing)
-        raise ValueError(f"answer_template {template!r}: lacks {shown} (it needs {{title}}, {{category}}, {{full_price}})")
-    for (left, right), between in zip(zip(fields, fields[1:]), literals[1:3], strict=True):
+        raise ValueError(
+            f"answer_template {template!r}: lacks {shown} (it needs {{title}}, {{category}}, {{full_price}})"
+        )
+    for left, right, between in zip(fields[:-1], fields[1:], literals[1:3], strict=True):
         if not between.strip():
             raise ValueError(
                 f"answer_template {template!r}: {{{left}}} and {{{right}}} need fixed text between them "

@@ -2,7 +2,8 @@
 
 Prompts are left-padded so every row's next token sits in the last column and the KV cache grows in step. Images
 are sorted by their image-token count before batching, so a batch holds prompts of similar length (little
-padding), and the answers are returned in the caller's order.
+padding), and the answers are returned in the caller's order. With a ``constraint`` every answer follows the run's
+template (see :mod:`phivision.evaluate.constrain`).
 """
 
 from __future__ import annotations
@@ -14,9 +15,10 @@ from typing import Any
 import torch
 from PIL import Image
 from tqdm.auto import tqdm
-from transformers import GenerationConfig
+from transformers import GenerationConfig, LogitsProcessorList
 
 from phivision.data.images import ImageError, load_image
+from phivision.evaluate.constrain import AnswerConstraint
 from phivision.prompt import PromptFormat, prompt_text
 
 
@@ -44,6 +46,7 @@ def generate_answers(
     batch_size: int = 8,
     max_new_tokens: int = 64,
     progress: bool | tqdm = True,
+    constraint: AnswerConstraint | None = None,
 ) -> list[str]:
     """Greedy answers, one per image, in the order of ``images``.
 
@@ -55,6 +58,9 @@ def generate_answers(
         batch_size: prompts per forward pass.
         max_new_tokens: answer length cap; an answer that reaches it is returned as is (and may not parse).
         progress: show a tqdm bar; or an open tqdm bar to advance (a caller answering in chunks keeps one bar).
+        constraint: force every answer into this template and label space (None: free generation). A
+            ``max_new_tokens`` too small for the template's fixed text, longest category and a price is raised to
+            that minimum, so a constrained answer is never cut.
 
     Returns:
         The decoded new tokens of each answer, special tokens skipped, surrounding whitespace stripped.
@@ -65,6 +71,12 @@ def generate_answers(
         return []
     stop_ids = [int(t) for t in processor.stop_token_ids]
     stops = set(stop_ids)
+    guide = None
+    if constraint is not None:
+        from phivision.evaluate.constrain import answer_guide, effective_max_new_tokens
+
+        guide = answer_guide(processor.tokenizer, constraint, model.config.vocab_size, stop_ids[0])
+        max_new_tokens = effective_max_new_tokens(guide, max_new_tokens)
     config = GenerationConfig(
         max_new_tokens=max_new_tokens,
         do_sample=False,
@@ -94,6 +106,10 @@ def generate_answers(
             )
             inputs = {k: v.to(device) for k, v in batch.items() if isinstance(v, torch.Tensor)}
             inputs["pixel_values"] = inputs["pixel_values"].to(dtype)
+            if guide is not None:  # a fresh processor per batch: it holds one grammar state per row
+                inputs["logits_processor"] = LogitsProcessorList(
+                    [guide.logits_processor(len(chunk), max_new_tokens)]
+                )
             output = model.generate(**inputs, generation_config=config)  # (b, prompt + new)
             new_tokens = output[:, inputs["input_ids"].shape[1] :].tolist()
             texts = processor.tokenizer.batch_decode(
@@ -116,12 +132,13 @@ def answer_image_files(
     batch_size: int = 8,
     max_new_tokens: int = 64,
     progress: bool | tqdm = True,
+    constraint: AnswerConstraint | None = None,
 ) -> Iterator[tuple[Path, str, str | None]]:
     """``(path, answer, error)`` for every image file, in order: the file loop shared by evaluate and predict.
 
     Images are decoded ``chunk_size`` at a time, so memory stays flat on large folders and results stream out.
     An unreadable file yields ``(path, "", reason)`` instead of stopping the run: one corrupt photo costs that
-    photo only. ``loaded`` is a :class:`phivision.runs.LoadedModel`.
+    photo only. ``loaded`` is a :class:`phivision.runs.LoadedModel`; ``constraint`` as in :func:`generate_answers`.
     """
     own_bar = isinstance(progress, bool)
     bar = tqdm(total=len(paths), desc="generate", unit="img", disable=not progress) if own_bar else progress
@@ -146,6 +163,7 @@ def answer_image_files(
                     batch_size=batch_size,
                     max_new_tokens=max_new_tokens,
                     progress=bar,
+                    constraint=constraint,
                 )
             )
             bar.update(len(images) - len(readable))

@@ -18,6 +18,7 @@ import torch
 
 from phivision.errors import PhivisionError
 from phivision.io import atomic_directory, atomic_write_json, require_empty_dir
+from phivision.labels import read_labels
 from phivision.runs import EXPORT_INFO_FILE, is_run_dir, load_model, read_run, resolve_dtype
 
 # Official files that point --trust-remote-code loaders (vLLM's processor, plain transformers) at hub code.
@@ -67,6 +68,7 @@ def export_run(
             tmp / EXPORT_INFO_FILE,
             {
                 "prompt": info.prompt.to_dict(),
+                "labels": read_labels(run_dir).to_dict(),  # categories and currency, for constrained answers
                 "run": str(run_dir.resolve()),
                 "base": info.base,
                 "method": info.method,
