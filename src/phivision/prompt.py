@@ -201,34 +201,70 @@ class ParsedAnswer:
 
 _SPECIAL = re.compile(r"<\|[a-z0-9_]+\|>|</?s>")
 _SEPARATORS = " \t,;|:=-–—/.·"  # characters that separate a field from the words that label the next one
-# Free text in one field: titles may contain anything but a line break; the title is the one field matched
-# greedily, so separator text inside a title stays in the title (categories and prices rarely hold it).
-_FIELD_PATTERN = {"title": r"[^\n]+", "category": r"[^\n]+?", "full_price": r"[^\n]+?"}
 
 
-def _literal_pattern(text: str) -> str:
-    """Fixed text as a regex: case-insensitive (via the flags), any run of whitespace matching any other, and
-    whitespace at either end optional."""
+def _literal_regex(text: str) -> re.Pattern | None:
+    """Fixed text as a regex over its visible words: case-insensitive, any run of whitespace matching any other.
+    None for text that is only whitespace (field values are stripped, so it needs no matching)."""
     words = text.split()
     if not words:
-        return r"\s*"
-    return r"\s*" + r"\s+".join(re.escape(word) for word in words) + r"\s*"
+        return None
+    return re.compile(r"\s+".join(re.escape(word) for word in words), re.IGNORECASE)
+
+
+def _occurrences(literal: re.Pattern, text: str, start: int, end: int) -> list[tuple[int, int]]:
+    """Every (start, end) where ``literal`` matches inside ``text[start:end]``, overlapping ones included."""
+    found = []
+    pos = start
+    while True:
+        match = literal.search(text, pos, end)
+        if match is None:
+            return found
+        found.append(match.span())
+        pos = match.start() + 1
 
 
 @functools.lru_cache(maxsize=64)
-def _answer_regex(parts: TemplateParts, optional_ends: bool) -> re.Pattern:
-    """The whole answer as one regex; ``optional_ends`` lets the fixed text before the first and after the last
-    field be missing (a model that drops ``Product:`` or a trailing ``USD``)."""
-    pattern = []
-    for i, literal in enumerate(parts.literals):
-        piece = _literal_pattern(literal)
-        if optional_ends and i in (0, len(parts.literals) - 1) and literal.strip():
-            piece = f"(?:{piece})?"
-        pattern.append(piece)
-        if i < len(parts.fields):
-            name = parts.fields[i]
-            pattern.append(f"(?P<{name}>{_FIELD_PATTERN[name]})")
-    return re.compile(r"\s*" + "".join(pattern) + r"\s*", re.IGNORECASE)
+def _compiled(parts: TemplateParts) -> tuple[re.Pattern | None, ...]:
+    return tuple(_literal_regex(literal) for literal in parts.literals)
+
+
+def _split(parts: TemplateParts, text: str, optional_ends: bool) -> dict[str, str] | None:
+    """Split a whole answer into its fields along the template, or None if it does not follow the template.
+
+    ``optional_ends`` lets the fixed text before the first and after the last field be missing (a model that
+    drops ``Product:`` or a trailing ``USD``). Where a separator occurs more than once, the title takes the
+    extra text (titles hold separators far more often than categories or prices do). Linear in the number of
+    separator occurrences squared, never exponential (no backtracking regex).
+    """
+    opening, first, second, closing = _compiled(parts)
+    lo, hi = 0, len(text)
+    if opening is not None:
+        match = opening.match(text)
+        if match:
+            lo = match.end()
+        elif not optional_ends:
+            return None
+    if closing is not None:
+        ends = [span for span in _occurrences(closing, text, lo, hi) if span[1] == hi]
+        if ends:
+            hi = ends[0][0]
+        elif not optional_ends:
+            return None
+    title_at = parts.fields.index("title")
+    firsts = _occurrences(first, text, lo, hi)
+    seconds = _occurrences(second, text, lo, hi)
+    # The title field prefers the longest text, the others the shortest: try separator positions in that order.
+    firsts.sort(reverse=title_at == 0)
+    seconds.sort(reverse=title_at == 1)
+    for a_start, a_end in firsts:
+        for b_start, b_end in seconds:
+            if b_start < a_end:
+                continue
+            values = (text[lo:a_start], text[a_end:b_start], text[b_end:hi])
+            if all(v.strip() and "\n" not in v.strip() for v in values):
+                return dict(zip(parts.fields, values, strict=True))
+    return None
 
 
 def _label(literal: str) -> str:
@@ -244,10 +280,11 @@ def _label_regex(parts: TemplateParts) -> re.Pattern | None:
         label = _label(parts.literal_before(name))
         if label:
             boundary = r"(?!\w)" if label[-1].isalnum() else ""
-            alternatives.append(f"(?P<{name}>{_literal_pattern(label)}{boundary})")
+            words = r"\s+".join(re.escape(word) for word in label.split())
+            alternatives.append(f"(?P<{name}>{words}{boundary})")
     if not alternatives:
         return None
-    return re.compile(r"(?<!\w)(?:" + "|".join(alternatives) + r")\s*", re.IGNORECASE)
+    return re.compile(r"(?<!\w)(?:" + "|".join(alternatives) + ")", re.IGNORECASE)
 
 
 def _clean_field(value: str | None) -> str | None:
@@ -266,9 +303,22 @@ def _to_parsed(found: dict[str, str | None]) -> ParsedAnswer:
     )
 
 
+def _cut_partial_literal(value: str, literal: str) -> str:
+    """Drop a tail of ``value`` that is the start of ``literal`` (an answer cut off inside a separator:
+    ``bags, pri`` before ``, priced at ``)."""
+    target = " ".join(literal.split()).casefold()
+    if not target:
+        return value
+    for i in range(max(0, len(value) - 2 * len(literal) - 2), len(value)):
+        tail = " ".join(value[i:].split()).casefold()
+        if tail and target.startswith(tail) and not value[i].isalnum():
+            return value[:i]
+    return value
+
+
 def _by_labels(parts: TemplateParts, text: str) -> dict[str, str | None]:
-    """Each labelled field's value runs from its label to the next label, its own closing text or the line's end;
-    a field given twice keeps its first value."""
+    """Each labelled field's value runs from its label to the next label or the line's end, less its own
+    closing text; a field given twice keeps its first value."""
     regex = _label_regex(parts)
     if regex is None:
         return {}
@@ -276,47 +326,49 @@ def _by_labels(parts: TemplateParts, text: str) -> dict[str, str | None]:
     found: dict[str, str | None] = {}
     for i, match in enumerate(matches):
         name = next(k for k in parts.fields if match.group(k) is not None)
+        if name in found:
+            continue
         end = matches[i + 1].start() if i + 1 < len(matches) else len(text)
         value = text[match.end() : end].split("\n")[0]
         closing = parts.literal_after(name).strip()
         if closing and name == parts.fields[-1]:
-            cut = value.lower().rfind(closing.lower())
+            cut = value.casefold().rfind(closing.casefold())
             value = value[:cut] if cut >= 0 else value
-        found.setdefault(name, value)
+        found[name] = _cut_partial_literal(value, parts.literal_after(name))
     return found
 
 
 def _by_prefix(parts: TemplateParts, text: str) -> dict[str, str | None]:
-    """For an answer cut short: the template's leading fields, in order, as far as the answer goes.
+    """For an answer cut short: the template's leading fields, in order, as far as the answer's first line goes.
 
-    The last field found ends at the next separator's first visible character (or the line's end). Needs the
-    answer's opening fixed text, or at least one separator, so a line of unrelated text yields nothing.
+    Needs the answer's opening fixed text, or at least one separator, so a line of unrelated text yields nothing.
     """
-    for count in range(len(parts.fields) - 1, 0, -1):
-        opening = parts.literals[0]
-        if count == 1 and not opening.strip():
-            break
-        pattern = [_literal_pattern(opening)]
-        for i in range(count):
-            if i:
-                pattern.append(_literal_pattern(parts.literals[i]))
-            pattern.append(f"(?P<{parts.fields[i]}>{_FIELD_PATTERN[parts.fields[i]]})")
-        stop = re.escape(parts.literals[count].strip()[0])
-        pattern[-1] = f"(?P<{parts.fields[count - 1]}>[^\\n]+?)"
-        pattern.append(rf"(?:\s*{stop}[^\n]*)?(?:\n|$)")
-        match = re.match("".join(pattern), text, re.IGNORECASE)
-        if match:
-            return match.groupdict()
+    opening, first = _compiled(parts)[:2]
+    line = text.strip().split("\n")[0]
+    lo = 0
+    if opening is not None:
+        match = opening.match(line)
+        lo = match.end() if match else 0
+    seps = _occurrences(first, line, lo, len(line))
+    if seps:
+        # The title (greedy) ends at the last separator on the line, another first field at the first one.
+        a_start, a_end = seps[-1] if parts.fields[0] == "title" else seps[0]
+        if line[lo:a_start].strip():
+            rest = _cut_partial_literal(line[a_end:], parts.literals[2])
+            return {parts.fields[0]: line[lo:a_start], parts.fields[1]: rest}
+    if lo:  # the opening fixed text is there: the first field is the rest of the line
+        return {parts.fields[0]: _cut_partial_literal(line[lo:], parts.literals[1])}
     return {}
 
 
 def _parse_with(parts: TemplateParts, text: str) -> ParsedAnswer:
     lines = sum(literal.count("\n") for literal in parts.literals) + 1
-    head = "\n".join(text.strip().split("\n")[:lines])
+    text = text.strip()
+    head = "\n".join(text.split("\n")[:lines]).strip()
     for candidate, optional_ends in ((text, False), (head, False), (head, True)):
-        match = _answer_regex(parts, optional_ends).fullmatch(candidate)
-        if match:
-            parsed = _to_parsed(match.groupdict())
+        found = _split(parts, candidate, optional_ends)
+        if found is not None:
+            parsed = _to_parsed(found)
             if parsed.complete:
                 return parsed
     found = _by_labels(parts, text)
