@@ -14,7 +14,9 @@ Prints three markdown tables:
 3. Generation speed of the fine-tuned run on the test images: ``generate_answers`` with and without the
    constraint, alternating (off, on, off, on, ...) ``--repeats`` times each after one untimed warm-up of each, so
    both see the same machine load; images/s and generated tokens/s are totals over the timed repeats, and the
-   cost is the relative increase in time per generated token (what the mask adds to each step) and per image.
+   cost is the relative increase in time per generated token and per image, over all repeats and between the
+   median repeats. On a shared machine those swing with the load, so the time spent inside the constraint's
+   logits processor is also summed: its share of the free runs' time is the constraint's own cost.
 
 All evaluations use ``phivision.evaluate.evaluation.evaluate`` (the ``phivision evaluate`` code path) with the same
 ``--max-new-tokens`` and ``--batch-size``.
@@ -34,7 +36,7 @@ import torch
 
 from phivision.data.images import load_image
 from phivision.data.layout import load_catalog
-from phivision.evaluate.constrain import AnswerConstraint, answer_guide
+from phivision.evaluate.constrain import AnswerConstraint, ConstrainedLogits, answer_guide
 from phivision.evaluate.evaluation import evaluate
 from phivision.evaluate.generate import generate_answers
 from phivision.evaluate.metrics import format_value
@@ -92,9 +94,28 @@ class TokenCounter:
         return output
 
 
+class ProcessorClock:
+    """Adds up the time spent inside the constraint's logits processor (its own cost, whatever the load)."""
+
+    def __init__(self) -> None:
+        self.seconds = 0.0
+        self.call = ConstrainedLogits.__call__
+        clock = self
+
+        def timed(processor, input_ids, scores):
+            started = time.perf_counter()
+            try:
+                return clock.call(processor, input_ids, scores)
+            finally:
+                clock.seconds += time.perf_counter() - started
+
+        ConstrainedLogits.__call__ = timed
+
+
 def speed(loaded, images, args) -> tuple[str, dict]:
     constraint = AnswerConstraint.for_model(loaded)
     counter = TokenCounter(loaded.model, loaded.processor.stop_token_ids, loaded.processor.pad_token_id)
+    clock = ProcessorClock()
     guide = answer_guide(
         loaded.processor.tokenizer,
         constraint,
@@ -118,6 +139,7 @@ def speed(loaded, images, args) -> tuple[str, dict]:
         return time.perf_counter() - started, counter.tokens
 
     once(False), once(True)  # warm-up: caches, the compiled guide, allocator
+    clock.seconds = 0.0
     runs: dict[bool, list[tuple[float, int]]] = {False: [], True: []}
     for _ in range(args.repeats):
         for with_constraint in (False, True):
@@ -137,13 +159,16 @@ def speed(loaded, images, args) -> tuple[str, dict]:
     per_image = summary[True][0] / summary[False][0] - 1
     per_token = summary[True][1] / summary[False][1] - 1
     medians = {k: statistics.median(t for t, _ in v) for k, v in runs.items()}
+    median_cost = medians[True] / medians[False] - 1
+    inside = clock.seconds / sum(t for t, _ in runs[False])
     text = "\n".join(lines)
     text += (
         f"\n\nCost of the constraint: {100 * per_token:+.1f}% time per generated token, "
-        f"{100 * per_image:+.1f}% time per image (median repeat: off {medians[False]:.2f} s, "
-        f"on {medians[True]:.2f} s; guide compiled once, min_new_tokens {guide.min_new_tokens})."
+        f"{100 * per_image:+.1f}% time per image over all repeats, {100 * median_cost:+.1f}% between the median "
+        f"repeats (off {medians[False]:.2f} s, on {medians[True]:.2f} s). Time inside the logits processor: "
+        f"{100 * inside:.1f}% of the free runs' time (guide compiled once; min_new_tokens {guide.min_new_tokens})."
     )
-    return text, {"per_token": per_token, "per_image": per_image}
+    return text, {"per_token": per_token, "per_image": per_image, "median": median_cost, "inside": inside}
 
 
 def main() -> None:
@@ -153,7 +178,7 @@ def main() -> None:
     )
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--max-new-tokens", type=int, default=64)
-    parser.add_argument("--repeats", type=int, default=3, help="timed generations of each kind (alternating)")
+    parser.add_argument("--repeats", type=int, default=5, help="timed generations of each kind (alternating)")
     parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
     args = parser.parse_args()
     if args.threads:
@@ -170,7 +195,7 @@ def main() -> None:
     import llguidance
 
     print(
-        f"torch {torch.__version__}, llguidance {llguidance.__version__ if hasattr(llguidance, '__version__') else ''}"
+        f"torch {torch.__version__}, llguidance {llguidance.__version__}"
         f", {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, torch threads "
         f"{torch.get_num_threads()}; {len(test)} test images, batch {args.batch_size}, "
         f"max_new_tokens {args.max_new_tokens}\n"

@@ -188,10 +188,12 @@ class _Row:
 
 
 class ConstrainedLogits:
-    """A ``generate`` logits processor: masks every token the answer grammar does not allow, row by row.
+    """A ``generate`` logits processor for greedy decoding: masks every token the answer grammar does not allow.
 
     Called once per step with the whole sequence so far; the first call only sees the prompt, every later call
-    first feeds each row's newest token to that row's matcher. Finished rows (stopped, or broken by a token the
+    first feeds each row's newest token to that row's matcher. Greedy decoding takes the best allowed token, so
+    where the model's own best token is allowed it is kept as is and no full mask is computed (a trained model
+    that follows the template costs one token check per step). Finished rows (stopped, or broken by a token the
     mask did not allow, e.g. from NaN logits) may only emit the stop token.
     """
 
@@ -212,8 +214,8 @@ class ConstrainedLogits:
         left = self.max_new_tokens - (input_ids.shape[1] - self.prompt_length)
         width = scores.shape[-1]
         allowed = np.zeros((len(self.rows), max(width, self.guide.vocab_size)), dtype=bool)
-        for i, row in enumerate(self.rows):
-            forced = self._forced(row, left)
+        for i, (row, best) in enumerate(zip(self.rows, scores.argmax(dim=-1).tolist(), strict=True)):
+            forced = self._forced(row, left, int(best))
             if forced is not None:
                 allowed[i, forced] = True
             else:
@@ -235,27 +237,38 @@ class ConstrainedLogits:
         else:
             row.queue.clear()
 
-    def _forced(self, row: _Row, left: int) -> int | None:
-        """The one token this row must emit now, or None to let the model choose among the grammar's tokens."""
+    def _forced(self, row: _Row, left: int, best: int) -> int | None:
+        """The one token this row emits now, or None to mask with the grammar and let the model choose.
+
+        Far from the budget the model's own best token is kept whenever the grammar allows it. Near the budget
+        (no more tokens left than the template's worst case) fixed text is spelled the tokenizer's way and a
+        free-text field is closed once the tokens left reach its reserve.
+        """
         guide, matcher = self.guide, row.matcher
         if row.done or matcher.is_stopped() or matcher.is_error():
             row.done = True
             return guide.stop_id
         if row.queue:
             return row.queue[0]
-        index = guide.field_index(guide.tokenizer.decode_bytes(row.tokens))
-        if (
-            index is not None
-            and index < len(guide.fields)
-            and guide.free[index]
-            and left <= guide.reserve[index]
-        ):
-            closing = guide.closing[index]
-            if closing is None and matcher.is_accepting():
-                return guide.stop_id
-            if closing and matcher.validate_tokens(closing) == len(closing):
-                row.queue = list(closing)
-                return row.queue[0]
+        if left <= guide.min_new_tokens:
+            index = guide.field_index(guide.tokenizer.decode_bytes(row.tokens))
+            if (
+                index is not None
+                and index < len(guide.fields)
+                and guide.free[index]
+                and left <= guide.reserve[index]
+            ):
+                closing = guide.closing[index]
+                if closing is None and matcher.is_accepting():
+                    return guide.stop_id
+                if closing and matcher.validate_tokens(closing) == len(closing):
+                    row.queue = list(closing)
+                    return row.queue[0]
+            fast_forward = matcher.compute_ff_tokens()
+            if fast_forward:
+                return int(fast_forward[0])
+        if matcher.validate_tokens([best]) == 1:
+            return best
         fast_forward = matcher.compute_ff_tokens()
         return int(fast_forward[0]) if fast_forward else None
 
