@@ -225,6 +225,11 @@ def train(
 
 # ------------------------------------------------------------------------------------------- evaluate
 
+CONSTRAIN_HELP = (
+    "Force every answer into the run's answer template: the category one of the training split's categories "
+    "(when the model records them), the price a positive number. --no-constrain lets the model write freely."
+)
+
 
 @app.command()
 def evaluate(
@@ -240,6 +245,7 @@ def evaluate(
     batch_size: Annotated[int, typer.Option(help="Images per generation batch.")] = 8,
     max_new_tokens: Annotated[int, typer.Option(help="Longest answer generated, in tokens.")] = 64,
     limit: Annotated[int | None, typer.Option(help="Score only the first N items of the split.")] = None,
+    constrain: Annotated[bool, typer.Option("--constrain/--no-constrain", help=CONSTRAIN_HELP)] = True,
 ) -> None:
     """Answer every photo of a split with greedy decoding and score price, category and title against the truth
     and the train-split baselines (median price, majority category)."""
@@ -247,7 +253,14 @@ def evaluate(
     from phivision.evaluate.evaluation import output_paths, summary_table
 
     metrics = run_evaluation(
-        model, data, split=split, out=out, batch_size=batch_size, max_new_tokens=max_new_tokens, limit=limit
+        model,
+        data,
+        split=split,
+        out=out,
+        batch_size=batch_size,
+        max_new_tokens=max_new_tokens,
+        limit=limit,
+        constrain=constrain,
     )
     typer.echo(summary_table(metrics))
     if metrics["image_errors"]:
@@ -296,8 +309,9 @@ def predict(
     device: Annotated[
         str | None, typer.Option(help="cuda, cpu, cuda:1... (default: cuda if available)")
     ] = None,
+    constrain: Annotated[bool, typer.Option("--constrain/--no-constrain", help=CONSTRAIN_HELP)] = True,
 ) -> None:
-    """Answer for each photo: one JSON line with image, title, category, price and the raw answer.
+    """Answer for each photo: one JSON line with image, title, category, price, currency and the raw answer.
 
     An unreadable image gets a line with an "error" field and the others go on. Exit code 0 when at least one
     image was answered, 1 when none could be read, 2 for a bad flag or path.
@@ -305,7 +319,13 @@ def predict(
     from phivision.serve.predict import run_predict
 
     answered, failed = run_predict(
-        model, images, out=out, batch_size=batch_size, max_new_tokens=max_new_tokens, device=device
+        model,
+        images,
+        out=out,
+        batch_size=batch_size,
+        max_new_tokens=max_new_tokens,
+        device=device,
+        constrain=constrain,
     )
     if out is not None:
         typer.echo(f"wrote {answered + failed} line(s) to {out}", err=True)
@@ -374,6 +394,9 @@ def serve(
     remote_image_timeout: Annotated[
         float, typer.Option(help="Seconds for fetching one http(s) image, redirects included.")
     ] = _serve_default("remote_image_timeout"),
+    constrain: Annotated[
+        bool, typer.Option("--constrain/--no-constrain", help=CONSTRAIN_HELP)
+    ] = _serve_default("constrain"),
     allowed_host: Annotated[
         list[str] | None,
         typer.Option(
@@ -409,6 +432,7 @@ def serve(
         body_timeout=body_timeout,
         answer_timeout=answer_timeout,
         remote_image_timeout=remote_image_timeout,
+        constrain=constrain,
     )
     private = allow_private_image_hosts
     remote = AddressPolicy(allow_loopback=private, allow_private=private) if allow_remote_images else None

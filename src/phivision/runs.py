@@ -16,6 +16,7 @@ import torch
 import yaml
 
 from phivision.errors import PhivisionError
+from phivision.labels import LabelSpace, read_labels
 from phivision.prompt import PromptFormat
 
 # Written by `phivision export` beside the official files: the prompt the weights were trained with.
@@ -39,6 +40,8 @@ class LoadedModel:
     processor: Any  # Phi3VProcessor
     prompt: PromptFormat
     source: str  # what was loaded, for logs and /healthz
+    categories: tuple[str, ...] | None = None  # the training split's categories (None: not recorded)
+    currency: str | None = None  # the catalog's currency, e.g. "USD" (None: not recorded)
 
 
 @dataclass(frozen=True)
@@ -162,14 +165,26 @@ def _load_processor(name: str | Path) -> Any:
         raise PhivisionError(f"cannot load processor from {name}: {_first_line(err)}") from err
 
 
-def _export_prompt(path: Path) -> PromptFormat:
+def _export_info(path: Path) -> tuple[PromptFormat, LabelSpace]:
+    """The prompt and label space an export records in phivision.json (defaults for a plain checkpoint)."""
     info_path = path / EXPORT_INFO_FILE
     if not info_path.is_file():
-        return PromptFormat()
+        return PromptFormat(), LabelSpace()
     try:
-        return PromptFormat.from_dict(json.loads(info_path.read_text()).get("prompt"))
+        info = json.loads(info_path.read_text())
+    except (ValueError, UnicodeDecodeError) as err:
+        raise PhivisionError(f"{info_path}: not valid JSON ({err})") from err
+    if not isinstance(info, dict):
+        raise PhivisionError(f"{info_path}: expected a JSON object")
+    try:
+        prompt = PromptFormat.from_dict(info.get("prompt"))
     except (ValueError, TypeError, AttributeError) as err:
         raise PhivisionError(f"{info_path}: field 'prompt': {err}") from err
+    try:
+        labels = LabelSpace.from_dict(info["labels"]) if info.get("labels") is not None else LabelSpace()
+    except (ValueError, TypeError) as err:
+        raise PhivisionError(f"{info_path}: field 'labels': {err}") from err
+    return prompt, labels
 
 
 def load_model(
@@ -193,8 +208,11 @@ def load_model(
     if local.is_dir() and is_run_dir(local):
         return _load_run(read_run(local), device, dtype, merge)
     if local.is_dir() and is_checkpoint_dir(local):
+        prompt, labels = _export_info(local)
         model = _load_checkpoint(str(local), device, dtype)
-        return LoadedModel(model, _load_processor(local), _export_prompt(local), source=str(local))
+        return LoadedModel(
+            model, _load_processor(local), prompt, str(local), labels.categories, labels.currency
+        )
     if local.exists():
         raise PhivisionError(
             f"{path}: neither a training run (config.yaml with adapter/ or model/) "
@@ -210,10 +228,12 @@ def load_model(
 
 def _load_run(run: RunInfo, device: torch.device, dtype: torch.dtype, merge: bool) -> LoadedModel:
     processor_dir = run.processor_dir if run.processor_dir.is_dir() else None
+    labels = read_labels(run.run_dir)
     if run.model_dir.is_dir():  # full fine-tuning saved the whole model
         model = _load_checkpoint(str(run.model_dir), device, dtype)
         processor = _load_processor(processor_dir or run.model_dir)
-        return LoadedModel(model, processor, run.prompt, source=f"{run.run_dir} (full fine-tune)")
+        source = f"{run.run_dir} (full fine-tune)"
+        return LoadedModel(model, processor, run.prompt, source, labels.categories, labels.currency)
 
     from peft import PeftModel
 
@@ -227,4 +247,5 @@ def _load_run(run: RunInfo, device: torch.device, dtype: torch.dtype, merge: boo
     if merge:
         model = model.merge_and_unload()
     processor = _load_processor(processor_dir or run.base)
-    return LoadedModel(model, processor, run.prompt, source=f"{run.run_dir} ({run.method} on {run.base})")
+    source = f"{run.run_dir} ({run.method} on {run.base})"
+    return LoadedModel(model, processor, run.prompt, source, labels.categories, labels.currency)

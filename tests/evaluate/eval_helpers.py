@@ -55,7 +55,7 @@ def oracle_answers(catalog: pd.DataFrame, quality: str):
     """
 
     def generate_answers(
-        model, processor, images, prompt=None, batch_size=8, max_new_tokens=64, progress=True
+        model, processor, images, prompt=None, batch_size=8, max_new_tokens=64, progress=True, constraint=None
     ):
         answers = []
         for image in images:

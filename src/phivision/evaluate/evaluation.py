@@ -16,6 +16,7 @@ from tqdm.auto import tqdm
 
 from phivision.data.layout import SPLITS, load_catalog
 from phivision.errors import PhivisionError
+from phivision.evaluate.constrain import AnswerConstraint, constraint_name
 from phivision.evaluate.metrics import (
     HEADLINE,
     SCORING,
@@ -48,7 +49,12 @@ def output_paths(out: str | os.PathLike) -> tuple[Path, Path]:
 
 
 def _answer_all(
-    loaded: Any, paths: list[Path], batch_size: int, max_new_tokens: int, progress: bool
+    loaded: Any,
+    paths: list[Path],
+    batch_size: int,
+    max_new_tokens: int,
+    progress: bool,
+    constraint: AnswerConstraint | None = None,
 ) -> tuple[list[str], list[str | None]]:
     """Raw answers for every image path, loading images chunk by chunk; unreadable images answer ""."""
     from phivision.evaluate.generate import answer_image_files
@@ -57,7 +63,7 @@ def _answer_all(
     problems: list[str | None] = []
     with tqdm(total=len(paths), desc="evaluate", unit="img", disable=not progress) as bar:
         for _, answer, problem in answer_image_files(
-            loaded, paths, IMAGES_PER_CHUNK, batch_size, max_new_tokens, progress=bar
+            loaded, paths, IMAGES_PER_CHUNK, batch_size, max_new_tokens, progress=bar, constraint=constraint
         ):
             answers.append(answer)
             problems.append(problem)
@@ -73,6 +79,7 @@ def evaluate(
     max_new_tokens: int = 64,
     limit: int | None = None,
     progress: bool = True,
+    constrain: bool = True,
 ) -> dict:
     """Score a model's answers on one split of a dataset directory.
 
@@ -85,6 +92,8 @@ def evaluate(
         max_new_tokens: answer length cap.
         limit: score only the first ``limit`` items of the split (quick checks).
         progress: show a progress bar.
+        constrain: force answers into the model's template, with the category one of its training categories
+            when the model records them (:mod:`phivision.evaluate.constrain`); False: free generation.
 
     Returns:
         The metrics dict written to metrics.json (flat headline keys, ``per_category``, ``baseline``, ...).
@@ -116,9 +125,10 @@ def evaluate(
     else:
         loaded = model
     paths = [(data_dir / p).resolve() for p in items["image_path"]]
-    answers, problems = _answer_all(loaded, paths, batch_size, max_new_tokens, progress)
+    constraint = AnswerConstraint.for_model(loaded) if constrain else None
+    answers, problems = _answer_all(loaded, paths, batch_size, max_new_tokens, progress, constraint)
 
-    scored = score(items, [parse_answer(a) for a in answers], stats)
+    scored = score(items, [parse_answer(a, loaded.prompt) for a in answers], stats)
     records = []
     for record, product, path, answer, problem in zip(
         scored, items["product_code"], paths, answers, problems, strict=True
@@ -135,6 +145,7 @@ def evaluate(
             "data": str(data_dir),
             "split": split,
             "max_new_tokens": max_new_tokens,
+            "constraint": constraint_name(constraint),
             "baseline": baseline,
             "scoring": SCORING,
         }

@@ -2,7 +2,8 @@
 
 Prompts are left-padded so every row's next token sits in the last column and the KV cache grows in step. Images
 are sorted by their image-token count before batching, so a batch holds prompts of similar length (little
-padding), and the answers are returned in the caller's order.
+padding), and the answers are returned in the caller's order. With a ``constraint`` every answer follows the run's
+template (see :mod:`phivision.evaluate.constrain`).
 """
 
 from __future__ import annotations
@@ -15,10 +16,11 @@ from typing import Any
 import torch
 from PIL import Image
 from tqdm.auto import tqdm
-from transformers import GenerationConfig
+from transformers import GenerationConfig, LogitsProcessorList
 from transformers.generation.streamers import BaseStreamer
 
 from phivision.data.images import ImageError, load_image
+from phivision.evaluate.constrain import AnswerConstraint
 from phivision.prompt import PromptFormat, prompt_text
 
 
@@ -72,6 +74,7 @@ def generate_answers(
     batch_size: int = 8,
     max_new_tokens: int = 64,
     progress: bool | tqdm = True,
+    constraint: AnswerConstraint | None = None,
 ) -> list[str]:
     """Greedy answers, one per image, in the order of ``images`` (see :func:`generate_completions`)."""
     completions = generate_completions(model, processor, images, prompt, batch_size, max_new_tokens, progress)
@@ -92,6 +95,7 @@ def generate_completions(
     temperature: float = 0.0,
     top_p: float = 1.0,
     on_token: Callable[[int, int], None] | None = None,
+    constraint: AnswerConstraint | None = None,
 ) -> list[Completion]:
     """Answers, one per image, in the order of ``images``: greedy unless ``temperature`` > 0.
 
@@ -107,6 +111,9 @@ def generate_completions(
         top_p: nucleus sampling mass (sampling only).
         on_token: called as ``on_token(image_index, token_id)`` for every new token as it is generated (rows
             that already stopped keep receiving padding), so a server can stream answers.
+        constraint: force every answer into this template and label space (None: free generation). A
+            ``max_new_tokens`` too small for the template's fixed text, longest category and a price is raised to
+            that minimum, so a constrained answer is never cut.
 
     Returns:
         One :class:`Completion` per image.
@@ -118,6 +125,12 @@ def generate_completions(
     stop_ids = [int(t) for t in processor.stop_token_ids]
     stops = set(stop_ids)
     sampling = {"temperature": temperature, "top_p": top_p} if temperature > 0 else {}
+    guide = None
+    if constraint is not None:
+        from phivision.evaluate.constrain import answer_guide, effective_max_new_tokens
+
+        guide = answer_guide(processor.tokenizer, constraint, model.config.vocab_size, stop_ids[0])
+        max_new_tokens = effective_max_new_tokens(guide, max_new_tokens)
     config = GenerationConfig(
         max_new_tokens=max_new_tokens,
         do_sample=temperature > 0,
@@ -148,6 +161,10 @@ def generate_completions(
             )
             inputs = {k: v.to(device) for k, v in batch.items() if isinstance(v, torch.Tensor)}
             inputs["pixel_values"] = inputs["pixel_values"].to(dtype)
+            if guide is not None:  # a fresh processor per batch: it holds one grammar state per row
+                inputs["logits_processor"] = LogitsProcessorList(
+                    [guide.logits_processor(len(chunk), max_new_tokens, sampling=temperature > 0)]
+                )
             streamer = _StepTokens(chunk, on_token) if on_token is not None else None
             output = model.generate(
                 **inputs, generation_config=config, streamer=streamer
@@ -179,12 +196,13 @@ def answer_image_files(
     batch_size: int = 8,
     max_new_tokens: int = 64,
     progress: bool | tqdm = True,
+    constraint: AnswerConstraint | None = None,
 ) -> Iterator[tuple[Path, str, str | None]]:
     """``(path, answer, error)`` for every image file, in order: the file loop shared by evaluate and predict.
 
     Images are decoded ``chunk_size`` at a time, so memory stays flat on large folders and results stream out.
     An unreadable file yields ``(path, "", reason)`` instead of stopping the run: one corrupt photo costs that
-    photo only. ``loaded`` is a :class:`phivision.runs.LoadedModel`.
+    photo only. ``loaded`` is a :class:`phivision.runs.LoadedModel`; ``constraint`` as in :func:`generate_answers`.
     """
     own_bar = isinstance(progress, bool)
     bar = tqdm(total=len(paths), desc="generate", unit="img", disable=not progress) if own_bar else progress
@@ -209,6 +227,7 @@ def answer_image_files(
                     batch_size=batch_size,
                     max_new_tokens=max_new_tokens,
                     progress=bar,
+                    constraint=constraint,
                 )
             )
             bar.update(len(images) - len(readable))

@@ -18,6 +18,7 @@ import torch
 
 from phivision.errors import PhivisionError
 from phivision.io import atomic_directory, atomic_write_json, require_empty_dir
+from phivision.labels import read_labels
 from phivision.runs import EXPORT_INFO_FILE, RunInfo, is_run_dir, load_model, read_run, resolve_dtype
 
 
@@ -67,6 +68,7 @@ def export_info(info: RunInfo, run_dir: Path) -> dict[str, Any]:
     """``phivision.json``: what :func:`phivision.runs.load_model` reads back (the prompt) and where it came from."""
     return {
         "prompt": info.prompt.to_dict(),
+        "labels": read_labels(run_dir).to_dict(),  # categories and currency, for constrained answers
         "run": str(run_dir.resolve()),
         "base": info.base,
         "method": info.method,

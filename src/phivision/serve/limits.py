@@ -41,6 +41,7 @@ class ServeLimits:
     answer_timeout: float = 300.0  # seconds a request may wait for its answer (then 504)
     remote_image_timeout: float = 10.0  # seconds for fetching one http(s) image_url, redirects included
     max_redirects: int = 5  # redirects followed when fetching an http(s) image_url
+    constrain: bool = True  # force answers into the run's template and categories (--no-constrain: free text)
 
     @property
     def max_upload_bytes(self) -> int:
@@ -55,6 +56,8 @@ class ServeLimits:
         minimum = {"max_wait_ms": 0, "max_redirects": 0}  # may be zero; everything else must be positive
         for field in fields(self):
             value = getattr(self, field.name)
+            if field.type == "bool":
+                continue
             flag = "--" + field.name.replace("_", "-")
             if field.type == "int" and (isinstance(value, bool) or not isinstance(value, int)):
                 raise PhivisionError(f"{flag}: expected a whole number, got {value!r}")

@@ -305,8 +305,8 @@ def message_content(serving: Serving, text: str, fields: tuple[str, ...] | None)
     """The assistant message: the model's answer, or the JSON object of its fields."""
     if fields is None:
         return text
-    record = prediction_record("image_url", text)  # the one place an answer becomes a record
-    record.setdefault("currency", getattr(serving.loaded, "currency", None))
+    loaded = serving.loaded
+    record = prediction_record("image_url", text, loaded.prompt, loaded.currency)  # the one record builder
     return json.dumps({name: record.get(name) for name in fields}, ensure_ascii=False)
 
 

@@ -16,7 +16,7 @@ from tqdm import tqdm
 
 from phivision.errors import PhivisionError
 from phivision.io import atomic_write_text
-from phivision.prompt import parse_answer
+from phivision.prompt import PromptFormat, parse_answer
 from phivision.runs import LoadedModel
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
@@ -47,14 +47,18 @@ def expand_inputs(inputs: Sequence[str | Path]) -> list[Path]:
     return paths
 
 
-def prediction_record(image: str, answer: str) -> dict:
-    """The JSON shape shared by predict and the HTTP API: parsed fields plus the raw answer."""
-    parsed = parse_answer(answer)
+def prediction_record(
+    image: str, answer: str, prompt: PromptFormat = PromptFormat(), currency: str | None = None
+) -> dict:
+    """The JSON shape shared by predict and the HTTP API: the fields parsed with the run's ``prompt`` template,
+    the price's ``currency`` (the catalog's, None when the model does not record one) and the raw answer."""
+    parsed = parse_answer(answer, prompt)
     return {
         "image": image,
         "title": parsed.title,
         "category": parsed.category,
         "price": parsed.price,
+        "currency": currency,
         "answer": answer,
     }
 
@@ -65,15 +69,25 @@ def predict_images(
     batch_size: int = 8,
     max_new_tokens: int = 64,
     progress: bool = True,
+    constrain: bool = True,
 ) -> Iterator[dict]:
-    """Yield one record per path, in order. Images are decoded one batch at a time so memory stays flat."""
+    """Yield one record per path, in order. Images are decoded one batch at a time so memory stays flat.
+
+    ``constrain`` forces every answer into the model's template and recorded categories
+    (:mod:`phivision.evaluate.constrain`); False lets the model write freely.
+    """
+    from phivision.evaluate.constrain import AnswerConstraint
     from phivision.evaluate.generate import answer_image_files
 
+    constraint = AnswerConstraint.for_model(loaded) if constrain else None
     with tqdm(total=len(paths), desc="predict", unit="img", disable=not progress) as bar:
         for path, answer, error in answer_image_files(
-            loaded, paths, batch_size, batch_size, max_new_tokens, progress=bar
+            loaded, paths, batch_size, batch_size, max_new_tokens, progress=bar, constraint=constraint
         ):
-            yield {"image": str(path), "error": error} if error else prediction_record(str(path), answer)
+            if error:
+                yield {"image": str(path), "error": error}
+            else:
+                yield prediction_record(str(path), answer, loaded.prompt, loaded.currency)
 
 
 def run_predict(
@@ -84,8 +98,11 @@ def run_predict(
     max_new_tokens: int = 64,
     device: str | None = None,
     stdout: TextIO | None = None,
+    constrain: bool = True,
 ) -> tuple[int, int]:
     """Predict for ``inputs`` and write JSON lines to ``out`` (atomically) or stream them to stdout.
+
+    ``constrain``: see :func:`predict_images`.
 
     Returns (number answered, number that could not be read).
     """
@@ -97,7 +114,10 @@ def run_predict(
     loaded = load_model(model, device=device)
     stdout = stdout or sys.stdout
     lines, ok, failed = [], 0, 0
-    for record in predict_images(loaded, paths, batch_size=batch_size, max_new_tokens=max_new_tokens):
+    records = predict_images(
+        loaded, paths, batch_size=batch_size, max_new_tokens=max_new_tokens, constrain=constrain
+    )
+    for record in records:
         line = json.dumps(record, ensure_ascii=False)
         failed += "error" in record
         ok += "error" not in record

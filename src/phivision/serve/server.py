@@ -100,8 +100,10 @@ def answer_jobs(loaded: Any, limits: ServeLimits, jobs: list[Job]) -> list[Any]:
     Decoding happens here, one batch at a time, so decoded pixels exist only for the batch being answered.
     Jobs with different generation settings are answered by one generate call per setting.
     """
+    from phivision.evaluate.constrain import AnswerConstraint
     from phivision.evaluate.generate import generate_completions
 
+    constraint = AnswerConstraint.for_model(loaded) if limits.constrain else None
     results: list[Any] = [None] * len(jobs)
     images: dict[int, Image.Image] = {}
     for i, job in enumerate(jobs):
@@ -130,6 +132,7 @@ def answer_jobs(loaded: Any, limits: ServeLimits, jobs: list[Job]) -> list[Any]:
             temperature=generation.temperature,
             top_p=generation.top_p,
             on_token=on_token if streams else None,
+            constraint=constraint,
         )
         for i, completion in zip(members, completions, strict=True):
             results[i] = completion
@@ -318,6 +321,7 @@ class Prediction(BaseModel):
     title: str | None
     category: str | None
     price: float | None
+    currency: str | None  # the catalog's currency the price is in (null when the model records none)
     answer: str
 
 
@@ -489,7 +493,7 @@ def create_app(
             completion = await serving.answer(data, generation)
         except Exception as err:
             raise failure(err, limits, 415, name) from None
-        return prediction_record(name, completion.text)
+        return prediction_record(name, completion.text, serving.loaded.prompt, serving.loaded.currency)
 
     openai_api.add_routes(app, serving)
     return app

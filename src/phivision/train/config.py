@@ -108,6 +108,7 @@ class EvalConfig:
     max_new_tokens: int = 48
     metric: str = "val_loss"  # chooses the best checkpoint and drives early stopping
     patience: int = 0  # evaluations without improvement before stopping; 0: never stop early
+    constrain: bool = True  # generated answers follow the template, category one of the train split's
 
 
 @dataclass

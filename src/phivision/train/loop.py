@@ -21,6 +21,7 @@ from tqdm.auto import tqdm
 
 from phivision.errors import PhivisionError
 from phivision.io import atomic_write_json, atomic_write_text
+from phivision.labels import LabelSpace, write_labels
 from phivision.train import checkpoint as ckpt
 from phivision.train.config import TrainConfig
 from phivision.train.data import ProductDataset, RankBatches, make_plan, pack_examples, split_rows
@@ -193,6 +194,7 @@ def evaluate_model(
 
     Every rank generates the same answers: cheap next to training, and required where parameters are sharded.
     """
+    from phivision.evaluate.constrain import AnswerConstraint
     from phivision.evaluate.generate import generate_answers
     from phivision.evaluate.metrics import TrainStats, score, summarize
     from phivision.prompt import parse_answer
@@ -214,18 +216,22 @@ def evaluate_model(
     gen_n = min(len(val), config.eval.gen_samples)
     if gen_n:
         images = [val.image(i) for i in range(gen_n)]
+        fmt = config.prompt.format()
+        labels = LabelSpace.from_rows(train_rows["category"], train_rows["currency"])
+        constraint = AnswerConstraint(fmt, labels.categories) if config.eval.constrain else None
         with accelerator.autocast():
             answers = generate_answers(
                 accelerator.unwrap_model(model),
                 processor,
                 images,
-                config.prompt.format(),
+                fmt,
                 batch_size=config.eval.batch_size,
                 max_new_tokens=config.eval.max_new_tokens,
                 progress=False,
+                constraint=constraint,
             )
         stats = TrainStats.from_catalog(train_rows)
-        summary = summarize(score(val.rows.head(gen_n), [parse_answer(a) for a in answers], stats))
+        summary = summarize(score(val.rows.head(gen_n), [parse_answer(a, fmt) for a in answers], stats))
         metrics.update({k: float(v) for k, v in summary.items() if isinstance(v, (int, float)) and k != "n"})
         keep = min(gen_n, config.tracking.sample_images)
         samples = [(images[i], val.answer(i), answers[i]) for i in range(keep)]
@@ -332,6 +338,7 @@ def train(config: TrainConfig, resume: bool = False, progress: bool = True) -> T
         run_dir.mkdir(parents=True, exist_ok=True)
         metrics_file.truncate_after(state["step"])
         atomic_write_text(run_dir / "config.yaml", config.to_yaml())
+        write_labels(run_dir, LabelSpace.from_rows(train_rows["category"], train_rows["currency"]))
         processor.save_pretrained(str(run_dir / "processor"))
         accelerator.print(
             f"{trainable_summary(model)}; {total_steps} steps of {plan.global_batch * accum} rows"
