@@ -77,7 +77,9 @@ def generate_answers(
     constraint: AnswerConstraint | None = None,
 ) -> list[str]:
     """Greedy answers, one per image, in the order of ``images`` (see :func:`generate_completions`)."""
-    completions = generate_completions(model, processor, images, prompt, batch_size, max_new_tokens, progress)
+    completions = generate_completions(
+        model, processor, images, prompt, batch_size, max_new_tokens, progress, constraint=constraint
+    )
     return [completion.text for completion in completions]
 
 
@@ -96,6 +98,7 @@ def generate_completions(
     top_p: float = 1.0,
     on_token: Callable[[int, int], None] | None = None,
     constraint: AnswerConstraint | None = None,
+    exact_length: bool = False,
 ) -> list[Completion]:
     """Answers, one per image, in the order of ``images``: greedy unless ``temperature`` > 0.
 
@@ -114,6 +117,9 @@ def generate_completions(
         constraint: force every answer into this template and label space (None: free generation). A
             ``max_new_tokens`` too small for the template's fixed text, longest category and a price is raised to
             that minimum, so a constrained answer is never cut.
+        exact_length: keep ``max_new_tokens`` as a hard cap even with a constraint: the answer is the first
+            ``max_new_tokens`` tokens of a constrained answer and comes back unfinished (an API client's
+            ``max_tokens`` is a promise about cost, never raised behind its back).
 
     Returns:
         One :class:`Completion` per image.
@@ -126,11 +132,15 @@ def generate_completions(
     stops = set(stop_ids)
     sampling = {"temperature": temperature, "top_p": top_p} if temperature > 0 else {}
     guide = None
+    plan_tokens = max_new_tokens  # the budget the grammar plans the answer for
     if constraint is not None:
         from phivision.evaluate.constrain import answer_guide, effective_max_new_tokens
 
         guide = answer_guide(processor.tokenizer, constraint, model.config.vocab_size, stop_ids[0])
-        max_new_tokens = effective_max_new_tokens(guide, max_new_tokens)
+        if exact_length:
+            plan_tokens = max(max_new_tokens, guide.min_new_tokens)
+        else:
+            plan_tokens = max_new_tokens = effective_max_new_tokens(guide, max_new_tokens)
     config = GenerationConfig(
         max_new_tokens=max_new_tokens,
         do_sample=temperature > 0,
@@ -163,7 +173,7 @@ def generate_completions(
             inputs["pixel_values"] = inputs["pixel_values"].to(dtype)
             if guide is not None:  # a fresh processor per batch: it holds one grammar state per row
                 inputs["logits_processor"] = LogitsProcessorList(
-                    [guide.logits_processor(len(chunk), max_new_tokens, sampling=temperature > 0)]
+                    [guide.logits_processor(len(chunk), plan_tokens, sampling=temperature > 0)]
                 )
             streamer = _StepTokens(chunk, on_token) if on_token is not None else None
             output = model.generate(
