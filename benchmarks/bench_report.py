@@ -56,7 +56,9 @@ def main() -> None:
     parser.add_argument("--sizes", default="100,1000,10000,50000")
     parser.add_argument("--loop-resamples", type=int, default=20)
     args = parser.parse_args()
-    print(f"{'items':>8} {'vectorised s':>13} {'plain loop s':>13} {'ratio':>7}   (1000 resamples, all metrics)")
+    print(
+        f"{'items':>8} {'vectorised s':>13} {'plain loop s':>13} {'ratio':>7}   (1000 resamples, all metrics)"
+    )
     for n in [int(s) for s in args.sizes.split(",")]:
         records = scored(n)
         started = time.perf_counter()

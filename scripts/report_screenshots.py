@@ -34,7 +34,9 @@ def main() -> None:
             for section in SECTIONS:
                 shot = Image.open(io.BytesIO(page.locator(f"#{section}").screenshot()))
                 path = args.out / f"report-{section}.png"
-                shot.convert("RGB").quantize(colors=256, method=Image.Quantize.MEDIANCUT).save(path, optimize=True)
+                shot.convert("RGB").quantize(colors=256, method=Image.Quantize.MEDIANCUT).save(
+                    path, optimize=True
+                )
                 print(f"wrote {path} ({path.stat().st_size / 1024:.0f} kB)")
         finally:
             browser.close()
