@@ -604,3 +604,21 @@ def test_every_section_renders_in_chromium(report_path, run_dir, tmp_path) -> No
             browser.close()
     assert problems == []
     assert [u for u in requests if not u.startswith(("file:", "data:"))] == []
+
+
+def test_hostile_names_are_text(tmp_path) -> None:
+    """Names that look like HTML or matplotlib math are shown as written, never run or parsed."""
+    names = ["<script>alert(1)</script>", "Bags $5 and $10", "$\\nocommand{$", "Tote </td></table>"]
+    lines = []
+    for i, name in enumerate(names * 3):
+        record = json.loads(json.dumps(GOOD))
+        record["id"] = f"P{i}"
+        record["truth"]["category"] = record["truth"]["title"] = name
+        record["parsed"]["category"] = names[(i + 1) % len(names)]
+        lines.append(json.dumps(record))
+    path = tmp_path / "predictions.jsonl"
+    path.write_text("\n".join(lines) + "\n")
+    html = write_report(predictions=path).read_text()
+    assert "<script" not in html and "&lt;script&gt;alert(1)&lt;/script&gt;" in html
+    assert "Tote &lt;/td&gt;&lt;/table&gt;" in html
+    assert "Bags $5 and $10" in html

@@ -82,6 +82,11 @@ def test_price_ticks_are_plain_numbers() -> None:
     assert [short_number(v) for v in (1, 50, 2500, 3e6, 0.05)] == ["1", "50", "2.5k", "3M", "0.05"]
 
 
+def test_currency_is_plain_text() -> None:
+    fig = price_scatter(prices(10, 1000), "$\\nocommand{$")
+    assert no_overlaps(fig)  # drawing it does not try to parse math
+
+
 def test_price_scatter_without_currency_or_prices() -> None:
     fig = price_scatter([record(100, None)] * 3, None)
     assert fig.axes[0].get_xlabel() == "true price (currency unknown)"

@@ -185,7 +185,7 @@ def percent_axis(axis, signed: bool = False) -> None:
 
 
 def currency_label(text: str, currency: str | None) -> str:
-    return f"{text} ({currency})" if currency else f"{text} (currency unknown)"
+    return f"{text} ({plain(currency)})" if currency else f"{text} (currency unknown)"
 
 
 def _empty(ax: Axes, message: str) -> None:
@@ -315,11 +315,17 @@ def confusion_matrix(records: Sequence[dict]) -> Figure:
 
 
 def _cut(name: str) -> str:
-    """Long names keep their start and end (where "Leather Shoulder Bags" and "Leather Tote Bags" differ)."""
-    if len(name) <= LABEL_CHARS:
-        return name
-    head = (LABEL_CHARS - 1) // 2
-    return name[:head].rstrip() + "…" + name[-(LABEL_CHARS - 1 - head) :].lstrip()
+    """Long names keep their start and end (where "Leather Shoulder Bags" and "Leather Tote Bags" differ);
+    a "$" is shown as itself, never read as the start of matplotlib math."""
+    if len(name) > LABEL_CHARS:
+        head = (LABEL_CHARS - 1) // 2
+        name = name[:head].rstrip() + "…" + name[-(LABEL_CHARS - 1 - head) :].lstrip()
+    return plain(name)
+
+
+def plain(text: str) -> str:
+    """Text from the data as matplotlib should print it: a "$" is a dollar sign, not the start of math."""
+    return text.replace("$", r"\$")
 
 
 # ----------------------------------------------------------------------------------------- training
