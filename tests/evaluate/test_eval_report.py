@@ -410,6 +410,7 @@ def test_new_optional_keys_are_accepted(tmp_path) -> None:
     path.write_text(json.dumps(record) + "\n")
     html = write_report(predictions=path).read_text()
     assert "100 EUR" in html and "prices in EUR" in html  # the gallery's prices take the item's currency
+    assert [row[:2] for row in table_rows(html, "bands")] == [["up to 100 EUR", "1"]]  # one price, one band
 
 
 def test_bad_metrics_json(tmp_path) -> None:

@@ -247,6 +247,7 @@ def price_band_table(stages: list[Stage], currency: str | None) -> dict:
     """Metrics by quartile of the true price (edges from the last stage's items), stages side by side."""
     prices = np.array([r["truth"]["price"] for r in stages[-1].records])
     edges = np.unique(np.quantile(prices, np.linspace(0, 1, PRICE_BANDS + 1)[1:-1]))
+    edges = edges[edges < prices.max()]  # few distinct prices: fewer bands, none of them empty
     bounds = [float(prices.min()), *edges.tolist(), float(prices.max())]
     labels = []
     for i in range(len(bounds) - 1):
@@ -337,7 +338,9 @@ def training_section(log: TrainingLog | None) -> dict | None:
     if any("lr" in r for r in log.train):
         curves.append(report_plots.lr_curve(log.train))
     if any(key in r for r in log.evals for key, _ in EVAL_CURVES):
-        curves.append(report_plots.eval_curves(log.evals, EVAL_CURVES))
+        curves.append(
+            report_plots.eval_curves(log.evals, EVAL_CURVES, report_plots.last_step(log.train, log.evals))
+        )
     return {
         "facts": run_facts(log),
         "curves": [report_plots.to_data_uri(fig) for fig in curves],

@@ -221,7 +221,8 @@ def price_scatter(records: Sequence[dict], currency: str | None) -> Figure:
     else:
         _empty(ax, "no answer had a readable price")
     missing = len(records) - len(pairs)
-    ax.set_title(f"predicted vs true price ({missing} without a price not shown)", fontsize=10)
+    shown = f"{missing} without a price not shown" if missing else "every answer had a price"
+    ax.set_title(f"predicted vs true price ({shown})", fontsize=10)
     ax.set_xlabel(currency_label("true price", currency))
     ax.set_ylabel(currency_label("predicted price", currency))
     return fig
@@ -263,7 +264,8 @@ def error_histogram(records: Sequence[dict]) -> Figure:
     else:
         _empty(ax, "no answer had a readable price")
     missing = len(records) - errors.size
-    ax.set_title(f"price error, (predicted - true) / true; {missing} without a price", fontsize=10)
+    shown = f"; {missing} without a price" if missing else ""
+    ax.set_title(f"price error, (predicted - true) / true{shown}", fontsize=10)
     ax.set_xlabel("price error (0% = exact, -50% = half, +100% = double)")
     ax.set_ylabel("items")
     return fig
@@ -331,11 +333,19 @@ def plain(text: str) -> str:
 # ----------------------------------------------------------------------------------------- training
 
 
-def _steps_axis(ax: Axes) -> None:
+def _steps_axis(ax: Axes, last_step: int | None = None) -> None:
+    """Optimizer steps from 0 to the run's last step, so every training plot shares one x scale."""
+    if last_step:
+        ax.set_xlim(0, last_step * 1.03)
     ax.xaxis.set_major_locator(ticker.MaxNLocator(nbins=6, integer=True))
     ax.xaxis.set_major_formatter(ticker.FuncFormatter(lambda v, _: short_number(v)))
     ax.set_xlabel("optimizer step")
     ax.grid(True, alpha=0.3)
+
+
+def last_step(*logs: Sequence[dict]) -> int | None:
+    steps = [r["step"] for log in logs for r in log]
+    return max(steps) if steps else None
 
 
 def loss_curve(train: Sequence[dict], evals: Sequence[dict], best_step: int | None) -> Figure:
@@ -353,7 +363,7 @@ def loss_curve(train: Sequence[dict], evals: Sequence[dict], best_step: int | No
     if not (points or checks):
         _empty(ax, "no loss was logged")
     else:
-        _steps_axis(ax)
+        _steps_axis(ax, last_step(train, evals))
         if all(v > 0 for _, v in points + checks):
             ax.set_yscale("log")
             ax.yaxis.set_major_locator(ticker.LogLocator(base=10, subs=(1.0, 2.0, 5.0), numticks=8))
@@ -372,7 +382,7 @@ def lr_curve(train: Sequence[dict]) -> Figure:
     points = [(r["step"], r["lr"]) for r in train if "lr" in r]
     if points:
         ax.plot(*zip(*points, strict=True), color=BLUE, lw=1.2)
-        _steps_axis(ax)
+        _steps_axis(ax, last_step(train))
         ax.yaxis.set_major_locator(ticker.MaxNLocator(nbins=5))
         ax.yaxis.set_major_formatter(ticker.FuncFormatter(lambda v, _: f"{v:.1e}" if v else "0"))
         ax.set_ylim(bottom=0)
@@ -383,8 +393,9 @@ def lr_curve(train: Sequence[dict]) -> Figure:
     return fig
 
 
-def eval_curves(evals: Sequence[dict], series: Sequence[tuple[str, str]]) -> Figure:
-    """Evaluation metrics (fractions, drawn in percent) by step; ``series`` is (key, label) pairs."""
+def eval_curves(evals: Sequence[dict], series: Sequence[tuple[str, str]], last: int | None = None) -> Figure:
+    """Evaluation metrics (fractions, drawn in percent) by step; ``series`` is (key, label) pairs; ``last`` is
+    the run's last step (the x axis ends there, as in the loss plot)."""
     fig = Figure(figsize=(5.4, 3.8))
     ax = fig.add_subplot()
     drawn = 0
@@ -395,7 +406,8 @@ def eval_curves(evals: Sequence[dict], series: Sequence[tuple[str, str]]) -> Fig
             ax.plot(*zip(*points, strict=True), color=color, marker="o", ms=4, lw=1.2, label=label)
             drawn += 1
     if drawn:
-        _steps_axis(ax)
+        _steps_axis(ax, last or last_step(evals))
+        ax.set_ylim(bottom=0)
         percent_axis(ax.yaxis)
         ax.legend(frameon=False, fontsize=8)
     else:
