@@ -285,12 +285,24 @@ def report(
             help="HTML file to write (default: RUN/report.html, or report.html beside the predictions)."
         ),
     ] = None,
+    resamples: Annotated[
+        int | None,
+        typer.Option(
+            help="Bootstrap resamples for the 95% intervals, 0 for none (default: the library's, 1000)."
+        ),
+    ] = None,
+    seed: Annotated[
+        int | None, typer.Option(help="Bootstrap seed: the same inputs give the same intervals (default 0).")
+    ] = None,
 ) -> None:
-    """Write one self-contained HTML report: headline table (before, after, baseline), price plots, category
-    confusion matrix, per-category table and the best and worst predictions with their photos."""
+    """Write one self-contained HTML report (opens offline, runs no script): headline metrics with bootstrap
+    95% intervals and the paired change from before to after, the dataset and the run's config, training curves,
+    price plots, breakdowns by price band and by category (stages side by side), and the best and worst answers
+    with their photos. A damaged training log is reported as a warning; a damaged predictions file is an error."""
     from phivision.evaluate.report import write_report
 
-    path = write_report(run=run, predictions=predictions, out=out)
+    options = {k: v for k, v in (("resamples", resamples), ("seed", seed)) if v is not None}
+    path = write_report(run=run, predictions=predictions, out=out, **options)
     typer.echo(f"wrote {path}")
 
 

@@ -3,18 +3,27 @@
 from __future__ import annotations
 
 import math
+import statistics
 
+import numpy as np
 import pandas as pd
 import pytest
 
+import phivision.evaluate.metrics as metrics_module
 from phivision.evaluate.metrics import (
     MISSING_PRICE_MIN_LOG_ERROR,
+    ItemScores,
     TrainStats,
+    aggregate,
     baseline_metrics,
+    best_cells,
     compute_metrics,
+    group_metrics,
     macro_f1,
+    per_category,
     score,
     summarize,
+    symmetric_ape,
 )
 from phivision.prompt import ParsedAnswer, parse_answer
 
@@ -87,9 +96,19 @@ def test_metrics_by_hand() -> None:
     assert m["category1_accuracy"] == pytest.approx(1 / 3)
     assert m["category2_accuracy"] == pytest.approx(1 / 3)
     assert m["per_category"] == {
-        "Bags": {"n": 1, "accuracy": 1.0, "price_mape": pytest.approx(0.1)},
-        "Coats": {"n": 1, "accuracy": 0.0, "price_mape": pytest.approx(0.5)},
-        "Scarves": {"n": 1, "accuracy": 0.0, "price_mape": 1.0},
+        "Bags": {
+            "n": 1,
+            "accuracy": 1.0,
+            "price_mape": pytest.approx(0.1),
+            "price_smape": pytest.approx(10 / 105),
+        },
+        "Coats": {
+            "n": 1,
+            "accuracy": 0.0,
+            "price_mape": pytest.approx(0.5),
+            "price_smape": pytest.approx(2 / 3),
+        },
+        "Scarves": {"n": 1, "accuracy": 0.0, "price_mape": 1.0, "price_smape": 2.0},
     }
     # baseline: Red Bag / Bags / 200 for all -> APEs 1.0, 0.8, 0.5
     assert m["baseline_price_mape"] == pytest.approx(2.3 / 3)
@@ -212,3 +231,130 @@ def test_bad_inputs() -> None:
         summarize([])
     with pytest.raises(ValueError, match="train split is empty"):
         TrainStats.from_catalog(TRAIN.iloc[:0])
+
+
+# ------------------------------------------------------------------------------------------ SMAPE
+
+
+def test_smape_by_hand() -> None:
+    stats = TrainStats.from_catalog(TRAIN)
+    m = compute_metrics(TEST, [parse_answer(a) for a in ANSWERS], stats)
+    # 110 for 100: 10 / 105; 500 for 1000: 500 / 750; no price: the maximum, 2
+    assert m["price_smape"] == pytest.approx((10 / 105 + 500 / 750 + 2.0) / 3)
+    assert m["per_category"]["Coats"]["price_smape"] == pytest.approx(500 / 750)
+    # baseline: 200 for 100, 1000, 400 -> 100/150, 800/600, 200/300
+    assert baseline_metrics(TEST, stats)["price_smape"] == pytest.approx(
+        (100 / 150 + 800 / 600 + 200 / 300) / 3
+    )
+
+
+def test_smape_is_symmetric_and_bounded() -> None:
+    assert symmetric_ape(100.0, 200.0) == pytest.approx(2 / 3)
+    assert symmetric_ape(100.0, 50.0) == pytest.approx(2 / 3)  # half and double cost the same
+    assert symmetric_ape(100.0, 1e12) < 2.0
+    assert symmetric_ape(100.0, None) == 2.0
+    stats = TrainStats.from_catalog(TRAIN)
+    (record,) = score(TEST.iloc[:1], [ParsedAnswer("Red Bag", "Bags", None)], stats)
+    assert record["errors"]["price_sape"] == 2.0  # a missing price is never better than any answer
+
+
+# ---------------------------------------------------------------------------------- the best-cell rule
+
+
+@pytest.mark.parametrize(
+    ("values", "key", "kind", "expected"),
+    [
+        ([0.2, 0.5, 0.3], "category_accuracy", "pct", [False, True, False]),
+        ([0.2, 0.5, 0.3], "price_mape", "pct", [True, False, False]),  # lower is better
+        ([0.0, 0.0, 0.0], "title_exact", "pct", [False, False, False]),  # all failed: no winner
+        ([0.0, 0.0], "price_mape", "pct", [False, False]),  # all tied, even at a perfect score
+        ([1.0, 1.0, 0.5], "parse_rate", "pct", [True, True, False]),  # ties share the best
+        ([0.12341, 0.12344, 0.2], "price_mape", "pct", [True, True, False]),  # equal as shown: 12.3%
+        ([None, 0.5, float("nan")], "category_accuracy", "pct", [False, False, False]),  # one known value
+        ([None, 0.5, 0.7], "category_accuracy", "pct", [False, False, True]),  # missing is never best
+        ([60, 60, 60], "n", "int", [False, False, False]),  # counts are not ranked
+        ([0.9, 0.8], "val_loss", "num", [False, True]),  # training's loss: lower is better
+        ([0.7721, 0.7724, 0.5], "title_similarity", "num", [True, True, False]),  # both read 0.772
+    ],
+)
+def test_best_cells(values, key, kind, expected) -> None:
+    assert best_cells(values, key, kind) == expected
+
+
+# ------------------------------------------------------------------------------ weighted aggregation
+
+
+def _random_records(n: int, seed: int) -> list[dict]:
+    rng = np.random.default_rng(seed)
+    stats = TrainStats.from_catalog(TRAIN)
+    categories = ["Bags", "Coats", "Scarves", "Shirts"]
+    rows = [
+        (
+            f"T{i}",
+            categories[rng.integers(4)],
+            float(rng.uniform(10, 1000)),
+            "W" if rng.random() < 0.5 else None,
+            "A",
+        )
+        for i in range(n)
+    ]
+    answers = []
+    for title, category, price, _, _ in rows:
+        guess = categories[rng.integers(4)] if rng.random() < 0.3 else category
+        answers.append(
+            ParsedAnswer(
+                title if rng.random() < 0.7 else "Other",
+                None if rng.random() < 0.1 else guess,
+                None if rng.random() < 0.15 else price * float(rng.uniform(0.5, 1.8)),
+            )
+        )
+    return score(frame(rows), answers, stats)
+
+
+def test_weighted_aggregate_equals_repeating_items() -> None:
+    """Weights are repeat counts: aggregate(w) must equal summarize() of the records repeated w times."""
+    records = _random_records(40, seed=1)
+    items = ItemScores.from_records(records)
+    rng = np.random.default_rng(2)
+    weights = rng.integers(0, 4, size=(5, len(records)))
+    got = aggregate(items, weights)
+    for row, w in enumerate(weights):
+        expected = summarize([r for r, k in zip(records, w, strict=True) for _ in range(k)])
+        for key, value in expected.items():
+            if key != "per_category":
+                assert got[key][row] == pytest.approx(value), key
+
+
+def test_median_and_macro_f1_match_the_plain_definitions() -> None:
+    for n in (1, 2, 7, 30):
+        records = _random_records(n, seed=n)
+        m = summarize(records)
+        assert m["price_median_ape"] == pytest.approx(
+            statistics.median(r["errors"]["price_ape"] for r in records)
+        )
+        true = [r["truth"]["category"].casefold() for r in records]
+        pred = [
+            None if r["parsed"]["category"] is None else r["parsed"]["category"].casefold() for r in records
+        ]
+        f1s = []
+        for c in sorted(set(true) | {p for p in pred if p}):
+            tp = sum(t == c == p for t, p in zip(true, pred, strict=True))
+            fp = sum(p == c != t for t, p in zip(true, pred, strict=True))
+            fn = sum(t == c != p for t, p in zip(true, pred, strict=True))
+            f1s.append(2 * tp / (2 * tp + fp + fn) if tp else 0.0)
+        assert m["category_macro_f1"] == pytest.approx(sum(f1s) / len(f1s))
+
+
+def test_group_metrics_in_small_chunks(monkeypatch) -> None:
+    records = _random_records(30, seed=5)
+    whole = per_category(records)
+    monkeypatch.setattr(metrics_module, "MAX_WEIGHT_CELLS", 31)  # one group per chunk
+    chunked = per_category(records)
+    assert list(chunked) == list(whole)
+    for category, row in whole.items():
+        assert chunked[category] == pytest.approx(row)  # the same up to float rounding of the matrix products
+    groups = np.array([0] * 10 + [-1] * 20)
+    one = group_metrics(ItemScores.from_records(records), groups, 2)
+    assert one["n"].tolist() == [10.0, 0.0]
+    assert np.isnan(one["price_mape"][1]) and np.isnan(one["price_median_ape"][1])  # an empty group
+    assert one["price_mape"][0] == pytest.approx(summarize(records[:10])["price_mape"])
