@@ -589,6 +589,17 @@ def _flat_keys(data: dict[str, Any], prefix: str = "") -> set[str]:
     return keys
 
 
+def _field_type(key: str) -> Any:
+    """The annotation of a dotted key of :class:`TrainConfig` (None for an unknown key)."""
+    cls: Any = TrainConfig
+    for part in key.split("."):
+        hints = typing.get_type_hints(cls) if dataclasses.is_dataclass(cls) else {}
+        if part not in hints:
+            return None
+        cls = hints[part]
+    return cls
+
+
 def parse_overrides(overrides: list[str]) -> dict[str, Any]:
     """``["optim.lr=1e-4", "lora.vision=true"]`` -> nested dict; values are read as YAML scalars."""
     nested: dict[str, Any] = {}
@@ -601,6 +612,8 @@ def parse_overrides(overrides: list[str]) -> dict[str, Any]:
             value = yaml.safe_load(raw) if raw.strip() else ""
         except yaml.YAMLError:
             value = raw
+        if _field_type(key) is str and not isinstance(value, str):
+            value = raw  # a text key takes the text as typed: `model=0001`, `prompt.question={x}?`
         node = nested
         parts = key.split(".")
         for part in parts[:-1]:
@@ -722,70 +735,3 @@ def cli_config(
     if model is not None:
         values["model"] = str(model)
     return load_config(base, overrides, **values)
-
-
-# ------------------------------------------------------------------------------------ documentation
-
-
-def _type_label(tp: Any) -> str:
-    origin = typing.get_origin(tp)
-    if origin is list:
-        return f"list[{_type_label(typing.get_args(tp)[0])}]"
-    return _type_name(tp)
-
-
-def _default_label(value: Any) -> str:
-    if isinstance(value, bool):
-        return "`true`" if value else "`false`"
-    if isinstance(value, str):
-        return f'`"{value}"`' if value else '`""`'
-    if isinstance(value, list):
-        return "`[" + ", ".join(str(v) for v in value) + "]`"
-    return f"`{value!r}`"
-
-
-def _meaning(spec: dict[str, Any]) -> str:
-    text = spec.get("help", "")
-    if "choices" in spec:
-        text += " One of " + ", ".join(f"`{c}`" for c in spec["choices"]) + "."
-    if "check" in spec:
-        text += f" Must be {spec['check']}."
-    return text.replace("|", "\\|")
-
-
-def config_reference() -> str:
-    """``docs/config.md``: every key with its type, default and meaning, from the config classes."""
-    out = [
-        "# Training config reference",
-        "",
-        "<!-- Generated from src/phivision/train/config.py by `python scripts/config_docs.py`; do not edit. -->",
-        "",
-        "Every key of the training YAML (`phivision train --config FILE`), also settable as a dotted override",
-        "(`phivision train ... optim.lr=1e-4`). `phivision train ... --print-config` prints the resolved config",
-        "(defaults, then the file, then `--data/--model/--out`, then overrides). Unknown keys, wrong types and",
-        "values outside the ranges below stop with one `error:` line naming the key before anything loads.",
-        "",
-    ]
-    top = typing.get_type_hints(TrainConfig)
-    sections: list[tuple[str, Any]] = [("", TrainConfig)]
-    sections += [
-        (f"{f.name}.", top[f.name])
-        for f in dataclasses.fields(TrainConfig)
-        if dataclasses.is_dataclass(top[f.name])
-    ]
-    for prefix, cls in sections:
-        out += [f"## `{prefix.rstrip('.')}`" if prefix else "## Top level", ""]
-        if prefix:
-            out += [(cls.__doc__ or "").strip().replace("``", "`"), ""]
-        out += ["| key | type | default | meaning |", "|---|---|---|---|"]
-        hints = typing.get_type_hints(cls)
-        defaults = cls()
-        for f in dataclasses.fields(cls):
-            if dataclasses.is_dataclass(hints[f.name]):
-                continue
-            value = getattr(defaults, f.name)
-            out.append(
-                f"| `{prefix}{f.name}` | {_type_label(hints[f.name])} | {_default_label(value)} | {_meaning(dict(f.metadata))} |"
-            )
-        out.append("")
-    return "\n".join(out)
