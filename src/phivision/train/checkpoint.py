@@ -21,6 +21,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import pickle
 import random
 import re
 import shutil
@@ -396,7 +397,12 @@ def load_checkpoint(
             load_weights(accelerator.unwrap_model(model), ckpt / weights_dirname(method), method)
             _load_optimizer(optimizer, ckpt)
         else:
-            _load_engine_state(accelerator, model, optimizer, ckpt / ENGINE_DIR)
+            try:
+                _load_engine_state(accelerator, model, optimizer, ckpt / ENGINE_DIR)
+            except pickle.UnpicklingError as err:  # an object beyond tensors and plain data: never unpickled
+                raise PhivisionError(
+                    f"{ckpt / ENGINE_DIR}: refused to unpickle ({_first_line(err)})"
+                ) from None
     scheduler.load_state_dict(load_tree(ckpt / "scheduler"))
     if accelerator.scaler is not None:
         if not (ckpt / "scaler.json").exists():
@@ -433,3 +439,8 @@ def _load_optimizer(optimizer: torch.optim.Optimizer, ckpt: Path) -> None:
         raise PhivisionError(
             f"{ckpt / 'optimizer.json'}: does not fit this run's optimizer ({str(err).splitlines()[0]})"
         ) from None
+
+
+def _first_line(err: Exception) -> str:
+    lines = str(err).strip().splitlines()
+    return lines[0] if lines else type(err).__name__

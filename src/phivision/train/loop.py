@@ -357,14 +357,13 @@ def evaluate_model(
     plan = val_loss_batches(n, config.eval.batch_size, accelerator.process_index, accelerator.num_processes)
     totals = torch.zeros(2, dtype=torch.float64, device=accelerator.device)
     loader = _loader(val, [rows for rows, _ in plan], processor, config.data.num_workers)
-    bar = tqdm(total=len(plan), desc="eval loss", unit="batch", leave=False, disable=not show)
-    for (_, counted), batch in zip(plan, _one_line_worker_errors(loader), strict=True):
-        with accelerator.autocast():
-            loss, count = answer_loss(model, _to_device(batch, accelerator.device))
-        if counted:
-            totals += torch.tensor([loss.item(), count], dtype=torch.float64, device=accelerator.device)
-        bar.update(1)
-    bar.close()
+    with tqdm(total=len(plan), desc="eval loss", unit="batch", leave=False, disable=not show) as bar:
+        for (_, counted), batch in zip(plan, _one_line_worker_errors(loader), strict=True):
+            with accelerator.autocast():
+                loss, count = answer_loss(model, _to_device(batch, accelerator.device))
+            if counted:
+                totals += torch.tensor([loss.item(), count], dtype=torch.float64, device=accelerator.device)
+            bar.update(1)
     totals = accelerator.reduce(totals, reduction="sum")
     metrics = {"val_loss": float(totals[0] / totals[1].clamp(min=1))}
 
@@ -553,24 +552,26 @@ class Recipe:
         config, state = self.config, self.state
         batches = self.train_batches()
         show = self.progress and self.is_main
-        bar = tqdm(total=self.total_steps, initial=state.step, desc="train", unit="step", disable=not show)
         self.model.train()
         self.window_loss = torch.zeros(2, dtype=torch.float64, device=self.accelerator.device)
         self.started = time.perf_counter()
-        while state.step < self.total_steps and not state.stopped_early:
-            grad_norm = self.train_step([next(batches) for _ in range(config.optim.grad_accum)])
-            bar.update(1)
-            step = state.step
-            if step % config.tracking.log_every == 0 or step == self.total_steps:
-                self.log_train(grad_norm)
-                bar.set_postfix(loss=f"{self.last_loss:.4f}")
-            if config.eval.every_steps and step % config.eval.every_steps == 0 and len(self.val_set):
-                self.evaluate()
-                self.stop_if_no_improvement()
-            every = config.checkpoint.every_steps
-            if every and step % every == 0 and step < self.total_steps and not state.stopped_early:
-                self.save_checkpoint()
-        bar.close()
+        # closed on an error too, so the error line starts on a line of its own
+        with tqdm(
+            total=self.total_steps, initial=state.step, desc="train", unit="step", disable=not show
+        ) as bar:
+            while state.step < self.total_steps and not state.stopped_early:
+                grad_norm = self.train_step([next(batches) for _ in range(config.optim.grad_accum)])
+                bar.update(1)
+                step = state.step
+                if step % config.tracking.log_every == 0 or step == self.total_steps:
+                    self.log_train(grad_norm)
+                    bar.set_postfix(loss=f"{self.last_loss:.4f}")
+                if config.eval.every_steps and step % config.eval.every_steps == 0 and len(self.val_set):
+                    self.evaluate()
+                    self.stop_if_no_improvement()
+                every = config.checkpoint.every_steps
+                if every and step % every == 0 and step < self.total_steps and not state.stopped_early:
+                    self.save_checkpoint()
 
     def train_step(self, window: list[dict[str, torch.Tensor]]) -> torch.Tensor | None:
         """One optimizer step over ``grad_accum`` micro-batches; returns the gradient norm (None: no clipping)."""
