@@ -317,3 +317,13 @@ def test_docs_config_md_is_up_to_date():
     )
     for key, _, _ in walk_fields(TrainConfig()):
         assert f"| `{key}` |" in expected
+
+
+def test_train_without_out_is_one_error_line(tmp_path):
+    proc = subprocess.run(
+        [sys.executable, "-m", "phivision.cli", "train", "--data", "d", "--model", "m"],
+        capture_output=True,
+        text=True,
+    )
+    assert proc.returncode == 2
+    assert proc.stderr.strip() == "error: --out is required: the run directory to write"

@@ -90,7 +90,9 @@ def test_resume_never_runs_a_planted_pickle(finished_run, tmp_path):
         (newest / "optimizer.pt").read_bytes()
     )  # a pickle in disguise
     refused = _cli("train", "--resume", "--out", cfg.out, "schedule.max_steps=5")
-    assert str(newest) in _one_error_line(refused)  # e.g. "no RNG state for process 0"
+    assert f"{newest}: holds pickled state (*.pt) from an older phivision, which is never unpickled" in (
+        _one_error_line(refused)
+    )
     assert not marker.exists()
 
     # the payload is live: loading it the way the old code did would have run it

@@ -388,6 +388,11 @@ def load_checkpoint(
     the run's best weights); returns the saved trainer state. Never unpickles anything."""
     state = _read_state(ckpt)
     rng_stem = ckpt / f"rng-{accelerator.process_index}"
+    if not rng_stem.with_suffix(".json").exists() and any(ckpt.glob("*.pt")):
+        raise PhivisionError(
+            f"{ckpt}: holds pickled state (*.pt) from an older phivision, which is never unpickled; "
+            f"its weights are in {weights_dirname(method)}/, but the run cannot be resumed from it"
+        )
     if not rng_stem.with_suffix(".json").exists():
         raise PhivisionError(
             f"{ckpt}: no RNG state for process {accelerator.process_index}; resume with the same number of processes"
