@@ -188,8 +188,9 @@ def tiny(
 @app.command()
 def train(
     out: Annotated[
-        Path, typer.Option(help="Run directory to write (weights, processor, config, metrics, checkpoints).")
-    ],
+        Path | None,
+        typer.Option(help="Run directory to write (weights, processor, config, metrics, checkpoints)."),
+    ] = None,
     data: Annotated[Path | None, typer.Option(help="Dataset directory (catalog.parquet + images/).")] = None,
     model: Annotated[str | None, typer.Option(help="Base checkpoint: a local directory or a hub id.")] = None,
     config: Annotated[
@@ -201,18 +202,38 @@ def train(
             help="Continue the run in --out from its newest checkpoint (same data order, RNG, optimizer)."
         ),
     ] = False,
+    print_config: Annotated[
+        bool,
+        typer.Option(
+            "--print-config",
+            help="Print the resolved config as YAML (defaults, then --config, then --data/--model/--out, "
+            "then overrides), checked, and exit without training.",
+        ),
+    ] = False,
     overrides: Annotated[
         list[str] | None,
         typer.Argument(
-            help="Config overrides as dotted key=value, e.g. method=full optim.lr=1e-4 lora.r=32."
+            help="Config overrides as dotted key=value, e.g. method=full optim.lr=1e-4 lora.r=32 "
+            "(every key: docs/config.md)."
         ),
     ] = None,
 ) -> None:
-    """Fine-tune Phi-3-Vision (LoRA, QLoRA or full) on a dataset; multi-GPU via `accelerate launch` or `torchrun`."""
-    from phivision.train import train as run_training
+    """Fine-tune Phi-3-Vision (LoRA, QLoRA or full) on a dataset; multi-GPU via `accelerate launch` or `torchrun`.
+
+    Every config value is checked before anything loads; a bad one stops with one line naming the key.
+
+    Example: phivision train --config configs/lora.yaml --data DATA --model microsoft/Phi-3-vision-128k-instruct --out runs/lora
+    """
     from phivision.train.config import cli_config
 
     cfg = cli_config(out, data=data, model=model, config=config, resume=resume, overrides=overrides or [])
+    if print_config:
+        typer.echo(cfg.to_yaml(), nl=False)
+        return
+    if out is None:
+        raise PhivisionError("--out is required: the run directory to write")
+    from phivision.train import train as run_training
+
     result = run_training(cfg, resume=resume)
     best = (
         f", best {cfg.eval.metric} {result.best_metric:.4f} at step {result.best_step}"

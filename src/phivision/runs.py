@@ -147,13 +147,10 @@ def _first_line(err: Exception) -> str:
 
 
 def _load_checkpoint(name: str, device: torch.device, dtype: torch.dtype) -> Any:
-    from phivision.model import Phi3VForCausalLM
+    from phivision.loading import load_pretrained
 
-    try:
-        model = Phi3VForCausalLM.from_pretrained(name, dtype=dtype)
-    except (OSError, ValueError) as err:
-        raise PhivisionError(f"cannot load checkpoint {name!r}: {_first_line(err)}") from err
-    return model.to(device).eval()
+    # strict: another model_type or a missing, unexpected or mis-shaped tensor is one error line
+    return load_pretrained(name, dtype=dtype).to(device).eval()
 
 
 def _load_processor(name: str | Path) -> Any:
@@ -235,14 +232,11 @@ def _load_run(run: RunInfo, device: torch.device, dtype: torch.dtype, merge: boo
         source = f"{run.run_dir} (full fine-tune)"
         return LoadedModel(model, processor, run.prompt, source, labels.categories, labels.currency)
 
-    from peft import PeftModel
+    from phivision.loading import load_adapter
 
     # QLoRA adapters are applied to the unquantized base: merging into 4-bit weights would lose the update.
     base = _load_checkpoint(run.base, device, dtype)
-    try:
-        model = PeftModel.from_pretrained(base, str(run.adapter_dir), is_trainable=False)
-    except (OSError, ValueError) as err:
-        raise PhivisionError(f"{run.adapter_dir}: cannot load the PEFT adapter: {_first_line(err)}") from err
+    model = load_adapter(base, run.adapter_dir)  # every LoRA tensor present with its shape, nothing else
     model = model.to(device=device, dtype=dtype).eval()
     if merge:
         model = model.merge_and_unload()

@@ -26,7 +26,9 @@ from phivision.netguard import AddressPolicy
 from phivision.runs import LoadedModel, load_model
 from phivision.serve.server import ServeLimits, create_app
 
-LIMITS = ServeLimits(max_batch_size=4, max_upload_mb=0.25, max_pixels=1_000_000, max_new_tokens=8, constrain=False)  # free text: the length cap holds exactly
+LIMITS = ServeLimits(
+    max_batch_size=4, max_upload_mb=0.25, max_pixels=1_000_000, max_new_tokens=8, constrain=False
+)  # free text: the length cap holds exactly
 TAUGHT_LIMITS = ServeLimits(max_batch_size=4, max_new_tokens=48, remote_image_timeout=1.5)
 LOOPBACK_ONLY = AddressPolicy(allow_loopback=True, allow_private=False)  # tests may only touch loopback
 NAME = "phivision-tiny"

@@ -1,17 +1,25 @@
-"""The training recipe, written out: setup -> fit (steps, eval, checkpoints) -> export.
+"""The training recipe, written out: setup -> fit (steps, evaluations, checkpoints) -> finish.
 
-accelerate handles devices, mixed precision and the multi-process engines (DDP, DeepSpeed, FSDP); everything
-else is plain PyTorch. The loss is summed over answer tokens and divided by the answer-token count of the whole
-global batch (all micro-batches of the accumulation window, all ranks), so one process with batch 8 and two
-processes with batch 4 compute the same gradient, and padding never changes a row's weight.
+:func:`train` runs the named steps of :class:`Recipe` in order. accelerate handles devices, mixed precision and
+the multi-process engines (DDP, DeepSpeed, FSDP); everything else is plain PyTorch. The loss is summed over
+answer tokens and divided by the answer-token count of the whole global batch (all micro-batches of the
+accumulation window, all ranks), so one process with batch 8 and two processes with batch 4 compute the same
+gradient, and padding never changes a row's weight.
+
+Everything a user can get wrong (config values, the run directory, the catalog and its images, the base
+checkpoint's tensors) is checked before the first step, so a mistake costs seconds, not a run.
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
+import re
 import time
-from dataclasses import dataclass, field
+import warnings
+from collections.abc import Iterable, Iterator
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -23,7 +31,7 @@ from phivision.errors import PhivisionError
 from phivision.io import atomic_write_json, atomic_write_text
 from phivision.labels import LabelSpace, write_labels
 from phivision.train import checkpoint as ckpt
-from phivision.train.config import TrainConfig
+from phivision.train.config import TrainConfig, check_eval_metric, scalar_metrics
 from phivision.train.data import ProductDataset, RankBatches, make_plan, pack_examples, split_rows
 from phivision.train.kernels import apply_liger, require_liger
 from phivision.train.methods import apply_method, quantization_config, trainable_summary
@@ -46,6 +54,46 @@ class TrainResult:
     history: list[dict[str, Any]] = field(default_factory=list)  # every evaluation
 
 
+@dataclass
+class TrainerState:
+    """Where the run stands: ``RUN/trainer_state.json`` and every checkpoint's copy hold exactly this."""
+
+    step: int = 0
+    total_steps: int = 0
+    metric: str = "val_loss"
+    best_metric: float | None = None
+    best_step: int | None = None
+    evals_without_improvement: int = 0
+    history: list[dict[str, Any]] = field(default_factory=list)
+    tracker_run_id: str | None = None
+    done: bool = False
+    stopped_early: bool = False
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> TrainerState:
+        names = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in data.items() if k in names})
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    def record_eval(self, metrics: dict[str, float]) -> bool:
+        """Add an evaluation at the current step; True when it is the best so far by ``metric``."""
+        value = metrics[self.metric]
+        best = self.best_metric
+        improved = best is None or (value < best if lower_is_better(self.metric) else value > best)
+        if improved:
+            self.best_metric, self.best_step, self.evals_without_improvement = value, self.step, 0
+        else:
+            self.evals_without_improvement += 1
+        self.history.append({"type": "eval", "step": self.step, **metrics})
+        return improved
+
+    @property
+    def last_eval_step(self) -> int:
+        return self.history[-1]["step"] if self.history else -1
+
+
 def lower_is_better(metric: str) -> bool:
     return any(word in metric for word in LOWER_IS_BETTER)
 
@@ -61,6 +109,82 @@ def lr_factor(step: int, total: int, warmup: int, decay: str, min_ratio: float) 
     return min_ratio + (1 - min_ratio) * shape
 
 
+# -------------------------------------------------------------------------------- checks before work
+
+
+def check_run_dir(run_dir: Path, resume: bool) -> None:
+    """``out`` must be a directory we can write (or create), and a started run is only continued on resume."""
+    if run_dir.exists() and not run_dir.is_dir():
+        raise PhivisionError(f"out {run_dir}: is a file, not a run directory; pick a new --out")
+    parent = run_dir
+    while not parent.exists():
+        parent = parent.parent
+    if not parent.is_dir():
+        raise PhivisionError(f"out {run_dir}: {parent} is a file, so the run directory cannot be created")
+    if not os.access(parent, os.W_OK):
+        raise PhivisionError(f"out {run_dir}: {parent} is not writable")
+    started = (run_dir / "trainer_state.json").exists() or (run_dir / "checkpoints").exists()
+    if started and not resume:
+        raise PhivisionError(
+            f"{run_dir}: already holds a training run; pass --resume to continue it or pick a new --out"
+        )
+
+
+def check_images(root: Path, catalog: Any, positions: Iterable[int]) -> None:
+    """Read the header of every image training will use: an unreadable file or a decompression bomb stops the
+    run here with one line naming the catalog row (1-based), not in a data-loader worker hours later.
+
+    Headers only (no pixel decoding), so this costs a fraction of one epoch. ``prepare`` already decoded every
+    image once; a file damaged after that (truncated pixel data) still stops the run with one line, from the
+    loader (see :func:`_one_line_worker_errors`).
+    """
+    from PIL import Image
+
+    from phivision.data.images import DEFAULT_MAX_PIXELS
+
+    for pos in positions:
+        path = root / catalog.at[pos, "image_path"]
+        where = f"{path}: catalog.parquet row {pos + 1} ('{catalog.at[pos, 'product_code']}')"
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+                with Image.open(path) as image:
+                    width, height = image.size
+        except Image.DecompressionBombError as err:
+            raise PhivisionError(f"{where}: too many pixels ({err})") from None
+        except Exception as err:  # noqa: BLE001  (PIL raises many types for a broken header)
+            reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+            raise PhivisionError(f"{where}: not a readable image ({reason})") from None
+        if width * height > DEFAULT_MAX_PIXELS:
+            raise PhivisionError(
+                f"{where}: {width}x{height} pixels, more than the image loader's limit of {DEFAULT_MAX_PIXELS:,} "
+                "(a decompression bomb?)"
+            )
+
+
+_EXCEPTION_PREFIX = re.compile(r"^[\w.]+: ")
+
+
+def _one_line_worker_errors(batches: Iterable[Any]) -> Iterator[Any]:
+    """A PhivisionError raised in a DataLoader worker comes back wrapped in the worker's traceback; give it
+    back as the one line it was."""
+    iterator = iter(batches)
+    while True:
+        try:
+            batch = next(iterator)
+        except StopIteration:
+            return
+        except PhivisionError as err:
+            text = str(err).strip()
+            if "Original Traceback" not in text:
+                raise
+            raise PhivisionError(_EXCEPTION_PREFIX.sub("", text.splitlines()[-1])) from None
+        yield batch
+
+
+# --------------------------------------------------------------------------------- building blocks
+
+
 def _make_accelerator(config: TrainConfig) -> Any:
     from accelerate import Accelerator
     from accelerate.state import AcceleratorState, GradientState
@@ -74,7 +198,7 @@ def _make_accelerator(config: TrainConfig) -> Any:
     # Under torchrun without a GPU accelerate needs cpu=True to set up gloo DDP (else every rank trains alone).
     multi_cpu = int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.cuda.is_available()
     try:
-        return Accelerator(
+        accelerator = Accelerator(
             cpu=multi_cpu,
             mixed_precision=mixed,
             gradient_accumulation_steps=config.optim.grad_accum,
@@ -84,12 +208,16 @@ def _make_accelerator(config: TrainConfig) -> Any:
         )
     except (ValueError, RuntimeError) as err:
         raise PhivisionError(f"precision={config.precision}: {str(err).splitlines()[0]}") from None
+    if config.precision == "fp16" and accelerator.device.type == "cpu":
+        # accelerate would silently train in fp32 (no fp16 autocast, no gradient scaler on CPU)
+        raise PhivisionError("config key 'precision': fp16 needs a GPU; use bf16 or fp32 on the CPU")
+    return accelerator
 
 
 def _load_model(config: TrainConfig, device: torch.device) -> tuple[torch.nn.Module, Any]:
     """The base model and processor. LoRA/QLoRA keep frozen base weights in the compute dtype to save memory."""
     import phivision.model  # noqa: F401  (registers phi3_v with transformers)
-    from phivision.model.modeling_phi3_v import Phi3VForCausalLM
+    from phivision.loading import check_model_type, load_pretrained
     from phivision.model.processing_phi3_v import Phi3VProcessor
 
     kwargs: dict[str, Any] = {"attn_implementation": config.attn_implementation}
@@ -104,12 +232,14 @@ def _load_model(config: TrainConfig, device: torch.device) -> tuple[torch.nn.Mod
     if config.method == "qlora":
         kwargs["quantization_config"] = quantization_config(config)
         kwargs["device_map"] = {"": device}
+    check_model_type(config.model)
     try:
         processor_kwargs = {"num_crops": config.num_crops} if config.num_crops else {}
         processor = Phi3VProcessor.from_pretrained(config.model, **processor_kwargs)
-        model = Phi3VForCausalLM.from_pretrained(config.model, **kwargs)
     except OSError as err:
         raise PhivisionError(f"model {config.model!r}: cannot load ({str(err).splitlines()[0]})") from None
+    # strict: a missing, unexpected or mis-shaped tensor stops here instead of training on random weights
+    model = load_pretrained(config.model, **kwargs)
     if config.gradient_checkpointing:
         model.gradient_checkpointing_enable()
     model.config.use_cache = False
@@ -181,6 +311,41 @@ def _loader(
     )
 
 
+# -------------------------------------------------------------------------------------- evaluation
+
+
+def val_loss_batches(n: int, batch_size: int, rank: int, world: int) -> list[tuple[list[int], bool]]:
+    """This rank's val-loss batches as ``(rows, counted)``: rows ``rank, rank+world, ...`` of the first ``n``,
+    padded with uncounted one-row batches so every rank runs the same number of forward passes (sharded engines
+    gather weights in every forward: a rank with fewer batches would leave the others waiting forever)."""
+    mine = list(range(rank, n, world))
+    batches = [(mine[i : i + batch_size], True) for i in range(0, len(mine), batch_size)]
+    most = math.ceil(math.ceil(n / world) / batch_size) if n else 0
+    return batches + [([0], False)] * (most - len(batches))
+
+
+@contextlib.contextmanager
+def generation_model(accelerator: Any, model: torch.nn.Module) -> Iterator[torch.nn.Module]:
+    """The module to call ``generate`` on, with every weight it needs usable on this rank.
+
+    DDP: the wrapped module (same parameters). FSDP (v1): the root's own parameters (embeddings, head) are only
+    gathered inside the root's forward, which ``generate`` bypasses, so they are gathered for the call; the
+    wrapped layers gather theirs in their own forward. ZeRO-3 and FSDP2 hook every module, so the engine gathers
+    each layer's weights as generation reaches it, and transformers keeps the ranks' decoding steps in sync.
+    Every rank generates the same answers, so every rank runs the same collectives.
+    """
+    from accelerate.utils import DistributedType
+
+    if accelerator.distributed_type == DistributedType.FSDP:
+        from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
+
+        if isinstance(model, FSDP):
+            with FSDP.summon_full_params(model, writeback=False, recurse=False):
+                yield accelerator.unwrap_model(model)
+            return
+    yield accelerator.unwrap_model(model)
+
+
 @torch.no_grad()
 def evaluate_model(
     model: torch.nn.Module,
@@ -189,8 +354,10 @@ def evaluate_model(
     val: ProductDataset,
     train_rows: Any,
     config: TrainConfig,
+    progress: bool = False,
 ) -> tuple[dict[str, float], list[tuple[Any, str, str]]]:
-    """Val loss (rows sharded over ranks) and generation metrics on the first ``eval.gen_samples`` val rows.
+    """Val loss (rows sharded over ranks, equal batch counts) and generation metrics on the first
+    ``eval.gen_samples`` val rows, with progress bars on the main process when ``progress``.
 
     Every rank generates the same answers: cheap next to training, and required where parameters are sharded.
     """
@@ -199,16 +366,20 @@ def evaluate_model(
     from phivision.evaluate.metrics import TrainStats, score, summarize
     from phivision.prompt import parse_answer
 
+    show = progress and accelerator.is_main_process
     was_training = model.training
     model.eval()
     n = min(len(val), config.eval.max_samples) if config.eval.max_samples else len(val)
-    mine = list(range(accelerator.process_index, n, accelerator.num_processes))
-    batches = [mine[i : i + config.eval.batch_size] for i in range(0, len(mine), config.eval.batch_size)]
+    plan = val_loss_batches(n, config.eval.batch_size, accelerator.process_index, accelerator.num_processes)
     totals = torch.zeros(2, dtype=torch.float64, device=accelerator.device)
-    for batch in _loader(val, batches, processor, config.data.num_workers):
-        with accelerator.autocast():
-            loss, count = answer_loss(model, _to_device(batch, accelerator.device))
-        totals += torch.tensor([loss.item(), count], dtype=torch.float64, device=accelerator.device)
+    loader = _loader(val, [rows for rows, _ in plan], processor, config.data.num_workers)
+    with tqdm(total=len(plan), desc="eval loss", unit="batch", leave=False, disable=not show) as bar:
+        for (_, counted), batch in zip(plan, _one_line_worker_errors(loader), strict=True):
+            with accelerator.autocast():
+                loss, count = answer_loss(model, _to_device(batch, accelerator.device))
+            if counted:
+                totals += torch.tensor([loss.item(), count], dtype=torch.float64, device=accelerator.device)
+            bar.update(1)
     totals = accelerator.reduce(totals, reduction="sum")
     metrics = {"val_loss": float(totals[0] / totals[1].clamp(min=1))}
 
@@ -219,31 +390,333 @@ def evaluate_model(
         fmt = config.prompt.format()
         labels = LabelSpace.from_rows(train_rows["category"], train_rows["currency"])
         constraint = AnswerConstraint(fmt, labels.categories) if config.eval.constrain else None
-        with accelerator.autocast():
+        with generation_model(accelerator, model) as generator, accelerator.autocast():
             answers = generate_answers(
-                accelerator.unwrap_model(model),
+                generator,
                 processor,
                 images,
                 fmt,
                 batch_size=config.eval.batch_size,
                 max_new_tokens=config.eval.max_new_tokens,
-                progress=False,
+                progress=show,
                 constraint=constraint,
             )
         stats = TrainStats.from_catalog(train_rows)
         summary = summarize(score(val.rows.head(gen_n), [parse_answer(a, fmt) for a in answers], stats))
-        metrics.update({k: float(v) for k, v in summary.items() if isinstance(v, (int, float)) and k != "n"})
+        metrics.update(scalar_metrics(summary))
         keep = min(gen_n, config.tracking.sample_images)
         samples = [(images[i], val.answer(i), answers[i]) for i in range(keep)]
     model.train(was_training)
     return metrics, samples
 
 
-def _check_run_dir(run_dir: Path, resume: bool) -> None:
-    started = (run_dir / "trainer_state.json").exists() or (run_dir / "checkpoints").exists()
-    if started and not resume:
-        raise PhivisionError(
-            f"{run_dir}: already holds a training run; pass --resume to continue it or pick a new --out"
+# ------------------------------------------------------------------------------------------ recipe
+
+
+class Recipe:
+    """One training run as named steps: :meth:`setup`, then :meth:`fit` (which calls :meth:`train_step`,
+    :meth:`log_train`, :meth:`evaluate` and :meth:`save_checkpoint`), then :meth:`finish`."""
+
+    def __init__(self, config: TrainConfig, resume: bool = False, progress: bool = True):
+        self.config = config
+        self.resume = resume
+        self.progress = progress
+        self.run_dir = Path(config.out)
+        self.state = TrainerState(metric=config.eval.metric)
+        self.last_loss: float | None = None
+
+    # ---------------------------------------------------------------------------------- setup
+
+    def setup(self) -> None:
+        """Check everything, then build the model, data, optimizer and run directory (or restore them)."""
+        self.check_config()
+        self.accelerator = _make_accelerator(self.config)
+        self.is_main, self.world = self.accelerator.is_main_process, self.accelerator.num_processes
+        if self.config.num_threads:
+            torch.set_num_threads(self.config.num_threads)
+        from accelerate.utils import set_seed
+
+        set_seed(self.config.seed)
+        self.load_data()
+        self.load_model()
+        self.make_optimizer()
+        self.restore_checkpoint()
+        self.open_run_dir()
+
+    def check_config(self) -> None:
+        config = self.config
+        config.validate()
+        for key, value in (("model", config.model), ("out", config.out), ("data.path", config.data.path)):
+            if not value:
+                raise PhivisionError(f"config key '{key}' is required")
+        check_run_dir(self.run_dir, self.resume)
+        require_backend(config.tracking.backend)
+        require_liger(config.use_liger_kernel)
+
+    def load_data(self) -> None:
+        """The catalog's train and val rows; eval.metric against its columns; every image header used."""
+        from phivision.data import load_catalog
+        from phivision.evaluate.metrics import level_columns
+
+        config = self.config
+        catalog = load_catalog(config.data.path)
+        check_eval_metric(config, level_columns(catalog))
+        self.train_rows = split_rows(catalog, "train", config.data.max_train_samples)
+        if not len(self.train_rows):
+            raise PhivisionError(f"{config.data.path}: the catalog has no train rows")
+        self.val_rows = split_rows(catalog, "val")
+        train_positions = catalog.index[catalog["split"] == "train"][: len(self.train_rows)]
+        val_positions = catalog.index[catalog["split"] == "val"]
+        check_images(Path(config.data.path), catalog, [*train_positions, *val_positions])
+
+    def load_model(self) -> None:
+        """Base model (strictly checked), the training method, and the datasets that need its processor."""
+        config = self.config
+        model, self.processor = _load_model(config, self.accelerator.device)
+        if config.use_liger_kernel:
+            apply_liger(model)
+        self.model = apply_method(model, config)
+        # Trained weights stay fp32: AdamW on 16-bit weights loses small updates.
+        for param in self.model.parameters():
+            if param.requires_grad and param.dtype != torch.float32:
+                param.data = param.data.float()
+        fmt = config.prompt.format()
+        root = config.data.path
+        self.train_set = ProductDataset(
+            root, self.train_rows, self.processor, fmt, cache=config.data.cache_examples
+        )
+        self.val_set = ProductDataset(root, self.val_rows, self.processor, fmt)
+
+    def make_optimizer(self) -> None:
+        """Batch plan, step count, AdamW and the schedule; then accelerate wraps model and optimizer."""
+        config, accelerator = self.config, self.accelerator
+        accum = config.optim.grad_accum
+        self.plan = make_plan(self.train_set, config.data, config.seed, self.world)
+        self.total_steps = config.schedule.max_steps or max(
+            1, self.plan.total_micro(config.schedule.epochs) // accum
+        )
+        self.state.total_steps = self.total_steps
+        total, warmup = (
+            self.total_steps,
+            config.schedule.warmup_steps or round(config.schedule.warmup_ratio * self.total_steps),
+        )
+        optimizer = _make_optimizer(self.model, config)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
+            optimizer,
+            lambda s: lr_factor(s, total, warmup, config.schedule.decay, config.schedule.min_lr_ratio),
+        )
+        deepspeed = getattr(accelerator.state, "deepspeed_plugin", None)
+        if deepspeed is not None:  # no dataloader goes through prepare(), so DeepSpeed is told the batch here
+            deepspeed.deepspeed_config["train_micro_batch_size_per_gpu"] = config.data.batch_size
+            deepspeed.deepspeed_config["gradient_clipping"] = config.optim.grad_clip
+        self.model, self.optimizer = accelerator.prepare(self.model, optimizer)
+        if accelerator.gradient_accumulation_steps != accum:
+            raise PhivisionError(
+                f"the DeepSpeed config's gradient_accumulation_steps ({accelerator.gradient_accumulation_steps}) "
+                f"differs from optim.grad_accum ({accum}): set it to 'auto' or to the same value"
+            )
+        self.params = [p for p in self.model.parameters() if p.requires_grad]
+
+    def restore_checkpoint(self) -> None:
+        """On resume, load the newest complete checkpoint (weights, optimizer, schedule, scaler, RNG, best)."""
+        weights_dir = self.run_dir / ckpt.weights_dirname(self.config.method)
+        if self.is_main:
+            ckpt.recover_dir(weights_dir)
+        checkpoints = ckpt.list_checkpoints(self.run_dir) if self.resume else []
+        if not checkpoints:
+            return
+        path = checkpoints[-1][1]
+        saved = ckpt.load_checkpoint(
+            self.accelerator, self.model, self.optimizer, self.scheduler, path, self.config.method
+        )
+        self.state = TrainerState.from_dict(saved)
+        self.state.total_steps = self.total_steps
+        self.accelerator.print(f"resuming from {path} (step {self.state.step} of {self.total_steps})")
+
+    def open_run_dir(self) -> None:
+        """The main process writes config, processor and the metrics file; it alone owns the tracker."""
+        config, accelerator = self.config, self.accelerator
+        self.metrics_file = MetricsFile(self.run_dir / "metrics.jsonl")
+        if self.is_main:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            self.metrics_file.truncate_after(self.state.step)
+            atomic_write_text(self.run_dir / "config.yaml", config.to_yaml())
+            write_labels(
+                self.run_dir, LabelSpace.from_rows(self.train_rows["category"], self.train_rows["currency"])
+            )
+            self.processor.save_pretrained(str(self.run_dir / "processor"))
+            rows = self.plan.global_batch * config.optim.grad_accum
+            accelerator.print(f"{trainable_summary(self.model)}; {self.total_steps} steps of {rows} rows")
+        self.tracker = make_tracker(config, self.run_dir, self.state.tracker_run_id) if self.is_main else None
+        if self.tracker is not None:
+            self.state.tracker_run_id = getattr(self.tracker, "run_id", None)
+        accelerator.wait_for_everyone()
+
+    # ------------------------------------------------------------------------------------ fit
+
+    def train_batches(self) -> Iterator[dict[str, torch.Tensor]]:
+        """This rank's micro-batches from the current step on (the order depends on the seed only)."""
+        accum, accelerator = self.config.optim.grad_accum, self.accelerator
+        sampler = RankBatches(
+            self.plan,
+            self.state.step * accum,
+            self.total_steps * accum,
+            accelerator.process_index,
+            self.world,
+        )
+        loader = _loader(
+            self.train_set,
+            sampler,
+            self.processor,
+            self.config.data.num_workers,
+            packing=self.config.data.packing,
+        )
+        for batch in _one_line_worker_errors(loader):
+            yield _to_device(batch, accelerator.device)
+
+    def fit(self) -> None:
+        """Optimizer steps until the step budget or early stopping, with logs, evaluations and checkpoints."""
+        config, state = self.config, self.state
+        batches = self.train_batches()
+        show = self.progress and self.is_main
+        self.model.train()
+        self.window_loss = torch.zeros(2, dtype=torch.float64, device=self.accelerator.device)
+        self.started = time.perf_counter()
+        # closed on an error too, so the error line starts on a line of its own
+        with tqdm(
+            total=self.total_steps, initial=state.step, desc="train", unit="step", disable=not show
+        ) as bar:
+            while state.step < self.total_steps and not state.stopped_early:
+                grad_norm = self.train_step([next(batches) for _ in range(config.optim.grad_accum)])
+                bar.update(1)
+                step = state.step
+                if step % config.tracking.log_every == 0 or step == self.total_steps:
+                    self.log_train(grad_norm)
+                    bar.set_postfix(loss=f"{self.last_loss:.4f}")
+                if config.eval.every_steps and step % config.eval.every_steps == 0 and len(self.val_set):
+                    self.evaluate()
+                    self.stop_if_no_improvement()
+                every = config.checkpoint.every_steps
+                if every and step % every == 0 and step < self.total_steps and not state.stopped_early:
+                    self.save_checkpoint()
+
+    def train_step(self, window: list[dict[str, torch.Tensor]]) -> torch.Tensor | None:
+        """One optimizer step over ``grad_accum`` micro-batches; returns the gradient norm (None: no clipping)."""
+        accelerator, accum = self.accelerator, self.config.optim.grad_accum
+        local_tokens = sum(int((b["labels"][:, 1:] != -100).sum()) for b in window)
+        tokens = accelerator.reduce(
+            torch.tensor(float(local_tokens), device=accelerator.device), "sum"
+        ).item()
+        for batch in window:
+            with accelerator.accumulate(self.model):
+                loss_sum, count = answer_loss(self.model, batch)
+                # accelerate divides by `accum` and DDP averages over ranks: undo both to get sum / global tokens
+                accelerator.backward(loss_sum * (self.world * accum / max(tokens, 1.0)))
+            self.window_loss += torch.tensor(
+                [loss_sum.item(), count], dtype=torch.float64, device=accelerator.device
+            )
+        clip = self.config.optim.grad_clip
+        grad_norm = accelerator.clip_grad_norm_(self.params, clip) if clip > 0 else None
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.state.step += 1
+        return grad_norm
+
+    def log_train(self, grad_norm: torch.Tensor | None) -> None:
+        """The mean answer-token loss since the last log, to metrics.jsonl and the tracker."""
+        totals = self.accelerator.reduce(self.window_loss, reduction="sum")
+        self.last_loss = float(totals[0] / totals[1].clamp(min=1))
+        self.window_loss.zero_()
+        step = self.state.step
+        record = {
+            "type": "train",
+            "step": step,
+            "epoch": round(self.plan.epoch_of(step * self.config.optim.grad_accum), 4),
+            "loss": self.last_loss,
+            "lr": self.scheduler.get_last_lr()[0],
+            "tokens": int(totals[1]),
+            "elapsed_s": round(time.perf_counter() - self.started, 2),
+        }
+        if grad_norm is not None:
+            record["grad_norm"] = float(grad_norm)
+        if self.is_main:
+            self.metrics_file.append(record)
+            self.tracker.log({f"train/{k}": v for k, v in record.items() if k not in ("type", "step")}, step)
+
+    def evaluate(self) -> dict[str, float]:
+        """Evaluate on the val split; the best evaluation's weights become the run's weights."""
+        accelerator, state = self.accelerator, self.state
+        metrics, samples = evaluate_model(
+            self.model, accelerator, self.processor, self.val_set, self.train_rows, self.config, self.progress
+        )
+        if state.metric not in metrics:  # validated before the run; a guard against a metric that vanished
+            raise PhivisionError(
+                f"config key 'eval.metric': {state.metric!r} is not one of {', '.join(sorted(metrics))}"
+            )
+        improved = state.record_eval(metrics)
+        if self.is_main:
+            self.metrics_file.append(state.history[-1])
+            self.tracker.log({f"eval/{k}": v for k, v in metrics.items()}, state.step)
+            self.tracker.log_samples(samples, state.step)
+        if improved:
+            ckpt.save_weights(
+                accelerator, self.model, self.run_dir / ckpt.weights_dirname(self.config.method)
+            )
+        accelerator.wait_for_everyone()
+        return metrics
+
+    def stop_if_no_improvement(self) -> None:
+        patience, state = self.config.eval.patience, self.state
+        if patience and state.evals_without_improvement >= patience:
+            state.stopped_early = True
+            self.accelerator.print(
+                f"early stop at step {state.step}: no better {state.metric} in {patience} evaluations"
+            )
+
+    def save_checkpoint(self) -> None:
+        """``checkpoints/step-N`` (all ranks), then ``trainer_state.json`` beside the run's weights."""
+        config = self.config
+        ckpt.save_checkpoint(
+            self.accelerator,
+            self.model,
+            self.optimizer,
+            self.scheduler,
+            self.state.to_dict(),
+            self.run_dir,
+            config.method,
+            config.checkpoint.keep_last,
+        )
+        if self.is_main:
+            atomic_write_json(self.run_dir / "trainer_state.json", self.state.to_dict())
+
+    # --------------------------------------------------------------------------------- finish
+
+    def finish(self) -> TrainResult:
+        """A last evaluation if the last step had none, the final checkpoint, and the result."""
+        state = self.state
+        metrics = state.history[-1] if state.history else {}
+        if len(self.val_set) and state.last_eval_step != state.step:
+            metrics = {"type": "eval", "step": state.step, **self.evaluate()}
+        if not len(self.val_set):  # no evaluation: the run's weights are the last ones
+            ckpt.save_weights(
+                self.accelerator, self.model, self.run_dir / ckpt.weights_dirname(self.config.method)
+            )
+        state.done = True
+        self.save_checkpoint()
+        if self.is_main:
+            self.tracker.finish()
+        self.accelerator.wait_for_everyone()
+        self.accelerator.end_training()
+        return TrainResult(
+            out=self.run_dir,
+            steps=state.step,
+            train_loss=self.last_loss,
+            best_metric=state.best_metric,
+            best_step=state.best_step,
+            metrics={k: v for k, v in metrics.items() if k not in ("type", "step")},
+            stopped_early=state.stopped_early,
+            history=state.history,
         )
 
 
@@ -253,224 +726,12 @@ def train(config: TrainConfig, resume: bool = False, progress: bool = True) -> T
     Args:
         config: the resolved config (see :func:`phivision.train.config.load_config`).
         resume: continue from the newest complete checkpoint in ``config.out/checkpoints`` (fresh start if none).
-        progress: show a tqdm bar on the main process.
+        progress: show tqdm bars (training and each evaluation) on the main process.
 
     Returns:
         A :class:`TrainResult`; the run directory holds the weights (the best evaluation's, else the last).
     """
-    config.validate()
-    for key, value in (("model", config.model), ("out", config.out), ("data.path", config.data.path)):
-        if not value:
-            raise PhivisionError(f"config key '{key}' is required")
-    run_dir = Path(config.out)
-    _check_run_dir(run_dir, resume)
-    require_backend(config.tracking.backend)
-    require_liger(config.use_liger_kernel)
-    from accelerate.utils import set_seed
-
-    from phivision.data import load_catalog
-
-    accelerator = _make_accelerator(config)
-    is_main, world = accelerator.is_main_process, accelerator.num_processes
-    if config.num_threads:
-        torch.set_num_threads(config.num_threads)
-    set_seed(config.seed)
-
-    catalog = load_catalog(config.data.path)
-    train_rows = split_rows(catalog, "train", config.data.max_train_samples)
-    if not len(train_rows):
-        raise PhivisionError(f"{config.data.path}: the catalog has no train rows")
-    model, processor = _load_model(config, accelerator.device)
-    if config.use_liger_kernel:
-        apply_liger(model)
-    model = apply_method(model, config)
-    # Trained weights stay fp32: AdamW on 16-bit weights loses small updates.
-    for param in model.parameters():
-        if param.requires_grad and param.dtype != torch.float32:
-            param.data = param.data.float()
-    fmt = config.prompt.format()
-    train_set = ProductDataset(config.data.path, train_rows, processor, fmt, cache=config.data.cache_examples)
-    val_set = ProductDataset(config.data.path, split_rows(catalog, "val"), processor, fmt)
-
-    accum = config.optim.grad_accum
-    plan = make_plan(train_set, config.data, config.seed, world)
-    total_steps = config.schedule.max_steps or max(1, plan.total_micro(config.schedule.epochs) // accum)
-    warmup = config.schedule.warmup_steps or round(config.schedule.warmup_ratio * total_steps)
-    optimizer = _make_optimizer(model, config)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer,
-        lambda s: lr_factor(s, total_steps, warmup, config.schedule.decay, config.schedule.min_lr_ratio),
-    )
-    deepspeed = getattr(accelerator.state, "deepspeed_plugin", None)
-    if deepspeed is not None:  # no dataloader goes through prepare(), so DeepSpeed is told the batch here
-        deepspeed.deepspeed_config["train_micro_batch_size_per_gpu"] = config.data.batch_size
-        deepspeed.deepspeed_config["gradient_clipping"] = config.optim.grad_clip
-    model, optimizer = accelerator.prepare(model, optimizer)
-    if accelerator.gradient_accumulation_steps != accum:
-        raise PhivisionError(
-            f"the DeepSpeed config's gradient_accumulation_steps ({accelerator.gradient_accumulation_steps}) "
-            f"differs from optim.grad_accum ({accum}): set it to 'auto' or to the same value"
-        )
-
-    method, metric = config.method, config.eval.metric
-    weights_dir = run_dir / ckpt.weights_dirname(method)
-    metrics_file = MetricsFile(run_dir / "metrics.jsonl")
-    state: dict[str, Any] = {
-        "step": 0,
-        "total_steps": total_steps,
-        "metric": metric,
-        "best_metric": None,
-        "best_step": None,
-        "evals_without_improvement": 0,
-        "history": [],
-        "tracker_run_id": None,
-        "done": False,
-        "stopped_early": False,
-    }
-    checkpoints = ckpt.list_checkpoints(run_dir) if resume else []
-    if is_main:
-        ckpt.recover_dir(weights_dir)
-    if checkpoints:
-        state = ckpt.load_checkpoint(accelerator, model, optimizer, scheduler, checkpoints[-1][1], method)
-        accelerator.print(f"resuming from {checkpoints[-1][1]} (step {state['step']} of {total_steps})")
-        state["total_steps"] = total_steps
-    if is_main:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        metrics_file.truncate_after(state["step"])
-        atomic_write_text(run_dir / "config.yaml", config.to_yaml())
-        write_labels(run_dir, LabelSpace.from_rows(train_rows["category"], train_rows["currency"]))
-        processor.save_pretrained(str(run_dir / "processor"))
-        accelerator.print(
-            f"{trainable_summary(model)}; {total_steps} steps of {plan.global_batch * accum} rows"
-        )
-    tracker = make_tracker(config, run_dir, state.get("tracker_run_id")) if is_main else None
-    if tracker is not None:
-        state["tracker_run_id"] = getattr(tracker, "run_id", None)
-    accelerator.wait_for_everyone()
-
-    def save_state_files() -> None:
-        atomic_write_json(run_dir / "trainer_state.json", state)
-
-    def run_eval(step: int) -> dict[str, float]:
-        metrics, samples = evaluate_model(model, accelerator, processor, val_set, train_rows, config)
-        if metric not in metrics:
-            raise PhivisionError(
-                f"config key 'eval.metric': {metric!r} is not one of {', '.join(sorted(metrics))}"
-            )
-        value = metrics[metric]
-        best = state["best_metric"]
-        improved = best is None or (value < best if lower_is_better(metric) else value > best)
-        if improved:
-            state.update(best_metric=value, best_step=step, evals_without_improvement=0)
-        else:
-            state["evals_without_improvement"] += 1
-        record = {"type": "eval", "step": step, **metrics}
-        state["history"].append(record)
-        if is_main:
-            metrics_file.append(record)
-            tracker.log({f"eval/{k}": v for k, v in metrics.items()}, step)
-            tracker.log_samples(samples, step)
-        if improved:  # keep the best weights as the run's weights
-            ckpt.save_weights(accelerator, model, weights_dir)
-        accelerator.wait_for_everyone()
-        return metrics
-
-    step = state["step"]
-    last_loss: float | None = None
-    last_eval_step = state["history"][-1]["step"] if state["history"] else -1
-    evaluate_every, save_every = config.eval.every_steps, config.checkpoint.every_steps
-    clip = config.optim.grad_clip
-    params = [p for p in model.parameters() if p.requires_grad]
-    batches = iter(
-        _loader(
-            train_set,
-            RankBatches(plan, step * accum, total_steps * accum, accelerator.process_index, world),
-            processor,
-            config.data.num_workers,
-            packing=config.data.packing,
-        )
-    )
-    bar = tqdm(total=total_steps, initial=step, desc="train", unit="step", disable=not (progress and is_main))
-    model.train()
-    window_loss = torch.zeros(2, dtype=torch.float64, device=accelerator.device)  # loss sum, tokens since log
-    started = time.perf_counter()
-    while step < total_steps and not state["stopped_early"]:
-        window = [_to_device(next(batches), accelerator.device) for _ in range(accum)]
-        local_tokens = sum(int((b["labels"][:, 1:] != -100).sum()) for b in window)
-        tokens = accelerator.reduce(
-            torch.tensor(float(local_tokens), device=accelerator.device), "sum"
-        ).item()
-        for batch in window:
-            with accelerator.accumulate(model):
-                loss_sum, count = answer_loss(model, batch)
-                # accelerate divides by `accum` and DDP averages over ranks: undo both to get sum / global tokens
-                accelerator.backward(loss_sum * (world * accum / max(tokens, 1.0)))
-            window_loss += torch.tensor(
-                [loss_sum.item(), count], dtype=torch.float64, device=accelerator.device
-            )
-        grad_norm = accelerator.clip_grad_norm_(params, clip) if clip > 0 else None
-        optimizer.step()
-        scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
-        step += 1
-        state["step"] = step
-        bar.update(1)
-
-        if step % config.tracking.log_every == 0 or step == total_steps:
-            totals = accelerator.reduce(window_loss, reduction="sum")
-            last_loss = float(totals[0] / totals[1].clamp(min=1))
-            window_loss.zero_()
-            record = {
-                "type": "train",
-                "step": step,
-                "epoch": round(plan.epoch_of(step * accum), 4),
-                "loss": last_loss,
-                "lr": scheduler.get_last_lr()[0],
-                "tokens": int(totals[1]),
-                "elapsed_s": round(time.perf_counter() - started, 2),
-            }
-            if grad_norm is not None:
-                record["grad_norm"] = float(grad_norm)
-            if is_main:
-                metrics_file.append(record)
-                tracker.log({f"train/{k}": v for k, v in record.items() if k not in ("type", "step")}, step)
-                bar.set_postfix(loss=f"{last_loss:.4f}")
-        if evaluate_every and step % evaluate_every == 0 and len(val_set):
-            run_eval(step)
-            last_eval_step = step
-            patience = config.eval.patience
-            if patience and state["evals_without_improvement"] >= patience:
-                state["stopped_early"] = True
-                accelerator.print(f"early stop at step {step}: no better {metric} in {patience} evaluations")
-        if save_every and step % save_every == 0 and step < total_steps and not state["stopped_early"]:
-            ckpt.save_checkpoint(
-                accelerator, model, optimizer, scheduler, state, run_dir, method, config.checkpoint.keep_last
-            )
-            if is_main:
-                save_state_files()
-    bar.close()
-
-    metrics = state["history"][-1] if state["history"] else {}
-    if len(val_set) and last_eval_step != step:
-        metrics = {"type": "eval", "step": step, **run_eval(step)}
-    if not len(val_set):  # no evaluation: the run's weights are the last ones
-        ckpt.save_weights(accelerator, model, weights_dir)
-    state["done"] = True
-    ckpt.save_checkpoint(
-        accelerator, model, optimizer, scheduler, state, run_dir, method, config.checkpoint.keep_last
-    )
-    if is_main:
-        save_state_files()
-        tracker.finish()
-    accelerator.wait_for_everyone()
-    accelerator.end_training()
-    return TrainResult(
-        out=run_dir,
-        steps=step,
-        train_loss=last_loss,
-        best_metric=state["best_metric"],
-        best_step=state["best_step"],
-        metrics={k: v for k, v in metrics.items() if k not in ("type", "step")},
-        stopped_early=state["stopped_early"],
-        history=state["history"],
-    )
+    recipe = Recipe(config, resume=resume, progress=progress)
+    recipe.setup()
+    recipe.fit()
+    return recipe.finish()

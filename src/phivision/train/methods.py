@@ -110,7 +110,13 @@ def apply_method(model: torch.nn.Module, config: TrainConfig) -> torch.nn.Module
         modules_to_save=list(config.lora.modules_to_save) or None,
         task_type="CAUSAL_LM",
     )
-    return get_peft_model(model, lora)
+    try:
+        return get_peft_model(model, lora)
+    except ValueError as err:  # e.g. a target module name the model does not have
+        first = str(err).strip().splitlines()[0] if str(err).strip() else "no module matched"
+        raise PhivisionError(
+            f"config key 'lora.target_modules': {config.lora.target_modules} do not fit the model ({first})"
+        ) from None
 
 
 def trainable_summary(model: torch.nn.Module) -> str:
