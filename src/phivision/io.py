@@ -10,6 +10,7 @@ from __future__ import annotations
 import errno
 import json
 import os
+import re
 import secrets
 import shutil
 from collections.abc import Callable, Iterator
@@ -25,10 +26,23 @@ class WriteError(PhivisionError, OSError):
     so code that handles disk errors keeps working; the CLI prints it as one ``error:`` line."""
 
     def __init__(self, path: str | os.PathLike, err: OSError) -> None:
-        reason = err.strerror or str(err) or type(err).__name__
-        super().__init__(f"{path}: cannot write: {reason}")
+        super().__init__(f"{path}: cannot write: {_reason(err)}")
         self.errno = err.errno
-        self.filename = str(path)
+        self.path = str(path)
+
+    def __str__(self) -> str:  # the one line, not OSError's "[Errno N] ..." layout
+        return str(self.args[0])
+
+
+def _reason(err: OSError) -> str:
+    """``No space left on device``, also from libraries (pyarrow) that only put ``[errno 28]`` in the text."""
+    number = err.errno
+    if number is None:
+        found = re.search(r"\[errno (\d+)\]", str(err), re.IGNORECASE)
+        number = int(found.group(1)) if found else None
+    if number is not None:
+        return os.strerror(number)
+    return err.strerror or str(err) or type(err).__name__
 
 
 def _temporary_name(path: Path) -> Path:

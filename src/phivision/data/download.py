@@ -43,6 +43,7 @@ from phivision.data.images import ImageError, check_image
 from phivision.io import WriteError, atomic_write_bytes
 from phivision.netguard import AddressPolicy, BlockedAddress, guarded_async_transport
 
+_HOST = re.compile(r"[A-Za-z0-9._-]+|[0-9A-Fa-f:.]+")  # a host name after IDNA encoding, or an IP address
 USER_AGENT = "phivision-prepare/0.1 (+https://github.com/phivision)"
 # file signatures of the formats product photos come in; anything else Pillow decodes is saved as ".img"
 SIGNATURES = [
@@ -150,7 +151,8 @@ def url_problem(url: object, allow_local: bool) -> str | None:
             parsed = httpx.URL(url)
         except Exception:  # httpx.InvalidURL, or an IDNA error for a bad non-ASCII host name
             return "malformed_url"
-        return None if parsed.host else "malformed_url"
+        host = parsed.raw_host.decode("ascii", "replace")  # IDNA-encoded, so ASCII for a valid name
+        return None if _HOST.fullmatch(host) else "malformed_url"  # no spaces, no %-escapes
     if allow_local and (
         parts.scheme.lower() == "file" or (parts.scheme == "" and url.startswith(("/", "./", "../")))
     ):
