@@ -19,16 +19,8 @@ CATEGORIES = {
     "scarves": (0.15, 480.0, ["Scarf", "Stole"]),
     "belts": (0.10, 390.0, ["Belt"]),
 }
-ADJECTIVES = [
-    "Vintage Check",
-    "Quilted",
-    "Leather",
-    "Cotton Gabardine",
-    "Cashmere",
-    "Monogram",
-    "Mini",
-    "Medium",
-]
+ADJECTIVES = ["Vintage Check", "Quilted", "Monogram", "Mini", "Medium", "Small", "Large", "Heritage"]
+MATERIALS = ["Leather", "Cotton Gabardine", "Cashmere", "Nylon", "Canvas"]
 COLOURS = ["Black", "Archive Beige", "Honey", "Navy", "Burgundy"]
 
 
@@ -59,7 +51,7 @@ def write_real_like_table(directory: Path, n: int = 240, seed: int = 0) -> Path:
         _, median, nouns = CATEGORIES[category]
         made = 0
         while made < count:
-            title = f"{rng.choice(ADJECTIVES)} {rng.choice(nouns)}"
+            title = f"{rng.choice(ADJECTIVES)} {rng.choice(MATERIALS)} {rng.choice(nouns)}"
             price = round(median * float(np.exp(rng.gauss(0, 0.35))) / 10) * 10
             for colour in rng.sample(COLOURS, k=min(count - made, rng.choice([1, 1, 1, 2, 3]))):
                 size = (rng.randrange(300, 900, 10), rng.randrange(300, 900, 10))

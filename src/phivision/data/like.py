@@ -44,6 +44,7 @@ class CategoryProfile:
     log_prices: list[float]  # sorted
     currency: str
     word_counts: Counter  # words per title -> titles
+    group_sizes: list[int]  # rows per distinct (normalised) title: colour variants share one
     last_words: list[tuple[str, int]]  # (invented word, frequency), most frequent first
     other_words: list[tuple[str, int]]
 
@@ -55,7 +56,7 @@ class Profile:
     source: str
     categories: dict[str, CategoryProfile]
     price_step: float
-    variant_share: float  # fraction of rows whose title another row of the category repeats
+    variant_share: float  # fraction of rows whose title another row of the category repeats (for the report)
     sizes: list[tuple[int, int]]  # (width, height) of the images that could be read
     split_ratios: tuple[float, float, float]
     real_title_keys: set[str] = field(repr=False, default_factory=set)
@@ -88,6 +89,7 @@ def profile_dataset(directory: str | Path) -> Profile:
             log_prices=sorted(math.log(p) for p in rows["full_price"]),
             currency=rows["currency"].mode().iloc[0],
             word_counts=Counter(len(w) for w in words),
+            group_sizes=sorted(rows["title"].map(group_key).value_counts().tolist()),
             last_words=_invent(Counter(w[-1] for w in words if w), invented, real_words, rng),
             other_words=_invent(Counter(x for w in words for x in w[:-1]), invented, real_words, rng),
         )
@@ -180,7 +182,9 @@ def allocate(counts: dict[str, int], n: int) -> dict[str, int]:
 
 def products_like(profile: Profile, n: int, seed: int = 0) -> list[dict]:
     """``n`` synthetic products shaped like ``profile``: category, title, price, currency, canvas and the price
-    quantile (which the drawing turns into the product's size, so the price stays visible)."""
+    quantile (which the drawing turns into the product's size, so the price stays visible). Titles come in
+    groups whose sizes are drawn from the category's real title groups (colour variants), so the split, which
+    keeps a group together, behaves as on the real data."""
     rng = random.Random(seed)
     products: list[dict] = []
     shares = allocate({k: c.rows for k, c in profile.categories.items()}, n)
@@ -189,12 +193,9 @@ def products_like(profile: Profile, n: int, seed: int = 0) -> list[dict]:
         quantiles = [(j + rng.random()) / count for j in range(count)]
         rng.shuffle(quantiles)
         titles: list[str] = []
-        for u in quantiles:
-            if titles and rng.random() < profile.variant_share:
-                title = rng.choice(titles)  # a colour variant: the same title again
-            else:
-                title = _new_title(category, profile, rng)
-            titles.append(title)
+        while len(titles) < count:
+            titles += [_new_title(category, profile, rng)] * rng.choice(category.group_sizes)
+        for title, u in zip(titles[:count], quantiles, strict=True):
             products.append(
                 {
                     "category": name,
