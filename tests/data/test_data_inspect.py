@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import pytest
 from catalog_helpers import jpeg, photo
+from cli_helpers import run_cli
 from PIL import Image, ImageStat
 
 from phivision.data.inspection import inspect, perceptual_hash
@@ -154,7 +154,7 @@ def test_page_opens_in_chromium_offline(dataset, inspected, tmp_path):
             images = page.evaluate("Array.from(document.images).map(i => i.complete && i.naturalWidth > 0)")
             sections = page.evaluate("Array.from(document.querySelectorAll('h2')).map(h => h.id)")
             token_rows = page.evaluate("document.querySelectorAll('#token-table tbody tr').length")
-            price_axis = page.evaluate("document.querySelector('#prices img').alt")
+            price_axis = page.evaluate("document.querySelector('#prices + figure img').alt")
             text = page.inner_text("body")
             page.screenshot(path=str(shot), full_page=True)
         finally:
@@ -181,25 +181,23 @@ def test_page_opens_in_chromium_offline(dataset, inspected, tmp_path):
     assert image.height > 900 and ImageStat.Stat(image).stddev[0] > 10
 
 
-def test_cli_inspect_and_its_bad_flags(dataset, tmp_path):
-    import subprocess
-
+def test_cli_inspect_and_its_bad_flags(dataset, tmp_path, capsys):
     out = tmp_path / "page.html"
-    run = lambda *args: subprocess.run(  # noqa: E731
-        [sys.executable, "-m", "phivision.cli", "inspect", *args], capture_output=True, text=True
+    code, stdout, stderr = run_cli(
+        capsys, "inspect", str(dataset), "--out", str(out), "--num-crops", "4", "--no-progress"
     )
-    result = run(str(dataset), "--out", str(out), "--num-crops", "4", "--no-progress")
-    assert result.returncode == 0, result.stderr
-    assert f"wrote {out} and {tmp_path / 'page.json'}" in result.stdout
+    assert code == 0, stderr
+    assert f"wrote {out} and {tmp_path / 'page.json'}" in stdout
     assert json.loads((tmp_path / "page.json").read_text())["tokens"]["by_num_crops"][0]["num_crops"] == 4
     for args, message in (
         ((str(dataset), "--num-crops", "0"), "--num-crops '0': every value must be at least 1"),
+        ((str(dataset), "--num-crops", "4,x"), "--num-crops '4,x': expected whole numbers"),
         ((str(dataset), "--crop-size", "0"), "--crop-size 0: must be a whole number, at least 1"),
         ((str(tmp_path / "none"),), "catalog.parquet: not found"),
     ):
-        result = run(*args, "--no-progress")
-        assert result.returncode == 2 and result.stderr.count("\n") == 1, result.stderr
-        assert result.stderr.startswith("error: ") and message in result.stderr
+        code, _, stderr = run_cli(capsys, "inspect", *args, "--no-progress")
+        assert code == 2 and stderr.count("\n") == 1, stderr
+        assert stderr.startswith("error: ") and message in stderr
 
 
 def test_inspect_rejects_bad_arguments(dataset):

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
+from cli_helpers import run_cli
 from fault_server import dbq_row, image_bytes
 
 from phivision.data import CATALOG_FILE, load_catalog
@@ -81,19 +82,10 @@ def test_images_of_unknown_origin_are_refused(tmp_path):
 
 
 def test_cli_refuses_with_one_line(tmp_path, capsys):
-    from phivision.cli import main
-
     out = tmp_path / "ds"
     write_sample_catalog(out, n=6, seed=0)
-    argv = sys.argv
-    sys.argv = ["phivision", "sample", "--out", str(out), "--n", "6", "--seed", "3"]
-    try:
-        with pytest.raises(SystemExit) as exit_info:
-            main()
-    finally:
-        sys.argv = argv
-    err = capsys.readouterr().err
-    assert exit_info.value.code == 2 and err.count("\n") == 1
+    code, _, err = run_cli(capsys, "sample", "--out", str(out), "--n", "6", "--seed", "3")
+    assert code == 2 and err.count("\n") == 1
     assert err.startswith(f"error: --out {out}: holds another dataset (sample of sample(n=6, seed=0))")
 
 

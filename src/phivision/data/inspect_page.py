@@ -81,8 +81,11 @@ def _split_plot(result: dict) -> str:
 
 def _price_plots(frame: pd.DataFrame) -> list[dict]:
     """One box plot per currency: the price distribution of each category, on a log axis."""
+    import matplotlib
     import matplotlib.pyplot as plt
 
+    major, minor = (int(v) for v in matplotlib.__version__.split(".")[:2])
+    sideways = {"orientation": "horizontal"} if (major, minor) >= (3, 10) else {"vert": False}
     plots = []
     for currency, rows in frame.groupby("currency", sort=True):
         groups = rows.groupby("category")["full_price"]
@@ -91,17 +94,27 @@ def _price_plots(frame: pd.DataFrame) -> list[dict]:
         figure, axis = plt.subplots(figsize=(7.5, min(height, 40)))
         axis.boxplot(
             [groups.get_group(c).to_numpy() for c in names],
-            vert=False,
             showfliers=True,
             flierprops={"markersize": 3},
+            **sideways,
         )
         axis.set_yticks(range(1, len(names) + 1), [str(c) for c in names])
         axis.set_xscale("log")
+        _price_ticks(axis.xaxis)
         axis.set_xlabel(f"full price ({currency}, log scale)")
         axis.set_title(f"price per category, {currency}")
         axis.tick_params(axis="y", labelsize=8 if len(names) > 20 else 10)
         plots.append({"currency": str(currency), "src": _png(figure)})
     return plots
+
+
+def _price_ticks(axis) -> None:
+    """Plain numbers (1, 2, 5 per decade) and no minor labels, so tick labels never run into each other."""
+    from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
+
+    axis.set_major_locator(LogLocator(base=10, subs=(1.0, 2.0, 5.0)))
+    axis.set_major_formatter(FuncFormatter(lambda value, _: f"{value:,.10g}"))
+    axis.set_minor_formatter(NullFormatter())
 
 
 def _size_plot(good: pd.DataFrame) -> str:
