@@ -87,6 +87,7 @@ def inspect(
     catalog = load_catalog(data, check_images=False)
     facts = scan_images(data, catalog["image_path"], workers=workers, progress=progress)
     frame = _with_facts(catalog, facts)
+    scanned = time.perf_counter()
     result = {
         "dataset": str(data),
         "rows": len(frame),
@@ -101,12 +102,21 @@ def inspect(
         "placeholders": placeholders(frame),
         "outliers": outliers(frame),
     }
-    result["seconds"] = round(time.perf_counter() - started, 3)
-    json_path = html_path.with_suffix(".json")
-    atomic_write_json(json_path, result)
     from phivision.data.inspect_page import render_page
 
-    atomic_write_text(html_path, render_page(result, frame, data))
+    found = time.perf_counter()
+    result["seconds"] = round(found - started, 3)  # updated below, once the page is written
+    page = render_page(result, frame, data)
+    done = time.perf_counter()
+    result["seconds"] = round(done - started, 3)
+    result["timings"] = {
+        "read_and_scan_images": round(scanned - started, 3),
+        "findings": round(found - scanned, 3),
+        "page": round(done - found, 3),
+    }
+    json_path = html_path.with_suffix(".json")
+    atomic_write_json(json_path, result)
+    atomic_write_text(html_path, page)
     result["files"] = {"html": str(html_path), "json": str(json_path)}
     return result
 
