@@ -127,3 +127,21 @@ def test_library_functions_take_every_flag_with_the_same_default(verb, function)
         flag_default = info.default if isinstance(info, typer.models.ParameterInfo) else info
         if library[name].default is not pyinspect.Parameter.empty:
             assert library[name].default == flag_default, f"{verb} --{name}"
+
+
+def test_numpy_values_never_leak_into_messages(tmp_path):
+    import numpy as np
+
+    from phivision.data.split import parse_ratios
+    from phivision.errors import PhivisionError
+
+    with pytest.raises(PhivisionError) as info:
+        parse_ratios((np.float64(-3.0), np.float64(1.0), np.float64(1.0)))
+    assert str(info.value) == "--split '-3.0,1.0,1.0': expected three non-negative numbers with train > 0"
+    with pytest.raises(PhivisionError) as info:
+        sample(tmp_path / "a", n=np.int64(0))
+    assert str(info.value) == "--n 0: must be a whole number of products, at least 1"
+    with pytest.raises(PhivisionError) as info:
+        prepare("x.csv", tmp_path / "b", max_price=np.float64(-3.0))
+    assert str(info.value) == "--max-price -3.0: must be greater than 0"
+    assert sample(tmp_path / "c", n=np.int64(3)).is_dir()  # a numpy integer is a fine count

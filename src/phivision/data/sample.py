@@ -26,6 +26,7 @@ from PIL import Image, ImageChops, ImageDraw, ImageFilter
 
 from phivision.data import defaults
 from phivision.data.layout import CATALOG_FILE, IMAGES_DIR, REPORT_FILE, SPLITS, claim_out, dataset_identity
+from phivision.data.prices import plain
 from phivision.data.split import assign_splits, parse_ratios
 from phivision.errors import PhivisionError
 from phivision.io import WriteError, atomic_write_json, atomic_write_parquet, atomic_write_text
@@ -256,7 +257,7 @@ def write_sample_catalog(
 
     ``out`` holding another dataset (another n or seed, or a prepared one) is refused unless ``overwrite``.
     """
-    check_count(n)
+    n = check_count(n)
     descriptor = f"sample(n={n}, seed={seed})"
     out = _claim(out, descriptor, overwrite)
     rows = []
@@ -294,8 +295,7 @@ def write_like_catalog(
     from phivision.data.like import backdrop_of, products_like, profile_dataset, shape_of
 
     profile = profile_dataset(like)
-    n = sum(c.rows for c in profile.categories.values()) if n is None else n
-    check_count(n)
+    n = check_count(sum(c.rows for c in profile.categories.values()) if n is None else n)
     ratios = split if split is not None else profile.split_ratios
     descriptor = f"sample(n={n}, seed={seed}, like={Path(like).resolve()})"
     out = _claim(out, descriptor, overwrite)
@@ -352,9 +352,12 @@ def sample(
     )
 
 
-def check_count(n: object) -> None:
+def check_count(n: object) -> int:
+    """``n`` as a plain int, or one ``error:`` line naming ``--n`` (numpy integers are fine, bools are not)."""
+    n = plain(n)
     if isinstance(n, bool) or not isinstance(n, int) or n < 1:
         raise PhivisionError(f"--n {n}: must be a whole number of products, at least 1")
+    return n
 
 
 def _claim(out: str | Path, descriptor: str, overwrite: bool) -> Path:
