@@ -103,3 +103,33 @@ def test_guarded_transports_check_every_connection(loopback_server):
     with pytest.raises(BlockedAddress):
         asyncio.run(fetch(f"{base}/meta"))
     assert hits == ["/ok", "/meta", "/ok", "/meta"]  # the strict client never connected
+
+
+def test_a_rebinding_name_is_resolved_once_and_the_connection_pinned(loopback_server, monkeypatch):
+    """A hostile DNS answers loopback to the check and the metadata address afterwards: the connection goes
+    to the address that was checked, because nothing resolves the name a second time."""
+    import socket
+
+    import httpx
+
+    from phivision.netguard import guarded_transport
+
+    base, hits = loopback_server
+    port = int(base.rsplit(":", 1)[1])
+    real = socket.getaddrinfo
+    answers = []
+
+    def rebinding(host, *args, **kwargs):
+        if host != "rebind.test":
+            return real(host, *args, **kwargs)
+        address = "127.0.0.1" if not answers else "169.254.169.254"
+        answers.append(address)
+        return [(socket.AF_INET, socket.SOCK_STREAM, 6, "", (address, port))]
+
+    monkeypatch.setattr(socket, "getaddrinfo", rebinding)
+    with httpx.Client(transport=guarded_transport()) as client:
+        assert client.get(f"http://rebind.test:{port}/ok").text == "ok"
+    assert answers == ["127.0.0.1"] and hits == ["/ok"]
+    with pytest.raises(BlockedAddress) as err:
+        resolve_checked("rebind.test", port)  # the second answer would have been refused
+    assert err.value.reason == "blocked_link_local"
