@@ -19,6 +19,7 @@ Reasons: ``missing_price``, ``bad_price``, ``negative_price``, ``parenthesised_p
 from __future__ import annotations
 
 import decimal
+import functools
 import math
 import numbers
 import re
@@ -193,6 +194,9 @@ SPACES = "\u00a0\u202f\u2007\u2009\u200a\u2008\u2006\u2005\u2004\u2003\u2002\u20
 MINUS_SIGNS = "-\u2212\u2012\u2013\u2014\ufe63\uff0d"
 NON_FINITE = frozenset(["inf", "+inf", "-inf", "infinity", "+infinity", "-infinity", "∞", "+∞", "-∞"])
 
+_UNIFY = str.maketrans(
+    {**dict.fromkeys(SPACES, " "), **dict.fromkeys(MINUS_SIGNS, "-"), "\u2019": "'", "\u02bc": "'"}
+)
 _EXPONENT = re.compile(r"\d\s*[eE]\s*[+-]?\d")
 _NO_CENTS = re.compile(r"(\d)[.,][-\u2013\u2014]{1,2}(?=\D*$)")  # 1290,- and CHF 1'290.– (no cents)
 _SHAPE = re.compile(r"(?P<pre>[^\d]*?)(?P<num>\d[\d.,' ]*)(?P<post>[^\d]*)")
@@ -266,9 +270,10 @@ def read_price(
         text = unicodedata.normalize("NFKC", str(value)).strip(SPACES)
     except Exception:  # an object whose str() fails
         return Price(None, "bad_price", "unreadable value")
-    return _read_text(text, decimal_comma, max_price, currency)
+    return _read_text(text, decimal_comma, float(max_price), None if currency is None else str(currency))
 
 
+@functools.lru_cache(maxsize=65536)  # a catalog repeats its price strings: read each once
 def _read_text(text: str, decimal_comma: bool | None, max_price: float, currency: str | None) -> Price:
     shown = repr(text)
     lowered = text.lower()
@@ -278,12 +283,7 @@ def _read_text(text: str, decimal_comma: bool | None, max_price: float, currency
         return Price(None, "non_finite_price", shown)
     if _EXPONENT.search(text):
         return Price(None, "exponent_price", f"{shown}: exponent notation")
-    text = _NO_CENTS.sub(r"\1", text)
-    for space in SPACES:
-        text = text.replace(space, " ")
-    for minus in MINUS_SIGNS:
-        text = text.replace(minus, "-")
-    text = text.replace("\u2019", "'").replace("\u02bc", "'")
+    text = _NO_CENTS.sub(r"\1", text).translate(_UNIFY)
     shape = _SHAPE.fullmatch(text)
     if shape is None:
         return Price(None, "bad_price", f"{shown}: not one number")
