@@ -3,6 +3,7 @@ symlinked images/ is a dataset like any other, and a full disk stops `prepare` w
 
 from __future__ import annotations
 
+import json
 import os
 import resource
 import shutil
@@ -210,3 +211,15 @@ def test_a_full_disk_stops_prepare_with_one_line_and_damages_nothing(tmp_path):
     # with room again, the rerun finishes (reusing the three images written before the failure)
     report = prepare(str(small), out, allow_local=True, progress=False)
     assert report["counts"]["kept"] == 9 and report["images"]["reused"] == 9
+
+
+def test_a_killed_sample_is_redone_by_the_same_command(tmp_path):
+    out = tmp_path / "ds"
+    write_sample_catalog(out, n=6, seed=0)
+    (out / CATALOG_FILE).unlink()  # as if killed while drawing: the marker report and some images remain
+    report = json.loads((out / "prepare_report.json").read_text())
+    (out / "prepare_report.json").write_text(json.dumps({"dataset": report["dataset"], "status": "drawing"}))
+    write_sample_catalog(out, n=6, seed=0)
+    assert len(load_catalog(out)) == 6
+    with pytest.raises(PhivisionError, match="holds another dataset"):
+        write_sample_catalog(out, n=7, seed=0)

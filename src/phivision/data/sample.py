@@ -361,8 +361,15 @@ def check_count(n: object) -> int:
 
 
 def _claim(out: str | Path, descriptor: str, overwrite: bool) -> Path:
+    """Refuse another dataset in ``out``, then mark ``out`` as this one before the first image is drawn, so a
+    killed run is recognised (and redone) by the same command."""
     out = Path(out)
-    claim_out(out, dataset_identity("sample", [descriptor]), [descriptor], overwrite)
+    identity = dataset_identity("sample", [descriptor])
+    claim_out(out, identity, [descriptor], overwrite)
+    if not (out / REPORT_FILE).exists():
+        atomic_write_json(
+            out / REPORT_FILE, {"dataset": identity, "status": "drawing", "sources": [{"source": descriptor}]}
+        )
     (out / IMAGES_DIR).mkdir(parents=True, exist_ok=True)
     return out
 
