@@ -82,7 +82,7 @@ def test_findings_are_exact(dataset, inspected):
     assert r["splits"]["totals"] == {"train": 31, "val": 4, "test": 5}
     assert r["splits"]["by_category"]["hats"] == {"train": 7, "val": 1, "test": 0}
     near = r["near_duplicates"]
-    assert near["pairs"] == 3 and near["by_splits"] == {"test/train": 2, "train/val": 1}
+    assert near["pairs"] == 3 and near["by_splits"] == {"train/test": 2, "train/val": 1}
     assert sorted(tuple(e["rows"]) for e in near["examples"]) == [(2, 32), (3, 33), (4, 34)]
     assert [e["same_file"] for e in sorted(near["examples"], key=lambda e: e["rows"])] == [False, False, True]
     # C004 by code; by file: p4.jpg (prices 1260 and 5), p2.jpg (two titles), the placeholder (three titles)

@@ -323,20 +323,18 @@ def near_duplicates(frame: pd.DataFrame, max_bits: int, keep: int = 200) -> dict
     resized or recompressed, seen in training and scored in test. Counts every pair; keeps ``keep`` examples."""
     good = frame[frame["_ok"]].reset_index()
     hashes = good["_phash"].to_numpy(dtype=np.uint64)
-    splits = good["split"].to_numpy()
-    pairs, by_splits, examples = 0, Counter(), []
+    split_ids = good["split"].map({s: k for k, s in enumerate(SPLITS)}).to_numpy()
+    pairs, pair_kinds, examples = 0, np.zeros(len(SPLITS) ** 2, dtype=np.int64), []
     for start in range(0, len(good), 512):
-        block = hashes[start : start + 512, None]
-        distance = hamming(block, hashes[None, :])
+        distance = hamming(hashes[start : start + 512, None], hashes[None, :])
         i, j = np.nonzero(distance <= max_bits)
         i = i + start
-        mask = (j > i) & (splits[i] != splits[j])
+        mask = (j > i) & (split_ids[i] != split_ids[j])
         i, j = i[mask], j[mask]
         pairs += len(i)
-        by_splits.update("/".join(sorted((splits[a], splits[b]))) for a, b in zip(i, j, strict=True))
-        for a, b in zip(i, j, strict=True):
-            if len(examples) >= keep:
-                break
+        low, high = np.minimum(split_ids[i], split_ids[j]), np.maximum(split_ids[i], split_ids[j])
+        pair_kinds += np.bincount(low * len(SPLITS) + high, minlength=len(SPLITS) ** 2)
+        for a, b in zip(i[: keep - len(examples)], j[: keep - len(examples)], strict=True):
             examples.append(
                 {
                     "rows": [sheet_row(good.at[a, "index"]), sheet_row(good.at[b, "index"])],
@@ -344,13 +342,14 @@ def near_duplicates(frame: pd.DataFrame, max_bits: int, keep: int = 200) -> dict
                     "same_file": bool(good.at[a, "_sha256"] == good.at[b, "_sha256"]),
                 }
             )
-    rows_involved = {r for e in examples for r in e["rows"]}
+    by_splits = {
+        f"{SPLITS[k // len(SPLITS)]}/{SPLITS[k % len(SPLITS)]}": int(n) for k, n in enumerate(pair_kinds) if n
+    }
     return {
         "max_bits": max_bits,
         "pairs": pairs,
-        "by_splits": dict(by_splits),
+        "by_splits": dict(sorted(by_splits.items())),
         "examples": examples,
-        "rows_in_examples": len(rows_involved),
     }
 
 
@@ -402,8 +401,9 @@ def placeholders(frame: pd.DataFrame) -> dict:
     """Images that stand in for a missing photo: one file shared by several products with different titles,
     and flat images (almost one colour); placeholder titles (``N/A``...)."""
     ok = frame[frame["_ok"] & (frame["_sha256"] != "")]
+    counts = ok["_sha256"].value_counts()
     shared = []
-    for _, rows in ok.groupby("_sha256"):
+    for _, rows in ok[ok["_sha256"].isin(counts.index[counts >= PLACEHOLDER_ROWS])].groupby("_sha256"):
         titles = set(rows["title"].map(group_key))
         if len(rows) >= PLACEHOLDER_ROWS and len(titles) > 1:
             shared.append(
