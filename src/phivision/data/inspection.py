@@ -194,8 +194,8 @@ def perceptual_hash(grey: np.ndarray) -> int:
 def hamming(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     """Bit differences between uint64 hashes (broadcasting)."""
     x = np.bitwise_xor(a, b)
-    if hasattr(np, "bitwise_count"):
-        return np.bitwise_count(x).astype(np.int64)
+    if hasattr(np, "bitwise_count"):  # numpy >= 2.0
+        return np.bitwise_count(x)
     table = np.array([bin(i).count("1") for i in range(256)], dtype=np.int64)
     return table[x.view(np.uint8).reshape(*x.shape, 8)].sum(axis=-1)
 
@@ -325,8 +325,9 @@ def near_duplicates(frame: pd.DataFrame, max_bits: int, keep: int = 200) -> dict
     hashes = good["_phash"].to_numpy(dtype=np.uint64)
     split_ids = good["split"].map({s: k for k, s in enumerate(SPLITS)}).to_numpy()
     pairs, pair_kinds, examples = 0, np.zeros(len(SPLITS) ** 2, dtype=np.int64), []
-    for start in range(0, len(good), 512):
-        distance = hamming(hashes[start : start + 512, None], hashes[None, :])
+    block = max(16, 4_000_000 // max(1, len(good)))  # rows per step: about 32 MB of distances at a time
+    for start in range(0, len(good), block):
+        distance = hamming(hashes[start : start + block, None], hashes[None, :])
         i, j = np.nonzero(distance <= max_bits)
         i = i + start
         mask = (j > i) & (split_ids[i] != split_ids[j])
