@@ -28,7 +28,7 @@ import pandas as pd
 import requests
 from PIL import Image
 
-from phivision.data.download import DownloadConfig
+from phivision.data import defaults
 from phivision.data.prepare import prepare
 from phivision.data.sample import write_sample_catalog
 
@@ -89,10 +89,8 @@ def main() -> None:
     )
     parser.add_argument("--n", type=int, default=500, help="images")
     parser.add_argument("--latency", type=float, default=0.05, help="seconds added to every request")
-    parser.add_argument(
-        "--concurrency", type=int, default=DownloadConfig.concurrency, help="prepare's setting"
-    )
-    parser.add_argument("--per-host", type=int, default=DownloadConfig.per_host, help="prepare's setting")
+    parser.add_argument("--concurrency", type=int, default=defaults.CONCURRENCY, help="prepare's setting")
+    parser.add_argument("--per-host", type=int, default=defaults.PER_HOST, help="prepare's setting")
     parser.add_argument("--repeat", type=int, default=3, help="prepare runs; the median is reported")
     parser.add_argument("--skip-baseline", action="store_true", help="time only prepare")
     args = parser.parse_args()
@@ -112,11 +110,16 @@ def main() -> None:
             baseline_saved = sequential_baseline(tmp / "urls.csv", tmp / "baseline")
             baseline_s = time.perf_counter() - start
 
-        config = DownloadConfig(concurrency=args.concurrency, per_host=args.per_host)
         runs = []
         for run in range(max(1, args.repeat)):
             start = time.perf_counter()
-            report = prepare([str(tmp / "urls.csv")], tmp / f"prepared{run}", download=config, progress=False)
+            report = prepare(
+                str(tmp / "urls.csv"),
+                tmp / f"prepared{run}",
+                concurrency=args.concurrency,
+                per_host=args.per_host,
+                progress=False,
+            )
             runs.append(time.perf_counter() - start)
             assert report["images"]["downloaded"] == report["counts"]["kept"]  # nothing reused
         prepare_s = statistics.median(runs)

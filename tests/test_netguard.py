@@ -41,3 +41,95 @@ def test_resolve_checked_reports_an_unresolvable_name():
     with pytest.raises(BlockedAddress) as err:
         resolve_checked("no-such-host.invalid", 80)
     assert err.value.reason == "dns_error"
+
+
+# ------------------------------------------------------------------------- pinned transports, for real
+
+
+@pytest.fixture
+def loopback_server():
+    """A loopback HTTP server: ``/ok`` answers 200, ``/meta`` redirects to the metadata address."""
+    import threading
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    hits = []
+
+    class Handler(BaseHTTPRequestHandler):
+        def log_message(self, *args):
+            pass
+
+        def do_GET(self):
+            hits.append(self.path)
+            if self.path == "/meta":
+                self.send_response(302)
+                self.send_header("Location", "http://169.254.169.254/latest/meta-data/")
+                self.send_header("Content-Length", "0")
+                self.end_headers()
+                return
+            self.send_response(200)
+            self.send_header("Content-Length", "2")
+            self.end_headers()
+            self.wfile.write(b"ok")
+
+    httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=httpd.serve_forever, daemon=True).start()
+    yield f"http://localhost:{httpd.server_address[1]}", hits
+    httpd.shutdown()
+    httpd.server_close()
+
+
+def test_guarded_transports_check_every_connection(loopback_server):
+    import asyncio
+
+    import httpx
+
+    from phivision.netguard import guarded_async_transport, guarded_transport
+
+    base, hits = loopback_server
+    with httpx.Client(transport=guarded_transport(), follow_redirects=True) as client:
+        assert client.get(f"{base}/ok").text == "ok"
+        with pytest.raises(BlockedAddress) as err:
+            client.get(f"{base}/meta")  # the redirect's new connection is checked too
+        assert err.value.reason == "blocked_link_local"
+    with httpx.Client(transport=guarded_transport(STRICT)) as client, pytest.raises(BlockedAddress) as err:
+        client.get(f"{base}/ok")  # "localhost" resolves to loopback, which the strict policy refuses
+    assert err.value.reason == "blocked_loopback"
+
+    async def fetch(url: str) -> str:
+        async with httpx.AsyncClient(transport=guarded_async_transport(), follow_redirects=True) as client:
+            return (await client.get(url)).text
+
+    assert asyncio.run(fetch(f"{base}/ok")) == "ok"
+    with pytest.raises(BlockedAddress):
+        asyncio.run(fetch(f"{base}/meta"))
+    assert hits == ["/ok", "/meta", "/ok", "/meta"]  # the strict client never connected
+
+
+def test_a_rebinding_name_is_resolved_once_and_the_connection_pinned(loopback_server, monkeypatch):
+    """A hostile DNS answers loopback to the check and the metadata address afterwards: the connection goes
+    to the address that was checked, because nothing resolves the name a second time."""
+    import socket
+
+    import httpx
+
+    from phivision.netguard import guarded_transport
+
+    base, hits = loopback_server
+    port = int(base.rsplit(":", 1)[1])
+    real = socket.getaddrinfo
+    answers = []
+
+    def rebinding(host, *args, **kwargs):
+        if host != "rebind.test":
+            return real(host, *args, **kwargs)
+        address = "127.0.0.1" if not answers else "169.254.169.254"
+        answers.append(address)
+        return [(socket.AF_INET, socket.SOCK_STREAM, 6, "", (address, port))]
+
+    monkeypatch.setattr(socket, "getaddrinfo", rebinding)
+    with httpx.Client(transport=guarded_transport()) as client:
+        assert client.get(f"http://rebind.test:{port}/ok").text == "ok"
+    assert answers == ["127.0.0.1"] and hits == ["/ok"]
+    with pytest.raises(BlockedAddress) as err:
+        resolve_checked("rebind.test", port)  # the second answer would have been refused
+    assert err.value.reason == "blocked_link_local"

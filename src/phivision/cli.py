@@ -12,6 +12,7 @@ from typing import Annotated
 
 import typer
 
+from phivision.data import defaults
 from phivision.errors import PhivisionError
 
 app = typer.Typer(
@@ -30,10 +31,31 @@ app = typer.Typer(
 
 @app.command()
 def sample(
-    out: Annotated[Path, typer.Option(help="Dataset directory to write.")],
-    n: Annotated[int, typer.Option(help="Number of products.")] = 600,
-    seed: Annotated[int, typer.Option(help="Random seed (attributes, prices, drawings and split).")] = 0,
-    split: Annotated[str, typer.Option(help="Train,val,test ratios.")] = "0.8,0.1,0.1",
+    out: Annotated[
+        Path, typer.Option(help="Dataset directory to write (rerun the same command to redo it).")
+    ],
+    n: Annotated[
+        int | None,
+        typer.Option(
+            help=f"Number of products [default: {defaults.SAMPLE_N}; with --like: as many as that dataset]."
+        ),
+    ] = None,
+    seed: Annotated[
+        int, typer.Option(help="Random seed (attributes, prices, drawings and split).")
+    ] = defaults.SAMPLE_SEED,
+    split: Annotated[
+        str | None,
+        typer.Option(
+            help=f"Train,val,test ratios [default: {defaults.SPLIT}; with --like: that dataset's ratios]."
+        ),
+    ] = None,
+    like: Annotated[
+        Path | None,
+        typer.Option(
+            help="Copy the structure of this dataset (categories and proportions, per-category prices, title "
+            "patterns, image sizes, split ratios) without any of its titles or images."
+        ),
+    ] = None,
     urls_out: Annotated[
         Path | None,
         typer.Option(
@@ -42,19 +64,31 @@ def sample(
     ] = None,
     base_url: Annotated[
         str, typer.Option(help="URL at which --out is served (e.g. `python -m http.server -d OUT 8000`).")
-    ] = "http://127.0.0.1:8000",
+    ] = defaults.BASE_URL,
+    overwrite: Annotated[
+        bool, typer.Option(help="Replace another dataset found in --out (default: refuse).")
+    ] = False,
 ) -> None:
     """Draw a synthetic catalog in the dataset layout: the shape shows the category; colour, pattern, trim
     (material) and size are visible and decide the price (+-5% noise), so a small model can learn both.
 
+    With --like DIR, the catalog is shaped like DIR instead: a safe stand-in for tests, demos, load tests and
+    bug reports.
+
     Example: phivision sample --out data/sample --n 600 --urls-out data/urls.csv
     """
-    from phivision.data.sample import write_sample_catalog
-    from phivision.data.split import parse_ratios
+    from phivision.data.sample import sample as run_sample
 
-    write_sample_catalog(out, n=n, seed=seed, split=parse_ratios(split), urls_out=urls_out, base_url=base_url)
+    path = run_sample(
+        out, n=n, seed=seed, split=split, urls_out=urls_out, base_url=base_url, like=like, overwrite=overwrite
+    )
+    from phivision.data.layout import load_catalog
+
+    rows = len(load_catalog(path, check_images=False))
+    shaped = f" shaped like {like}" if like else ""
     typer.echo(
-        f"wrote {n} synthetic products to {out}" + (f" and image URLs to {urls_out}" if urls_out else "")
+        f"wrote {rows} synthetic products{shaped} to {path}"
+        + (f" and image URLs to {urls_out}" if urls_out else "")
     )
 
 
@@ -67,19 +101,34 @@ def prepare(
             "dataset directory, or a .csv/.tsv/.parquet/.jsonl file. Repeat to combine several sources."
         ),
     ],
-    out: Annotated[Path, typer.Option(help="Dataset directory to write (rerun to resume).")],
-    title_col: Annotated[str, typer.Option(help="Column with the product name.")] = "title",
-    category_col: Annotated[str, typer.Option(help="Column with the category.")] = "category3_code",
+    out: Annotated[Path, typer.Option(help="Dataset directory to write (rerun the same command to resume).")],
+    title_col: Annotated[str, typer.Option(help="Column with the product name.")] = defaults.TITLE_COL,
+    category_col: Annotated[str, typer.Option(help="Column with the category.")] = defaults.CATEGORY_COL,
     price_col: Annotated[
-        str, typer.Option(help="Column with the full price ($1,290.00, 1290, USD 1290.5).")
-    ] = "full_price",
-    image_col: Annotated[str, typer.Option(help="Column with the image URL.")] = "imageurl",
-    code_col: Annotated[str, typer.Option(help="Column with the product code.")] = "product_code",
-    currency_col: Annotated[str, typer.Option(help="Column with the currency code.")] = "currency_code",
+        str, typer.Option(help="Column with the full price ($1,290.00, 1.290,00 EUR, 1290, USD 1290.5).")
+    ] = defaults.PRICE_COL,
+    image_col: Annotated[str, typer.Option(help="Column with the image URL.")] = defaults.IMAGE_COL,
+    code_col: Annotated[str, typer.Option(help="Column with the product code.")] = defaults.CODE_COL,
+    currency_col: Annotated[str, typer.Option(help="Column with the currency code.")] = defaults.CURRENCY_COL,
     currency: Annotated[
         str | None, typer.Option(help="One currency for every row (then --currency-col is not needed).")
     ] = None,
-    hub_split: Annotated[str, typer.Option(help="Split of a hub or local dataset to read.")] = "train",
+    decimal_comma: Annotated[
+        bool | None,
+        typer.Option(
+            "--decimal-comma/--decimal-point",
+            help="The prices' decimal mark, for numbers that read two ways (1.290 is 1290 or 1.29). Default: "
+            "each price column's majority of unambiguous values (stated in the report); none: such rows are "
+            "dropped as ambiguous_price.",
+            show_default=False,
+        ),
+    ] = None,
+    max_price: Annotated[
+        float, typer.Option(help="Drop prices above this as absurd_price (typos, placeholders).")
+    ] = defaults.MAX_PRICE,
+    hub_split: Annotated[
+        str, typer.Option(help="Split of a hub or local dataset to read.")
+    ] = defaults.HUB_SPLIT,
     hub_config: Annotated[
         str | None, typer.Option(help="Configuration (subset) name of a hub dataset.")
     ] = None,
@@ -88,77 +137,140 @@ def prepare(
     ] = None,
     split: Annotated[
         str, typer.Option(help="Train,val,test ratios, stratified by category.")
-    ] = "0.8,0.1,0.1",
-    seed: Annotated[int, typer.Option(help="Seed of the split.")] = 0,
+    ] = defaults.SPLIT,
+    seed: Annotated[int, typer.Option(help="Seed of the split.")] = defaults.PREPARE_SEED,
     limit: Annotated[int | None, typer.Option(help="Use only the first N rows of each source.")] = None,
-    concurrency: Annotated[int, typer.Option(help="Downloads in flight overall.")] = 64,
-    per_host: Annotated[int, typer.Option(help="Downloads in flight per host.")] = 32,
-    connect_timeout: Annotated[float, typer.Option(help="Seconds to wait for a connection.")] = 10.0,
-    read_timeout: Annotated[float, typer.Option(help="Seconds to wait for data.")] = 30.0,
+    concurrency: Annotated[int, typer.Option(help="Downloads in flight overall.")] = defaults.CONCURRENCY,
+    per_host: Annotated[int, typer.Option(help="Downloads in flight per host.")] = defaults.PER_HOST,
+    connect_timeout: Annotated[
+        float, typer.Option(help="Seconds to wait for a connection.")
+    ] = defaults.CONNECT_TIMEOUT,
+    read_timeout: Annotated[
+        float, typer.Option(help="Seconds to wait for the next bytes.")
+    ] = defaults.READ_TIMEOUT,
+    download_timeout: Annotated[
+        float,
+        typer.Option(help="Seconds one download attempt may take in all (ends slow-drip responses)."),
+    ] = defaults.DOWNLOAD_TIMEOUT,
     retries: Annotated[
         int, typer.Option(help="Retries after connection errors, timeouts, 5xx and 429 (never other 4xx).")
-    ] = 3,
-    backoff: Annotated[float, typer.Option(help="First retry delay in seconds; doubles, with jitter.")] = 0.5,
+    ] = defaults.RETRIES,
+    backoff: Annotated[
+        float, typer.Option(help="First retry delay in seconds; doubles, with jitter.")
+    ] = defaults.BACKOFF,
     max_wait: Annotated[
         float, typer.Option(help="Cap in seconds on any backoff or Retry-After wait.")
-    ] = 30.0,
+    ] = defaults.MAX_WAIT,
+    max_bytes: Annotated[
+        int, typer.Option(help="Largest image file accepted, downloaded or local, in bytes.")
+    ] = defaults.MAX_BYTES,
     max_pixels: Annotated[
         int, typer.Option(help="Reject images with more pixels (decompression bombs).")
-    ] = 40_000_000,
+    ] = defaults.MAX_PIXELS,
     allow_local: Annotated[
         bool,
-        typer.Option(help="Accept file:// URLs and local paths in the image column (default: http(s) only)."),
+        typer.Option(
+            help="Accept file:// URLs and local paths in the image column (regular files only; default: "
+            "http(s) only)."
+        ),
+    ] = False,
+    overwrite: Annotated[
+        bool, typer.Option(help="Replace another dataset found in --out (default: refuse).")
     ] = False,
     progress: Annotated[bool, typer.Option(help="Show a progress bar.")] = True,
 ) -> None:
     """Build a dataset (catalog.parquet, images/, prepare_report.json) from product tables with image URLs.
 
-    Downloads run concurrently with retries; every image is fully decoded before it counts; prices are cleaned;
-    rows without a usable title, category, price or image are dropped and listed with their reason in
-    prepare_report.json. Rerunning (also after a crash) reuses finished images and downloads nothing twice.
+    Downloads run concurrently with retries and a deadline each; every image is fully decoded before it counts;
+    prices are read in any common locale; conflicting duplicates are resolved by a stated rule. A row that cannot
+    be used (bad price, broken URL, failed download...) is dropped and listed with its reason in
+    prepare_report.json; the run goes on. Link-local and cloud-metadata addresses are never fetched. Rerunning
+    (also after a crash) reuses finished images and downloads nothing twice.
 
     Example: phivision prepare --source DBQ/Burberry.Product.prices.United.States --out data/burberry
     """
-    from phivision.data.download import DownloadConfig
-    from phivision.data.prepare import Columns, summary
     from phivision.data.prepare import prepare as run_prepare
+    from phivision.data.prepare import summary
 
-    for flag, value in (
-        ("--concurrency", concurrency),
-        ("--per-host", per_host),
-        ("--max-pixels", max_pixels),
-    ):
-        if value < 1:
-            raise PhivisionError(f"{flag} {value}: must be at least 1")
-    if retries < 0 or min(connect_timeout, read_timeout) <= 0:
-        raise PhivisionError("--retries must be >= 0 and timeouts > 0")
-    columns = Columns(title_col, category_col, price_col, image_col, code_col, currency_col)
-    download = DownloadConfig(
-        concurrency=concurrency,
-        per_host=per_host,
-        connect_timeout=connect_timeout,
-        read_timeout=read_timeout,
-        retries=retries,
-        backoff=backoff,
-        max_wait=max_wait,
-        max_pixels=max_pixels,
-        allow_local=allow_local,
-    )
     report = run_prepare(
         source,
         out,
-        columns=columns,
+        title_col=title_col,
+        category_col=category_col,
+        price_col=price_col,
+        image_col=image_col,
+        code_col=code_col,
+        currency_col=currency_col,
         currency=currency,
+        decimal_comma=decimal_comma,
+        max_price=max_price,
         hub_split=hub_split,
         hub_config=hub_config,
         revision=revision,
         split=split,
         seed=seed,
-        download=download,
         limit=limit,
+        concurrency=concurrency,
+        per_host=per_host,
+        connect_timeout=connect_timeout,
+        read_timeout=read_timeout,
+        download_timeout=download_timeout,
+        retries=retries,
+        backoff=backoff,
+        max_wait=max_wait,
+        max_bytes=max_bytes,
+        max_pixels=max_pixels,
+        allow_local=allow_local,
+        overwrite=overwrite,
         progress=progress,
     )
     typer.echo(summary(report))
+
+
+@app.command()
+def inspect(
+    data: Annotated[Path, typer.Argument(help="Dataset directory (catalog.parquet + images/).")],
+    out: Annotated[
+        Path | None,
+        typer.Option(help="HTML file to write [default: DATA/inspect.html]; the JSON goes beside it."),
+    ] = None,
+    num_crops: Annotated[
+        str, typer.Option(help="num_crops values to cost in image tokens, comma-separated.")
+    ] = defaults.NUM_CROPS,
+    crop_size: Annotated[
+        int, typer.Option(help="Tile side in pixels (official Phi-3-Vision: 336).")
+    ] = defaults.CROP_SIZE,
+    num_img_tokens: Annotated[
+        int, typer.Option(help="Image tokens per tile (official: 144).")
+    ] = defaults.NUM_IMG_TOKENS,
+    near_duplicate_bits: Annotated[
+        int,
+        typer.Option(help="Images at most this many perceptual-hash bits apart (of 64) are near-duplicates."),
+    ] = defaults.NEAR_DUPLICATE_BITS,
+    progress: Annotated[bool, typer.Option(help="Show a progress bar.")] = True,
+) -> None:
+    """Look at a dataset before training: one offline HTML page (and a JSON beside it) with rows per split and
+    category, prices per category, image sizes, image tokens per sample and per epoch for each num_crops,
+    near-duplicate images across splits, colour variants, conflicting duplicates, placeholders and outliers.
+
+    Example: phivision inspect data/burberry
+    """
+    from phivision.data.inspection import inspect as run_inspect
+
+    result = run_inspect(
+        data,
+        out=out,
+        num_crops=num_crops,
+        crop_size=crop_size,
+        num_img_tokens=num_img_tokens,
+        near_duplicate_bits=near_duplicate_bits,
+        progress=progress,
+    )
+    near, conflicts = result["near_duplicates"]["pairs"], result["conflicts"]["groups"]
+    typer.echo(
+        f"inspected {result['rows']} rows: {near} near-duplicate pair(s) across splits, {conflicts} conflicting "
+        f"duplicate group(s); wrote {result['files']['html']} and {result['files']['json']}"
+    )
 
 
 # ---------------------------------------------------------------------------------------------- model

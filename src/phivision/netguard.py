@@ -66,3 +66,96 @@ def resolve_checked(host: str, port: int, policy: AddressPolicy = AddressPolicy(
         if problem:
             raise BlockedAddress(problem, f"{host} resolves to {address}")
     return addresses
+
+
+# ------------------------------------------------------------------------------- pinned connections (httpx)
+# Checking a URL's host and then letting the HTTP client resolve it again leaves a gap: a name can resolve to a
+# public address for the check and to 169.254.169.254 for the connection (DNS rebinding). These backends close
+# it: every connection the client opens (the first request, every redirect, every retry) resolves the host once,
+# checks every address, and connects to a checked address. TLS still verifies the certificate against the host
+# name (httpcore sends the original name as SNI). Proxies from the environment are not used by clients built on
+# these transports: a proxy would make the connection for us, unchecked.
+
+
+class GuardedAsyncBackend:
+    """An ``httpcore`` async network backend that connects only to addresses ``policy`` allows."""
+
+    def __init__(self, policy: AddressPolicy, inner=None) -> None:
+        import httpcore
+
+        self.policy = policy
+        self.inner = inner if inner is not None else httpcore.AnyIOBackend()
+
+    async def connect_tcp(self, host, port, timeout=None, local_address=None, socket_options=None):
+        import anyio
+        import httpcore
+
+        addresses = await anyio.to_thread.run_sync(resolve_checked, host, port, self.policy)
+        error: Exception | None = None
+        for address in addresses:  # getaddrinfo's order; every one was checked
+            try:
+                return await self.inner.connect_tcp(address, port, timeout, local_address, socket_options)
+            except (httpcore.ConnectError, httpcore.ConnectTimeout) as err:
+                error = err
+        raise error if error is not None else httpcore.ConnectError(f"{host}: no address")
+
+    async def connect_unix_socket(self, path, timeout=None, socket_options=None):
+        raise BlockedAddress("blocked_address", f"unix socket {path}")
+
+    async def sleep(self, seconds: float) -> None:
+        await self.inner.sleep(seconds)
+
+
+class GuardedSyncBackend:
+    """The blocking twin of :class:`GuardedAsyncBackend`, for ``httpx.Client``."""
+
+    def __init__(self, policy: AddressPolicy, inner=None) -> None:
+        import httpcore
+
+        self.policy = policy
+        self.inner = inner if inner is not None else httpcore.SyncBackend()
+
+    def connect_tcp(self, host, port, timeout=None, local_address=None, socket_options=None):
+        import httpcore
+
+        error: Exception | None = None
+        for address in resolve_checked(host, port, self.policy):
+            try:
+                return self.inner.connect_tcp(address, port, timeout, local_address, socket_options)
+            except (httpcore.ConnectError, httpcore.ConnectTimeout) as err:
+                error = err
+        raise error if error is not None else httpcore.ConnectError(f"{host}: no address")
+
+    def connect_unix_socket(self, path, timeout=None, socket_options=None):
+        raise BlockedAddress("blocked_address", f"unix socket {path}")
+
+    def sleep(self, seconds: float) -> None:
+        self.inner.sleep(seconds)
+
+
+def guarded_async_transport(policy: AddressPolicy = AddressPolicy(), **kwargs):
+    """An ``httpx.AsyncHTTPTransport`` (``kwargs`` as for it: ``verify``, ``limits``...) whose connections go only
+    to addresses ``policy`` allows; a refused address raises :class:`BlockedAddress` from the request."""
+    import httpx
+
+    transport = httpx.AsyncHTTPTransport(**kwargs)
+    _pin(transport, GuardedAsyncBackend(policy))
+    return transport
+
+
+def guarded_transport(policy: AddressPolicy = AddressPolicy(), **kwargs):
+    """The blocking twin of :func:`guarded_async_transport`, for ``httpx.Client``."""
+    import httpx
+
+    transport = httpx.HTTPTransport(**kwargs)
+    _pin(transport, GuardedSyncBackend(policy))
+    return transport
+
+
+def _pin(transport, backend) -> None:
+    # httpx builds its httpcore pool without a way to pass a network backend; set the pool's backend, and fail
+    # loudly (never silently unguarded) if a new httpx/httpcore moved it.
+    pool = getattr(transport, "_pool", None)
+    if pool is None or not hasattr(pool, "_network_backend"):
+        raise RuntimeError("this httpx/httpcore version has no pool network backend to guard")
+    pool._network_backend = backend

@@ -5,8 +5,6 @@ from __future__ import annotations
 import pytest
 from fault_server import FaultServer
 
-from phivision.data.download import DownloadConfig
-
 
 @pytest.fixture
 def server():
@@ -15,8 +13,14 @@ def server():
 
 
 @pytest.fixture
-def fast_download() -> DownloadConfig:
-    """Short timeouts and tiny backoff, so faults resolve in well under a second each."""
-    return DownloadConfig(
-        concurrency=8, per_host=8, connect_timeout=2.0, read_timeout=0.3, retries=1, backoff=0.01
-    )
+def fast_download() -> dict:
+    """`prepare` keywords with short timeouts and tiny backoff, so faults resolve in about a second each."""
+    return {
+        "concurrency": 8,
+        "per_host": 8,
+        "connect_timeout": 2.0,
+        "read_timeout": 0.3,
+        "download_timeout": 1.5,
+        "retries": 1,
+        "backoff": 0.01,
+    }

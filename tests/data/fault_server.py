@@ -31,15 +31,20 @@ class FaultServer:
     Faults: ``img`` (fine), ``404``, ``500`` (500 on the first request, then fine), ``429`` (429 with
     ``Retry-After: 1`` first, then fine), ``slow`` (headers after ``slow_s``), ``truncated`` (half an image,
     honest Content-Length), ``short`` (Content-Length of the whole image, half sent, connection closed),
-    ``html`` (an error page with status 200), ``empty`` (200, zero bytes), ``redirect`` (302 to ``/img/<name>``). ``counts`` holds the requests per path, ``times`` their arrival times.
+    ``html`` (an error page with status 200), ``empty`` (200, zero bytes), ``redirect`` (302 to ``/img/<name>``),
+    ``gzip`` (a plain JPEG labelled ``Content-Encoding: gzip``), ``drip`` (the image one byte every ``drip_s``
+    seconds: every read is quick, the whole never ends in time), ``metadata`` (302 to the cloud metadata address
+    169.254.169.254), ``ftp`` (302 to an ftp:// URL). ``counts`` holds the requests per path (as sent, so
+    non-ASCII names arrive percent-encoded), ``times`` their arrival times.
     """
 
-    def __init__(self, delay: float = 0.0, slow_s: float = 1.0) -> None:
+    def __init__(self, delay: float = 0.0, slow_s: float = 1.0, drip_s: float = 0.05) -> None:
         self.files: dict[str, bytes] = {}
         self.counts: Counter = Counter()
         self.times: dict[str, list[float]] = {}
         self.delay = delay
         self.slow_s = slow_s
+        self.drip_s = drip_s
         self.lock = threading.Lock()
         server = self
 
@@ -86,11 +91,28 @@ class FaultServer:
             time.sleep(self.slow_s)
         if fault == "redirect":
             return self.send(request, 302, b"", "text/plain", {"Location": f"/img/{name}"})
+        if fault == "metadata":
+            location = "http://169.254.169.254/latest/meta-data/iam/security-credentials/"
+            return self.send(request, 302, b"", "text/plain", {"Location": location})
+        if fault == "ftp":
+            return self.send(request, 302, b"", "text/plain", {"Location": f"ftp://127.0.0.1/{name}"})
         if fault == "html":
             return self.send(request, 200, b"<html><body>Image not available</body></html>", "text/html")
         if fault == "empty":
             return self.send(request, 200, b"", "image/jpeg")
         data = self.body(name)
+        if fault == "gzip":
+            return self.send(request, 200, data, "image/jpeg", {"Content-Encoding": "gzip"})
+        if fault == "drip":
+            request.send_response(200)
+            request.send_header("Content-Type", "image/jpeg")
+            request.send_header("Content-Length", str(len(data)))
+            request.end_headers()
+            for i in range(len(data)):
+                request.wfile.write(data[i : i + 1])
+                request.wfile.flush()
+                time.sleep(self.drip_s)
+            return None
         if fault == "truncated":
             return self.send(request, 200, data[: len(data) // 2], "image/jpeg")
         if fault == "short":

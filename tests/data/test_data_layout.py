@@ -34,11 +34,20 @@ def test_valid_catalog_types(dataset):
     ("change", "message"),
     [
         (lambda f: f.pop("currency"), "missing column(s) currency"),
-        (lambda f: f.loc.__setitem__((3, "split"), "dev"), "row 3: column 'split': 'dev' is not one of"),
-        (lambda f: f.loc.__setitem__((2, "full_price"), -1.0), "row 2: column 'full_price'"),
-        (lambda f: f.loc.__setitem__((1, "title"), " "), "row 1: column 'title': empty"),
-        (lambda f: f.loc.__setitem__((4, "image_path"), "../outside.jpg"), "row 4: column 'image_path'"),
-        (lambda f: f.loc.__setitem__((5, "image_path"), "images/none.jpg"), "none.jpg not found"),
+        # rows as a spreadsheet shows the catalog: the header is row 1, so the product at index 3 is row 5
+        (lambda f: f.loc.__setitem__((3, "split"), "dev"), "row 5: column 'split': 'dev' is not one of"),
+        (
+            lambda f: f.loc.__setitem__((2, "full_price"), -3.0),
+            "row 4: column 'full_price': -3.0 is not a positive",
+        ),
+        (
+            lambda f: f.loc.__setitem__((0, "full_price"), 0.0),
+            "row 2: column 'full_price': 0.0 is not a positive",
+        ),
+        (lambda f: f.loc.__setitem__((1, "title"), " "), "row 3: column 'title': empty"),
+        (lambda f: f.__setitem__("title", 7.5), "row 2: column 'title': empty or not text (7.5)"),
+        (lambda f: f.loc.__setitem__((4, "image_path"), "../outside.jpg"), "row 6: column 'image_path'"),
+        (lambda f: f.loc.__setitem__((5, "image_path"), "images/none.jpg"), "row 7: column 'image_path': "),
     ],
 )
 def test_broken_catalogs_name_the_problem(dataset, change, message):
@@ -46,6 +55,7 @@ def test_broken_catalogs_name_the_problem(dataset, change, message):
     with pytest.raises(PhivisionError, match=message.replace("(", r"\(").replace(")", r"\)")) as info:
         load_catalog(dataset)
     assert str(dataset / CATALOG_FILE) in str(info.value)
+    assert "np." not in str(info.value)  # plain values, never a numpy repr such as np.float64(-3.0)
 
 
 def test_missing_catalog(tmp_path):

@@ -15,7 +15,7 @@ import pytest
 from fault_server import FaultServer, bomb_bytes, dbq_row, image_bytes
 
 from phivision.data import load_catalog, load_image
-from phivision.data.download import DownloadConfig, file_stem, url_hash
+from phivision.data.download import file_stem, url_hash
 from phivision.data.prepare import prepare, summary
 from phivision.errors import PhivisionError
 
@@ -32,7 +32,7 @@ def fault_rows(server: FaultServer) -> list[dict]:
     return [
         dbq_row("A1", "Red Tote", "bags", "$1,290.00", u("img/a.jpg")),
         dbq_row("B2", "Blue Tote", "bags", "1290", u("img/b.png")),
-        dbq_row("A1-GRN", "Red Tote", "bags", "USD 1290.5", u("img/a.jpg")),  # a variant sharing the URL
+        dbq_row("A1-GRN", "Red Tote", "bags", "USD 1290", u("img/a.jpg")),  # a variant sharing the URL
         dbq_row("C3", "Lost Scarf", "scarves", 450, u("404/c.jpg")),
         dbq_row("D4", "Flaky Scarf", "scarves", 460, u("500/d.jpg")),
         dbq_row("E5", "Busy Hat", "hats", 260, u("429/e.jpg")),
@@ -53,7 +53,7 @@ def fault_rows(server: FaultServer) -> list[dict]:
 def test_prepare_counts_every_outcome_and_resumes(tmp_path, server, fast_download):
     source = write_csv(tmp_path / "catalog.csv", fault_rows(server))
     out = tmp_path / "ds"
-    report = prepare([str(source)], out, download=fast_download, progress=False)
+    report = prepare([str(source)], out, **fast_download, progress=False)
 
     assert report["counts"] == {"rows": 17, "kept": 6, "dropped": 11}
     assert report["dropped_by_reason"] == {
@@ -65,7 +65,7 @@ def test_prepare_counts_every_outcome_and_resumes(tmp_path, server, fast_downloa
         "empty": 1,
         "too_many_pixels": 1,
         "missing_image_url": 1,
-        "bad_price": 1,
+        "missing_price": 1,
         "unsupported_url": 1,
         "missing_title": 1,
     }
@@ -87,7 +87,7 @@ def test_prepare_counts_every_outcome_and_resumes(tmp_path, server, fast_downloa
     assert failed["C3"]["url"].endswith("/404/c.jpg") and failed["C3"]["reason"] == "http_404"
     assert failed["M13"] == {
         "source": str(source),
-        "row": 14,
+        "row": 15,  # as a spreadsheet shows the CSV: the header is row 1
         "product_code": "M13",
         "url": "N.A.",
         "reason": "missing_image_url",
@@ -97,7 +97,10 @@ def test_prepare_counts_every_outcome_and_resumes(tmp_path, server, fast_downloa
     catalog = load_catalog(out)
     assert sorted(catalog["product_code"]) == ["A1", "A1-GRN", "B2", "D4", "E5", "L12"]
     prices = dict(zip(catalog["product_code"], catalog["full_price"], strict=True))
-    assert prices == {"A1": 1290.0, "B2": 1290.0, "A1-GRN": 1290.5, "D4": 460.0, "E5": 260.0, "L12": 70000.0}
+    assert prices == {"A1": 1290.0, "B2": 1290.0, "A1-GRN": 1290.0, "D4": 460.0, "E5": 260.0, "L12": 70000.0}
+    # "70,000" reads two ways; the column's unambiguous cells ($1,290.00, USD 1290.5...) use a decimal point
+    assert on_disk["prices"][str(source)]["decimal"] == "point"
+    assert on_disk["prices"][str(source)]["ambiguous_read_by_convention"] == 1
     by_code = catalog.set_index("product_code")
     assert by_code.loc["A1", "image_path"] == by_code.loc["A1-GRN", "image_path"]
     assert by_code.loc["A1", "split"] == by_code.loc["A1-GRN", "split"]  # variants sharing a title
@@ -109,7 +112,7 @@ def test_prepare_counts_every_outcome_and_resumes(tmp_path, server, fast_downloa
 
     # rerun: finished images are reused, never fetched again; the failures are tried again
     before = dict(server.counts)
-    again = prepare([str(source)], out, download=fast_download, progress=False)
+    again = prepare([str(source)], out, **fast_download, progress=False)
     assert (again["images"]["downloaded"], again["images"]["reused"], again["images"]["failed"]) == (0, 5, 7)
     for path in ("/img/a.jpg", "/img/b.png", "/500/d.jpg", "/429/e.jpg", "/redirect/l.jpg"):
         assert server.counts[path] == before[path]
@@ -120,10 +123,10 @@ def test_prepare_counts_every_outcome_and_resumes(tmp_path, server, fast_downloa
 def test_a_corrupted_file_on_disk_is_fetched_again(tmp_path, server, fast_download):
     source = write_csv(tmp_path / "c.csv", [dbq_row("A1", "Red Tote", "bags", 100, server.url("img/a.jpg"))])
     out = tmp_path / "ds"
-    prepare([str(source)], out, download=fast_download, progress=False)
+    prepare([str(source)], out, **fast_download, progress=False)
     image = out / load_catalog(out)["image_path"][0]
     image.write_bytes(image.read_bytes()[:50])  # damaged by something outside phivision
-    report = prepare([str(source)], out, download=fast_download, progress=False)
+    report = prepare([str(source)], out, **fast_download, progress=False)
     assert (report["images"]["downloaded"], report["images"]["reused"]) == (1, 0)
     assert server.counts["/img/a.jpg"] == 2
     load_image(image)
@@ -137,56 +140,58 @@ def test_local_files_need_allow_local(tmp_path, fast_download):
     ]
     source = write_csv(tmp_path / "c.csv", rows)
     with pytest.raises(PhivisionError, match="no product survived"):
-        prepare([str(source)], tmp_path / "no", download=fast_download, progress=False)
+        prepare([str(source)], tmp_path / "no", **fast_download, progress=False)
     report = json.loads((tmp_path / "no" / "prepare_report.json").read_text())
     assert report["dropped_by_reason"] == {"unsupported_url": 2}
 
-    local = DownloadConfig(allow_local=True)
-    report = prepare([str(source)], tmp_path / "yes", download=local, progress=False)
+    report = prepare([str(source)], tmp_path / "yes", allow_local=True, progress=False)
     assert report["counts"]["kept"] == 2 and report["images"]["unique_urls"] == 2
 
 
 def test_swapped_column_types_and_several_sources_combine(tmp_path):
     """Sibling DBQ datasets swap the types of product_code and category3_code; both load into one catalog."""
-    (tmp_path / "a.jpg").write_bytes(image_bytes())
-    url = str(tmp_path / "a.jpg")
+    urls = []
+    for i in range(4):
+        (tmp_path / f"{i}.jpg").write_bytes(image_bytes((60 * i, 20, 20)))
+        urls.append(str(tmp_path / f"{i}.jpg"))
     first = pd.DataFrame(
-        [dbq_row(101, "Red Tote", "bags", 1290.0, url), dbq_row(102, "Blue Tote", "bags", 990.0, url)]
+        [dbq_row(101, "Red Tote", "bags", 1290.0, urls[0]), dbq_row(102, "Blue Tote", "bags", 990.0, urls[1])]
     )
     second = pd.DataFrame(
-        [dbq_row("X-1", "Hat", 7, "$250.00", url, brand="B"), dbq_row("X-2", "Cap", 7, "$120", url)]
+        [dbq_row("X-1", "Hat", 7, "$250.00", urls[2], brand="B"), dbq_row("X-2", "Cap", 7, "$120", urls[3])]
     )
     assert first["product_code"].dtype != second["product_code"].dtype
     first.to_parquet(tmp_path / "first.parquet")
     second.to_json(tmp_path / "second.jsonl", orient="records", lines=True)
     sources = [str(tmp_path / "first.parquet"), str(tmp_path / "second.jsonl")]
-    report = prepare(sources, tmp_path / "ds", download=DownloadConfig(allow_local=True), progress=False)
+    report = prepare(sources, tmp_path / "ds", allow_local=True, progress=False)
     assert [s["kept"] for s in report["sources"]] == [2, 2]
     catalog = load_catalog(tmp_path / "ds")
     assert list(catalog["product_code"]) == ["101", "102", "X-1", "X-2"]
     assert list(catalog["category"]) == ["bags", "bags", "7", "7"]
     assert list(catalog["full_price"]) == [1290.0, 990.0, 250.0, 120.0]
-    assert catalog["image_path"].nunique() == 1  # one URL, one file
+    assert catalog["image_path"].nunique() == 4
 
 
 def test_hub_path_reads_local_dataset_directories(tmp_path):
     """`--source` goes through datasets.load_dataset / load_from_disk; offline, local directories work."""
     import datasets
 
-    (tmp_path / "a.jpg").write_bytes(image_bytes())
-    rows = [dbq_row(f"P{i}", f"Tote {i}", "bags", 100 + i, str(tmp_path / "a.jpg")) for i in range(4)]
+    rows = []
+    for i in range(4):
+        (tmp_path / f"{i}.jpg").write_bytes(image_bytes((50 * i, 10, 10)))
+        rows.append(dbq_row(f"P{i}", f"Tote {i}", "bags", 100 + i, str(tmp_path / f"{i}.jpg")))
     (tmp_path / "hub" / "data").mkdir(parents=True)
     pd.DataFrame(rows).to_parquet(tmp_path / "hub" / "data" / "train-00000-of-00001.parquet")
     saved = datasets.DatasetDict({"train": datasets.Dataset.from_pandas(pd.DataFrame(rows[:2]))})
     saved.save_to_disk(str(tmp_path / "saved"))
-    local = DownloadConfig(allow_local=True)
     report = prepare(
-        [str(tmp_path / "hub"), str(tmp_path / "saved")], tmp_path / "ds", download=local, progress=False
+        [str(tmp_path / "hub"), str(tmp_path / "saved")], tmp_path / "ds", allow_local=True, progress=False
     )
     assert [(s["rows"], s["kept"]) for s in report["sources"]] == [(4, 4), (2, 0)]
     assert report["dropped_by_reason"] == {"duplicate_row": 2}
     with pytest.raises(PhivisionError, match="no split 'test'"):
-        prepare([str(tmp_path / "saved")], tmp_path / "x", hub_split="test", download=local, progress=False)
+        prepare([str(tmp_path / "saved")], tmp_path / "x", hub_split="test", allow_local=True, progress=False)
     # a hub id while offline fails with one line naming the source
     with pytest.raises(PhivisionError, match="DBQ/Nowhere.Product.prices: cannot load dataset"):
         prepare(["DBQ/Nowhere.Product.prices"], tmp_path / "y", progress=False)
@@ -236,7 +241,7 @@ def test_sigkill_mid_run_loses_nothing_and_fetches_nothing_twice(tmp_path):
         for path in finished:  # atomic writes: whatever is visible is whole
             load_image(path)
 
-        report = prepare([str(source)], out, download=DownloadConfig(concurrency=8), progress=False)
+        report = prepare([str(source)], out, concurrency=8, progress=False)
         assert report["counts"]["kept"] == 60
         assert report["images"]["reused"] == len(finished)
         assert report["images"]["downloaded"] == 60 - len(finished)
@@ -251,9 +256,7 @@ def test_sigkill_mid_run_loses_nothing_and_fetches_nothing_twice(tmp_path):
             assert path.read_bytes() == image_bytes()
         resumed = load_catalog(out)
 
-        fresh = prepare(
-            [str(source)], tmp_path / "fresh", download=DownloadConfig(concurrency=8), progress=False
-        )
+        fresh = prepare([str(source)], tmp_path / "fresh", concurrency=8, progress=False)
         assert fresh["counts"] == report["counts"]
         pd.testing.assert_frame_equal(load_catalog(tmp_path / "fresh"), resumed)
         assert sum(server.counts[f"/img/{i}.jpg"] for i in range(60)) <= 60 + 2 + 60  # kill + resume + fresh
@@ -286,7 +289,7 @@ def run_cli(capsys, *args: str) -> tuple[int, str]:
         (
             "bad_price.csv",
             "product_code,title,category3_code,full_price,currency_code,imageurl\nA,T,bags,free,USD,http://x/a.jpg\nB,T,bags,N.A.,USD,http://x/b.jpg\n",
-            "column 'full_price': no value parses as a price (row 1: 'free')",
+            "column 'full_price': no value parses as a price (row 2: 'free')",
         ),
         ("empty.csv", "", "empty file"),
         ("header_only.csv", "product_code,title\n", "empty table (no rows)"),

@@ -1,10 +1,17 @@
-"""Concurrent, resumable, validated image downloads.
+"""Concurrent, resumable, validated image downloads that never abort the run and never hang.
 
 Each unique URL is fetched once, with a global and a per-host concurrency limit. Connection errors, timeouts,
 5xx and 429 are retried with exponential backoff and jitter (429 and 503 honour ``Retry-After``, capped); other
-4xx fail at once. An image counts only after :func:`check_image` decoded it (the checks of :func:`load_image`,
-JPEGs decoded at 1/8 scale); it is then written atomically, so a rerun (even after SIGKILL) trusts what is on
-disk, re-validates it, and fetches only what is missing.
+4xx fail at once. Every attempt has a deadline (``download_timeout``) besides the per-read timeout, so a host
+that drips one byte a second cannot hold the run. Connections go only to addresses the
+:mod:`phivision.netguard` policy allows, checked after DNS resolution and again on every redirect (link-local
+and cloud-metadata addresses never). Whatever goes wrong with one URL (any exception) fails that URL with a
+reason; only a failure to write to the local disk stops the run.
+
+An image counts only after :func:`check_image` decoded it (the checks of :func:`load_image`, JPEGs decoded at
+1/8 scale); it is then written atomically, so a rerun (even after SIGKILL) trusts what is on disk, re-validates
+it, and fetches only what is missing. Local files (``--allow-local``) must be regular files no larger than
+``max_bytes``: no devices, no FIFOs.
 """
 
 from __future__ import annotations
@@ -15,9 +22,11 @@ import email.utils
 import gc
 import hashlib
 import itertools
+import os
 import random
 import re
 import ssl
+import stat
 import time
 from collections import Counter
 from collections.abc import Callable, Coroutine, Iterator
@@ -29,9 +38,12 @@ from urllib.parse import unquote, urlsplit
 import certifi
 import httpx
 
-from phivision.data.images import DEFAULT_MAX_PIXELS, ImageError, check_image
-from phivision.io import atomic_write_bytes
+from phivision.data import defaults
+from phivision.data.images import ImageError, check_image
+from phivision.io import WriteError, atomic_write_bytes
+from phivision.netguard import AddressPolicy, BlockedAddress, guarded_async_transport
 
+_HOST = re.compile(r"[A-Za-z0-9._-]+|[0-9A-Fa-f:.]+")  # a host name after IDNA encoding, or an IP address
 USER_AGENT = "phivision-prepare/0.1 (+https://github.com/phivision)"
 # file signatures of the formats product photos come in; anything else Pillow decodes is saved as ".img"
 SIGNATURES = [
@@ -46,18 +58,20 @@ SIGNATURES = [
 
 @dataclass
 class DownloadConfig:
-    """How politely and how persistently to fetch. Defaults suit a CDN; tests shrink the timeouts."""
+    """How politely and how persistently to fetch. Defaults (:mod:`phivision.data.defaults`) suit a CDN."""
 
-    concurrency: int = 64  # requests in flight overall
-    per_host: int = 32  # requests in flight per host
-    connect_timeout: float = 10.0
-    read_timeout: float = 30.0
-    retries: int = 3  # extra attempts after the first
-    backoff: float = 0.5  # first retry waits about this long, then doubles (with jitter)
-    max_wait: float = 30.0  # cap on any backoff or Retry-After wait
-    max_bytes: int = 50_000_000
-    max_pixels: int | None = DEFAULT_MAX_PIXELS
-    allow_local: bool = False  # accept file:// URLs and local paths
+    concurrency: int = defaults.CONCURRENCY  # requests in flight overall
+    per_host: int = defaults.PER_HOST  # requests in flight per host
+    connect_timeout: float = defaults.CONNECT_TIMEOUT
+    read_timeout: float = defaults.READ_TIMEOUT  # longest wait for the next bytes
+    download_timeout: float = defaults.DOWNLOAD_TIMEOUT  # deadline of one attempt, first byte to last
+    retries: int = defaults.RETRIES  # extra attempts after the first
+    backoff: float = defaults.BACKOFF  # first retry waits about this long, then doubles (with jitter)
+    max_wait: float = defaults.MAX_WAIT  # cap on any backoff or Retry-After wait
+    max_bytes: int = defaults.MAX_BYTES  # largest file accepted, downloaded or local
+    max_pixels: int | None = defaults.MAX_PIXELS
+    allow_local: bool = False  # accept file:// URLs and local paths (regular files only)
+    policy: AddressPolicy = AddressPolicy()  # which addresses besides the public internet may be fetched
 
     def __post_init__(self) -> None:
         if self.concurrency < 1 or self.per_host < 1:
@@ -101,7 +115,7 @@ def extension_of(data: bytes) -> str:
 
 
 def url_hash(url: str) -> str:
-    return hashlib.sha256(url.encode("utf-8")).hexdigest()[:16]
+    return hashlib.sha256(url.encode("utf-8", "surrogatepass")).hexdigest()[:16]
 
 
 def file_stem(product_code: str, url: str) -> str:
@@ -111,16 +125,39 @@ def file_stem(product_code: str, url: str) -> str:
     return f"{code}-{url_hash(url)}"
 
 
-def url_kind(url: str, allow_local: bool) -> str | None:
-    """``"http"`` or ``"local"`` when ``url`` can be fetched, else None."""
-    parts = urlsplit(url)
-    if parts.scheme in ("http", "https") and parts.netloc:
-        return "http"
+def url_kind(url: object, allow_local: bool) -> str | None:
+    """``"http"`` or ``"local"`` when ``url`` can be fetched, else None. Never raises."""
+    if url_problem(url, allow_local) is not None:
+        return None
+    return "http" if _is_http(str(url)) else "local"
+
+
+def _is_http(url: str) -> bool:
+    return url.lower().startswith(("http://", "https://"))
+
+
+def url_problem(url: object, allow_local: bool) -> str | None:
+    """Why ``url`` cannot be fetched, as a report key (``missing_image_url``, ``unsupported_url``,
+    ``malformed_url``), or None. Never raises: a malformed URL is one dropped row, not an aborted run."""
+    if not isinstance(url, str) or not url.strip():
+        return "missing_image_url"
+    try:
+        url.encode("utf-8")  # a lone surrogate (from a JSON escape) cannot be requested or written
+        parts = urlsplit(url)
+    except (ValueError, UnicodeError):
+        return "malformed_url"
+    if parts.scheme.lower() in ("http", "https"):
+        try:
+            parsed = httpx.URL(url)
+        except Exception:  # httpx.InvalidURL, or an IDNA error for a bad non-ASCII host name
+            return "malformed_url"
+        host = parsed.raw_host.decode("ascii", "replace")  # IDNA-encoded, so ASCII for a valid name
+        return None if _HOST.fullmatch(host) else "malformed_url"  # no spaces, no %-escapes
     if allow_local and (
-        parts.scheme == "file" or (parts.scheme == "" and url.startswith(("/", "./", "../")))
+        parts.scheme.lower() == "file" or (parts.scheme == "" and url.startswith(("/", "./", "../")))
     ):
-        return "local"
-    return None
+        return None
+    return "unsupported_url"
 
 
 def existing_files(images_dir: Path) -> dict[str, str]:
@@ -135,6 +172,13 @@ def existing_files(images_dir: Path) -> dict[str, str]:
         stem = entry.name.rsplit(".", 1)[0]
         found[stem.rsplit("-", 1)[-1]] = entry.name
     return found
+
+
+def _host_of(url: str) -> str:
+    try:
+        return urlsplit(url).netloc.lower()
+    except ValueError:
+        return ""
 
 
 def _retry_after(response: httpx.Response) -> float | None:
@@ -173,7 +217,7 @@ class Downloader:
         """
         by_host: dict[str, list[tuple[str, str]]] = {}
         for url, stem in jobs.items():
-            by_host.setdefault(urlsplit(url).netloc, []).append((url, stem))
+            by_host.setdefault(_host_of(url), []).append((url, stem))
         # hosts take turns, so workers waiting for one busy host do not starve the others
         order = [job for turn in itertools.zip_longest(*by_host.values()) for job in turn if job is not None]
         pending = order[::-1]
@@ -187,27 +231,39 @@ class Downloader:
                     results[url] = await self._one(client, url, stem)
 
         start = time.perf_counter()
-        await asyncio.gather(*(worker() for _ in range(min(self.config.concurrency, len(jobs)))))
+        tasks = [asyncio.ensure_future(worker()) for _ in range(min(self.config.concurrency, len(jobs)))]
+        try:
+            await asyncio.gather(*tasks)
+        except BaseException:  # a disk that cannot be written: stop every worker before reporting it
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+            raise
         self.stats.seconds = time.perf_counter() - start
         return results
 
     def _client(self, ssl_context: ssl.SSLContext) -> httpx.AsyncClient:
         cfg = self.config
+        limits = httpx.Limits(max_connections=2, max_keepalive_connections=2)
         return httpx.AsyncClient(
             timeout=httpx.Timeout(cfg.read_timeout, connect=cfg.connect_timeout),
-            limits=httpx.Limits(max_connections=2, max_keepalive_connections=2),
             headers={"User-Agent": USER_AGENT, "Accept": "image/*,*/*;q=0.5"},
             follow_redirects=True,
-            verify=ssl_context,
+            transport=guarded_async_transport(cfg.policy, verify=ssl_context, limits=limits),
         )
 
     async def _one(self, client: httpx.AsyncClient, url: str, stem: str) -> Fetched:
-        kind = url_kind(url, self.config.allow_local)
+        """Fetch, check and save one URL. Any failure becomes a failed :class:`Fetched` with a reason, except a
+        failure to write the local disk (:class:`WriteError`), which stops the run."""
         try:
+            kind = url_kind(url, self.config.allow_local)
             if kind is None:
-                raise _Failure("unsupported_url", "only http(s) URLs (use --allow-local for files)")
+                raise _Failure(
+                    url_problem(url, self.config.allow_local) or "unsupported_url",
+                    "only http(s) URLs (use --allow-local for files)",
+                )
             if kind == "local":
-                data = await asyncio.to_thread(_read_local, url)
+                data = await asyncio.to_thread(_read_local, url, self.config.max_bytes)
                 attempts = 0
             else:
                 data, attempts = await self._fetch(client, url)
@@ -215,6 +271,10 @@ class Downloader:
             result = Fetched(url, "downloaded", file=file, attempts=attempts)
         except _Failure as err:
             result = Fetched(url, "failed", reason=err.reason, detail=err.detail)
+        except WriteError:
+            raise
+        except Exception as err:  # whatever else one URL can throw must not abort the other thousands
+            result = Fetched(url, "failed", reason="error", detail=f"{type(err).__name__}: {err}"[:500])
         self.stats.outcomes[result.reason or result.status] += 1
         if self.on_done:
             self.on_done(result)
@@ -223,14 +283,14 @@ class Downloader:
     async def _fetch(self, client: httpx.AsyncClient, url: str) -> tuple[bytes, int]:
         """GET with retries. Returns (body, attempts) or raises _Failure with the last attempt's reason."""
         cfg = self.config
-        host = urlsplit(url).netloc
+        host = _host_of(url)
         host_limit = self._hosts.setdefault(host, asyncio.Semaphore(cfg.per_host))
         for attempt in range(cfg.retries + 1):
             wait = None
             async with host_limit:
                 self.stats.requests += 1
                 try:
-                    return await self._get(client, url), attempt + 1
+                    return await self._get_before_deadline(client, url), attempt + 1
                 except _Failure as err:
                     if not err.retryable or attempt == cfg.retries:
                         raise
@@ -240,6 +300,15 @@ class Downloader:
                 wait = cfg.backoff * 2**attempt * (0.5 + random.random())  # exponential, with jitter
             await asyncio.sleep(min(wait, cfg.max_wait))
         raise AssertionError("unreachable: the last attempt raises")
+
+    async def _get_before_deadline(self, client: httpx.AsyncClient, url: str) -> bytes:
+        """One attempt, ended after ``download_timeout`` seconds however steadily the bytes arrive."""
+        try:
+            return await asyncio.wait_for(self._get(client, url), self.config.download_timeout)
+        except asyncio.TimeoutError:
+            raise _Failure(
+                "download_timeout", f"not finished after {self.config.download_timeout:g} s: {url}"
+            ) from None
 
     async def _get(self, client: httpx.AsyncClient, url: str) -> bytes:
         try:
@@ -260,12 +329,20 @@ class Downloader:
                     chunks.append(chunk)
                 self.stats.bytes += size
                 return b"".join(chunks)
+        except BlockedAddress as err:  # refused before any byte was sent (first request or a redirect)
+            raise _Failure(err.reason, err.detail, retryable=err.reason == "dns_error") from None
         except httpx.TimeoutException as exc:
             raise _Failure("timeout", f"{type(exc).__name__} for {url}", retryable=True) from None
         except httpx.RemoteProtocolError as exc:  # e.g. the body ended before Content-Length
             raise _Failure("incomplete_response", str(exc), retryable=True) from None
         except httpx.TooManyRedirects as exc:
             raise _Failure("too_many_redirects", str(exc)) from None
+        except httpx.UnsupportedProtocol as exc:  # a redirect to ftp:// or file://
+            raise _Failure("unsupported_url", f"redirected to an unsupported URL: {exc}") from None
+        except httpx.DecodingError as exc:  # a body that does not match its Content-Encoding
+            raise _Failure("decoding_error", f"{url}: {exc}") from None
+        except httpx.InvalidURL as exc:  # e.g. a redirect to a malformed Location
+            raise _Failure("malformed_url", f"{url}: {exc}") from None
         except httpx.TransportError as exc:
             raise _Failure("connection_error", f"{type(exc).__name__}: {exc}", retryable=True) from None
 
@@ -280,14 +357,37 @@ class Downloader:
         return name
 
 
-def _read_local(url: str) -> bytes:
-    path = Path(unquote(urlsplit(url).path)) if url.startswith("file:") else Path(url)
+def _local_path(url: str) -> Path:
+    return Path(unquote(urlsplit(url).path)) if url.lower().startswith("file:") else Path(url)
+
+
+def _read_local(url: str, max_bytes: int) -> bytes:
+    """A local image: a regular file (a symlink to one is fine) of at most ``max_bytes``. Devices, FIFOs and
+    directories are refused before they are read, and the file is opened non-blocking, so nothing can hang."""
+    path = _local_path(url)
     try:
-        return path.read_bytes()
+        if not stat.S_ISREG(os.stat(path).st_mode):
+            raise _Failure("not_a_regular_file", f"{path}: not a regular file (a device, FIFO or directory)")
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_NOCTTY", 0))
     except FileNotFoundError:
         raise _Failure("missing", str(path)) from None
     except OSError as err:
-        raise _Failure("unreadable", f"{path}: {err}") from None
+        raise _Failure("unreadable", f"{path}: {err.strerror or err}") from None
+    try:
+        info = os.fstat(fd)
+        if not stat.S_ISREG(info.st_mode):  # replaced between the two looks
+            raise _Failure("not_a_regular_file", f"{path}: not a regular file")
+        if info.st_size > max_bytes:
+            raise _Failure("too_large", f"{path}: {info.st_size} bytes, more than {max_bytes}")
+        with os.fdopen(fd, "rb", closefd=False) as f:
+            data = f.read(max_bytes + 1)
+        if len(data) > max_bytes:  # grew while being read
+            raise _Failure("too_large", f"{path}: more than {max_bytes} bytes")
+        return data
+    except OSError as err:
+        raise _Failure("unreadable", f"{path}: {err.strerror or err}") from None
+    finally:
+        os.close(fd)
 
 
 def validate_existing(images_dir: Path, name: str, max_pixels: int | None) -> bool:

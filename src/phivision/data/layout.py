@@ -1,12 +1,19 @@
-"""The dataset layout every part reads: ``DIR/catalog.parquet``, ``DIR/images/``, ``DIR/prepare_report.json``."""
+"""The dataset layout every part reads: ``DIR/catalog.parquet``, ``DIR/images/``, ``DIR/prepare_report.json``.
+
+Row numbers in messages count as a spreadsheet shows the table: the header is row 1, the first product row 2.
+"""
 
 from __future__ import annotations
 
+import json
 import os
-from pathlib import Path
+import shutil
+from collections.abc import Sequence
+from pathlib import Path, PurePosixPath, PureWindowsPath
 
 import pandas as pd
 
+from phivision.data.prices import plain
 from phivision.errors import PhivisionError
 
 CATALOG_FILE = "catalog.parquet"
@@ -15,6 +22,25 @@ REPORT_FILE = "prepare_report.json"
 SPLITS = ("train", "val", "test")
 REQUIRED_COLUMNS = ("product_code", "title", "category", "full_price", "currency", "image_path", "split")
 TEXT_COLUMNS = ("product_code", "title", "category", "currency", "image_path", "split")
+INSPECT_FILES = ("inspect.html", "inspect.json")  # written by `phivision inspect` beside the catalog
+
+
+def sheet_row(index: int) -> int:
+    """The spreadsheet row of the product at 0-based position ``index`` (row 1 is the header)."""
+    return int(index) + 2
+
+
+def path_problem(rel: object) -> str | None:
+    """Why ``rel`` is not a safe image path inside a dataset directory, or None. The check is on the text:
+    absolute paths and ``..`` are refused, while ``images/`` itself may be a symlink (shared storage, caches)."""
+    if not isinstance(rel, str) or not rel.strip():
+        return "empty"
+    posix, windows = PurePosixPath(rel), PureWindowsPath(rel)
+    if posix.is_absolute() or windows.is_absolute() or windows.drive or rel.startswith(("/", "\\")):
+        return "absolute"
+    if ".." in posix.parts or ".." in windows.parts:
+        return "parent"
+    return None
 
 
 def load_catalog(directory: str | os.PathLike, check_images: bool = True) -> pd.DataFrame:
@@ -41,7 +67,8 @@ def load_catalog(directory: str | os.PathLike, check_images: bool = True) -> pd.
         if bad.any():
             row = int(bad.to_numpy().nonzero()[0][0])
             raise PhivisionError(
-                f"{path} row {row}: column '{column}': empty or not text ({frame[column].iloc[row]!r})"
+                f"{path} row {sheet_row(row)}: column '{column}': empty or not text "
+                f"({plain(frame[column].iloc[row])!r})"
             )
     try:
         prices = pd.to_numeric(frame["full_price"], errors="raise").astype("float64")
@@ -51,19 +78,83 @@ def load_catalog(directory: str | os.PathLike, check_images: bool = True) -> pd.
     if bad.any():
         row = int(bad.to_numpy().nonzero()[0][0])
         raise PhivisionError(
-            f"{path} row {row}: column 'full_price': {prices.iloc[row]!r} is not a positive price"
+            f"{path} row {sheet_row(row)}: column 'full_price': {plain(prices.iloc[row])!r} is not a positive price"
         )
     frame["full_price"] = prices
     bad = ~frame["split"].isin(SPLITS)
     if bad.any():
         row = int(bad.to_numpy().nonzero()[0][0])
         raise PhivisionError(
-            f"{path} row {row}: column 'split': {frame['split'].iloc[row]!r} is not one of {', '.join(SPLITS)}"
+            f"{path} row {sheet_row(row)}: column 'split': {frame['split'].iloc[row]!r} is not one of "
+            f"{', '.join(SPLITS)}"
         )
-    root = directory.resolve()
     for row, rel in enumerate(frame["image_path"]):
-        if Path(rel).is_absolute() or not (root / rel).resolve().is_relative_to(root):
-            raise PhivisionError(f"{path} row {row}: column 'image_path': {rel!r} is outside {directory}")
+        problem = path_problem(rel)
+        if problem:
+            why = "an absolute path" if problem == "absolute" else "leaves the directory (..)"
+            raise PhivisionError(f"{path} row {sheet_row(row)}: column 'image_path': {rel!r} is {why}")
         if check_images and not (directory / rel).is_file():
-            raise PhivisionError(f"{path} row {row}: column 'image_path': {directory / rel} not found")
+            raise PhivisionError(
+                f"{path} row {sheet_row(row)}: column 'image_path': {directory / rel} not found"
+            )
     return frame.reset_index(drop=True)
+
+
+# ------------------------------------------------------------------------------------------- out directory
+
+
+def dataset_identity(kind: str, sources: Sequence[str]) -> dict:
+    """What makes a dataset directory "the same dataset" for a rerun: the command and its sources (local paths
+    resolved, so a rerun from another directory matches)."""
+    resolved = []
+    for source in sources:
+        path = Path(source).expanduser()
+        resolved.append(str(path.resolve()) if path.exists() else source)
+    return {"kind": kind, "sources": resolved}
+
+
+def claim_out(out: Path, identity: dict, given_sources: Sequence[str], overwrite: bool) -> None:
+    """Refuse an ``--out`` that holds another dataset (or images of unknown origin); a rerun of the same command
+    passes (and resumes). With ``overwrite`` the other dataset's files (catalog, report, images) are removed;
+    nothing else in the directory is touched."""
+    if out.exists() and not out.is_dir():
+        raise PhivisionError(f"--out {out}: exists and is not a directory")
+    holder = other_dataset(out, identity, given_sources)
+    if holder is None:
+        return
+    if not overwrite:
+        raise PhivisionError(f"--out {out}: holds another dataset ({holder}); pass --overwrite to replace it")
+    remove_dataset(out)
+
+
+def other_dataset(out: Path, identity: dict, given_sources: Sequence[str]) -> str | None:
+    """A short description of the dataset ``out`` holds when it is not the one ``identity`` names, else None."""
+    report_path, catalog, images = out / REPORT_FILE, out / CATALOG_FILE, out / IMAGES_DIR
+    if not report_path.exists():
+        if catalog.exists():
+            return f"{CATALOG_FILE} without {REPORT_FILE}"
+        if images.exists() and any(images.iterdir()):
+            return f"{IMAGES_DIR}/ without {REPORT_FILE}"
+        return None
+    try:
+        report = json.loads(report_path.read_text(encoding="utf-8"))
+        recorded = report.get("dataset")
+        listed = [str(s["source"]) for s in report.get("sources", [])]
+    except (OSError, ValueError, AttributeError, TypeError, KeyError):
+        return f"an unreadable {REPORT_FILE}"
+    if recorded == identity or (recorded is None and listed == list(given_sources)):
+        return None
+    kind = (recorded or {}).get("kind", "a dataset")
+    names = (recorded or {}).get("sources") or listed
+    return f"{kind} of {', '.join(map(str, names)) or 'unknown sources'}"
+
+
+def remove_dataset(out: Path) -> None:
+    """Delete the layout's files in ``out`` (a symlinked ``images/`` is unlinked, its target left alone)."""
+    images = out / IMAGES_DIR
+    if images.is_symlink() or images.is_file():
+        images.unlink()
+    elif images.is_dir():
+        shutil.rmtree(images)
+    for name in (CATALOG_FILE, REPORT_FILE, *INSPECT_FILES):
+        (out / name).unlink(missing_ok=True)

@@ -1,8 +1,14 @@
 """``phivision prepare``: a product table (hub dataset, CSV, Parquet, JSONL) -> a local dataset directory.
 
 Reads and checks every source first (a broken table fails before anything is downloaded), cleans rows (each
-dropped row keeps its reason), downloads the images (see :mod:`phivision.data.download`), splits by category
-without leaking title-sharing variants, and writes ``catalog.parquet`` and ``prepare_report.json`` atomically.
+dropped row keeps its reason; prices through :mod:`phivision.data.prices`), resolves conflicting duplicates
+(:mod:`phivision.data.duplicates`), downloads the images (:mod:`phivision.data.download`: one failed URL never
+stops the run), splits by category without leaking title-sharing variants, and writes ``catalog.parquet`` and
+``prepare_report.json`` atomically. An ``--out`` holding another dataset is refused (``--overwrite`` replaces it);
+a rerun of the same command resumes.
+
+Row numbers in messages and in the report count as a spreadsheet shows a table: the header is row 1, the first
+product row 2 (JSON Lines sources: line numbers).
 """
 
 from __future__ import annotations
@@ -18,42 +24,46 @@ from pathlib import Path
 
 import pandas as pd
 
-from phivision.data.download import DownloadConfig, download_images, file_stem, url_kind
-from phivision.data.layout import CATALOG_FILE, IMAGES_DIR, REPORT_FILE, REQUIRED_COLUMNS, SPLITS
+from phivision.data import defaults
+from phivision.data.download import DownloadConfig, download_images, file_stem, url_problem
+from phivision.data.duplicates import resolve_conflicts
+from phivision.data.layout import (
+    CATALOG_FILE,
+    IMAGES_DIR,
+    REPORT_FILE,
+    REQUIRED_COLUMNS,
+    SPLITS,
+    claim_out,
+    dataset_identity,
+)
+from phivision.data.prices import PLACEHOLDERS, Price, decide_convention, plain, read_price
 from phivision.data.split import assign_splits, parse_ratios
 from phivision.errors import PhivisionError
 from phivision.io import atomic_write_json, atomic_write_parquet
-from phivision.prompt import parse_price
+from phivision.netguard import AddressPolicy
 
 TABLE_SUFFIXES = (".csv", ".tsv", ".parquet", ".pq", ".jsonl", ".ndjson", ".json")
-# values that catalogs put where a field is unknown; such rows are dropped with a reason, never kept
-PLACEHOLDERS = {
-    "",
-    "n.a.",
-    "n.a",
-    "na",
-    "n/a",
-    "#n/a",
-    "none",
-    "null",
-    "nan",
-    "-",
-    "--",
-    "missing",
-    "no image",
-}
+CONFLICT_KEYS = ("product_code", "image_url")
+CONFLICT_RULE = (
+    "rows sharing a product_code (then, among the rows left, an image URL) but differing in title, price or "
+    "currency: the version held by a strict majority of the group's rows is kept, the others dropped; without a "
+    "strict majority the whole group is dropped (reason conflicting_duplicate)"
+)
+ROW_NUMBERS = (
+    "as a spreadsheet shows the table: the header is row 1, the first product row 2 (JSON Lines: line)"
+)
 
 
 @dataclass(frozen=True)
 class Columns:
     """Which source column holds each field. Defaults fit the DBQ ``<Brand>.Product.prices.<Country>`` sets."""
 
-    title: str = "title"
-    category: str = "category3_code"
-    price: str = "full_price"
-    image_url: str = "imageurl"
-    product_code: str = "product_code"
-    currency: str = "currency_code"
+    title: str = defaults.TITLE_COL
+    category: str = defaults.CATEGORY_COL
+    price: str = defaults.PRICE_COL
+    image_url: str = defaults.IMAGE_COL
+    product_code: str = defaults.CODE_COL
+    currency: str = defaults.CURRENCY_COL
 
     def flags(self) -> dict[str, str]:
         """field -> the CLI flag that maps it (for error messages)."""
@@ -122,25 +132,31 @@ def _read_jsonl(path: Path) -> pd.DataFrame:
         raise PhivisionError(
             f"{path}: not UTF-8 text (byte 0x{err.object[err.start]:02x} at offset {err.start})"
         ) from None
+    lines: list[int] | None = None
     if text.lstrip().startswith("["):  # a .json file holding one array of objects
         try:
             records = json.loads(text)
         except json.JSONDecodeError as err:
             raise PhivisionError(f"{path} line {err.lineno}: invalid JSON ({err.msg})") from None
+        if not isinstance(records, list):
+            raise PhivisionError(f"{path}: expected one JSON array of objects")
     else:
-        records = []
+        records, lines = [], []
         for lineno, line in enumerate(text.splitlines(), start=1):
             if line.strip():
                 try:
                     records.append(json.loads(line))
                 except json.JSONDecodeError as err:
                     raise PhivisionError(f"{path} line {lineno}: invalid JSON ({err.msg})") from None
+                lines.append(lineno)
     bad = next((i for i, r in enumerate(records) if not isinstance(r, dict)), None)
     if bad is not None:
-        raise PhivisionError(
-            f"{path} row {bad + 1}: expected a JSON object, got {type(records[bad]).__name__}"
-        )
-    return pd.DataFrame.from_records(records)
+        where = f"line {lines[bad]}" if lines is not None else f"item {bad + 1}"
+        raise PhivisionError(f"{path} {where}: expected a JSON object, got {type(records[bad]).__name__}")
+    frame = pd.DataFrame.from_records(records)
+    if lines is not None:
+        frame.attrs["line_numbers"] = lines  # the report names a JSON Lines row by its line
+    return frame
 
 
 def _read_dataset(
@@ -178,6 +194,7 @@ def _read_dataset(
 
 def _text(value: object) -> str | None:
     """A cell as clean text, or None when empty or a placeholder such as ``N.A.``."""
+    value = plain(value)
     if value is None or (isinstance(value, float) and math.isnan(value)):
         return None
     if isinstance(value, float) and value.is_integer():
@@ -188,6 +205,17 @@ def _text(value: object) -> str | None:
 
 def _as_text_column(series: pd.Series) -> pd.Series:
     return pd.Series([_text(v) for v in series], index=series.index, dtype=object)
+
+
+def _encodable(value: object) -> bool:
+    """False for text holding a lone surrogate (a JSON ``\\ud800`` escape): it cannot be written as UTF-8."""
+    if not isinstance(value, str):
+        return True
+    try:
+        value.encode("utf-8")
+        return True
+    except UnicodeEncodeError:
+        return False
 
 
 def normalise_types(frame: pd.DataFrame, text_columns: Sequence[str] = ()) -> pd.DataFrame:
@@ -201,6 +229,15 @@ def normalise_types(frame: pd.DataFrame, text_columns: Sequence[str] = ()) -> pd
         if column in text_columns or str(column).endswith("_code") or mixed:
             frame[column] = _as_text_column(series)
     return frame
+
+
+def row_numbers(frame: pd.DataFrame) -> tuple[str, list[int]]:
+    """How a person finds each row of a source table: ``("line", numbers)`` for JSON Lines, else ``("row",
+    numbers)`` counted as a spreadsheet shows the table (the header is row 1, the first product row 2)."""
+    lines = frame.attrs.get("line_numbers")
+    if lines is not None and len(lines) == len(frame):
+        return "line", [int(n) for n in lines]
+    return "row", list(range(2, len(frame) + 2))
 
 
 def check_table(frame: pd.DataFrame, label: str, columns: Columns, currency: str | None) -> None:
@@ -217,53 +254,99 @@ def check_table(frame: pd.DataFrame, label: str, columns: Columns, currency: str
             raise PhivisionError(
                 f"{label}: column '{column}' not found (set {flag}{hint}); columns: {', '.join(map(str, frame.columns))}"
             )
-    prices = frame[columns.price]
-    if not prices.map(parse_price).notna().any():
+
+
+def read_prices(
+    frame: pd.DataFrame,
+    label: str,
+    column: str,
+    currencies: pd.Series,
+    decimal_comma: bool | None,
+    max_price: float,
+) -> tuple[list[Price], dict]:
+    """The price column read with one decimal convention (flag, else the column's majority); fails with one
+    line when not a single cell is a usable price. Returns the cells read and the report's ``prices`` entry."""
+    values = frame[column].tolist()
+    convention = decide_convention(values, decimal_comma)
+    prices = [
+        read_price(v, convention.decimal_comma, max_price, c) for v, c in zip(values, currencies, strict=True)
+    ]
+    if not any(p.value is not None for p in prices):
+        word, numbers = row_numbers(frame)
+        if any(p.reason == "ambiguous_price" for p in prices):
+            raise PhivisionError(
+                f"{label}: column '{column}': every price reads two ways (e.g. {word} {numbers[0]}: "
+                f"{plain(values[0])!r}); pass --decimal-comma or --decimal-point"
+            )
         raise PhivisionError(
-            f"{label}: column '{columns.price}': no value parses as a price (row 1: {prices.iloc[0]!r})"
+            f"{label}: column '{column}': no value parses as a price ({word} {numbers[0]}: {plain(values[0])!r})"
         )
+    entry = convention.describe()
+    entry["ambiguous_read_by_convention"] = sum(
+        1 for v, p in zip(values, prices, strict=True) if p.value is not None and _has_two_readings(v)
+    )
+    return prices, entry
+
+
+def _has_two_readings(value: object) -> bool:
+    return read_price(value).reason == "ambiguous_price"
 
 
 def clean_rows(
-    frame: pd.DataFrame, label: str, columns: Columns, currency: str | None, allow_local: bool
-) -> tuple[pd.DataFrame, list[dict]]:
-    """Map and clean one source's rows. Returns the usable rows (with ``_source``, ``_row``, ``_url``) and one
-    dict per dropped row with its reason."""
+    frame: pd.DataFrame,
+    label: str,
+    columns: Columns,
+    currency: str | None,
+    allow_local: bool,
+    decimal_comma: bool | None = None,
+    max_price: float = defaults.MAX_PRICE,
+) -> tuple[pd.DataFrame, list[dict], dict]:
+    """Map and clean one source's rows. Returns the usable rows (with ``_source``, ``_row``, ``_url``), one dict
+    per dropped row with its reason, and the source's price-reading summary."""
     check_table(frame, label, columns, currency)
-    raw_urls = frame[columns.image_url].reset_index(drop=True)
-    frame = normalise_types(
-        frame.reset_index(drop=True), [c for f, c in asdict(columns).items() if f != "price"]
-    )
+    _, numbers = row_numbers(frame)
+    frame = frame.reset_index(drop=True)
+    raw_urls = frame[columns.image_url]
+    frame = normalise_types(frame, [c for f, c in asdict(columns).items() if f != "price"])
+    currencies = pd.Series(currency, index=frame.index) if currency is not None else frame[columns.currency]
+    prices, price_entry = read_prices(frame, label, columns.price, currencies, decimal_comma, max_price)
     out = frame.drop(columns=[c for c in REQUIRED_COLUMNS if c in frame.columns], errors="ignore")
     out.insert(0, "product_code", frame[columns.product_code])
     out.insert(1, "title", frame[columns.title])
     out.insert(2, "category", frame[columns.category])
-    out.insert(3, "full_price", frame[columns.price].map(parse_price).astype("float64"))
-    out.insert(4, "currency", currency if currency is not None else frame[columns.currency])
+    out.insert(3, "full_price", pd.Series([p.value for p in prices], index=frame.index, dtype="float64"))
+    out.insert(4, "currency", currencies)
     out["_source"] = label
-    out["_row"] = range(1, len(frame) + 1)
+    out["_row"] = numbers
     out["_url"] = frame[columns.image_url]
     checks = [
         ("missing_product_code", out["product_code"].isna()),
         ("missing_title", out["title"].isna()),
         ("missing_category", out["category"].isna()),
-        ("bad_price", out["full_price"].isna()),
+        ("invalid_text", ~out[["product_code", "title", "category", "currency"]].map(_encodable).all(axis=1)),
+        ("price", out["full_price"].isna()),
         ("missing_currency", out["currency"].isna()),
-        ("missing_image_url", out["_url"].isna()),
-        (
-            "unsupported_url",
-            out["_url"].map(lambda u: isinstance(u, str) and url_kind(u, allow_local) is None),
-        ),
+        ("url", out["_url"].map(lambda u: url_problem(u, allow_local) is not None)),
     ]
     reason = pd.Series(None, index=out.index, dtype=object)
     for name, mask in checks:  # the first failing check names the row's reason
         reason = reason.mask(reason.isna() & mask.to_numpy(), name)
-    dropped = [_dropped(row, reason[i], raw_urls[i]) for i, row in out[reason.notna()].iterrows()]
-    return out[reason.isna()].reset_index(drop=True), dropped
+    dropped = []
+    for i in out.index[reason.notna()]:
+        why, detail = reason[i], ""
+        if why == "price":
+            why, detail = prices[i].reason, prices[i].detail
+        elif why == "url":
+            why = url_problem(out.at[i, "_url"], allow_local)
+            detail = "" if why == "missing_image_url" else "only http(s) URLs (and files with --allow-local)"
+        dropped.append(_dropped(out.loc[i], why, raw_urls[i], detail))
+    price_entry["dropped"] = dict(Counter(p.reason for p in prices if p.reason).most_common())
+    return out[reason.isna()].reset_index(drop=True), dropped, price_entry
 
 
 def _dropped(row: pd.Series, reason: str, url: object = None, detail: str = "") -> dict:
-    return {
+    url = plain(url)
+    entry = {
         "source": row["_source"],
         "row": int(row["_row"]),
         "product_code": row["product_code"],
@@ -271,52 +354,105 @@ def _dropped(row: pd.Series, reason: str, url: object = None, detail: str = "") 
         "reason": reason,
         "detail": detail,
     }
+    return entry
 
 
 # ------------------------------------------------------------------------------------------------ pipeline
 
 
 def prepare(
-    sources: Sequence[str],
+    source: str | Sequence[str],
     out: str | Path,
-    columns: Columns = Columns(),
+    *,
+    title_col: str = defaults.TITLE_COL,
+    category_col: str = defaults.CATEGORY_COL,
+    price_col: str = defaults.PRICE_COL,
+    image_col: str = defaults.IMAGE_COL,
+    code_col: str = defaults.CODE_COL,
+    currency_col: str = defaults.CURRENCY_COL,
     currency: str | None = None,
-    hub_split: str | None = "train",
+    decimal_comma: bool | None = None,
+    max_price: float = defaults.MAX_PRICE,
+    hub_split: str | None = defaults.HUB_SPLIT,
     hub_config: str | None = None,
     revision: str | None = None,
-    split: str | Sequence[float] = (0.8, 0.1, 0.1),
-    seed: int = 0,
-    download: DownloadConfig | None = None,
+    split: str | Sequence[float] = defaults.SPLIT,
+    seed: int = defaults.PREPARE_SEED,
     limit: int | None = None,
+    concurrency: int = defaults.CONCURRENCY,
+    per_host: int = defaults.PER_HOST,
+    connect_timeout: float = defaults.CONNECT_TIMEOUT,
+    read_timeout: float = defaults.READ_TIMEOUT,
+    download_timeout: float = defaults.DOWNLOAD_TIMEOUT,
+    retries: int = defaults.RETRIES,
+    backoff: float = defaults.BACKOFF,
+    max_wait: float = defaults.MAX_WAIT,
+    max_bytes: int = defaults.MAX_BYTES,
+    max_pixels: int = defaults.MAX_PIXELS,
+    allow_local: bool = False,
+    overwrite: bool = False,
     progress: bool = True,
+    policy: AddressPolicy | None = None,
 ) -> dict:
-    """Build the dataset in ``out`` from one or more sources and return the report (also written to
-    ``out/prepare_report.json``). Rerunning with the same arguments reuses every image already downloaded.
+    """Build the dataset in ``out`` from one or more product tables and return the report (also written to
+    ``out/prepare_report.json``). Every keyword is the CLI flag of the same name (``phivision prepare --help``).
 
-    Raises PhivisionError for a table that cannot be used, or when no row survives (after writing the report).
+    Rerunning with the same sources resumes: every image already downloaded is re-validated and reused. An
+    ``out`` holding another dataset is refused unless ``overwrite``. ``decimal_comma`` True/False fixes the
+    price columns' decimal mark (None: each column's majority decides). ``policy`` (Python only) sets which
+    addresses besides the public internet may be fetched (default: loopback and private networks yes,
+    link-local and cloud metadata never).
+
+    Raises PhivisionError for a bad flag, a table that cannot be used, a disk that cannot be written, or when
+    no row survives (after writing the report).
     """
     start = time.perf_counter()
+    sources = [source] if isinstance(source, (str, Path)) else list(source)
+    sources = [str(s) for s in sources]
     if not sources:
         raise PhivisionError("--source: give at least one table or hub dataset")
     ratios = parse_ratios(split)
-    download = download or DownloadConfig()
+    download = download_config(
+        concurrency=concurrency,
+        per_host=per_host,
+        connect_timeout=connect_timeout,
+        read_timeout=read_timeout,
+        download_timeout=download_timeout,
+        retries=retries,
+        backoff=backoff,
+        max_wait=max_wait,
+        max_bytes=max_bytes,
+        max_pixels=max_pixels,
+        allow_local=allow_local,
+        policy=policy,
+    )
+    check_positive("--max-price", max_price)
+    if limit is not None and limit < 1:
+        raise PhivisionError(f"--limit {limit}: must be at least 1")
+    columns = Columns(title_col, category_col, price_col, image_col, code_col, currency_col)
     out = Path(out)
-    if out.exists() and not out.is_dir():
-        raise PhivisionError(f"--out {out}: exists and is not a directory")
+    identity = dataset_identity("prepare", sources)
+    claim_out(out, identity, sources, overwrite)
 
-    kept, dropped, per_source = [], [], []
-    for source in sources:
-        frame = read_source(source, hub_split, hub_config, revision)
-        if limit is not None:
-            frame = frame.head(limit)
-        good, bad = clean_rows(frame, source, columns, currency, download.allow_local)
-        kept.append(good)
-        dropped += bad
-        per_source.append({"source": source, "rows": len(frame)})
-    rows = normalise_types(pd.concat(kept, ignore_index=True))
-    duplicate = rows.duplicated(["product_code", "title", "full_price", "currency", "_url"])
-    dropped += [_dropped(row, "duplicate_row", row["_url"]) for _, row in rows[duplicate].iterrows()]
-    rows = rows[~duplicate].reset_index(drop=True)
+    rows, dropped, per_source, price_report = read_sources(
+        sources,
+        columns,
+        currency,
+        hub_split,
+        hub_config,
+        revision,
+        limit,
+        download.allow_local,
+        decimal_comma,
+        max_price,
+    )
+    rows, duplicate_drops, conflicts = drop_duplicates(rows)
+    dropped += duplicate_drops
+    # the tables are good: mark the directory as this dataset's before the first image lands in it
+    if not (out / REPORT_FILE).exists():
+        atomic_write_json(
+            out / REPORT_FILE, {"dataset": identity, "status": "downloading", "sources": per_source}
+        )
 
     # one download per unique URL, named after the first product that uses it
     jobs: dict[str, str] = {}
@@ -331,8 +467,119 @@ def prepare(
     catalog.insert(5, "image_path", catalog["_url"].map(lambda u: f"{IMAGES_DIR}/{fetched[u].file}"))
     dropped.sort(key=lambda d: (sources.index(d["source"]), d["row"]))
 
-    report = _report(sources, out, per_source, rows_in=sum(s["rows"] for s in per_source), dropped=dropped)
-    report["images"] = {
+    report = _report(out, identity, per_source, rows_in=sum(s["rows"] for s in per_source), dropped=dropped)
+    report["prices"] = price_report
+    report["conflicts"] = conflicts
+    report["images"] = _image_report(jobs, fetched, stats)
+    report["options"] = {
+        "columns": asdict(columns),
+        "currency": currency,
+        "decimal_comma": decimal_comma,
+        "max_price": max_price,
+        "split": list(ratios),
+        "seed": seed,
+        "limit": limit,
+        "download": {k: v for k, v in asdict(download).items() if k != "policy"},
+        "address_policy": asdict(download.policy),
+    }
+    if catalog.empty:
+        report["seconds"] = round(time.perf_counter() - start, 3)
+        atomic_write_json(out / REPORT_FILE, report)
+        raise PhivisionError(f"no product survived cleaning and download; see {out / REPORT_FILE}")
+
+    catalog.insert(6, "split", assign_splits(catalog, ratios, seed=seed))
+    kept_counts = catalog["_source"].value_counts()
+    for entry in per_source:
+        entry["kept"] = int(kept_counts.get(entry["source"], 0))
+    catalog = catalog.drop(columns=["_source", "_row", "_url"])
+    report["splits"] = {s: int((catalog["split"] == s).sum()) for s in SPLITS}
+    report["categories"] = {
+        str(k): int(v) for k, v in catalog["category"].value_counts().sort_index().items()
+    }
+    report["seconds"] = round(time.perf_counter() - start, 3)
+    atomic_write_parquet(out / CATALOG_FILE, catalog)
+    atomic_write_json(out / REPORT_FILE, report)
+    return report
+
+
+def check_positive(flag: str, value: float, minimum: float = 0.0, at_least: bool = False) -> None:
+    """One ``error:`` line for a numeric flag out of range (plain values, never a numpy repr)."""
+    value = plain(value)
+    bad = (value < minimum) if at_least else not (value > minimum)
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or bad or value != value:
+        bound = f"at least {minimum:g}" if at_least else f"greater than {minimum:g}"
+        raise PhivisionError(f"{flag} {value}: must be {bound}")
+
+
+def download_config(policy: AddressPolicy | None = None, **options) -> DownloadConfig:
+    """A :class:`DownloadConfig` from flag values, each checked with a one-line error naming its flag."""
+    for name in ("concurrency", "per_host", "max_bytes", "max_pixels"):
+        check_positive(f"--{name.replace('_', '-')}", options[name], 1, at_least=True)
+    for name in ("connect_timeout", "read_timeout", "download_timeout"):
+        check_positive(f"--{name.replace('_', '-')}", options[name])
+    for name in ("retries", "backoff", "max_wait"):
+        check_positive(f"--{name.replace('_', '-')}", options[name], 0, at_least=True)
+    return DownloadConfig(**options, policy=policy or AddressPolicy())
+
+
+def read_sources(
+    sources: Sequence[str],
+    columns: Columns,
+    currency: str | None,
+    hub_split: str | None,
+    hub_config: str | None,
+    revision: str | None,
+    limit: int | None,
+    allow_local: bool,
+    decimal_comma: bool | None,
+    max_price: float,
+) -> tuple[pd.DataFrame, list[dict], list[dict], dict]:
+    """Read, check and clean every source (all of them before any download). Returns the usable rows, the
+    dropped rows, the per-source counts and the per-source price reading."""
+    kept, dropped, per_source, prices = [], [], [], {}
+    for source in sources:
+        frame = read_source(source, hub_split, hub_config, revision)
+        if limit is not None:
+            lines = frame.attrs.get("line_numbers")
+            frame = frame.head(limit)
+            if lines is not None:
+                frame.attrs["line_numbers"] = lines[:limit]
+        good, bad, price_entry = clean_rows(
+            frame, source, columns, currency, allow_local, decimal_comma, max_price
+        )
+        kept.append(good)
+        dropped += bad
+        per_source.append({"source": source, "rows": len(frame)})
+        prices[source] = price_entry
+    return normalise_types(pd.concat(kept, ignore_index=True)), dropped, per_source, prices
+
+
+def drop_duplicates(rows: pd.DataFrame) -> tuple[pd.DataFrame, list[dict], dict]:
+    """Exact copies first (``duplicate_row``, the first one kept), then conflicting duplicates by the rule of
+    :mod:`phivision.data.duplicates` (same product code, then same image URL). Returns the rows kept, the
+    dropped rows and the report's ``conflicts`` entry."""
+    copy = rows.duplicated(["product_code", "title", "full_price", "currency", "_url"])
+    dropped = [_dropped(row, "duplicate_row", row["_url"]) for _, row in rows[copy].iterrows()]
+    rows = rows[~copy]
+    keep, details, groups = resolve_conflicts(rows.rename(columns={"_url": "image_url"}), CONFLICT_KEYS)
+    dropped += [
+        _dropped(rows.loc[i], "conflicting_duplicate", rows.at[i, "_url"], details[i])
+        for i in rows.index[~keep]
+    ]
+    conflicts = {"rule": CONFLICT_RULE}
+    for column in CONFLICT_KEYS:
+        mine = [g for g in groups if g.column == column]
+        conflicts[column] = {
+            "groups": len(mine),
+            "rows": sum(len(g.rows) for g in mine),
+            "dropped": sum(len(g.rows) - len(g.kept) for g in mine),
+        }
+    conflicts["groups"] = [g.as_dict() for g in groups]
+    return rows[keep].reset_index(drop=True), dropped, conflicts
+
+
+def _image_report(jobs: dict, fetched: dict, stats) -> dict:
+    return {
         "unique_urls": len(jobs),
         "downloaded": sum(r.status == "downloaded" for r in fetched.values()),
         "reused": sum(r.status == "reused" for r in fetched.values()),
@@ -345,40 +592,16 @@ def prepare(
         "bytes": stats.bytes,
         "seconds": round(stats.seconds, 3),
     }
-    if catalog.empty:
-        report["seconds"] = round(time.perf_counter() - start, 3)
-        atomic_write_json(out / REPORT_FILE, report)
-        raise PhivisionError(f"no product survived cleaning and download; see {out / REPORT_FILE}")
-
-    catalog.insert(6, "split", assign_splits(catalog, ratios, seed=seed))
-    catalog = catalog.drop(columns=["_source", "_row", "_url"])
-    kept_counts = rows.loc[ok, "_source"].value_counts()
-    for source in per_source:
-        source["kept"] = int(kept_counts.get(source["source"], 0))
-    report["splits"] = {s: int((catalog["split"] == s).sum()) for s in SPLITS}
-    report["categories"] = {
-        str(k): int(v) for k, v in catalog["category"].value_counts().sort_index().items()
-    }
-    report["options"] = {
-        "columns": asdict(columns),
-        "currency": currency,
-        "split": list(ratios),
-        "seed": seed,
-        "download": asdict(download),
-    }
-    report["seconds"] = round(time.perf_counter() - start, 3)
-    atomic_write_parquet(out / CATALOG_FILE, catalog)
-    atomic_write_json(out / REPORT_FILE, report)
-    return report
 
 
-def _report(
-    sources: Sequence[str], out: Path, per_source: list[dict], rows_in: int, dropped: list[dict]
-) -> dict:
+def _report(out: Path, identity: dict, per_source: list[dict], rows_in: int, dropped: list[dict]) -> dict:
     by_reason = Counter(d["reason"] for d in dropped)
     return {
+        "dataset": identity,
+        "status": "done",
         "sources": per_source,
         "out": str(out),
+        "row_numbers": ROW_NUMBERS,
         "counts": {"rows": rows_in, "kept": rows_in - len(dropped), "dropped": len(dropped)},
         "dropped_by_reason": dict(by_reason.most_common()),
         "failed": dropped,
@@ -391,11 +614,17 @@ def summary(report: dict) -> str:
     reasons = ", ".join(f"{n} {r}" for r, n in report["dropped_by_reason"].items()) or "none"
     splits = report.get("splits", {})
     rate = images["downloaded"] / images["seconds"] if images["seconds"] > 0 else 0.0
+    marks = [
+        f"{source}: decimal {entry['decimal']} ({entry['decided_by']})"
+        for source, entry in report.get("prices", {}).items()
+        if entry.get("evidence", {}).get("comma") or entry["decided_by"] != "majority"
+    ]
     return (
         f"Prepared {counts['kept']} of {counts['rows']} products from {len(report['sources'])} source(s) into "
         f"{report['out']} ({', '.join(f'{splits[s]} {s}' for s in SPLITS if s in splits)}). "
         f"Images: {images['downloaded']} downloaded ({rate:.1f}/s, {images['requests']} requests, "
         f"{images['retries']} retries), {images['reused']} reused from an earlier run, {images['failed']} failed. "
-        f"Dropped {counts['dropped']} rows ({reasons}); every dropped row is listed with its URL and reason in "
+        + (f"Prices: {'; '.join(marks)}. " if marks else "")
+        + f"Dropped {counts['dropped']} rows ({reasons}); every dropped row is listed with its URL and reason in "
         f"{Path(report['out']) / REPORT_FILE}."
     )

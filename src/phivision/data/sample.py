@@ -1,4 +1,5 @@
-"""``phivision sample``: a synthetic catalog whose images decide the answer.
+"""``phivision sample``: a synthetic catalog whose images decide the answer (``--like DIR``: shaped like a real
+dataset, see :mod:`phivision.data.like`).
 
 Every product is drawn with Pillow from four visible attributes, and its price is a fixed function of them:
 
@@ -23,9 +24,12 @@ from pathlib import Path
 import pandas as pd
 from PIL import Image, ImageChops, ImageDraw, ImageFilter
 
-from phivision.data.layout import CATALOG_FILE, IMAGES_DIR, REPORT_FILE, SPLITS
-from phivision.data.split import assign_splits
-from phivision.io import atomic_write_json, atomic_write_parquet, atomic_write_text
+from phivision.data import defaults
+from phivision.data.layout import CATALOG_FILE, IMAGES_DIR, REPORT_FILE, SPLITS, claim_out, dataset_identity
+from phivision.data.prices import plain
+from phivision.data.split import assign_splits, parse_ratios
+from phivision.errors import PhivisionError
+from phivision.io import WriteError, atomic_write_json, atomic_write_parquet, atomic_write_text
 
 # category3_code: (category1_code, category2_code, noun in the title, base price in USD)
 CATEGORIES = {
@@ -161,10 +165,25 @@ def draw_product(
     rng: random.Random,
 ) -> Image.Image:
     """Draw one product on its department's backdrop, on a canvas of ``canvas`` (width, height)."""
+    return draw_shape(category, BACKDROPS[category], color, pattern, material, size, canvas, rng)
+
+
+def draw_shape(
+    shape: str,
+    backdrop: tuple[int, int, int],
+    color: str,
+    pattern: str,
+    material: str,
+    size: str,
+    canvas: tuple[int, int],
+    rng: random.Random,
+) -> Image.Image:
+    """Draw the silhouette ``shape`` (a key of ``SHAPES``) on ``backdrop``: the drawing behind both ``sample``
+    and ``sample --like`` (which gives each real category a silhouette and a backdrop of its own)."""
     width, height = canvas
     side = max(16, int(SIZES[size][1] * min(width, height)))
-    mask = _mask(category, side)
-    backdrop = tuple(min(255, max(0, c + rng.randint(-8, 8))) for c in BACKDROPS[category])
+    mask = _mask(shape, side)
+    backdrop = tuple(min(255, max(0, c + rng.randint(-8, 8))) for c in backdrop)
     image = Image.new("RGB", canvas, backdrop)
     x = (width - side) // 2 + rng.randint(-(width - side) // 4, (width - side) // 4)
     y = (height - side) // 2 + rng.randint(-(height - side) // 4, (height - side) // 4)
@@ -172,7 +191,7 @@ def draw_product(
     trim = MATERIALS[material][1]
     if trim is not None:
         image.paste(Image.new("RGB", (side, side), trim), (x, y), _trim(mask, side))
-    if category == "watches":  # a white dial with two thick hands
+    if shape == "watches":  # a white dial with two thick hands
         draw = ImageDraw.Draw(image)
         c, r = (x + side / 2, y + side / 2), side * 0.22
         draw.ellipse((c[0] - r, c[1] - r, c[0] + r, c[1] + r), fill=(252, 252, 252))
@@ -223,47 +242,35 @@ def sample_products(n: int, seed: int = 0) -> list[dict]:
 
 def write_sample_catalog(
     out: str | Path,
-    n: int = 600,
-    seed: int = 0,
+    n: int = defaults.SAMPLE_N,
+    seed: int = defaults.SAMPLE_SEED,
     split: tuple[float, float, float] = (0.8, 0.1, 0.1),
     urls_out: str | Path | None = None,
-    base_url: str = "http://127.0.0.1:8000",
+    base_url: str = defaults.BASE_URL,
+    overwrite: bool = False,
 ) -> Path:
     """Write ``n`` synthetic products to ``out`` in the dataset layout and return ``out``.
 
     With ``urls_out``, also write a CSV in the DBQ schema (prices as text such as ``$1,290.00``) whose
     ``imageurl`` points at ``base_url`` + the image path: serve ``out`` over HTTP (``python -m http.server
     --directory out 8000``) and ``phivision prepare --source urls.csv`` downloads it back.
+
+    ``out`` holding another dataset (another n or seed, or a prepared one) is refused unless ``overwrite``.
     """
-    if n < 1:
-        raise ValueError("n must be >= 1")
-    out = Path(out)
-    (out / IMAGES_DIR).mkdir(parents=True, exist_ok=True)
+    n = check_count(n)
+    descriptor = f"sample(n={n}, seed={seed})"
+    out = _claim(out, descriptor, overwrite)
     rows = []
     for product in sample_products(n, seed):
         canvas, draw_seed = product.pop("canvas"), product.pop("draw_seed")
         attributes = [product[k] for k in ("category", "color", "pattern", "material", "size")]
         image = draw_product(*attributes, canvas=canvas, rng=random.Random(draw_seed))
-        buffer = io.BytesIO()
-        image.save(buffer, format="JPEG", quality=90)
-        product["image_path"] = f"{IMAGES_DIR}/{product['product_code']}.jpg"
-        # plain writes: the catalog is written last (atomically), so a killed run leaves no dataset to misread
-        (out / product["image_path"]).write_bytes(buffer.getvalue())
+        product["image_path"] = _save_image(out, product["product_code"], image)
         rows.append(product)
     catalog = pd.DataFrame(rows)
     catalog.insert(5, "image_path", catalog.pop("image_path"))
     catalog.insert(6, "split", assign_splits(catalog, split, seed=seed))
-    atomic_write_parquet(out / CATALOG_FILE, catalog)
-    report = {
-        "sources": [{"source": f"sample(n={n}, seed={seed})", "rows": n, "kept": n}],
-        "out": str(out),
-        "counts": {"rows": n, "kept": n, "dropped": 0},
-        "dropped_by_reason": {},
-        "failed": [],
-        "splits": {s: int((catalog["split"] == s).sum()) for s in SPLITS},
-        "categories": {str(k): int(v) for k, v in catalog["category"].value_counts().sort_index().items()},
-    }
-    atomic_write_json(out / REPORT_FILE, report)
+    _write_dataset(out, catalog, descriptor)
     if urls_out is not None:
         table = catalog.drop(columns=["category", "currency", "image_path", "split"]).assign(
             currency_code="USD",
@@ -272,3 +279,127 @@ def write_sample_catalog(
         )
         atomic_write_text(urls_out, table.to_csv(index=False))
     return out
+
+
+def write_like_catalog(
+    out: str | Path,
+    like: str | Path,
+    n: int | None = None,
+    seed: int = defaults.SAMPLE_SEED,
+    split: tuple[float, float, float] | None = None,
+    overwrite: bool = False,
+) -> Path:
+    """Write a synthetic catalog shaped like the dataset ``like`` (see :mod:`phivision.data.like`): its
+    categories and proportions, per-category prices, title patterns, image sizes and split ratios, but not one
+    of its titles or images. ``n`` defaults to the size of ``like``, ``split`` to its ratios."""
+    from phivision.data.like import backdrop_of, products_like, profile_dataset, shape_of
+
+    profile = profile_dataset(like)
+    n = check_count(sum(c.rows for c in profile.categories.values()) if n is None else n)
+    ratios = split if split is not None else profile.split_ratios
+    descriptor = f"sample(n={n}, seed={seed}, like={Path(like).resolve()})"
+    out = _claim(out, descriptor, overwrite)
+    rng = random.Random(seed)
+    names, shapes = list(profile.categories), list(SHAPES)
+    rows = []
+    for i, product in enumerate(products_like(profile, n, seed)):
+        u, canvas = product.pop("quantile"), product.pop("canvas")
+        size = "Small" if u < 1 / 3 else "Medium" if u < 2 / 3 else "Large"  # pricier products look bigger
+        category = product["category"]
+        image = draw_shape(
+            shapes[shape_of(category, names) % len(shapes)],
+            backdrop_of(category),
+            rng.choice(list(COLORS)),
+            rng.choice(list(PATTERNS)),
+            rng.choice(list(MATERIALS)),
+            size,
+            canvas,
+            random.Random(rng.getrandbits(32)),
+        )
+        code = f"L{seed}-{i:05d}"
+        rows.append({"product_code": code, **product, "image_path": _save_image(out, code, image)})
+    catalog = pd.DataFrame(rows)[
+        ["product_code", "title", "category", "full_price", "currency", "image_path"]
+    ]
+    catalog.insert(6, "split", assign_splits(catalog, ratios, seed=seed))
+    catalog["brand"] = "Synthetic"
+    _write_dataset(out, catalog, descriptor, {"like": profile.as_dict()})
+    return out
+
+
+def sample(
+    out: str | Path,
+    *,
+    n: int | None = None,
+    seed: int = defaults.SAMPLE_SEED,
+    split: str | None = None,
+    urls_out: str | Path | None = None,
+    base_url: str = defaults.BASE_URL,
+    like: str | Path | None = None,
+    overwrite: bool = False,
+) -> Path:
+    """``phivision sample``: every keyword is the CLI flag of the same name. ``n`` defaults to 600, or with
+    ``like`` to the size of that dataset; ``split`` to 0.8,0.1,0.1, or with ``like`` to that dataset's ratios."""
+    if like is not None:
+        if urls_out is not None:
+            raise PhivisionError("--urls-out: not available with --like")
+        ratios = parse_ratios(split) if split is not None else None
+        return write_like_catalog(out, like, n=n, seed=seed, split=ratios, overwrite=overwrite)
+    ratios = parse_ratios(split if split is not None else defaults.SPLIT)
+    n = defaults.SAMPLE_N if n is None else n
+    return write_sample_catalog(
+        out, n=n, seed=seed, split=ratios, urls_out=urls_out, base_url=base_url, overwrite=overwrite
+    )
+
+
+def check_count(n: object) -> int:
+    """``n`` as a plain int, or one ``error:`` line naming ``--n`` (numpy integers are fine, bools are not)."""
+    n = plain(n)
+    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+        raise PhivisionError(f"--n {n}: must be a whole number of products, at least 1")
+    return n
+
+
+def _claim(out: str | Path, descriptor: str, overwrite: bool) -> Path:
+    """Refuse another dataset in ``out``, then mark ``out`` as this one before the first image is drawn, so a
+    killed run is recognised (and redone) by the same command."""
+    out = Path(out)
+    identity = dataset_identity("sample", [descriptor])
+    claim_out(out, identity, [descriptor], overwrite)
+    if not (out / REPORT_FILE).exists():
+        atomic_write_json(
+            out / REPORT_FILE, {"dataset": identity, "status": "drawing", "sources": [{"source": descriptor}]}
+        )
+    (out / IMAGES_DIR).mkdir(parents=True, exist_ok=True)
+    return out
+
+
+def _save_image(out: Path, code: str, image: Image.Image) -> str:
+    """Save as JPEG; plain writes, because the catalog is written last (atomically), so a killed run leaves no
+    dataset to misread, and a rerun writes the same bytes again."""
+    buffer = io.BytesIO()
+    image.save(buffer, format="JPEG", quality=90)
+    rel = f"{IMAGES_DIR}/{code}.jpg"
+    try:
+        (out / rel).write_bytes(buffer.getvalue())
+    except OSError as err:
+        raise WriteError(out / rel, err) from None
+    return rel
+
+
+def _write_dataset(out: Path, catalog: pd.DataFrame, descriptor: str, extra: dict | None = None) -> None:
+    atomic_write_parquet(out / CATALOG_FILE, catalog)
+    n = len(catalog)
+    report = {
+        "dataset": dataset_identity("sample", [descriptor]),
+        "status": "done",
+        "sources": [{"source": descriptor, "rows": n, "kept": n}],
+        "out": str(out),
+        "counts": {"rows": n, "kept": n, "dropped": 0},
+        "dropped_by_reason": {},
+        "failed": [],
+        "splits": {s: int((catalog["split"] == s).sum()) for s in SPLITS},
+        "categories": {str(k): int(v) for k, v in catalog["category"].value_counts().sort_index().items()},
+        **(extra or {}),
+    }
+    atomic_write_json(out / REPORT_FILE, report)

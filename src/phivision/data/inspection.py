@@ -1,0 +1,479 @@
+"""``phivision inspect DIR``: look at a dataset before training on it.
+
+One pass over the catalog and the image files (headers for sizes; a 32x32 grey thumbnail per image for a
+perceptual hash and a flatness check) gives ``inspect.json`` and a self-contained ``inspect.html`` beside it:
+
+* rows per split and category, and the category balance;
+* the price distribution of each category (with the currency);
+* image sizes and aspect ratios, and what they cost: image tokens per sample for each ``num_crops`` (the model's
+  own HD geometry) and the image tokens of one training epoch;
+* near-duplicate images in different splits (perceptual hash, leakage), colour-variant groups (titles that
+  match after normalisation), conflicting duplicates (same product code or same image file, different title,
+  price or currency), placeholder images (one file for many products, flat images) and outliers (prices far
+  from their category, tiny or extreme images, unreadable files).
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import io
+import math
+import os
+import time
+from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+from PIL import Image
+
+from phivision.data import defaults
+from phivision.data.duplicates import conflict_groups
+from phivision.data.layout import INSPECT_FILES, SPLITS, load_catalog, sheet_row
+from phivision.data.prices import PLACEHOLDERS, plain
+from phivision.data.split import group_key
+from phivision.errors import PhivisionError
+from phivision.io import atomic_write_json, atomic_write_text
+
+HASH_SIDE = 32  # thumbnail side for the DCT hash
+FLAT_STD = 3.0  # a thumbnail whose grey levels vary less than this is a flat (blank) image
+TINY_SIDE = 64  # images smaller than this on a side are outliers
+EXTREME_ASPECT = 4.0  # and so are images longer than this times their width (or the reverse)
+PRICE_OUTLIER_MADS = 4.0  # prices this many robust deviations from the category's median (log scale)
+PLACEHOLDER_ROWS = 3  # one image file shared by at least this many rows with different titles
+SHOWN = 24  # examples listed in the HTML per finding (the JSON has counts and more examples)
+
+
+@dataclass
+class ImageFacts:
+    """What one image file tells without a full decode at full size."""
+
+    width: int = 0
+    height: int = 0
+    sha256: str = ""
+    phash: int = 0
+    grey_std: float = 0.0
+    error: str | None = None
+
+
+# ------------------------------------------------------------------------------------------------ entry
+
+
+def inspect(
+    data: str | os.PathLike,
+    *,
+    out: str | os.PathLike | None = None,
+    num_crops: str | list[int] = defaults.NUM_CROPS,
+    crop_size: int = defaults.CROP_SIZE,
+    num_img_tokens: int = defaults.NUM_IMG_TOKENS,
+    near_duplicate_bits: int = defaults.NEAR_DUPLICATE_BITS,
+    workers: int | None = None,
+    progress: bool = True,
+) -> dict:
+    """Inspect the dataset ``data``; write ``inspect.html`` (``out``, default ``DATA/inspect.html``) and
+    ``inspect.json`` beside it, and return the JSON's content. Every keyword is the CLI flag of the same name."""
+    started = time.perf_counter()
+    crops = parse_num_crops(num_crops)
+    for flag, value in (("--crop-size", crop_size), ("--num-img-tokens", num_img_tokens)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise PhivisionError(f"{flag} {plain(value)}: must be a whole number, at least 1")
+    if not isinstance(near_duplicate_bits, int) or not 0 <= near_duplicate_bits <= 32:
+        raise PhivisionError(f"--near-duplicate-bits {plain(near_duplicate_bits)}: must be 0 to 32")
+    data = Path(data)
+    html_path = Path(out) if out is not None else data / INSPECT_FILES[0]
+    catalog = load_catalog(data, check_images=False)
+    facts = scan_images(data, catalog["image_path"], workers=workers, progress=progress)
+    frame = _with_facts(catalog, facts)
+    scanned = time.perf_counter()
+    result = {
+        "dataset": str(data),
+        "rows": len(frame),
+        "splits": split_table(frame),
+        "balance": balance(frame),
+        "prices": price_summary(frame),
+        "images": image_summary(frame),
+        "tokens": token_costs(frame, crops, crop_size, num_img_tokens),
+        "near_duplicates": near_duplicates(frame, near_duplicate_bits),
+        "variants": variant_groups(frame),
+        "conflicts": conflicts(frame),
+        "placeholders": placeholders(frame),
+        "outliers": outliers(frame),
+    }
+    from phivision.data.inspect_page import render_page
+
+    found = time.perf_counter()
+    result["seconds"] = round(found - started, 3)  # updated below, once the page is written
+    page = render_page(result, frame, data)
+    done = time.perf_counter()
+    result["seconds"] = round(done - started, 3)
+    result["timings"] = {
+        "read_and_scan_images": round(scanned - started, 3),
+        "findings": round(found - scanned, 3),
+        "page": round(done - found, 3),
+    }
+    json_path = html_path.with_suffix(".json")
+    atomic_write_json(json_path, result)
+    atomic_write_text(html_path, page)
+    result["files"] = {"html": str(html_path), "json": str(json_path)}
+    return result
+
+
+def parse_num_crops(value: str | list[int]) -> list[int]:
+    """``"1,4,8,16"`` -> ``[1, 4, 8, 16]``; one ``error:`` line naming ``--num-crops`` otherwise."""
+    try:
+        crops = [int(v) for v in (value.split(",") if isinstance(value, str) else value)]
+    except (TypeError, ValueError):
+        raise PhivisionError(f"--num-crops {value!r}: expected whole numbers such as 1,4,16") from None
+    if not crops or any(c < 1 for c in crops):
+        raise PhivisionError(f"--num-crops {value!r}: every value must be at least 1")
+    return sorted(set(crops))
+
+
+# ------------------------------------------------------------------------------------------------ images
+
+
+def scan_images(directory: Path, paths: pd.Series, workers: int | None = None, progress: bool = True) -> dict:
+    """``{image_path: ImageFacts}`` for every distinct path, read by a few threads (Pillow decodes outside
+    the GIL)."""
+    from tqdm.auto import tqdm
+
+    unique = list(dict.fromkeys(paths))
+    workers = workers or min(4, (os.cpu_count() or 2) + 1)
+    with ThreadPoolExecutor(max_workers=workers) as pool:
+        scanned = pool.map(lambda rel: image_facts(directory / rel), unique, chunksize=16)
+        facts = list(tqdm(scanned, total=len(unique), desc="images", unit="img", disable=not progress))
+    return dict(zip(unique, facts, strict=True))
+
+
+def image_facts(path: Path) -> ImageFacts:
+    """Size from the header, SHA-256 of the bytes, and the perceptual hash and grey spread of a 32x32
+    thumbnail (JPEGs decoded at reduced scale). Never raises: a bad file gets ``error``."""
+    try:
+        data = path.read_bytes()
+    except OSError as err:
+        return ImageFacts(error="missing" if isinstance(err, FileNotFoundError) else "unreadable")
+    facts = ImageFacts(sha256=hashlib.sha256(data).hexdigest())
+    try:
+        with Image.open(io.BytesIO(data)) as image:
+            facts.width, facts.height = image.size
+            if facts.width * facts.height > defaults.MAX_PIXELS:
+                facts.error = "too_many_pixels"
+                return facts
+            image.draft("L", (HASH_SIDE * 2, HASH_SIDE * 2))
+            grey = image.convert("L").resize((HASH_SIDE, HASH_SIDE), Image.Resampling.BILINEAR)
+    except Exception as err:  # anything Pillow throws on a broken file
+        facts.error = "not_an_image" if "identify" in str(err) else "corrupt"
+        return facts
+    pixels = np.asarray(grey, dtype=np.float64)
+    facts.phash = perceptual_hash(pixels)
+    facts.grey_std = float(pixels.std())
+    return facts
+
+
+def _dct_matrix(n: int) -> np.ndarray:
+    k, i = np.arange(n)[:, None], np.arange(n)[None, :]
+    matrix = np.cos(np.pi * (2 * i + 1) * k / (2 * n)) * math.sqrt(2.0 / n)
+    matrix[0] /= math.sqrt(2.0)
+    return matrix
+
+
+_DCT = _dct_matrix(HASH_SIDE)
+
+
+def perceptual_hash(grey: np.ndarray) -> int:
+    """The 64-bit DCT hash of a 32x32 grey image: the 8x8 lowest frequencies, each bit set when the coefficient
+    is above their median (DC excluded from the median). Resizing, recompression and small edits move few bits."""
+    low = (_DCT @ grey @ _DCT.T)[:8, :8].ravel()
+    bits = low > np.median(low[1:])
+    return int(np.packbits(bits).view(">u8")[0])
+
+
+def hamming(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """Bit differences between uint64 hashes (broadcasting)."""
+    x = np.bitwise_xor(a, b)
+    if hasattr(np, "bitwise_count"):  # numpy >= 2.0
+        return np.bitwise_count(x)
+    table = np.array([bin(i).count("1") for i in range(256)], dtype=np.int64)
+    return table[x.view(np.uint8).reshape(*x.shape, 8)].sum(axis=-1)
+
+
+def _with_facts(catalog: pd.DataFrame, facts: dict) -> pd.DataFrame:
+    frame = catalog.copy()
+    for name in ("width", "height", "sha256", "phash", "grey_std", "error"):
+        frame["_" + name] = [getattr(facts[p], name) for p in frame["image_path"]]
+    frame["_phash"] = frame["_phash"].astype("uint64")
+    frame["_ok"] = frame["_error"].isna()
+    return frame
+
+
+# ------------------------------------------------------------------------------------------------ tables
+
+
+def split_table(frame: pd.DataFrame) -> dict:
+    """Rows per split, and per category and split."""
+    counts = frame.groupby(["category", "split"]).size().unstack(fill_value=0)
+    counts = counts.reindex(columns=list(SPLITS), fill_value=0)
+    return {
+        "totals": {s: int((frame["split"] == s).sum()) for s in SPLITS},
+        "by_category": {
+            str(c): {s: int(counts.at[c, s]) for s in SPLITS} for c in sorted(counts.index, key=str)
+        },
+    }
+
+
+def balance(frame: pd.DataFrame) -> dict:
+    """How even the categories are: shares, the largest/smallest ratio, the effective number of categories
+    (exp of the entropy), and categories missing from val or test."""
+    counts = frame["category"].value_counts()
+    shares = counts / counts.sum()
+    present = {s: set(frame.loc[frame["split"] == s, "category"]) for s in SPLITS}
+    return {
+        "categories": len(counts),
+        "shares": {str(k): round(float(v), 4) for k, v in shares.items()},
+        "largest_to_smallest": round(float(counts.max() / counts.min()), 2),
+        "effective_categories": round(float(np.exp(-(shares * np.log(shares)).sum())), 2),
+        "missing_from": {
+            s: sorted(str(c) for c in counts.index if c not in present[s]) for s in ("val", "test")
+        },
+    }
+
+
+def price_summary(frame: pd.DataFrame) -> dict:
+    """Quantiles of ``full_price`` per category and currency."""
+    out = {}
+    for (category, currency), rows in frame.groupby(["category", "currency"], sort=True):
+        prices = rows["full_price"].to_numpy()
+        q = np.quantile(prices, [0.0, 0.1, 0.25, 0.5, 0.75, 0.9, 1.0])
+        out.setdefault(str(category), {})[str(currency)] = {
+            "rows": len(prices),
+            **{
+                k: round(float(v), 2)
+                for k, v in zip(("min", "p10", "p25", "median", "p75", "p90", "max"), q, strict=True)
+            },
+            "mean": round(float(prices.mean()), 2),
+        }
+    return out
+
+
+def image_summary(frame: pd.DataFrame) -> dict:
+    """Sizes and aspect ratios of the readable images; unreadable ones by reason."""
+    files = frame.drop_duplicates("image_path")
+    good = files[files["_ok"]]
+    aspect = good["_width"] / good["_height"]
+    summary = {
+        "files": len(files),
+        "readable": len(good),
+        "unreadable": dict(Counter(files.loc[~files["_ok"], "_error"]).most_common()),
+    }
+    if len(good):
+        for name, values in (("width", good["_width"]), ("height", good["_height"]), ("aspect", aspect)):
+            q = np.quantile(values.to_numpy(dtype=float), [0.0, 0.5, 1.0])
+            summary[name] = {
+                "min": round(float(q[0]), 3),
+                "median": round(float(q[1]), 3),
+                "max": round(float(q[2]), 3),
+            }
+        summary["landscape"] = int((aspect > 1.05).sum())
+        summary["portrait"] = int((aspect < 1 / 1.05).sum())
+        summary["square"] = len(good) - summary["landscape"] - summary["portrait"]
+    return summary
+
+
+def token_costs(frame: pd.DataFrame, crops: list[int], crop_size: int, num_img_tokens: int) -> dict:
+    """Image tokens per sample for each ``num_crops`` with the model's own geometry, and the image tokens of
+    one epoch over the train split (what a training run pays per epoch, before the text)."""
+    from phivision.model.image_processing_phi3_v import Phi3VImageProcessor  # torch: only here
+
+    good = frame[frame["_ok"]]
+    sizes = list(zip(good["_width"].astype(int), good["_height"].astype(int), strict=True))
+    train = (good["split"] == "train").to_numpy()
+    rows = []
+    for n in crops:
+        processor = Phi3VImageProcessor(num_crops=n, crop_size=crop_size, num_img_tokens=num_img_tokens)
+        cache: dict[tuple[int, int], int] = {}
+        tokens = np.array([cache.setdefault(s, processor.calc_num_image_tokens(*s)) for s in sizes] or [0])
+        rows.append(
+            {
+                "num_crops": n,
+                "min": int(tokens.min()),
+                "median": float(np.median(tokens)),
+                "mean": round(float(tokens.mean()), 1),
+                "p95": float(np.quantile(tokens, 0.95)),
+                "max": int(tokens.max()),
+                "train_epoch": int(tokens[train].sum()) if len(sizes) else 0,
+                "all_splits": int(tokens.sum()) if len(sizes) else 0,
+            }
+        )
+    return {
+        "crop_size": crop_size,
+        "num_img_tokens": num_img_tokens,
+        "train_rows": int(train.sum()),
+        "by_num_crops": rows,
+    }
+
+
+# ------------------------------------------------------------------------------------------------ findings
+
+
+def near_duplicates(frame: pd.DataFrame, max_bits: int, keep: int = 200) -> dict:
+    """Pairs of rows in different splits whose images are at most ``max_bits`` apart (of 64): the same photo,
+    resized or recompressed, seen in training and scored in test. Counts every pair; keeps ``keep`` examples."""
+    good = frame[frame["_ok"]].reset_index()
+    hashes = good["_phash"].to_numpy(dtype=np.uint64)
+    split_ids = good["split"].map({s: k for k, s in enumerate(SPLITS)}).to_numpy()
+    pairs, pair_kinds, examples = 0, np.zeros(len(SPLITS) ** 2, dtype=np.int64), []
+    block = max(16, 4_000_000 // max(1, len(good)))  # rows per step: about 32 MB of distances at a time
+    for start in range(0, len(good), block):
+        distance = hamming(hashes[start : start + block, None], hashes[None, :])
+        i, j = np.nonzero(distance <= max_bits)
+        i = i + start
+        mask = (j > i) & (split_ids[i] != split_ids[j])
+        i, j = i[mask], j[mask]
+        pairs += len(i)
+        low, high = np.minimum(split_ids[i], split_ids[j]), np.maximum(split_ids[i], split_ids[j])
+        pair_kinds += np.bincount(low * len(SPLITS) + high, minlength=len(SPLITS) ** 2)
+        for a, b in zip(i[: keep - len(examples)], j[: keep - len(examples)], strict=True):
+            examples.append(
+                {
+                    "rows": [sheet_row(good.at[a, "index"]), sheet_row(good.at[b, "index"])],
+                    "bits": int(distance[a - start, b]),
+                    "same_file": bool(good.at[a, "_sha256"] == good.at[b, "_sha256"]),
+                }
+            )
+    by_splits = {
+        f"{SPLITS[k // len(SPLITS)]}/{SPLITS[k % len(SPLITS)]}": int(n) for k, n in enumerate(pair_kinds) if n
+    }
+    return {
+        "max_bits": max_bits,
+        "pairs": pairs,
+        "by_splits": dict(sorted(by_splits.items())),
+        "examples": examples,
+    }
+
+
+def variant_groups(frame: pd.DataFrame) -> dict:
+    """Colour variants: rows whose titles match after normalisation. ``straddling`` counts groups found in more
+    than one split (``prepare`` never does that; a hand-made split may)."""
+    keys = frame["title"].map(group_key)
+    sizes = keys.value_counts()
+    multi = sizes[sizes > 1]
+    splits_per_group = frame.groupby(keys)["split"].nunique()
+    groups = []
+    for key in multi.index[:SHOWN]:
+        rows = frame[keys == key]
+        groups.append(
+            {
+                "title": str(rows["title"].iloc[0]),
+                "rows": len(rows),
+                "categories": sorted(map(str, set(rows["category"]))),
+                "splits": sorted(set(rows["split"])),
+                "prices": sorted({float(p) for p in rows["full_price"]}),
+            }
+        )
+    return {
+        "groups": len(multi),
+        "rows": int(multi.sum()),
+        "largest": int(multi.max()) if len(multi) else 0,
+        "straddling": int((splits_per_group[multi.index] > 1).sum()) if len(multi) else 0,
+        "examples": groups,
+    }
+
+
+def conflicts(frame: pd.DataFrame) -> dict:
+    """Conflicting duplicates by the rule ``prepare`` applies: the same product code, or the same image file
+    (identical bytes), with a different title, price or currency."""
+    found = conflict_groups(frame, "product_code") + conflict_groups(
+        frame.assign(image_file=frame["_sha256"].where(frame["_sha256"] != "")), "image_file"
+    )
+    return {
+        "groups": len(found),
+        "rows": sum(len(g.rows) for g in found),
+        "by_key": dict(Counter(g.column for g in found)),
+        "examples": [
+            {**g.as_dict(), "row_numbers": [sheet_row(r) for r in g.rows[:10]]} for g in found[:SHOWN]
+        ],
+    }
+
+
+def placeholders(frame: pd.DataFrame) -> dict:
+    """Images that stand in for a missing photo: one file shared by several products with different titles,
+    and flat images (almost one colour); placeholder titles (``N/A``...)."""
+    ok = frame[frame["_ok"] & (frame["_sha256"] != "")]
+    counts = ok["_sha256"].value_counts()
+    shared = []
+    for _, rows in ok[ok["_sha256"].isin(counts.index[counts >= PLACEHOLDER_ROWS])].groupby("_sha256"):
+        titles = set(rows["title"].map(group_key))
+        if len(rows) >= PLACEHOLDER_ROWS and len(titles) > 1:
+            shared.append(
+                {
+                    "rows": len(rows),
+                    "titles": len(titles),
+                    "image_path": str(rows["image_path"].iloc[0]),
+                    "row_numbers": [sheet_row(i) for i in rows.index[:10]],
+                }
+            )
+    shared.sort(key=lambda item: -item["rows"])
+    flat = ok[ok["_grey_std"] < FLAT_STD]
+    titles = frame[frame["title"].str.strip().str.lower().isin(PLACEHOLDERS)]
+    return {
+        "shared_images": len(shared),
+        "rows_on_shared_images": sum(s["rows"] for s in shared),
+        "shared_examples": shared[:SHOWN],
+        "flat_images": int(flat["image_path"].nunique()),
+        "flat_examples": [
+            {"row": sheet_row(i), "image_path": str(p)} for i, p in flat["image_path"].head(SHOWN).items()
+        ],
+        "placeholder_titles": len(titles),
+    }
+
+
+def outliers(frame: pd.DataFrame) -> dict:
+    """Prices far from their category (log scale, robust z above ``PRICE_OUTLIER_MADS``), tiny and
+    extreme-aspect images, and unreadable files."""
+    logs = np.log(frame["full_price"])
+    median = logs.groupby(frame["category"]).transform("median")
+    mad = (logs - median).abs().groupby(frame["category"]).transform("median") * 1.4826
+    z = ((logs - median) / mad.where(mad > 0)).abs()
+    far = frame[z > PRICE_OUTLIER_MADS]
+    ok = frame[frame["_ok"]]
+    tiny = ok[(ok["_width"] < TINY_SIDE) | (ok["_height"] < TINY_SIDE)]
+    aspect = ok["_width"] / ok["_height"]
+    extreme = ok[(aspect > EXTREME_ASPECT) | (aspect < 1 / EXTREME_ASPECT)]
+    bad = frame[~frame["_ok"]]
+    return {
+        "price": len(far),
+        "price_examples": [
+            {
+                "row": sheet_row(i),
+                "category": str(r.category),
+                "full_price": float(r.full_price),
+                "currency": str(r.currency),
+                "category_median": round(float(math.exp(median[i])), 2),
+            }
+            for i, r in far.head(SHOWN).iterrows()
+        ],
+        "tiny_images": len(tiny),
+        "extreme_aspect": len(extreme),
+        "unreadable": len(bad),
+        "unreadable_examples": [
+            {"row": sheet_row(i), "image_path": str(r.image_path), "reason": str(r._error)}
+            for i, r in bad.head(SHOWN).iterrows()
+        ],
+    }
+
+
+def thumbnail(path: Path, side: int = 96) -> str | None:
+    """A small JPEG of ``path`` as a data URI (None when unreadable)."""
+    try:
+        with Image.open(path) as image:
+            image.draft("RGB", (side * 2, side * 2))
+            image = image.convert("RGB")
+            image.thumbnail((side, side))
+            buffer = io.BytesIO()
+            image.save(buffer, format="JPEG", quality=80)
+    except Exception:
+        return None
+    return "data:image/jpeg;base64," + base64.b64encode(buffer.getvalue()).decode("ascii")
