@@ -1,28 +1,70 @@
-"""The ``phivision`` command line: thin wrappers that parse flags and call one library function each.
+"""The ``phivision`` command line: thin wrappers that parse flags and call one :mod:`phivision.api` function each.
 
-Each verb imports its implementation lazily so ``phivision --help`` stays fast.
+Every flag's default is read from the API function's signature (defined once, in the library). Nothing heavy is
+imported at the top, so ``phivision --help`` answers at once; each verb imports its implementation when it runs.
 """
 
 from __future__ import annotations
 
+import errno
+import json
 import os
 import sys
+from collections.abc import Callable
+from inspect import signature
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 
+from phivision import api
 from phivision.errors import PhivisionError
+
+try:  # typer >= 0.2x vendors click
+    from typer._click.exceptions import NoArgsIsHelpError, UsageError
+except ImportError:  # older typer on click
+    from click.exceptions import UsageError
+
+    try:
+        from click.exceptions import NoArgsIsHelpError
+    except ImportError:  # click < 8.2 prints the help and exits 0 itself
+        NoArgsIsHelpError = ()  # type: ignore[assignment,misc]
 
 app = typer.Typer(
     name="phivision",
     help="Fine-tune Phi-3-Vision to read a product photo and answer with its name, category and price.\n\n"
     "The path: sample/prepare a dataset -> train -> evaluate -> report -> predict/serve/export. "
-    "`phivision demo` runs all of it on a synthetic catalog and a tiny model.",
+    "`phivision demo` runs all of it on a synthetic catalog and a tiny model. "
+    "Every verb is also a Python function: `from phivision import train`.",
     no_args_is_help=True,
-    add_completion=False,
+    add_completion=True,
     pretty_exceptions_enable=False,
+    rich_markup_mode=None,  # plain help: typer's rich formatter imports ~0.2 s of modules (markdown, pygments)
+    context_settings={"help_option_names": ["-h", "--help"]},
 )
+
+
+def default(function: Callable[..., Any], name: str) -> Any:
+    """The default of parameter ``name`` of an API function: the one place defaults are defined."""
+    return signature(function).parameters[name].default
+
+
+def _print_version(value: bool) -> None:
+    if value:
+        import phivision
+
+        typer.echo(f"phivision {phivision.__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(
+    version: Annotated[
+        bool,
+        typer.Option("--version", callback=_print_version, is_eager=True, help="Print the version and exit."),
+    ] = False,
+) -> None:
+    pass
 
 
 # ----------------------------------------------------------------------------------------------- data
@@ -31,9 +73,11 @@ app = typer.Typer(
 @app.command()
 def sample(
     out: Annotated[Path, typer.Option(help="Dataset directory to write.")],
-    n: Annotated[int, typer.Option(help="Number of products.")] = 600,
-    seed: Annotated[int, typer.Option(help="Random seed (attributes, prices, drawings and split).")] = 0,
-    split: Annotated[str, typer.Option(help="Train,val,test ratios.")] = "0.8,0.1,0.1",
+    n: Annotated[int, typer.Option(help="Number of products.")] = default(api.sample, "n"),
+    seed: Annotated[
+        int, typer.Option(help="Random seed (attributes, prices, drawings and split).")
+    ] = default(api.sample, "seed"),
+    split: Annotated[str, typer.Option(help="Train,val,test ratios.")] = default(api.sample, "split"),
     urls_out: Annotated[
         Path | None,
         typer.Option(
@@ -42,17 +86,14 @@ def sample(
     ] = None,
     base_url: Annotated[
         str, typer.Option(help="URL at which --out is served (e.g. `python -m http.server -d OUT 8000`).")
-    ] = "http://127.0.0.1:8000",
+    ] = default(api.sample, "base_url"),
 ) -> None:
     """Draw a synthetic catalog in the dataset layout: the shape shows the category; colour, pattern, trim
     (material) and size are visible and decide the price (+-5% noise), so a small model can learn both.
 
     Example: phivision sample --out data/sample --n 600 --urls-out data/urls.csv
     """
-    from phivision.data.sample import write_sample_catalog
-    from phivision.data.split import parse_ratios
-
-    write_sample_catalog(out, n=n, seed=seed, split=parse_ratios(split), urls_out=urls_out, base_url=base_url)
+    api.sample(out, n=n, seed=seed, split=split, urls_out=urls_out, base_url=base_url)
     typer.echo(
         f"wrote {n} synthetic products to {out}" + (f" and image URLs to {urls_out}" if urls_out else "")
     )
@@ -68,48 +109,70 @@ def prepare(
         ),
     ],
     out: Annotated[Path, typer.Option(help="Dataset directory to write (rerun to resume).")],
-    title_col: Annotated[str, typer.Option(help="Column with the product name.")] = "title",
-    category_col: Annotated[str, typer.Option(help="Column with the category.")] = "category3_code",
+    title_col: Annotated[str, typer.Option(help="Column with the product name.")] = default(
+        api.prepare, "title_col"
+    ),
+    category_col: Annotated[str, typer.Option(help="Column with the category.")] = default(
+        api.prepare, "category_col"
+    ),
     price_col: Annotated[
         str, typer.Option(help="Column with the full price ($1,290.00, 1290, USD 1290.5).")
-    ] = "full_price",
-    image_col: Annotated[str, typer.Option(help="Column with the image URL.")] = "imageurl",
-    code_col: Annotated[str, typer.Option(help="Column with the product code.")] = "product_code",
-    currency_col: Annotated[str, typer.Option(help="Column with the currency code.")] = "currency_code",
+    ] = default(api.prepare, "price_col"),
+    image_col: Annotated[str, typer.Option(help="Column with the image URL.")] = default(
+        api.prepare, "image_col"
+    ),
+    code_col: Annotated[str, typer.Option(help="Column with the product code.")] = default(
+        api.prepare, "code_col"
+    ),
+    currency_col: Annotated[str, typer.Option(help="Column with the currency code.")] = default(
+        api.prepare, "currency_col"
+    ),
     currency: Annotated[
         str | None, typer.Option(help="One currency for every row (then --currency-col is not needed).")
     ] = None,
-    hub_split: Annotated[str, typer.Option(help="Split of a hub or local dataset to read.")] = "train",
+    hub_split: Annotated[str, typer.Option(help="Split of a hub or local dataset to read.")] = default(
+        api.prepare, "hub_split"
+    ),
     hub_config: Annotated[
         str | None, typer.Option(help="Configuration (subset) name of a hub dataset.")
     ] = None,
     revision: Annotated[
         str | None, typer.Option(help="Hub dataset revision (branch, tag or commit).")
     ] = None,
-    split: Annotated[
-        str, typer.Option(help="Train,val,test ratios, stratified by category.")
-    ] = "0.8,0.1,0.1",
-    seed: Annotated[int, typer.Option(help="Seed of the split.")] = 0,
+    split: Annotated[str, typer.Option(help="Train,val,test ratios, stratified by category.")] = default(
+        api.prepare, "split"
+    ),
+    seed: Annotated[int, typer.Option(help="Seed of the split.")] = default(api.prepare, "seed"),
     limit: Annotated[int | None, typer.Option(help="Use only the first N rows of each source.")] = None,
-    concurrency: Annotated[int, typer.Option(help="Downloads in flight overall.")] = 64,
-    per_host: Annotated[int, typer.Option(help="Downloads in flight per host.")] = 32,
-    connect_timeout: Annotated[float, typer.Option(help="Seconds to wait for a connection.")] = 10.0,
-    read_timeout: Annotated[float, typer.Option(help="Seconds to wait for data.")] = 30.0,
+    concurrency: Annotated[int, typer.Option(help="Downloads in flight overall.")] = default(
+        api.prepare, "concurrency"
+    ),
+    per_host: Annotated[int, typer.Option(help="Downloads in flight per host.")] = default(
+        api.prepare, "per_host"
+    ),
+    connect_timeout: Annotated[float, typer.Option(help="Seconds to wait for a connection.")] = default(
+        api.prepare, "connect_timeout"
+    ),
+    read_timeout: Annotated[float, typer.Option(help="Seconds to wait for data.")] = default(
+        api.prepare, "read_timeout"
+    ),
     retries: Annotated[
         int, typer.Option(help="Retries after connection errors, timeouts, 5xx and 429 (never other 4xx).")
-    ] = 3,
-    backoff: Annotated[float, typer.Option(help="First retry delay in seconds; doubles, with jitter.")] = 0.5,
+    ] = default(api.prepare, "retries"),
+    backoff: Annotated[
+        float, typer.Option(help="First retry delay in seconds; doubles, with jitter.")
+    ] = default(api.prepare, "backoff"),
     max_wait: Annotated[
         float, typer.Option(help="Cap in seconds on any backoff or Retry-After wait.")
-    ] = 30.0,
+    ] = default(api.prepare, "max_wait"),
     max_pixels: Annotated[
         int, typer.Option(help="Reject images with more pixels (decompression bombs).")
-    ] = 40_000_000,
+    ] = default(api.prepare, "max_pixels"),
     allow_local: Annotated[
         bool,
         typer.Option(help="Accept file:// URLs and local paths in the image column (default: http(s) only)."),
-    ] = False,
-    progress: Annotated[bool, typer.Option(help="Show a progress bar.")] = True,
+    ] = default(api.prepare, "allow_local"),
+    progress: Annotated[bool, typer.Option(help="Show a progress bar.")] = default(api.prepare, "progress"),
 ) -> None:
     """Build a dataset (catalog.parquet, images/, prepare_report.json) from product tables with image URLs.
 
@@ -119,21 +182,22 @@ def prepare(
 
     Example: phivision prepare --source DBQ/Burberry.Product.prices.United.States --out data/burberry
     """
-    from phivision.data.download import DownloadConfig
-    from phivision.data.prepare import Columns, summary
-    from phivision.data.prepare import prepare as run_prepare
-
-    for flag, value in (
-        ("--concurrency", concurrency),
-        ("--per-host", per_host),
-        ("--max-pixels", max_pixels),
-    ):
-        if value < 1:
-            raise PhivisionError(f"{flag} {value}: must be at least 1")
-    if retries < 0 or min(connect_timeout, read_timeout) <= 0:
-        raise PhivisionError("--retries must be >= 0 and timeouts > 0")
-    columns = Columns(title_col, category_col, price_col, image_col, code_col, currency_col)
-    download = DownloadConfig(
+    report = api.prepare(
+        source,
+        out,
+        title_col=title_col,
+        category_col=category_col,
+        price_col=price_col,
+        image_col=image_col,
+        code_col=code_col,
+        currency_col=currency_col,
+        currency=currency,
+        hub_split=hub_split,
+        hub_config=hub_config,
+        revision=revision,
+        split=split,
+        seed=seed,
+        limit=limit,
         concurrency=concurrency,
         per_host=per_host,
         connect_timeout=connect_timeout,
@@ -143,21 +207,10 @@ def prepare(
         max_wait=max_wait,
         max_pixels=max_pixels,
         allow_local=allow_local,
-    )
-    report = run_prepare(
-        source,
-        out,
-        columns=columns,
-        currency=currency,
-        hub_split=hub_split,
-        hub_config=hub_config,
-        revision=revision,
-        split=split,
-        seed=seed,
-        download=download,
-        limit=limit,
         progress=progress,
     )
+    from phivision.data.prepare import summary
+
     typer.echo(summary(report))
 
 
@@ -167,17 +220,17 @@ def prepare(
 @app.command()
 def tiny(
     out: Annotated[Path, typer.Option(help="Checkpoint directory to write.")],
-    seed: Annotated[int, typer.Option(help="Random seed for the weights.")] = 0,
-    num_crops: Annotated[int, typer.Option(help="Most image tiles per image the processor makes.")] = 4,
+    seed: Annotated[int, typer.Option(help="Random seed for the weights.")] = default(api.tiny, "seed"),
+    num_crops: Annotated[int, typer.Option(help="Most image tiles per image the processor makes.")] = default(
+        api.tiny, "num_crops"
+    ),
 ) -> None:
     """Write a tiny, randomly initialised Phi-3-Vision checkpoint in the official layout (for tests and demos).
 
     It has config.json, model.safetensors, tokenizer files and preprocessor_config.json, and loads like the real
     checkpoint (AutoModelForCausalLM / AutoProcessor). OUT must not exist or be empty.
     """
-    from phivision.model.tiny import write_tiny_checkpoint
-
-    path = write_tiny_checkpoint(out, seed=seed, num_crops=num_crops)
+    path = api.tiny(out, seed=seed, num_crops=num_crops)
     typer.echo(f"wrote tiny checkpoint to {path}")
 
 
@@ -199,7 +252,7 @@ def train(
         typer.Option(
             help="Continue the run in --out from its newest checkpoint (same data order, RNG, optimizer)."
         ),
-    ] = False,
+    ] = default(api.train, "resume"),
     overrides: Annotated[
         list[str] | None,
         typer.Argument(
@@ -208,16 +261,9 @@ def train(
     ] = None,
 ) -> None:
     """Fine-tune Phi-3-Vision (LoRA, QLoRA or full) on a dataset; multi-GPU via `accelerate launch` or `torchrun`."""
-    from phivision.train import train as run_training
-    from phivision.train.config import cli_config
-
-    cfg = cli_config(out, data=data, model=model, config=config, resume=resume, overrides=overrides or [])
-    result = run_training(cfg, resume=resume)
-    best = (
-        f", best {cfg.eval.metric} {result.best_metric:.4f} at step {result.best_step}"
-        if result.best_step
-        else ""
-    )
+    result = api.train(out, data=data, model=model, config=config, resume=resume, overrides=overrides)
+    metric = json.loads((result.out / "trainer_state.json").read_text())["metric"] if result.best_step else ""
+    best = f", best {metric} {result.best_metric:.4f} at step {result.best_step}" if result.best_step else ""
     if os.environ.get("RANK", "0") == "0":  # one summary line under torchrun/accelerate, not one per process
         typer.echo(f"trained {result.steps} steps{best}; run written to {result.out}")
 
@@ -235,19 +281,24 @@ def evaluate(
             help="metrics.json path, or a directory (e.g. RUN/eval/after); predictions.jsonl goes beside it."
         ),
     ],
-    split: Annotated[str, typer.Option(help="Split to score: train, val or test.")] = "test",
-    batch_size: Annotated[int, typer.Option(help="Images per generation batch.")] = 8,
-    max_new_tokens: Annotated[int, typer.Option(help="Longest answer generated, in tokens.")] = 64,
+    split: Annotated[str, typer.Option(help="Split to score: train, val or test.")] = default(
+        api.evaluate, "split"
+    ),
+    batch_size: Annotated[int, typer.Option(help="Images per generation batch.")] = default(
+        api.evaluate, "batch_size"
+    ),
+    max_new_tokens: Annotated[int, typer.Option(help="Longest answer generated, in tokens.")] = default(
+        api.evaluate, "max_new_tokens"
+    ),
     limit: Annotated[int | None, typer.Option(help="Score only the first N items of the split.")] = None,
 ) -> None:
     """Answer every photo of a split with greedy decoding and score price, category and title against the truth
     and the train-split baselines (median price, majority category)."""
-    from phivision.evaluate.evaluation import evaluate as run_evaluation
+    metrics = api.evaluate(
+        model, data, out, split=split, batch_size=batch_size, max_new_tokens=max_new_tokens, limit=limit
+    )
     from phivision.evaluate.evaluation import output_paths, summary_table
 
-    metrics = run_evaluation(
-        model, data, split=split, out=out, batch_size=batch_size, max_new_tokens=max_new_tokens, limit=limit
-    )
     typer.echo(summary_table(metrics))
     if metrics["image_errors"]:
         typer.echo(
@@ -274,9 +325,7 @@ def report(
 ) -> None:
     """Write one self-contained HTML report: headline table (before, after, baseline), price plots, category
     confusion matrix, per-category table and the best and worst predictions with their photos."""
-    from phivision.evaluate.report import write_report
-
-    path = write_report(run=run, predictions=predictions, out=out)
+    path = api.report(run=run, predictions=predictions, out=out)
     typer.echo(f"wrote {path}")
 
 
@@ -290,8 +339,12 @@ def predict(
     ],
     model: Annotated[str, typer.Option(help="Training RUN directory, checkpoint directory or hub id.")],
     out: Annotated[Path | None, typer.Option(help="JSON-lines file to write (default: stdout).")] = None,
-    batch_size: Annotated[int, typer.Option(help="Images per generation batch.")] = 8,
-    max_new_tokens: Annotated[int, typer.Option(help="Longest answer generated, in tokens.")] = 64,
+    batch_size: Annotated[int, typer.Option(help="Images per generation batch.")] = default(
+        api.predict, "batch_size"
+    ),
+    max_new_tokens: Annotated[int, typer.Option(help="Longest answer generated, in tokens.")] = default(
+        api.predict, "max_new_tokens"
+    ),
     device: Annotated[
         str | None, typer.Option(help="cuda, cpu, cuda:1... (default: cuda if available)")
     ] = None,
@@ -301,11 +354,11 @@ def predict(
     An unreadable image gets a line with an "error" field and the others go on. Exit code 0 when at least one
     image was answered, 1 when none could be read, 2 for a bad flag or path.
     """
-    from phivision.serve.predict import run_predict
-
-    answered, failed = run_predict(
-        model, images, out=out, batch_size=batch_size, max_new_tokens=max_new_tokens, device=device
+    records = api.predict(
+        images, model, out=out or "-", batch_size=batch_size, max_new_tokens=max_new_tokens, device=device
     )
+    failed = sum("error" in record for record in records)
+    answered = len(records) - failed
     if out is not None:
         typer.echo(f"wrote {answered + failed} line(s) to {out}", err=True)
     if failed:
@@ -317,38 +370,42 @@ def predict(
 @app.command()
 def serve(
     model: Annotated[str, typer.Option(help="Training RUN directory, checkpoint directory or hub id.")],
-    host: Annotated[str, typer.Option(help="Interface to bind (0.0.0.0: every interface).")] = "127.0.0.1",
-    port: Annotated[int, typer.Option(help="TCP port.")] = 8000,
-    max_batch_size: Annotated[int, typer.Option(help="Most concurrent requests answered in one batch.")] = 8,
+    host: Annotated[str, typer.Option(help="Interface to bind (0.0.0.0: every interface).")] = default(
+        api.serve, "host"
+    ),
+    port: Annotated[int, typer.Option(help="TCP port.")] = default(api.serve, "port"),
+    max_batch_size: Annotated[
+        int, typer.Option(help="Most concurrent requests answered in one batch.")
+    ] = default(api.serve, "max_batch_size"),
     max_wait_ms: Annotated[
         float, typer.Option(help="How long a batch waits for more requests to join.")
-    ] = 10.0,
+    ] = default(api.serve, "max_wait_ms"),
     max_upload_mb: Annotated[
         float, typer.Option(help="Largest upload accepted (bigger ones get 413).")
-    ] = 10.0,
+    ] = default(api.serve, "max_upload_mb"),
     max_pixels: Annotated[
         int, typer.Option(help="Largest image in pixels (bigger ones, e.g. decompression bombs, get 413).")
-    ] = 40_000_000,
-    max_new_tokens: Annotated[int, typer.Option(help="Longest answer generated, in tokens.")] = 64,
+    ] = default(api.serve, "max_pixels"),
+    max_new_tokens: Annotated[int, typer.Option(help="Longest answer generated, in tokens.")] = default(
+        api.serve, "max_new_tokens"
+    ),
     device: Annotated[
         str | None, typer.Option(help="cuda, cpu, cuda:1... (default: cuda if available)")
     ] = None,
 ) -> None:
     """Serve the model over HTTP: POST /v1/predict (multipart field "image"), an upload page at /, /healthz,
     and the OpenAPI schema at /openapi.json (interactive docs at /docs)."""
-    from phivision.serve.server import ServeLimits
-    from phivision.serve.server import serve as run_server
-
-    if max_batch_size < 1 or max_upload_mb <= 0 or max_pixels < 1:
-        raise PhivisionError("--max-batch-size, --max-upload-mb and --max-pixels must be positive")
-    limits = ServeLimits(
+    api.serve(
+        model,
+        host=host,
+        port=port,
         max_batch_size=max_batch_size,
         max_wait_ms=max_wait_ms,
         max_upload_mb=max_upload_mb,
         max_pixels=max_pixels,
         max_new_tokens=max_new_tokens,
+        device=device,
     )
-    run_server(model, host=host, port=port, limits=limits, device=device)
 
 
 @app.command()
@@ -360,13 +417,11 @@ def export(
     ] = None,
     max_shard_size: Annotated[
         str, typer.Option(help="Largest safetensors shard, e.g. 4GB or 500MB.")
-    ] = "4GB",
+    ] = default(api.export, "max_shard_size"),
 ) -> None:
     """Merge the run's LoRA adapter into its base (or re-save a full fine-tune) and write the official
     Phi-3-Vision checkpoint layout, loadable by phivision, transformers and vLLM (see docs/serving.md)."""
-    from phivision.serve.export import export_run
-
-    path = export_run(run, out, dtype=dtype, max_shard_size=max_shard_size)
+    path = api.export(run, out, dtype=dtype, max_shard_size=max_shard_size)
     typer.echo(f"wrote {path}")
 
 
@@ -377,15 +432,17 @@ def export(
 def demo(
     out: Annotated[
         Path, typer.Option(help="Output directory (dataset, tiny checkpoint, run, report).")
-    ] = Path("phivision-demo"),
-    n: Annotated[int, typer.Option(help="Products in the synthetic catalog.")] = 600,
-    seed: Annotated[int, typer.Option(help="Seeds the catalog, the tiny weights and training.")] = 0,
+    ] = default(api.demo, "out"),
+    n: Annotated[int, typer.Option(help="Products in the synthetic catalog.")] = default(api.demo, "n"),
+    seed: Annotated[int, typer.Option(help="Seeds the catalog, the tiny weights and training.")] = default(
+        api.demo, "seed"
+    ),
     config: Annotated[
         Path | None, typer.Option(help="Training YAML to use instead of the packaged demo recipe.")
     ] = None,
     fresh: Annotated[
         bool, typer.Option(help="Delete --out first instead of reusing finished steps.")
-    ] = False,
+    ] = default(api.demo, "fresh"),
     overrides: Annotated[
         list[str] | None, typer.Argument(help="Training overrides as key=value, e.g. schedule.epochs=2.")
     ] = None,
@@ -395,18 +452,82 @@ def demo(
     Finishes in a few minutes on 2 CPU cores and writes OUT/metrics.json ({"before", "after", "baseline"})
     and OUT/report.html. Rerunning reuses what is already done.
     """
-    from phivision.demo import run_demo
-
-    run_demo(out=out, n=n, seed=seed, config=config, overrides=overrides, fresh=fresh)
+    api.demo(out, n=n, seed=seed, config=config, overrides=overrides, fresh=fresh)
 
 
-def main() -> None:
-    """Console entry point: user errors become one line on stderr and exit code 2."""
+# OSErrors that are about the machine, never about phivision's code: one line wherever they happen.
+ENVIRONMENT_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS})
+# OSErrors about a file: one line when the file is (inside) a path given on the command line, else a bug.
+PATH_ERRNOS = frozenset(
+    {
+        errno.EACCES,
+        errno.EPERM,
+        errno.ENOENT,
+        errno.EEXIST,
+        errno.EISDIR,
+        errno.ENOTDIR,
+        errno.ENOTEMPTY,
+        errno.ENAMETOOLONG,
+        errno.ELOOP,
+    }
+)
+
+
+def _given_paths(args: list[str]) -> list[str]:
+    """Every command-line token that could name a path: arguments, option values, ``key=value`` values."""
+    tokens = [
+        part for arg in args for part in (arg, arg.partition("=")[2]) if part and not part.startswith("-")
+    ]
+    return [os.path.abspath(os.path.expanduser(token)) for token in tokens]
+
+
+def os_error_message(err: OSError, args: list[str]) -> str | None:
+    """The one-line message for an OSError the user can act on, or None for one that must show its traceback.
+
+    A full disk, a quota, a file-size limit or a read-only file system is the machine's state, never a bug: one
+    line, naming the file when the error knows it. A permission or missing-file error on a path given on the
+    command line (or a file inside it) is the user's to fix: one line naming it. Any other OSError (a file of
+    phivision itself, a socket...) may be a bug, so its traceback stays visible.
+    """
+    reason = err.strerror or str(err)
+    names = [name for name in (err.filename, err.filename2) if name is not None]
+    where = ": ".join(os.fsdecode(name) for name in names)
+    if err.errno in ENVIRONMENT_ERRNOS or (err.errno is None and "No space left on device" in str(err)):
+        return f"{where}: {reason}" if where else f"{reason} (while writing; free some space and rerun)"
+    if err.errno in PATH_ERRNOS and names:
+        given = _given_paths(args)
+        path = os.path.abspath(os.fsdecode(names[0]))
+        if any(path == root or path.startswith(root.rstrip(os.sep) + os.sep) for root in given):
+            return f"{where}: {reason}"
+    return None
+
+
+def main(args: list[str] | None = None) -> None:
+    """Console entry point. A user's mistake (PhivisionError, a bad flag, a full disk, an unreadable path they
+    gave) becomes one ``error:`` line on stderr and exit code 2; a bug keeps its traceback (exit 1)."""
+    args = sys.argv[1:] if args is None else list(args)
     try:
-        app()
+        code = app(args=args, prog_name="phivision", standalone_mode=False)
     except PhivisionError as err:
-        typer.echo(f"error: {err}", err=True)
-        sys.exit(2)
+        _fail(str(err))
+    except NoArgsIsHelpError:  # the help is already printed
+        sys.exit(0)
+    except UsageError as err:
+        command = err.ctx.command_path if err.ctx is not None else "phivision"
+        _fail(f"{err.format_message()} (see '{command} --help')", code=err.exit_code)
+    except typer.Abort:
+        _fail("aborted", code=130)
+    except OSError as err:
+        message = os_error_message(err, args)
+        if message is None:
+            raise
+        _fail(message)
+    sys.exit(code or 0)
+
+
+def _fail(message: str, code: int = 2) -> None:
+    typer.echo(f"error: {' '.join(message.split())}", err=True)  # one line, whatever the message holds
+    sys.exit(code)
 
 
 if __name__ == "__main__":
