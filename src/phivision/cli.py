@@ -481,24 +481,29 @@ def _given_paths(args: list[str]) -> list[str]:
     return [os.path.abspath(os.path.expanduser(token)) for token in tokens]
 
 
+def _on_given_path(path: str, given: list[str]) -> bool:
+    """``path`` is a given path, inside one, or one of its parent directories (which phivision creates)."""
+    path = os.path.abspath(path)
+    inside = [(path, root) for root in given] + [(root, path) for root in given]
+    return any(a == b or a.startswith(b.rstrip(os.sep) + os.sep) for a, b in inside)
+
+
 def os_error_message(err: OSError, args: list[str]) -> str | None:
     """The one-line message for an OSError the user can act on, or None for one that must show its traceback.
 
     A full disk, a quota, a file-size limit or a read-only file system is the machine's state, never a bug: one
-    line, naming the file when the error knows it. A permission or missing-file error on a path given on the
-    command line (or a file inside it) is the user's to fix: one line naming it. Any other OSError (a file of
-    phivision itself, a socket...) may be a bug, so its traceback stays visible.
+    line, naming the file when the error knows it. A permission, missing-file or not-a-directory error on a path
+    given on the command line (a file inside it, or a parent directory of it) is the user's to fix: one line
+    naming it. Any other OSError (on phivision's own files, a socket...) may be a bug: its traceback stays.
     """
     reason = err.strerror or str(err)
-    names = [name for name in (err.filename, err.filename2) if name is not None]
-    where = ": ".join(os.fsdecode(name) for name in names)
+    names = [os.fsdecode(name) for name in (err.filename, err.filename2) if name is not None]
+    where = " -> ".join(names)
     if err.errno in ENVIRONMENT_ERRNOS or (err.errno is None and "No space left on device" in str(err)):
         return f"{where}: {reason}" if where else f"{reason} (while writing; free some space and rerun)"
-    if err.errno in PATH_ERRNOS and names:
-        given = _given_paths(args)
-        path = os.path.abspath(os.fsdecode(names[0]))
-        if any(path == root or path.startswith(root.rstrip(os.sep) + os.sep) for root in given):
-            return f"{where}: {reason}"
+    given = _given_paths(args)
+    if err.errno in PATH_ERRNOS and any(_on_given_path(name, given) for name in names):
+        return f"{where}: {reason}"
     return None
 
 
@@ -510,7 +515,8 @@ def main(args: list[str] | None = None) -> None:
         code = app(args=args, prog_name="phivision", standalone_mode=False)
     except PhivisionError as err:
         _fail(str(err))
-    except NoArgsIsHelpError:  # the help is already printed
+    except NoArgsIsHelpError as err:  # `phivision` alone: the help (its message), not an error
+        typer.echo(err.format_message())
         sys.exit(0)
     except UsageError as err:
         command = err.ctx.command_path if err.ctx is not None else "phivision"
