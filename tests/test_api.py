@@ -70,12 +70,14 @@ def test_api_function_is_kept_when_its_subpackage_is_imported():
         from phivision.serve.predict import expand_inputs
         import phivision.serve.export
 
-        for name in ("train", "evaluate", "serve"):
+        import phivision.demo
+        for name in ("train", "evaluate", "serve", "demo"):
             verb = getattr(phivision, name)
             assert verb.__wrapped__ is getattr(phivision.api, name), name
             assert verb.__name__ == name and verb.__doc__ == getattr(phivision.api, name).__doc__
-        from phivision import train, evaluate, serve
+        from phivision import train, evaluate, serve, demo
         assert train is phivision.train and evaluate is phivision.evaluate and serve is phivision.serve
+        assert demo is phivision.demo and phivision.demo.run_demo is sys.modules["phivision.demo"].run_demo
         assert phivision.train.loop is sys.modules["phivision.train.loop"]
         assert phivision.train.loop.train is loop_train and phivision.train.TrainResult is TrainResult
         assert generate_module is sys.modules["phivision.evaluate.generate"]
@@ -91,6 +93,15 @@ def test_api_function_is_kept_when_its_subpackage_is_imported():
         """
     )
     assert done.stdout.strip() == "ok"
+
+
+def test_every_name_clash_is_guarded():
+    """An API function named like a submodule of phivision must be in VERB_PACKAGES, or importing that submodule
+    would replace the function."""
+    import pkgutil
+
+    submodules = {info.name for info in pkgutil.iter_modules(phivision.__path__)}
+    assert submodules & set(api.__all__) == set(phivision.VERB_PACKAGES)
 
 
 def test_monkeypatch_by_dotted_name_reaches_the_subpackage(monkeypatch):

@@ -8,10 +8,10 @@ One import gives the whole API, one function per CLI verb (:mod:`phivision.api`)
 Importing the package is light: no torch, transformers or pandas load until a function is called. The native
 Phi-3-Vision classes register with transformers' Auto* classes when :mod:`phivision.model` is first imported.
 
-Three names are both an API function and a subpackage: ``phivision.train``, ``phivision.evaluate`` and
-``phivision.serve``. The attribute is always the function; it also leads to the subpackage's contents, so
-``import phivision.train.loop as loop``, ``from phivision.train.loop import train`` and
-``mock.patch("phivision.train.loop.train")`` keep working (see :class:`VerbAndPackage`).
+Four names are both an API function and a submodule: ``phivision.train``, ``phivision.evaluate``,
+``phivision.serve`` (subpackages) and ``phivision.demo``. The attribute is always the function; it also leads to
+the submodule's contents, so ``import phivision.train.loop as loop``, ``from phivision.train.loop import train``
+and ``mock.patch("phivision.train.loop.train")`` keep working (see :class:`VerbAndPackage`).
 """
 
 from __future__ import annotations
@@ -40,9 +40,11 @@ from phivision.api import (
 )
 from phivision.errors import PhivisionError
 
+__version__ = "0.1.0"  # the package version (pyproject.toml reads it from here)
+
 
 class VerbAndPackage:
-    """An API function that shares its name with a subpackage (``phivision.train``).
+    """An API function that shares its name with a submodule (``phivision.train``, ``phivision.demo``...).
 
     Calling it calls the function (its signature and docstring are the function's, via ``__wrapped__``); any
     other public attribute comes from the subpackage, imported on first use. So ``phivision.train(...)`` trains,
@@ -73,12 +75,14 @@ class VerbAndPackage:
 train = VerbAndPackage(train, "phivision.train")  # noqa: F811
 evaluate = VerbAndPackage(evaluate, "phivision.evaluate")  # noqa: F811
 serve = VerbAndPackage(serve, "phivision.serve")  # noqa: F811
-VERB_PACKAGES = {"train": train, "evaluate": evaluate, "serve": serve}
+demo = VerbAndPackage(demo, "phivision.demo")  # noqa: F811
+VERB_PACKAGES = {"train": train, "evaluate": evaluate, "serve": serve, "demo": demo}
 
 
 class _PhivisionModule(types.ModuleType):
     """The top-level package's module type: importing ``phivision.train`` (the subpackage) does
-    ``setattr(phivision, "train", <module>)``, which would replace the API function; this keeps the function."""
+    ``setattr(phivision, "train", <module>)``, which would replace the API function; this keeps the function.
+    A test checks that every API function whose name is also a submodule is in :data:`VERB_PACKAGES`."""
 
     def __setattr__(self, name: str, value: Any) -> None:
         verb = VERB_PACKAGES.get(name)
@@ -88,17 +92,6 @@ class _PhivisionModule(types.ModuleType):
 
 
 sys.modules[__name__].__class__ = _PhivisionModule
-
-
-def __getattr__(name: str) -> Any:
-    if name == "__version__":
-        from importlib.metadata import PackageNotFoundError, version
-
-        try:
-            return version("phivision")
-        except PackageNotFoundError:
-            return "0+unknown"
-    raise AttributeError(f"module 'phivision' has no attribute {name!r}")
 
 
 __all__ = [

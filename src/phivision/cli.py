@@ -500,7 +500,7 @@ def os_error_message(err: OSError, args: list[str]) -> str | None:
     names = [os.fsdecode(name) for name in (err.filename, err.filename2) if name is not None]
     where = " -> ".join(names)
     if err.errno in ENVIRONMENT_ERRNOS or (err.errno is None and "No space left on device" in str(err)):
-        return f"{where}: {reason}" if where else f"{reason} (while writing; free some space and rerun)"
+        return f"{where}: {reason}" if where else f"{reason} (while writing a file)"
     given = _given_paths(args)
     if err.errno in PATH_ERRNOS and any(_on_given_path(name, given) for name in names):
         return f"{where}: {reason}"

@@ -70,10 +70,12 @@ def comparison_table(before: dict, after: dict, baseline: dict) -> str:
 
 @dataclass
 class Step:
-    """One demo step: what it writes and what its result depends on (upstream steps enter by their ``id``)."""
+    """One demo step: what it writes (removed before it is computed again), the file that shows it finished, and
+    what its result depends on (upstream steps enter by their ``id``)."""
 
     name: str
     paths: list[Path]
+    marker: Path
     inputs: dict[str, Any]
 
     def __post_init__(self) -> None:
@@ -95,7 +97,7 @@ class StepRecord:
     def state(self, step: Step) -> str:
         """``done`` (same inputs, finished, outputs there), ``started`` (same inputs, unfinished) or ``stale``."""
         entry = self.steps.get(step.name) or {}
-        if entry.get("inputs") != step.inputs or not all(p.exists() for p in step.paths):
+        if entry.get("inputs") != step.inputs or not step.marker.exists():
             return "stale"
         return "done" if entry.get("done") else "started"
 
@@ -225,13 +227,16 @@ def run_demo(
     steps = DemoSteps(out, record, log, progress)
 
     steps.run(
-        Step("data", [data_dir], {"n": n, "seed": seed, "phivision": version}),
+        Step("data", [data_dir], data_dir / "catalog.parquet", {"n": n, "seed": seed, "phivision": version}),
         f"sampling a synthetic catalog of {n} products -> {data_dir}",
         lambda: steps.sample(data_dir, n, seed),
     )
     steps.run(
         Step(
-            "base", [base_dir], {"seed": seed, "phivision": version, "upstream": {"data": record.id("data")}}
+            "base",
+            [base_dir],
+            base_dir / "config.json",
+            {"seed": seed, "phivision": version, "upstream": {"data": record.id("data")}},
         ),
         f"writing a tiny random Phi-3-Vision checkpoint -> {base_dir}",
         lambda: steps.tiny(base_dir, data_dir, seed),
@@ -248,13 +253,24 @@ def run_demo(
     ):  # decided by --out, not inputs: a rerun from another directory is the same run
         resolved.pop(key)
     resolved["data"].pop("path")
-    training = Step("train", [run_dir], {"config": resolved, "phivision": version, "upstream": upstream})
+    # The run directory also holds eval/before, so an outdated run goes now, before the base model is evaluated.
+    training = Step(
+        "train",
+        [],
+        run_dir / "trainer_state.json",
+        {"config": resolved, "phivision": version, "upstream": upstream},
+    )
     if record.state(training) == "stale":
-        _remove(run_dir)  # before training again, the old run goes (its eval/before with it)
+        _remove(run_dir)
 
     before_dir, after_dir = run_dir / "eval" / "before", run_dir / "eval" / "after"
     before = steps.run(
-        Step("before", [before_dir], {"eval": evaluation, "phivision": version, "upstream": upstream}),
+        Step(
+            "before",
+            [before_dir],
+            before_dir / "metrics.json",
+            {"eval": evaluation, "phivision": version, "upstream": upstream},
+        ),
         "evaluating the base model on the test split",
         lambda: steps.evaluate(base_dir, data_dir, before_dir, evaluation),
         lambda: steps.read_metrics(before_dir),
@@ -266,6 +282,7 @@ def run_demo(
         Step(
             "after",
             [after_dir],
+            after_dir / "metrics.json",
             {"eval": evaluation, "phivision": version, "upstream": {**upstream, "train": record.id("train")}},
         ),
         "evaluating the fine-tuned model on the test split",
@@ -295,7 +312,7 @@ class DemoSteps:
             self.log(f"reusing {step.name}: same inputs as when it was computed")
             return reuse() if reuse else None
         if state == "started" and step.name == "train":
-            self.log(f"resuming the unfinished training run (same inputs) in {step.paths[0]}")
+            self.log(f"resuming the unfinished training run (same inputs) in {step.marker.parent}")
         else:
             self.log(f"{message} ({step.name}: {self.record.changes(step)})")
             for path in step.paths:
