@@ -6,6 +6,7 @@ exit codes), then the default demo as users run it against the quality bar of it
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 
@@ -115,15 +116,17 @@ def test_demo_refuses_a_folder_it_did_not_write(tmp_path):
     assert (out / "thesis.tex").read_text() == "precious" and (out / "data").is_dir()
 
 
-def test_demo_uses_one_cpu_thread_unless_num_threads_says_otherwise(tmp_path):
+def test_demo_threads_follow_num_threads_then_the_wait_policy():
     import torch
 
     from phivision.demo import choose_threads
 
     before = torch.get_num_threads()
     try:
-        assert choose_threads(0) == 1 and torch.get_num_threads() == 1
-        assert choose_threads(2) == 2 and torch.get_num_threads() == 2
+        assert choose_threads(3, passive=False)[0] == 3 and torch.get_num_threads() == 3
+        assert choose_threads(0, passive=True)[0] == 3  # passive waiting: the thread count stays as it is
+        threads, reason = choose_threads(0, passive=False)  # spinning threads: one thread never waits
+        assert threads == 1 and torch.get_num_threads() == 1 and "num_threads=N" in reason
     finally:
         torch.set_num_threads(before)
 
@@ -131,10 +134,13 @@ def test_demo_uses_one_cpu_thread_unless_num_threads_says_otherwise(tmp_path):
 def test_demo_cli_exit_codes(tmp_path):
     out = tmp_path / "cli-demo"
     cmd = [sys.executable, "-m", "phivision.cli", "demo", "--out", str(out), "--n", "60", *QUICK]
-    done = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    env = {k: v for k, v in os.environ.items() if k not in ("OMP_WAIT_POLICY", "OMP_NUM_THREADS")}
+    env["OMP_DISPLAY_ENV"] = "TRUE"  # libgomp prints the settings it started with
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env)
     assert done.returncode == 0, done.stderr[-2000:]
     assert json.loads((out / "metrics.json").read_text())["after"]["n"] > 0
-    assert "torch CPU threads: 1 (the demo default)" in done.stdout
+    assert "OMP_WAIT_POLICY = 'PASSIVE'" in done.stderr  # set before torch loaded, so OpenMP obeys it
+    assert "torch CPU threads: " in done.stdout and "OMP_WAIT_POLICY=PASSIVE" in done.stdout
 
     bad = subprocess.run([*cmd[:-4], "schedule.no_such_key=1"], capture_output=True, text=True, timeout=120)
     assert bad.returncode == 2

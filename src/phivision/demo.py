@@ -21,6 +21,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import sys
 import time
 import uuid
 from collections.abc import Callable
@@ -35,9 +36,6 @@ from phivision.io import atomic_write_json
 DEMO_CONFIG = "demo.yaml"
 STATE_FILE = "demo.json"
 DEMO_ENTRIES = {"data", "base", "run", "report.html", "metrics.json", STATE_FILE}
-# torch CPU threads when the config says num_threads: 0. One thread: with more, torch's OpenMP threads
-# spin-wait for each other at every small op and lose to other busy processes (benchmarks/RESULTS.md).
-DEMO_THREADS = 1
 
 
 def demo_config_path() -> Path:
@@ -167,13 +165,38 @@ def check_out_dir(out: Path, fresh: bool) -> None:
 # ----------------------------------------------------------------------------------------------- threads
 
 
-def choose_threads(num_threads: int) -> int:
-    """The torch CPU thread count of the demo: the config's ``num_threads``, or :data:`DEMO_THREADS` for 0."""
+def passive_openmp() -> bool:
+    """Ask torch's OpenMP threads to sleep while they wait (``OMP_WAIT_POLICY=PASSIVE``) instead of spinning.
+
+    OpenMP reads the policy once, when torch loads, so this works only before ``import torch`` (it does in
+    ``phivision demo``, whose CLI never imports torch first); a policy the user set is kept. Returns whether
+    waiting is passive. Why: the tiny model's operations are small, so its threads meet at a barrier every few
+    microseconds; a thread that spins there holds a core that the thread it waits for, or any other process,
+    needs, and beside other busy processes the demo ran up to 20x slower (benchmarks/RESULTS.md).
+    """
+    if "torch" not in sys.modules:
+        os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+    return os.environ.get("OMP_WAIT_POLICY", "").strip().upper() == "PASSIVE"
+
+
+def choose_threads(num_threads: int, passive: bool) -> tuple[int, str]:
+    """The demo's torch CPU threads and why: the config's ``num_threads``; else torch's default when OpenMP
+    threads wait passively; else one thread (torch loaded earlier with spinning threads: one thread never waits)."""
     import torch
 
-    threads = num_threads or DEMO_THREADS
-    torch.set_num_threads(threads)
-    return threads
+    if num_threads:
+        torch.set_num_threads(num_threads)
+        return num_threads, "num_threads"
+    if passive:
+        return (
+            torch.get_num_threads(),
+            "torch's default; waiting OpenMP threads sleep: OMP_WAIT_POLICY=PASSIVE",
+        )
+    torch.set_num_threads(1)
+    return (
+        1,
+        "torch was loaded before the demo with spin-waiting OpenMP threads; set num_threads=N to override",
+    )
 
 
 # -------------------------------------------------------------------------------------------------- demo
@@ -201,6 +224,7 @@ def run_demo(
     """
     import phivision
 
+    passive = passive_openmp()  # before anything imports torch
     out = Path(out)
     check_out_dir(out, fresh)
     started = time.perf_counter()
@@ -219,8 +243,8 @@ def run_demo(
         seed=seed,
         data={"path": str(data_dir)},
     )
-    threads = choose_threads(train_config.num_threads)
-    log(f"torch CPU threads: {threads} ({'num_threads' if train_config.num_threads else 'the demo default'})")
+    threads, reason = choose_threads(train_config.num_threads, passive)
+    log(f"torch CPU threads: {threads} ({reason})")
     out.mkdir(parents=True, exist_ok=True)
     record = StepRecord(out)
     version = phivision.__version__
