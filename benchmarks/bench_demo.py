@@ -121,20 +121,25 @@ def prepare_inputs(work: Path) -> tuple[Path, Path]:
     return data, base
 
 
-def parse_setting(setting: str) -> tuple[int, str | None]:
-    """``"2"`` -> (2, None); ``"2:passive"`` -> (2, "passive")."""
+def parse_setting(setting: str) -> tuple[int, dict[str, str]]:
+    """``"2"`` -> (2, {}); ``"2:passive"`` -> (2, {OMP_WAIT_POLICY: PASSIVE}); ``"2:spin1000"`` -> (2,
+    {GOMP_SPINCOUNT: 1000}): torch threads and the OpenMP environment of the measured process."""
     threads, _, policy = setting.partition(":")
-    return int(threads), policy or None
+    if policy.startswith("spin"):
+        return int(threads), {"GOMP_SPINCOUNT": policy.removeprefix("spin")}
+    return int(threads), {"OMP_WAIT_POLICY": policy.upper()} if policy else {}
+
+
+def openmp_env(extra: dict[str, str]) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if k not in ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT")}
+    return {**env, **extra}
 
 
 def time_steps(setting: str, data: Path, base: Path, work: Path, steps: int = STEPS) -> float:
     """Seconds of ``steps`` demo training steps in a fresh process with ``setting``'s threads and wait policy."""
-    threads, policy = parse_setting(setting)
+    threads, extra = parse_setting(setting)
     out = Path(tempfile.mkdtemp(prefix="run-", dir=work))
-    env = dict(os.environ)
-    env.pop("OMP_WAIT_POLICY", None)
-    if policy:
-        env["OMP_WAIT_POLICY"] = policy.upper()
+    env = openmp_env(extra)
     command = [
         *PREFIX, PYTHON, "-m", "phivision.cli", "train", "--config", str(demo_config()), "--data", str(data),
         "--model", str(base), "--out", str(out), f"num_threads={threads}", f"schedule.max_steps={steps}",
@@ -178,10 +183,8 @@ def small_ops(threads: int) -> None:
 
 
 def time_ops(setting: str) -> float:
-    threads, policy = parse_setting(setting)
-    env = {k: v for k, v in os.environ.items() if k != "OMP_WAIT_POLICY"}
-    if policy:
-        env["OMP_WAIT_POLICY"] = policy.upper()
+    threads, extra = parse_setting(setting)
+    env = openmp_env(extra)
     done = subprocess.run(
         [*PREFIX, PYTHON, __file__, "_ops", str(threads)], env=env, capture_output=True, text=True, check=True
     )
@@ -254,7 +257,11 @@ def main() -> None:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("what", choices=["steps", "demo", "ops"])
-    parser.add_argument("--threads", default="2,1", help="foreground settings: THREADS[:OMP_WAIT_POLICY],...")
+    parser.add_argument(
+        "--threads",
+        default="2,1",
+        help="foreground settings: THREADS[:passive|:active|:spinN (GOMP_SPINCOUNT)],...",
+    )
     parser.add_argument("--backgrounds", default="none,torch,burn", help="none, torch, torch1, burn")
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--steps", type=int, default=STEPS, help="training steps timed (steps only)")

@@ -123,9 +123,10 @@ def test_demo_threads_follow_num_threads_then_the_wait_policy():
 
     before = torch.get_num_threads()
     try:
-        assert choose_threads(3, passive=False)[0] == 3 and torch.get_num_threads() == 3
-        assert choose_threads(0, passive=True)[0] == 3  # passive waiting: the thread count stays as it is
-        threads, reason = choose_threads(0, passive=False)  # spinning threads: one thread never waits
+        assert choose_threads(3, None)[0] == 3 and torch.get_num_threads() == 3
+        passive = choose_threads(0, "OMP_WAIT_POLICY=PASSIVE")  # threads sleep while waiting: count stays
+        assert passive[0] == 3 and "OMP_WAIT_POLICY=PASSIVE" in passive[1]
+        threads, reason = choose_threads(0, None)  # spinning threads: one thread never waits
         assert threads == 1 and torch.get_num_threads() == 1 and "num_threads=N" in reason
     finally:
         torch.set_num_threads(before)
@@ -134,13 +135,18 @@ def test_demo_threads_follow_num_threads_then_the_wait_policy():
 def test_demo_cli_exit_codes(tmp_path):
     out = tmp_path / "cli-demo"
     cmd = [sys.executable, "-m", "phivision.cli", "demo", "--out", str(out), "--n", "60", *QUICK]
-    env = {k: v for k, v in os.environ.items() if k not in ("OMP_WAIT_POLICY", "OMP_NUM_THREADS")}
+    env = {
+        k: v for k, v in os.environ.items() if k not in ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT", "KMP_BLOCKTIME")
+    }
     env["OMP_DISPLAY_ENV"] = "TRUE"  # libgomp prints the settings it started with
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env)
     assert done.returncode == 0, done.stderr[-2000:]
     assert json.loads((out / "metrics.json").read_text())["after"]["n"] > 0
     assert "OMP_WAIT_POLICY = 'PASSIVE'" in done.stderr  # set before torch loaded, so OpenMP obeys it
-    assert "torch CPU threads: " in done.stdout and "OMP_WAIT_POLICY=PASSIVE" in done.stdout
+    assert (
+        "torch CPU threads: " in done.stdout
+        and "waiting OpenMP threads: OMP_WAIT_POLICY=PASSIVE" in done.stdout
+    )
 
     bad = subprocess.run([*cmd[:-4], "schedule.no_such_key=1"], capture_output=True, text=True, timeout=120)
     assert bad.returncode == 2

@@ -165,33 +165,35 @@ def check_out_dir(out: Path, fresh: bool) -> None:
 # ----------------------------------------------------------------------------------------------- threads
 
 
-def passive_openmp() -> bool:
-    """Ask torch's OpenMP threads to sleep while they wait (``OMP_WAIT_POLICY=PASSIVE``) instead of spinning.
+WAIT_SETTINGS = ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT", "KMP_BLOCKTIME")  # OpenMP, libgomp, LLVM/Intel libomp
 
-    OpenMP reads the policy once, when torch loads, so this works only before ``import torch`` (it does in
-    ``phivision demo``, whose CLI never imports torch first); a policy the user set is kept. Returns whether
-    waiting is passive. Why: the tiny model's operations are small, so its threads meet at a barrier every few
-    microseconds; a thread that spins there holds a core that the thread it waits for, or any other process,
-    needs, and beside other busy processes the demo ran up to 20x slower (benchmarks/RESULTS.md).
+
+def quiet_openmp_waits() -> str | None:
+    """Ask torch's OpenMP threads to sleep while they wait (``OMP_WAIT_POLICY=PASSIVE``) instead of spinning, and
+    return the wait setting in force (``"OMP_WAIT_POLICY=PASSIVE"``), or None when threads spin by default.
+
+    OpenMP reads the setting once, when torch loads, so it is set only before ``import torch`` (``phivision demo``
+    never imports torch first) and never over a wait setting of the user's. Why: the tiny model's operations
+    are small, so its threads meet at a barrier every few microseconds; a thread spinning there holds a core that
+    the thread it waits for, or another process, needs: beside other busy processes the demo's training ran 10
+    to 50 times slower (benchmarks/RESULTS.md).
     """
-    if "torch" not in sys.modules:
-        os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-    return os.environ.get("OMP_WAIT_POLICY", "").strip().upper() == "PASSIVE"
+    if "torch" not in sys.modules and not any(name in os.environ for name in WAIT_SETTINGS):
+        os.environ["OMP_WAIT_POLICY"] = "PASSIVE"
+    chosen = [f"{name}={os.environ[name]}" for name in WAIT_SETTINGS if name in os.environ]
+    return ", ".join(chosen) or None
 
 
-def choose_threads(num_threads: int, passive: bool) -> tuple[int, str]:
-    """The demo's torch CPU threads and why: the config's ``num_threads``; else torch's default when OpenMP
-    threads wait passively; else one thread (torch loaded earlier with spinning threads: one thread never waits)."""
+def choose_threads(num_threads: int, wait_setting: str | None) -> tuple[int, str]:
+    """The demo's torch CPU threads and why: the config's ``num_threads``; else torch's default when a wait setting
+    is in force; else one thread (torch was loaded earlier with spinning threads: one thread never waits)."""
     import torch
 
     if num_threads:
         torch.set_num_threads(num_threads)
         return num_threads, "num_threads"
-    if passive:
-        return (
-            torch.get_num_threads(),
-            "torch's default; waiting OpenMP threads sleep: OMP_WAIT_POLICY=PASSIVE",
-        )
+    if wait_setting:
+        return torch.get_num_threads(), f"torch's default; waiting OpenMP threads: {wait_setting}"
     torch.set_num_threads(1)
     return (
         1,
@@ -224,7 +226,7 @@ def run_demo(
     """
     import phivision
 
-    passive = passive_openmp()  # before anything imports torch
+    wait_setting = quiet_openmp_waits()  # before anything imports torch
     out = Path(out)
     check_out_dir(out, fresh)
     started = time.perf_counter()
@@ -243,7 +245,7 @@ def run_demo(
         seed=seed,
         data={"path": str(data_dir)},
     )
-    threads, reason = choose_threads(train_config.num_threads, passive)
+    threads, reason = choose_threads(train_config.num_threads, wait_setting)
     log(f"torch CPU threads: {threads} ({reason})")
     out.mkdir(parents=True, exist_ok=True)
     record = StepRecord(out)
