@@ -159,6 +159,7 @@ def time_demo(extra: list[str], work: Path) -> float:
         [*PREFIX, PYTHON, "-m", "phivision.cli", "demo", "--out", str(out), *extra],
         check=True,
         stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
     )
     return time.perf_counter() - started
 
