@@ -20,7 +20,7 @@ import typer
 from phivision import api
 from phivision.errors import PhivisionError
 
-try:  # typer >= 0.2x vendors click
+try:  # typer >= 0.27 vendors click
     from typer._click.exceptions import NoArgsIsHelpError, UsageError
 except ImportError:  # older typer on click
     from click.exceptions import UsageError
