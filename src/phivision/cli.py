@@ -1,29 +1,71 @@
-"""The ``phivision`` command line: thin wrappers that parse flags and call one library function each.
+"""The ``phivision`` command line: thin wrappers that parse flags and call one :mod:`phivision.api` function each.
 
-Each verb imports its implementation lazily so ``phivision --help`` stays fast.
+Every flag's default is read from the API function's signature (defined once, in the library). Nothing heavy is
+imported at the top, so ``phivision --help`` answers at once; each verb imports its implementation when it runs.
 """
 
 from __future__ import annotations
 
+import errno
+import json
 import os
 import sys
+from collections.abc import Callable
+from inspect import signature
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 
+from phivision import api
 from phivision.data import defaults
 from phivision.errors import PhivisionError
+
+try:  # typer >= 0.27 vendors click
+    from typer._click.exceptions import NoArgsIsHelpError, UsageError
+except ImportError:  # older typer on click
+    from click.exceptions import UsageError
+
+    try:
+        from click.exceptions import NoArgsIsHelpError
+    except ImportError:  # click < 8.2 prints the help and exits 0 itself
+        NoArgsIsHelpError = ()  # type: ignore[assignment,misc]
 
 app = typer.Typer(
     name="phivision",
     help="Fine-tune Phi-3-Vision to read a product photo and answer with its name, category and price.\n\n"
     "The path: sample/prepare a dataset -> train -> evaluate -> report -> predict/serve/export. "
-    "`phivision demo` runs all of it on a synthetic catalog and a tiny model.",
+    "`phivision demo` runs all of it on a synthetic catalog and a tiny model. "
+    "Every verb is also a Python function: `from phivision import train`.",
     no_args_is_help=True,
-    add_completion=False,
+    add_completion=True,
     pretty_exceptions_enable=False,
+    rich_markup_mode=None,  # plain help: typer's rich formatter imports ~0.2 s of modules (markdown, pygments)
+    context_settings={"help_option_names": ["-h", "--help"]},
 )
+
+
+def default(function: Callable[..., Any], name: str) -> Any:
+    """The default of parameter ``name`` of an API function: the one place defaults are defined."""
+    return signature(function).parameters[name].default
+
+
+def _print_version(value: bool) -> None:
+    if value:
+        import phivision
+
+        typer.echo(f"phivision {phivision.__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(
+    version: Annotated[
+        bool,
+        typer.Option("--version", callback=_print_version, is_eager=True, help="Print the version and exit."),
+    ] = False,
+) -> None:
+    pass
 
 
 # ----------------------------------------------------------------------------------------------- data
@@ -42,7 +84,7 @@ def sample(
     ] = None,
     seed: Annotated[
         int, typer.Option(help="Random seed (attributes, prices, drawings and split).")
-    ] = defaults.SAMPLE_SEED,
+    ] = default(api.sample, "seed"),
     split: Annotated[
         str | None,
         typer.Option(
@@ -64,7 +106,7 @@ def sample(
     ] = None,
     base_url: Annotated[
         str, typer.Option(help="URL at which --out is served (e.g. `python -m http.server -d OUT 8000`).")
-    ] = defaults.BASE_URL,
+    ] = default(api.sample, "base_url"),
     overwrite: Annotated[
         bool, typer.Option(help="Replace another dataset found in --out (default: refuse).")
     ] = False,
@@ -77,9 +119,7 @@ def sample(
 
     Example: phivision sample --out data/sample --n 600 --urls-out data/urls.csv
     """
-    from phivision.data.sample import sample as run_sample
-
-    path = run_sample(
+    path = api.sample(
         out, n=n, seed=seed, split=split, urls_out=urls_out, base_url=base_url, like=like, overwrite=overwrite
     )
     from phivision.data.layout import load_catalog
@@ -102,14 +142,24 @@ def prepare(
         ),
     ],
     out: Annotated[Path, typer.Option(help="Dataset directory to write (rerun the same command to resume).")],
-    title_col: Annotated[str, typer.Option(help="Column with the product name.")] = defaults.TITLE_COL,
-    category_col: Annotated[str, typer.Option(help="Column with the category.")] = defaults.CATEGORY_COL,
+    title_col: Annotated[str, typer.Option(help="Column with the product name.")] = default(
+        api.prepare, "title_col"
+    ),
+    category_col: Annotated[str, typer.Option(help="Column with the category.")] = default(
+        api.prepare, "category_col"
+    ),
     price_col: Annotated[
         str, typer.Option(help="Column with the full price ($1,290.00, 1.290,00 EUR, 1290, USD 1290.5).")
-    ] = defaults.PRICE_COL,
-    image_col: Annotated[str, typer.Option(help="Column with the image URL.")] = defaults.IMAGE_COL,
-    code_col: Annotated[str, typer.Option(help="Column with the product code.")] = defaults.CODE_COL,
-    currency_col: Annotated[str, typer.Option(help="Column with the currency code.")] = defaults.CURRENCY_COL,
+    ] = default(api.prepare, "price_col"),
+    image_col: Annotated[str, typer.Option(help="Column with the image URL.")] = default(
+        api.prepare, "image_col"
+    ),
+    code_col: Annotated[str, typer.Option(help="Column with the product code.")] = default(
+        api.prepare, "code_col"
+    ),
+    currency_col: Annotated[str, typer.Option(help="Column with the currency code.")] = default(
+        api.prepare, "currency_col"
+    ),
     currency: Annotated[
         str | None, typer.Option(help="One currency for every row (then --currency-col is not needed).")
     ] = None,
@@ -125,48 +175,52 @@ def prepare(
     ] = None,
     max_price: Annotated[
         float, typer.Option(help="Drop prices above this as absurd_price (typos, placeholders).")
-    ] = defaults.MAX_PRICE,
-    hub_split: Annotated[
-        str, typer.Option(help="Split of a hub or local dataset to read.")
-    ] = defaults.HUB_SPLIT,
+    ] = default(api.prepare, "max_price"),
+    hub_split: Annotated[str, typer.Option(help="Split of a hub or local dataset to read.")] = default(
+        api.prepare, "hub_split"
+    ),
     hub_config: Annotated[
         str | None, typer.Option(help="Configuration (subset) name of a hub dataset.")
     ] = None,
     revision: Annotated[
         str | None, typer.Option(help="Hub dataset revision (branch, tag or commit).")
     ] = None,
-    split: Annotated[
-        str, typer.Option(help="Train,val,test ratios, stratified by category.")
-    ] = defaults.SPLIT,
-    seed: Annotated[int, typer.Option(help="Seed of the split.")] = defaults.PREPARE_SEED,
+    split: Annotated[str, typer.Option(help="Train,val,test ratios, stratified by category.")] = default(
+        api.prepare, "split"
+    ),
+    seed: Annotated[int, typer.Option(help="Seed of the split.")] = default(api.prepare, "seed"),
     limit: Annotated[int | None, typer.Option(help="Use only the first N rows of each source.")] = None,
-    concurrency: Annotated[int, typer.Option(help="Downloads in flight overall.")] = defaults.CONCURRENCY,
-    per_host: Annotated[int, typer.Option(help="Downloads in flight per host.")] = defaults.PER_HOST,
-    connect_timeout: Annotated[
-        float, typer.Option(help="Seconds to wait for a connection.")
-    ] = defaults.CONNECT_TIMEOUT,
-    read_timeout: Annotated[
-        float, typer.Option(help="Seconds to wait for the next bytes.")
-    ] = defaults.READ_TIMEOUT,
+    concurrency: Annotated[int, typer.Option(help="Downloads in flight overall.")] = default(
+        api.prepare, "concurrency"
+    ),
+    per_host: Annotated[int, typer.Option(help="Downloads in flight per host.")] = default(
+        api.prepare, "per_host"
+    ),
+    connect_timeout: Annotated[float, typer.Option(help="Seconds to wait for a connection.")] = default(
+        api.prepare, "connect_timeout"
+    ),
+    read_timeout: Annotated[float, typer.Option(help="Seconds to wait for the next bytes.")] = default(
+        api.prepare, "read_timeout"
+    ),
     download_timeout: Annotated[
         float,
         typer.Option(help="Seconds one download attempt may take in all (ends slow-drip responses)."),
-    ] = defaults.DOWNLOAD_TIMEOUT,
+    ] = default(api.prepare, "download_timeout"),
     retries: Annotated[
         int, typer.Option(help="Retries after connection errors, timeouts, 5xx and 429 (never other 4xx).")
-    ] = defaults.RETRIES,
+    ] = default(api.prepare, "retries"),
     backoff: Annotated[
         float, typer.Option(help="First retry delay in seconds; doubles, with jitter.")
-    ] = defaults.BACKOFF,
+    ] = default(api.prepare, "backoff"),
     max_wait: Annotated[
         float, typer.Option(help="Cap in seconds on any backoff or Retry-After wait.")
-    ] = defaults.MAX_WAIT,
+    ] = default(api.prepare, "max_wait"),
     max_bytes: Annotated[
         int, typer.Option(help="Largest image file accepted, downloaded or local, in bytes.")
-    ] = defaults.MAX_BYTES,
+    ] = default(api.prepare, "max_bytes"),
     max_pixels: Annotated[
         int, typer.Option(help="Reject images with more pixels (decompression bombs).")
-    ] = defaults.MAX_PIXELS,
+    ] = default(api.prepare, "max_pixels"),
     allow_local: Annotated[
         bool,
         typer.Option(
@@ -189,10 +243,7 @@ def prepare(
 
     Example: phivision prepare --source DBQ/Burberry.Product.prices.United.States --out data/burberry
     """
-    from phivision.data.prepare import prepare as run_prepare
-    from phivision.data.prepare import summary
-
-    report = run_prepare(
+    report = api.prepare(
         source,
         out,
         title_col=title_col,
@@ -224,6 +275,8 @@ def prepare(
         overwrite=overwrite,
         progress=progress,
     )
+    from phivision.data.prepare import summary
+
     typer.echo(summary(report))
 
 
@@ -236,17 +289,17 @@ def inspect(
     ] = None,
     num_crops: Annotated[
         str, typer.Option(help="num_crops values to cost in image tokens, comma-separated.")
-    ] = defaults.NUM_CROPS,
+    ] = default(api.inspect, "num_crops"),
     crop_size: Annotated[
         int, typer.Option(help="Tile side in pixels (official Phi-3-Vision: 336).")
-    ] = defaults.CROP_SIZE,
-    num_img_tokens: Annotated[
-        int, typer.Option(help="Image tokens per tile (official: 144).")
-    ] = defaults.NUM_IMG_TOKENS,
+    ] = default(api.inspect, "crop_size"),
+    num_img_tokens: Annotated[int, typer.Option(help="Image tokens per tile (official: 144).")] = default(
+        api.inspect, "num_img_tokens"
+    ),
     near_duplicate_bits: Annotated[
         int,
         typer.Option(help="Images at most this many perceptual-hash bits apart (of 64) are near-duplicates."),
-    ] = defaults.NEAR_DUPLICATE_BITS,
+    ] = default(api.inspect, "near_duplicate_bits"),
     progress: Annotated[bool, typer.Option(help="Show a progress bar.")] = True,
 ) -> None:
     """Look at a dataset before training: one offline HTML page (and a JSON beside it) with rows per split and
@@ -255,9 +308,7 @@ def inspect(
 
     Example: phivision inspect data/burberry
     """
-    from phivision.data.inspection import inspect as run_inspect
-
-    result = run_inspect(
+    result = api.inspect(
         data,
         out=out,
         num_crops=num_crops,
@@ -279,8 +330,10 @@ def inspect(
 @app.command()
 def tiny(
     out: Annotated[Path, typer.Option(help="Checkpoint directory to write.")],
-    seed: Annotated[int, typer.Option(help="Random seed for the weights.")] = 0,
-    num_crops: Annotated[int, typer.Option(help="Most image tiles per image the processor makes.")] = 4,
+    seed: Annotated[int, typer.Option(help="Random seed for the weights.")] = default(api.tiny, "seed"),
+    num_crops: Annotated[int, typer.Option(help="Most image tiles per image the processor makes.")] = default(
+        api.tiny, "num_crops"
+    ),
 ) -> None:
     """Write a tiny, randomly initialised Phi-3-Vision checkpoint in the official layout (for tests and demos).
 
@@ -288,9 +341,7 @@ def tiny(
     loads like the real checkpoint (AutoModelForCausalLM / AutoProcessor, with trust_remote_code=True where
     phivision is not installed). OUT must not exist or be empty.
     """
-    from phivision.model.tiny import write_tiny_checkpoint
-
-    path = write_tiny_checkpoint(out, seed=seed, num_crops=num_crops)
+    path = api.tiny(out, seed=seed, num_crops=num_crops)
     typer.echo(f"wrote tiny checkpoint to {path}")
 
 
@@ -313,7 +364,7 @@ def train(
         typer.Option(
             help="Continue the run in --out from its newest checkpoint (same data order, RNG, optimizer)."
         ),
-    ] = False,
+    ] = default(api.train, "resume"),
     print_config: Annotated[
         bool,
         typer.Option(
@@ -336,22 +387,17 @@ def train(
 
     Example: phivision train --config configs/lora.yaml --data DATA --model microsoft/Phi-3-vision-128k-instruct --out runs/lora
     """
-    from phivision.train.config import cli_config
-
-    cfg = cli_config(out, data=data, model=model, config=config, resume=resume, overrides=overrides or [])
     if print_config:
+        from phivision.train.config import cli_config
+
+        cfg = cli_config(out, data=data, model=model, config=config, resume=resume, overrides=overrides or [])
         typer.echo(cfg.to_yaml(), nl=False)
         return
     if out is None:
         raise PhivisionError("--out is required: the run directory to write")
-    from phivision.train import train as run_training
-
-    result = run_training(cfg, resume=resume)
-    best = (
-        f", best {cfg.eval.metric} {result.best_metric:.4f} at step {result.best_step}"
-        if result.best_step
-        else ""
-    )
+    result = api.train(out, data=data, model=model, config=config, resume=resume, overrides=overrides)
+    metric = json.loads((result.out / "trainer_state.json").read_text())["metric"] if result.best_step else ""
+    best = f", best {metric} {result.best_metric:.4f} at step {result.best_step}" if result.best_step else ""
     if os.environ.get("RANK", "0") == "0":  # one summary line under torchrun/accelerate, not one per process
         typer.echo(f"trained {result.steps} steps{best}; run written to {result.out}")
 
@@ -374,27 +420,34 @@ def evaluate(
             help="metrics.json path, or a directory (e.g. RUN/eval/after); predictions.jsonl goes beside it."
         ),
     ],
-    split: Annotated[str, typer.Option(help="Split to score: train, val or test.")] = "test",
-    batch_size: Annotated[int, typer.Option(help="Images per generation batch.")] = 8,
-    max_new_tokens: Annotated[int, typer.Option(help="Longest answer generated, in tokens.")] = 64,
+    split: Annotated[str, typer.Option(help="Split to score: train, val or test.")] = default(
+        api.evaluate, "split"
+    ),
+    batch_size: Annotated[int, typer.Option(help="Images per generation batch.")] = default(
+        api.evaluate, "batch_size"
+    ),
+    max_new_tokens: Annotated[int, typer.Option(help="Longest answer generated, in tokens.")] = default(
+        api.evaluate, "max_new_tokens"
+    ),
     limit: Annotated[int | None, typer.Option(help="Score only the first N items of the split.")] = None,
-    constrain: Annotated[bool, typer.Option("--constrain/--no-constrain", help=CONSTRAIN_HELP)] = True,
+    constrain: Annotated[bool, typer.Option("--constrain/--no-constrain", help=CONSTRAIN_HELP)] = default(
+        api.evaluate, "constrain"
+    ),
 ) -> None:
     """Answer every photo of a split with greedy decoding and score price, category and title against the truth
     and the train-split baselines (median price, majority category)."""
-    from phivision.evaluate.evaluation import evaluate as run_evaluation
-    from phivision.evaluate.evaluation import output_paths, summary_table
-
-    metrics = run_evaluation(
+    metrics = api.evaluate(
         model,
         data,
+        out,
         split=split,
-        out=out,
         batch_size=batch_size,
         max_new_tokens=max_new_tokens,
         limit=limit,
         constrain=constrain,
     )
+    from phivision.evaluate.evaluation import output_paths, summary_table
+
     typer.echo(summary_table(metrics))
     if metrics["image_errors"]:
         typer.echo(
@@ -419,23 +472,17 @@ def report(
         ),
     ] = None,
     resamples: Annotated[
-        int | None,
-        typer.Option(
-            help="Bootstrap resamples for the 95% intervals, 0 for none (default: the library's, 1000)."
-        ),
-    ] = None,
+        int, typer.Option(help="Bootstrap resamples for the 95% intervals, 0 for none.")
+    ] = default(api.report, "resamples"),
     seed: Annotated[
-        int | None, typer.Option(help="Bootstrap seed: the same inputs give the same intervals (default 0).")
-    ] = None,
+        int, typer.Option(help="Bootstrap seed: the same inputs give the same intervals.")
+    ] = default(api.report, "seed"),
 ) -> None:
     """Write one self-contained HTML report (opens offline, runs no script): headline metrics with bootstrap
     95% intervals and the paired change from before to after, the dataset and the run's config, training curves,
     price plots, breakdowns by price band and by category (stages side by side), and the best and worst answers
     with their photos. A damaged training log is reported as a warning; a damaged predictions file is an error."""
-    from phivision.evaluate.report import write_report
-
-    options = {k: v for k, v in (("resamples", resamples), ("seed", seed)) if v is not None}
-    path = write_report(run=run, predictions=predictions, out=out, **options)
+    path = api.report(run=run, predictions=predictions, out=out, resamples=resamples, seed=seed)
     typer.echo(f"wrote {path}")
 
 
@@ -449,29 +496,35 @@ def predict(
     ],
     model: Annotated[str, typer.Option(help="Training RUN directory, checkpoint directory or hub id.")],
     out: Annotated[Path | None, typer.Option(help="JSON-lines file to write (default: stdout).")] = None,
-    batch_size: Annotated[int, typer.Option(help="Images per generation batch.")] = 8,
-    max_new_tokens: Annotated[int, typer.Option(help="Longest answer generated, in tokens.")] = 64,
+    batch_size: Annotated[int, typer.Option(help="Images per generation batch.")] = default(
+        api.predict, "batch_size"
+    ),
+    max_new_tokens: Annotated[int, typer.Option(help="Longest answer generated, in tokens.")] = default(
+        api.predict, "max_new_tokens"
+    ),
     device: Annotated[
         str | None, typer.Option(help="cuda, cpu, cuda:1... (default: cuda if available)")
     ] = None,
-    constrain: Annotated[bool, typer.Option("--constrain/--no-constrain", help=CONSTRAIN_HELP)] = True,
+    constrain: Annotated[bool, typer.Option("--constrain/--no-constrain", help=CONSTRAIN_HELP)] = default(
+        api.predict, "constrain"
+    ),
 ) -> None:
     """Answer for each photo: one JSON line with image, title, category, price, currency and the raw answer.
 
     An unreadable image gets a line with an "error" field and the others go on. Exit code 0 when at least one
     image was answered, 1 when none could be read, 2 for a bad flag or path.
     """
-    from phivision.serve.predict import run_predict
-
-    answered, failed = run_predict(
-        model,
+    records = api.predict(
         images,
-        out=out,
+        model,
+        out=out or "-",
         batch_size=batch_size,
         max_new_tokens=max_new_tokens,
         device=device,
         constrain=constrain,
     )
+    failed = sum("error" in record for record in records)
+    answered = len(records) - failed
     if out is not None:
         typer.echo(f"wrote {answered + failed} line(s) to {out}", err=True)
     if failed:
@@ -480,51 +533,46 @@ def predict(
         raise typer.Exit(code=1)
 
 
-def _serve_default(name: str):
-    """A serve flag's default, defined once in ServeLimits (a light module: no torch, FastAPI or Pillow)."""
-    from phivision.serve.limits import ServeLimits
-
-    return getattr(ServeLimits, name)
-
-
 @app.command()
 def serve(
     model: Annotated[str, typer.Option(help="Training RUN directory, checkpoint directory or hub id.")],
-    host: Annotated[str, typer.Option(help="Interface to bind (0.0.0.0: every interface).")] = "127.0.0.1",
-    port: Annotated[int, typer.Option(help="TCP port (1-65535).")] = 8000,
+    host: Annotated[str, typer.Option(help="Interface to bind (0.0.0.0: every interface).")] = default(
+        api.serve, "host"
+    ),
+    port: Annotated[int, typer.Option(help="TCP port (1-65535).")] = default(api.serve, "port"),
     served_model_name: Annotated[
         str | None, typer.Option(help="Model id of the OpenAI API (/v1/models). Default: --model as given.")
     ] = None,
     max_batch_size: Annotated[
         int, typer.Option(help="Most concurrent requests answered in one batch.")
-    ] = _serve_default("max_batch_size"),
+    ] = default(api.serve, "max_batch_size"),
     max_wait_ms: Annotated[
         float, typer.Option(help="How long a batch waits for more requests to join.")
-    ] = _serve_default("max_wait_ms"),
+    ] = default(api.serve, "max_wait_ms"),
     max_batch_pixels: Annotated[
         int, typer.Option(help="Decoded pixels one batch may hold (bounds memory; one image always fits).")
-    ] = _serve_default("max_batch_pixels"),
+    ] = default(api.serve, "max_batch_pixels"),
     max_upload_mb: Annotated[
         float, typer.Option(help="Largest image file accepted (bigger ones get 413).")
-    ] = _serve_default("max_upload_mb"),
+    ] = default(api.serve, "max_upload_mb"),
     max_pixels: Annotated[
         int, typer.Option(help="Largest image in pixels (bigger ones, e.g. decompression bombs, get 413).")
-    ] = _serve_default("max_pixels"),
+    ] = default(api.serve, "max_pixels"),
     max_queue: Annotated[
         int, typer.Option(help="Most requests waiting for the model (more get 503).")
-    ] = _serve_default("max_queue"),
+    ] = default(api.serve, "max_queue"),
     max_queue_mb: Annotated[
         float, typer.Option(help="Most image bytes waiting for the model (more get 503).")
-    ] = _serve_default("max_queue_mb"),
+    ] = default(api.serve, "max_queue_mb"),
     max_new_tokens: Annotated[
         int, typer.Option(help="Longest answer generated, in tokens (the largest max_tokens accepted).")
-    ] = _serve_default("max_new_tokens"),
+    ] = default(api.serve, "max_new_tokens"),
     body_timeout: Annotated[
         float, typer.Option(help="Seconds a client may take to send its request body (then 408).")
-    ] = _serve_default("body_timeout"),
+    ] = default(api.serve, "body_timeout"),
     answer_timeout: Annotated[
         float, typer.Option(help="Seconds a request may wait for its answer (then 504).")
-    ] = _serve_default("answer_timeout"),
+    ] = default(api.serve, "answer_timeout"),
     allow_remote_images: Annotated[
         bool,
         typer.Option(
@@ -538,10 +586,10 @@ def serve(
     ] = False,
     remote_image_timeout: Annotated[
         float, typer.Option(help="Seconds for fetching one http(s) image, redirects included.")
-    ] = _serve_default("remote_image_timeout"),
-    constrain: Annotated[
-        bool, typer.Option("--constrain/--no-constrain", help=CONSTRAIN_HELP)
-    ] = _serve_default("constrain"),
+    ] = default(api.serve, "remote_image_timeout"),
+    constrain: Annotated[bool, typer.Option("--constrain/--no-constrain", help=CONSTRAIN_HELP)] = default(
+        api.serve, "constrain"
+    ),
     allowed_host: Annotated[
         list[str] | None,
         typer.Option(
@@ -559,13 +607,11 @@ def serve(
     """Serve the model over HTTP: the OpenAI-compatible POST /v1/chat/completions and GET /v1/models,
     POST /v1/predict (multipart field "image"), an upload page at /, /healthz, and the API reference at /docs
     (schema: /openapi.json). Every flag is checked before the model loads. See docs/serving.md."""
-    from phivision.netguard import AddressPolicy
-    from phivision.serve.limits import ServeLimits
-    from phivision.serve.server import serve as run_server
-
-    if allow_private_image_hosts and not allow_remote_images:
-        raise PhivisionError("--allow-private-image-hosts needs --allow-remote-images")
-    limits = ServeLimits(
+    api.serve(
+        model,
+        host=host,
+        port=port,
+        served_model_name=served_model_name,
         max_batch_size=max_batch_size,
         max_wait_ms=max_wait_ms,
         max_batch_pixels=max_batch_pixels,
@@ -576,21 +622,13 @@ def serve(
         max_new_tokens=max_new_tokens,
         body_timeout=body_timeout,
         answer_timeout=answer_timeout,
+        allow_remote_images=allow_remote_images,
+        allow_private_image_hosts=allow_private_image_hosts,
         remote_image_timeout=remote_image_timeout,
         constrain=constrain,
-    )
-    private = allow_private_image_hosts
-    remote = AddressPolicy(allow_loopback=private, allow_private=private) if allow_remote_images else None
-    run_server(
-        model,
-        host=host,
-        port=port,
-        limits=limits,
+        allowed_host=allowed_host,
         device=device,
         dtype=dtype,
-        served_model_name=served_model_name,
-        allowed_host=tuple(allowed_host or ()),
-        remote_images=remote,
     )
 
 
@@ -603,17 +641,18 @@ def export(
     ] = None,
     max_shard_size: Annotated[
         str, typer.Option(help="Largest safetensors shard, e.g. 4GB or 500MB.")
-    ] = "4GB",
+    ] = default(api.export, "max_shard_size"),
 ) -> None:
     """Merge the run's LoRA adapter into its base (or re-save a full fine-tune) into a standalone checkpoint.
 
     The official Phi-3-Vision layout plus phivision's model code and its auto_map: it loads with phivision, with
     plain transformers (trust_remote_code=True, phivision not needed) and with vLLM (see docs/serving.md).
     """
-    from phivision.serve.export import export_run
-
-    path = export_run(run, out, dtype=dtype, max_shard_size=max_shard_size)
+    path = api.export(run, out, dtype=dtype, max_shard_size=max_shard_size)
     typer.echo(f"wrote {path}")
+
+
+# ----------------------------------------------------------------------------------------------- demo
 
 
 # ----------------------------------------------------------------------------------------------- demo
@@ -623,15 +662,17 @@ def export(
 def demo(
     out: Annotated[
         Path, typer.Option(help="Output directory (dataset, tiny checkpoint, run, report).")
-    ] = Path("phivision-demo"),
-    n: Annotated[int, typer.Option(help="Products in the synthetic catalog.")] = 600,
-    seed: Annotated[int, typer.Option(help="Seeds the catalog, the tiny weights and training.")] = 0,
+    ] = default(api.demo, "out"),
+    n: Annotated[int, typer.Option(help="Products in the synthetic catalog.")] = default(api.demo, "n"),
+    seed: Annotated[int, typer.Option(help="Seeds the catalog, the tiny weights and training.")] = default(
+        api.demo, "seed"
+    ),
     config: Annotated[
         Path | None, typer.Option(help="Training YAML to use instead of the packaged demo recipe.")
     ] = None,
     fresh: Annotated[
         bool, typer.Option(help="Delete --out first instead of reusing finished steps.")
-    ] = False,
+    ] = default(api.demo, "fresh"),
     overrides: Annotated[
         list[str] | None, typer.Argument(help="Training overrides as key=value, e.g. schedule.epochs=2.")
     ] = None,
@@ -641,18 +682,88 @@ def demo(
     Finishes in a few minutes on 2 CPU cores and writes OUT/metrics.json ({"before", "after", "baseline"})
     and OUT/report.html. Rerunning reuses what is already done.
     """
-    from phivision.demo import run_demo
-
-    run_demo(out=out, n=n, seed=seed, config=config, overrides=overrides, fresh=fresh)
+    api.demo(out, n=n, seed=seed, config=config, overrides=overrides, fresh=fresh)
 
 
-def main() -> None:
-    """Console entry point: user errors become one line on stderr and exit code 2."""
+# OSErrors that are about the machine, never about phivision's code: one line wherever they happen.
+ENVIRONMENT_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS})
+# OSErrors about a file: one line when the file is (inside) a path given on the command line, else a bug.
+PATH_ERRNOS = frozenset(
+    {
+        errno.EACCES,
+        errno.EPERM,
+        errno.ENOENT,
+        errno.EEXIST,
+        errno.EISDIR,
+        errno.ENOTDIR,
+        errno.ENOTEMPTY,
+        errno.ENAMETOOLONG,
+        errno.ELOOP,
+    }
+)
+
+
+def _given_paths(args: list[str]) -> list[str]:
+    """Every command-line token that could name a path: arguments, option values, ``key=value`` values."""
+    tokens = [
+        part for arg in args for part in (arg, arg.partition("=")[2]) if part and not part.startswith("-")
+    ]
+    return [os.path.abspath(os.path.expanduser(token)) for token in tokens]
+
+
+def _on_given_path(path: str, given: list[str]) -> bool:
+    """``path`` is a given path, inside one, or one of its parent directories (which phivision creates)."""
+    path = os.path.abspath(path)
+    inside = [(path, root) for root in given] + [(root, path) for root in given]
+    return any(a == b or a.startswith(b.rstrip(os.sep) + os.sep) for a, b in inside)
+
+
+def os_error_message(err: OSError, args: list[str]) -> str | None:
+    """The one-line message for an OSError the user can act on, or None for one that must show its traceback.
+
+    A full disk, a quota, a file-size limit or a read-only file system is the machine's state, never a bug: one
+    line, naming the file when the error knows it. A permission, missing-file or not-a-directory error on a path
+    given on the command line (a file inside it, or a parent directory of it) is the user's to fix: one line
+    naming it. Any other OSError (on phivision's own files, a socket...) may be a bug: its traceback stays.
+    """
+    reason = err.strerror or str(err)
+    names = [os.fsdecode(name) for name in (err.filename, err.filename2) if name is not None]
+    where = " -> ".join(names)
+    if err.errno in ENVIRONMENT_ERRNOS or (err.errno is None and "No space left on device" in str(err)):
+        return f"{where}: {reason}" if where else f"{reason} (while writing a file)"
+    given = _given_paths(args)
+    if err.errno in PATH_ERRNOS and any(_on_given_path(name, given) for name in names):
+        return f"{where}: {reason}"
+    return None
+
+
+def main(args: list[str] | None = None) -> None:
+    """Console entry point. A user's mistake (PhivisionError, a bad flag, a full disk, an unreadable path they
+    gave) becomes one ``error:`` line on stderr and exit code 2; a bug keeps its traceback (exit 1)."""
+    args = sys.argv[1:] if args is None else list(args)
     try:
-        app()
+        code = app(args=args, prog_name="phivision", standalone_mode=False)
     except PhivisionError as err:
-        typer.echo(f"error: {err}", err=True)
-        sys.exit(2)
+        _fail(str(err))
+    except NoArgsIsHelpError as err:  # `phivision` alone: the help (its message), not an error
+        typer.echo(err.format_message())
+        sys.exit(0)
+    except UsageError as err:
+        command = err.ctx.command_path if err.ctx is not None else "phivision"
+        _fail(f"{err.format_message()} (see '{command} --help')", code=err.exit_code)
+    except typer.Abort:
+        _fail("aborted", code=130)
+    except OSError as err:
+        message = os_error_message(err, args)
+        if message is None:
+            raise
+        _fail(message)
+    sys.exit(code or 0)
+
+
+def _fail(message: str, code: int = 2) -> None:
+    typer.echo(f"error: {' '.join(message.split())}", err=True)  # one line, whatever the message holds
+    sys.exit(code)
 
 
 if __name__ == "__main__":

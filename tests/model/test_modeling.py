@@ -200,6 +200,30 @@ def test_2x2_merge_concatenates_patches_row_major():
     torch.testing.assert_close(merged[:, 1, 0], block)
 
 
+@pytest.mark.parametrize("layer_idx", [-2, -1, 1])
+def test_clip_runs_only_the_layers_it_uses_in_chunks_with_the_same_features(layer_idx, monkeypatch):
+    from phivision.model import modeling_phi3_v
+
+    monkeypatch.setattr(modeling_phi3_v, "TILE_CHUNK", 3)  # 7 tiles: chunks of 3, 3 and 1
+    model = make_model()
+    embedding = model.model.vision_embed_tokens
+    embedding.layer_idx = layer_idx
+    clip = embedding.img_processor.vision_model
+    tiles = torch.randn(7, 3, embedding.crop_size, embedding.crop_size)
+    ran = []
+    hooks = [layer.register_forward_hook(lambda *_: ran.append(1)) for layer in clip.encoder.layers]
+    got = embedding.clip_hidden(tiles)
+    for hook in hooks:
+        hook.remove()
+    expected = clip(pixel_values=tiles, output_hidden_states=True).hidden_states[layer_idx]
+    torch.testing.assert_close(got, expected, rtol=0, atol=0)
+    assert len(ran) == layer_idx % (len(clip.encoder.layers) + 1)  # never the layers after the one used
+    one_by_one = torch.cat([embedding.clip_hidden(tiles[i : i + 1]) for i in range(7)])
+    torch.testing.assert_close(one_by_one, expected, rtol=1e-5, atol=1e-5)
+    embedding.tile_features(tiles).sum().backward()  # chunks keep the graph: CLIP's weights get gradients
+    assert clip.embeddings.patch_embedding.weight.grad is not None
+
+
 @pytest.mark.parametrize("attn", ["eager", "sdpa"])
 def test_padded_batch_with_different_grids_matches_single_runs(attn):
     model = make_model(attn)
@@ -312,7 +336,10 @@ def features_of_every_tile(embedding, pixel_values, image_sizes):
     return embedding.img_projection(torch.cat(sequences))
 
 
-def test_clip_encodes_only_the_tiles_each_image_uses():
+def test_clip_encodes_only_the_tiles_each_image_uses(monkeypatch):
+    from phivision.model import modeling_phi3_v
+
+    monkeypatch.setattr(modeling_phi3_v, "TILE_CHUNK", 1000)  # one CLIP call per forward: count its tiles
     model = make_model()
     embedding = model.model.vision_embed_tokens
     grids = [(1, 1), (2, 2), (1, 3), (3, 1), (1, 2)]
@@ -320,8 +347,8 @@ def test_clip_encodes_only_the_tiles_each_image_uses():
     pixel_values = torch.stack([tiles for _, tiles, _ in examples])
     image_sizes = torch.stack([size for _, _, size in examples])
     tiles_seen = []
-    embedding.img_processor.vision_model.register_forward_hook(
-        lambda module, args, kwargs, out: tiles_seen.append(len(kwargs["pixel_values"])), with_kwargs=True
+    embedding.img_processor.vision_model.embeddings.register_forward_hook(
+        lambda module, args, out: tiles_seen.append(len(args[0]))
     )
     poisoned = pixel_values.clone()
     for image, (rows, cols) in zip(poisoned, grids, strict=True):

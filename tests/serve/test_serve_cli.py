@@ -82,7 +82,7 @@ def test_limits_validate_and_defaults_agree_with_the_image_loader() -> None:
     assert ServeLimits().validate() == ServeLimits()
     with pytest.raises(PhivisionError, match="--max-new-tokens"):
         ServeLimits(max_new_tokens=0).validate()
-    with pytest.raises(PhivisionError, match="--max-queue: expected a whole number"):
+    with pytest.raises(PhivisionError, match="--max-queue 2.5: expected a whole number"):
         ServeLimits(max_queue=2.5).validate()
     with pytest.raises(PhivisionError, match="--port"):
         check_bind("127.0.0.1", 70000)

@@ -15,6 +15,8 @@ negative positions of the flattened (batch, seq) ids.
 
 from __future__ import annotations
 
+import inspect
+
 import torch
 from torch import nn
 from transformers import CLIPVisionConfig, CLIPVisionModel, Phi3Config
@@ -24,9 +26,15 @@ try:  # transformers 5.x; an export may also be loaded by 4.4x, which has torch'
 except ImportError:
     from torch.nn import init
 from transformers.modeling_outputs import CausalLMOutputWithPast
+from transformers.models.clip.modeling_clip import CLIPEncoderLayer
 from transformers.models.phi3.modeling_phi3 import Phi3ForCausalLM, Phi3Model
 
 from .configuration_phi3_v import Phi3VConfig
+
+# Tiles per CLIP forward: bounds the transient attention memory of large batches (16 crops x batch 8 is 136
+# tiles) while keeping each call large enough (16 x 577 positions) to fill a GPU.
+TILE_CHUNK = 16
+_LAYER_TAKES_CAUSAL_MASK = "causal_attention_mask" in inspect.signature(CLIPEncoderLayer.forward).parameters
 
 
 class CLIPTower(nn.Module):
@@ -61,12 +69,29 @@ class Phi3ImageEmbedding(nn.Module):
         self.crop_size = vision.image_size
         self.grid = vision.image_size // vision.patch_size  # patches per tile side (24 for 336/14)
 
-    def tile_features(self, tiles: torch.Tensor) -> torch.Tensor:
-        """(N, 3, S, S) tiles -> merged features (N, g/2, g/2, 4*d): CLIP hidden state ``layer_idx``, 2x2 merged."""
+    def clip_hidden(self, tiles: torch.Tensor) -> torch.Tensor:
+        """CLIP's hidden state ``layer_idx`` for (n, 3, S, S) tiles, equal to
+        ``clip(tiles, output_hidden_states=True).hidden_states[layer_idx]``: only the layers up to it run (the
+        official -2 skips the last one) and no other layer's output is kept."""
         clip = self.img_processor.vision_model
-        weight = clip.embeddings.patch_embedding.weight  # transformers 4.x CLIP has no .device/.dtype
+        layers = clip.encoder.layers
+        depth = self.layer_idx % (len(layers) + 1)  # hidden_states[k] is the output of the first k layers
+        hidden = clip.pre_layrnorm(clip.embeddings(tiles))
+        extra = {"causal_attention_mask": None} if _LAYER_TAKES_CAUSAL_MASK else {}  # transformers 4.x
+        for layer in layers[:depth]:
+            out = layer(hidden, attention_mask=None, **extra)
+            hidden = out[0] if isinstance(out, tuple) else out  # 4.x returns a tuple, 5.x the tensor
+        return hidden
+
+    def tile_features(self, tiles: torch.Tensor) -> torch.Tensor:
+        """(N, 3, S, S) tiles -> merged features (N, g/2, g/2, 4*d): CLIP hidden state ``layer_idx``, 2x2 merged.
+
+        Tiles go through CLIP ``TILE_CHUNK`` at a time, so a large batch's attention scores never all exist at once
+        (the features are the same as for one call).
+        """
+        weight = self.img_processor.vision_model.embeddings.patch_embedding.weight  # 4.x CLIP has no .device
         flat = tiles.to(device=weight.device, dtype=weight.dtype)
-        hidden = clip(pixel_values=flat, output_hidden_states=True).hidden_states[self.layer_idx]
+        hidden = torch.cat([self.clip_hidden(part) for part in flat.split(TILE_CHUNK)])
         patches = hidden[:, 1:]  # drop CLS: (N, g*g, d), g = self.grid
         half, d = self.grid // 2, patches.shape[-1]
         # (N, g, g, d) -> 2x2 blocks; block (i, j) concatenates patches (2i+dy, 2j+dx) in (dy, dx) row-major order

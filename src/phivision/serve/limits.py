@@ -60,14 +60,14 @@ class ServeLimits:
                 continue
             flag = "--" + field.name.replace("_", "-")
             if field.type == "int" and (isinstance(value, bool) or not isinstance(value, int)):
-                raise PhivisionError(f"{flag}: expected a whole number, got {value!r}")
+                raise PhivisionError(f"{flag} {value!r}: expected a whole number")
             if isinstance(value, float) and not math.isfinite(value):
-                raise PhivisionError(f"{flag}: expected a finite number, got {value!r}")
+                raise PhivisionError(f"{flag} {value!r}: expected a finite number")
             low = minimum.get(field.name)
             if low is None and not value > 0:
-                raise PhivisionError(f"{flag}: must be greater than 0, got {value!r}")
+                raise PhivisionError(f"{flag} {value!r}: must be greater than 0")
             if low is not None and value < low:
-                raise PhivisionError(f"{flag}: must be at least {low}, got {value!r}")
+                raise PhivisionError(f"{flag} {value!r}: must be at least {low}")
         return self
 
 

@@ -508,7 +508,7 @@ def serve(
     device: str | None = None,
     dtype: str | None = None,
     served_model_name: str | None = None,
-    allowed_host: tuple[str, ...] | list[str] = (),
+    allowed_host: tuple[str, ...] | list[str] | None = None,
     remote_images: AddressPolicy | None = None,
 ) -> None:
     """Load ``model`` (RUN, checkpoint or hub id) and serve it with uvicorn until interrupted.
@@ -527,7 +527,7 @@ def serve(
         loaded,
         limits,
         model_name=served_model_name or str(model),
-        hosts=allowed_hosts(host, allowed_host),
+        hosts=allowed_hosts(host, allowed_host or ()),
         remote_images=remote_images,
     )
     uvicorn.run(app, host=host, port=port, log_level="info")
