@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pandas as pd
+import torch
 from PIL import Image, ImageDraw
 
 from phivision.io import atomic_write_parquet
@@ -74,3 +75,18 @@ def oracle_answers(catalog: pd.DataFrame, quality: str):
         return answers
 
     return generate_answers
+
+
+class ScriptedHead(torch.nn.Module):
+    """Stands in for ``lm_head``: forward call k (generation step k) puts the top logit on ``script[k]``."""
+
+    def __init__(self, vocab_size: int, script: list[int]) -> None:
+        super().__init__()
+        self.vocab_size, self.script, self.calls = vocab_size, script, 0
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        token = self.script[min(self.calls, len(self.script) - 1)]
+        self.calls += 1
+        logits = torch.zeros(*hidden.shape[:2], self.vocab_size)
+        logits[..., token] = 1.0
+        return logits

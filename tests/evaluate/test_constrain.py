@@ -6,7 +6,7 @@ import warnings
 
 import pandas as pd
 import pytest
-import torch
+from eval_helpers import ScriptedHead
 from PIL import Image
 
 from phivision.evaluate.constrain import AnswerConstraint, AnswerGuide, answer_grammar, constraint_name
@@ -102,21 +102,6 @@ def test_constrained_batches_equal_one_at_a_time_and_keep_order(loaded, images) 
     single = [generate(loaded, [image], fmt, constraint, batch_size=1)[0] for image in images]
     assert batched == single
     assert generate(loaded, images[::-1], fmt, constraint, batch_size=3) == batched[::-1]
-
-
-class ScriptedHead(torch.nn.Module):
-    """Stands in for ``lm_head``: generation step k puts the top logit on ``script[k]``."""
-
-    def __init__(self, vocab_size: int, script: list[int]) -> None:
-        super().__init__()
-        self.vocab_size, self.script, self.calls = vocab_size, script, 0
-
-    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
-        token = self.script[min(self.calls, len(self.script) - 1)]
-        self.calls += 1
-        logits = torch.zeros(*hidden.shape[:2], self.vocab_size)
-        logits[..., token] = 1.0
-        return logits
 
 
 def scripted_model(tiny_checkpoint, text: str):

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import pytest
-import torch
+from eval_helpers import ScriptedHead
 from PIL import Image
 
 from phivision.evaluate.generate import generate_answers
@@ -56,21 +56,6 @@ def test_empty_input_and_bad_batch_size(loaded) -> None:
     assert answer(loaded, []) == []
     with pytest.raises(ValueError, match="batch_size"):
         answer(loaded, [Image.new("RGB", (32, 32))], batch_size=0)
-
-
-class ScriptedHead(torch.nn.Module):
-    """Stands in for ``lm_head``: forward call k (generation step k) puts the top logit on ``script[k]``."""
-
-    def __init__(self, vocab_size: int, script: list[int]) -> None:
-        super().__init__()
-        self.vocab_size, self.script, self.calls = vocab_size, script, 0
-
-    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
-        token = self.script[min(self.calls, len(self.script) - 1)]
-        self.calls += 1
-        logits = torch.zeros(*hidden.shape[:2], self.vocab_size)
-        logits[..., token] = 1.0
-        return logits
 
 
 @pytest.mark.parametrize("max_new_tokens", [2, 20])

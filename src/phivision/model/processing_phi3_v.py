@@ -117,6 +117,21 @@ def pad_sequences(rows: Sequence[Sequence[int]], value: int, side: str = "right"
     return out
 
 
+def stack_images(examples: list[dict]) -> dict:
+    """``pixel_values`` and ``image_sizes`` of the examples that have an image, in order (empty when none do):
+    the image half of a batch, padded or packed."""
+    with_images = [ex for ex in examples if ex.get("pixel_values") is not None]
+    if not with_images:
+        return {}
+    tile_shapes = {tuple(ex["pixel_values"].shape[1:]) for ex in with_images}
+    if len(tile_shapes) > 1:
+        raise ValueError(f"examples have different pixel_values shapes {sorted(tile_shapes)} (num_crops?)")
+    return {
+        "pixel_values": torch.cat([ex["pixel_values"] for ex in with_images]),
+        "image_sizes": torch.cat([ex["image_sizes"] for ex in with_images]),
+    }
+
+
 class Phi3VProcessor(ProcessorMixin):
     """Image processor + tokenizer for Phi-3-Vision, with training helpers (:meth:`build_example`, :meth:`collate`).
 
@@ -305,13 +320,5 @@ class Phi3VProcessor(ProcessorMixin):
             "attention_mask": pad_sequences([[1] * len(x) for x in ids], 0, padding_side),
             "labels": pad_sequences([ex["labels"] for ex in examples], IGNORE_INDEX, padding_side),
         }
-        with_images = [ex for ex in examples if ex.get("pixel_values") is not None]
-        if with_images:
-            tile_shapes = {tuple(ex["pixel_values"].shape[1:]) for ex in with_images}
-            if len(tile_shapes) > 1:
-                raise ValueError(
-                    f"examples have different pixel_values shapes {sorted(tile_shapes)} (num_crops?)"
-                )
-            batch["pixel_values"] = torch.cat([ex["pixel_values"] for ex in with_images])
-            batch["image_sizes"] = torch.cat([ex["image_sizes"] for ex in with_images])
+        batch.update(stack_images(examples))
         return batch

@@ -22,6 +22,7 @@ from PIL import Image
 
 from phivision.data.images import load_image
 from phivision.errors import PhivisionError
+from phivision.model.processing_phi3_v import stack_images
 from phivision.prompt import PromptFormat, format_answer, prompt_text
 
 if TYPE_CHECKING:
@@ -134,15 +135,7 @@ def pack_examples(examples: Sequence[dict[str, Any]]) -> dict[str, torch.Tensor]
         "labels": torch.cat(labels)[None],
         "position_ids": torch.cat([torch.arange(len(ex["input_ids"])) for ex in examples])[None],
     }
-    with_images = [ex for ex in examples if ex.get("pixel_values") is not None]
-    if with_images:
-        tile_shapes = {tuple(ex["pixel_values"].shape[1:]) for ex in with_images}
-        if len(tile_shapes) > 1:
-            raise ValueError(
-                f"examples have different pixel_values shapes {sorted(tile_shapes)} (num_crops?)"
-            )
-        batch["pixel_values"] = torch.cat([ex["pixel_values"] for ex in with_images])
-        batch["image_sizes"] = torch.cat([ex["image_sizes"] for ex in with_images])
+    batch.update(stack_images(examples))
     return batch
 
 
