@@ -204,9 +204,10 @@ def test_2x2_merge_concatenates_patches_row_major():
 def test_clip_runs_only_the_layers_it_uses_in_chunks_with_the_same_features(layer_idx, monkeypatch):
     from phivision.model import modeling_phi3_v
 
-    monkeypatch.setattr(modeling_phi3_v, "TILE_CHUNK", 3)  # 7 tiles: chunks of 3, 3 and 1
     model = make_model()
     embedding = model.model.vision_embed_tokens
+    per_tile = embedding.grid * embedding.grid + 1
+    monkeypatch.setattr(modeling_phi3_v, "CLIP_CHUNK_POSITIONS", 3 * per_tile)  # 7 tiles: calls of 3, 3 and 1
     embedding.layer_idx = layer_idx
     clip = embedding.img_processor.vision_model
     tiles = torch.randn(7, 3, embedding.crop_size, embedding.crop_size)
@@ -220,7 +221,10 @@ def test_clip_runs_only_the_layers_it_uses_in_chunks_with_the_same_features(laye
     assert len(ran) == layer_idx % (len(clip.encoder.layers) + 1)  # never the layers after the one used
     one_by_one = torch.cat([embedding.clip_hidden(tiles[i : i + 1]) for i in range(7)])
     torch.testing.assert_close(one_by_one, expected, rtol=1e-5, atol=1e-5)
-    embedding.tile_features(tiles).sum().backward()  # chunks keep the graph: CLIP's weights get gradients
+    chunked = embedding.tile_features(tiles)
+    monkeypatch.setattr(modeling_phi3_v, "CLIP_CHUNK_POSITIONS", 10**9)
+    torch.testing.assert_close(chunked, embedding.tile_features(tiles), rtol=1e-5, atol=1e-5)
+    chunked.sum().backward()  # chunks keep the graph: CLIP's weights get gradients
     assert clip.embeddings.patch_embedding.weight.grad is not None
 
 
@@ -339,7 +343,7 @@ def features_of_every_tile(embedding, pixel_values, image_sizes):
 def test_clip_encodes_only_the_tiles_each_image_uses(monkeypatch):
     from phivision.model import modeling_phi3_v
 
-    monkeypatch.setattr(modeling_phi3_v, "TILE_CHUNK", 1000)  # one CLIP call per forward: count its tiles
+    monkeypatch.setattr(modeling_phi3_v, "CLIP_CHUNK_POSITIONS", 10**9)  # one CLIP call per forward: count tiles
     model = make_model()
     embedding = model.model.vision_embed_tokens
     grids = [(1, 1), (2, 2), (1, 3), (3, 1), (1, 2)]

@@ -31,9 +31,10 @@ from transformers.models.phi3.modeling_phi3 import Phi3ForCausalLM, Phi3Model
 
 from .configuration_phi3_v import Phi3VConfig
 
-# Tiles per CLIP forward: bounds the transient attention memory of large batches (16 crops x batch 8 is 136
-# tiles) while keeping each call large enough (16 x 577 positions) to fill a GPU.
-TILE_CHUNK = 16
+# Positions per CLIP forward (16 official tiles of 577): bounds the transient attention memory of large batches
+# (16 crops x batch 8 is 136 tiles) while keeping each call large enough to fill a GPU. Small towers (tiny test
+# checkpoints) fit a whole batch in one call.
+CLIP_CHUNK_POSITIONS = 16 * 577
 _LAYER_TAKES_CAUSAL_MASK = "causal_attention_mask" in inspect.signature(CLIPEncoderLayer.forward).parameters
 
 
@@ -86,12 +87,13 @@ class Phi3ImageEmbedding(nn.Module):
     def tile_features(self, tiles: torch.Tensor) -> torch.Tensor:
         """(N, 3, S, S) tiles -> merged features (N, g/2, g/2, 4*d): CLIP hidden state ``layer_idx``, 2x2 merged.
 
-        Tiles go through CLIP ``TILE_CHUNK`` at a time, so a large batch's attention scores never all exist at once
-        (the features are the same as for one call).
+        Tiles go through CLIP ``CLIP_CHUNK_POSITIONS`` positions at a time, so a large batch's attention scores
+        never all exist at once (the features are the same as for one call).
         """
         weight = self.img_processor.vision_model.embeddings.patch_embedding.weight  # 4.x CLIP has no .device
         flat = tiles.to(device=weight.device, dtype=weight.dtype)
-        hidden = torch.cat([self.clip_hidden(part) for part in flat.split(TILE_CHUNK)])
+        per_call = max(1, CLIP_CHUNK_POSITIONS // (self.grid * self.grid + 1))  # tiles; +1: the CLS position
+        hidden = torch.cat([self.clip_hidden(part) for part in flat.split(per_call)])
         patches = hidden[:, 1:]  # drop CLS: (N, g*g, d), g = self.grid
         half, d = self.grid // 2, patches.shape[-1]
         # (N, g, g, d) -> 2x2 blocks; block (i, j) concatenates patches (2i+dy, 2j+dx) in (dy, dx) row-major order
