@@ -343,7 +343,8 @@ def features_of_every_tile(embedding, pixel_values, image_sizes):
 def test_clip_encodes_only_the_tiles_each_image_uses(monkeypatch):
     from phivision.model import modeling_phi3_v
 
-    monkeypatch.setattr(modeling_phi3_v, "CLIP_CHUNK_POSITIONS", 10**9)  # one CLIP call per forward: count tiles
+    # one CLIP call per forward: its tiles can be counted
+    monkeypatch.setattr(modeling_phi3_v, "CLIP_CHUNK_POSITIONS", 10**9)
     model = make_model()
     embedding = model.model.vision_embed_tokens
     grids = [(1, 1), (2, 2), (1, 3), (3, 1), (1, 2)]
