@@ -14,6 +14,7 @@ import pandas as pd
 import pytest
 from fault_server import FaultServer, bomb_bytes, dbq_row, image_bytes
 
+from cli_helpers import run_cli
 from phivision.data import load_catalog, load_image
 from phivision.data.download import file_stem, url_hash
 from phivision.data.prepare import prepare, summary
@@ -265,19 +266,6 @@ def test_sigkill_mid_run_loses_nothing_and_fetches_nothing_twice(tmp_path):
 # ------------------------------------------------------------------------------------------- bad tables
 
 
-def run_cli(capsys, *args: str) -> tuple[int, str]:
-    from phivision.cli import main
-
-    argv = sys.argv
-    sys.argv = ["phivision", *args]
-    try:
-        with pytest.raises(SystemExit) as exit_info:
-            main()
-    finally:
-        sys.argv = argv
-    return exit_info.value.code, capsys.readouterr().err
-
-
 @pytest.mark.parametrize(
     ("name", "content", "expected"),
     [
@@ -303,7 +291,7 @@ def test_bad_tables_exit_2_with_one_line(tmp_path, capsys, name, content, expect
     path = tmp_path / name
     if content is not None:
         path.write_bytes(content if isinstance(content, bytes) else content.encode())
-    code, err = run_cli(
+    code, _, err = run_cli(
         capsys, "prepare", "--source", str(path), "--out", str(tmp_path / "out"), "--no-progress"
     )
     assert code == 2
@@ -315,11 +303,11 @@ def test_bad_tables_exit_2_with_one_line(tmp_path, capsys, name, content, expect
 def test_bad_flags_exit_2(tmp_path, capsys):
     source = tmp_path / "c.csv"
     source.write_text("product_code,title\nA,T\n")
-    code, err = run_cli(
+    code, _, err = run_cli(
         capsys, "prepare", "--source", str(source), "--out", str(tmp_path / "o"), "--split", "a,b"
     )
     assert code == 2 and "--split 'a,b'" in err
-    code, err = run_cli(
+    code, _, err = run_cli(
         capsys, "prepare", "--source", str(source), "--out", str(tmp_path / "o"), "--concurrency", "0"
     )
     assert code == 2 and "--concurrency 0" in err

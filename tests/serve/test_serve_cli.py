@@ -15,23 +15,11 @@ import httpx
 import pytest
 from serve_helpers import free_port
 
+from cli_helpers import run_cli
 from phivision.data.images import DEFAULT_MAX_PIXELS
 from phivision.errors import PhivisionError
 from phivision.serve.limits import DEFAULT_MAX_PIXELS as SERVE_MAX_PIXELS
 from phivision.serve.limits import ServeLimits, allowed_hosts, check_bind
-
-
-def run_cli(capsys, *args: str) -> tuple[int, str]:
-    from phivision.cli import main
-
-    argv = sys.argv
-    sys.argv = ["phivision", *args]
-    try:
-        with pytest.raises(SystemExit) as exit_info:
-            main()
-    finally:
-        sys.argv = argv
-    return exit_info.value.code, capsys.readouterr().err
 
 
 @pytest.mark.parametrize(
@@ -62,7 +50,7 @@ def test_bad_serve_flag_is_one_error_line_before_the_model_loads(
 ) -> None:
     # The model path does not exist: had the model been loaded first, the error would name it instead.
     port = [] if "--port" in flags else ["--port", str(free_port())]
-    code, err = run_cli(capsys, "serve", "--model", str(tmp_path / "no-model"), *port, *flags)
+    code, _, err = run_cli(capsys, "serve", "--model", str(tmp_path / "no-model"), *port, *flags)
     assert code == 2
     assert err.startswith("error: ") and err.count("\n") == 1, err
     assert named in err and "no-model" not in err, err
@@ -73,7 +61,7 @@ def test_port_in_use_is_reported_before_the_model_loads(capsys, tmp_path: Path) 
         busy.bind(("127.0.0.1", 0))
         busy.listen()
         port = busy.getsockname()[1]
-        code, err = run_cli(capsys, "serve", "--model", str(tmp_path / "no-model"), "--port", str(port))
+        code, _, err = run_cli(capsys, "serve", "--model", str(tmp_path / "no-model"), "--port", str(port))
     assert code == 2 and "--port" in err and "cannot listen" in err, err
 
 
