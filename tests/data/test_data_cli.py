@@ -9,9 +9,9 @@ import json
 import pandas as pd
 import pytest
 import typer
-from cli_helpers import run_cli
 from fault_server import dbq_row, image_bytes
 
+from cli_helpers import run_cli
 from phivision import cli
 from phivision.data.inspection import inspect
 from phivision.data.prepare import prepare

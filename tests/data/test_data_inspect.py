@@ -9,9 +9,9 @@ import numpy as np
 import pandas as pd
 import pytest
 from catalog_helpers import jpeg, photo
-from cli_helpers import run_cli
 from PIL import Image, ImageStat
 
+from cli_helpers import run_cli
 from phivision.data.inspection import inspect, perceptual_hash
 from phivision.errors import PhivisionError
 from phivision.io import atomic_write_parquet

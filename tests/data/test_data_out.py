@@ -15,9 +15,9 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
-from cli_helpers import run_cli
 from fault_server import dbq_row, image_bytes
 
+from cli_helpers import run_cli
 from phivision.data import CATALOG_FILE, load_catalog
 from phivision.data.prepare import prepare
 from phivision.data.sample import sample, write_sample_catalog
