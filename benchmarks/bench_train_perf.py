@@ -2,7 +2,8 @@
 
     memory   peak training memory with answer-only logits vs every position's logits: mid-size model (hidden
              1024, 8 layers, official 32,064-token vocabulary, CLIP at the real 336 px geometry with 2 layers),
-             16 crops, batch 4, LoRA r 64, one training step per fresh process
+             16 crops, batch 4, LoRA r 64, gradient checkpointing, one training step per fresh process; against
+             the code paths of the issue's main (all logits, CLIP on every tile slot with autograd, untiled MLP)
     packing  tokens/s of padded batches (fixed 4 rows, shuffled or length-grouped; or a token budget) vs packed
              rows, one epoch over the same rows of a sample catalog (mixed aspect ratios), small model, 16 crops
     clip     image-embedding time when every tile slot goes through CLIP (before) vs only the tiles each image
@@ -40,6 +41,7 @@ import bench_model as bm  # noqa: E402  (the benchmarks' shared model/processor 
 
 from phivision.data import load_catalog  # noqa: E402
 from phivision.data.sample import write_sample_catalog  # noqa: E402
+from phivision.model import modeling_phi3_v  # noqa: E402
 from phivision.model.modeling_phi3_v import Phi3ImageEmbedding  # noqa: E402
 from phivision.prompt import PromptFormat  # noqa: E402
 from phivision.train.data import BatchPlan, ProductDataset, pack_examples, split_rows  # noqa: E402
@@ -69,27 +71,61 @@ def setup_with(text: dict[str, Any], vision: dict[str, Any], num_crops: int) -> 
 # ----------------------------------------------------------------------------------------------- memory
 
 
+VARIANTS = {
+    "issue": "issue's main: all logits, every tile slot through all of CLIP with autograd, untiled MLP",
+    "all": "now, every position's logits",
+    "answer": "now (answer-only logits)",
+}
+
+
+def issue_time_image_features(
+    embedding: Phi3ImageEmbedding, pixel_values: torch.Tensor, image_sizes: torch.Tensor
+) -> torch.Tensor:
+    """Image features as main computed them when issue 9 was filed: every tile slot, in one call, through the
+    whole CLIP tower with every hidden state kept, under autograd whenever transformers' input hook asks for it."""
+    clip = embedding.img_processor.vision_model
+    num_images, slots = pixel_values.shape[:2]
+    hidden = clip(pixel_values.flatten(0, 1), output_hidden_states=True).hidden_states[embedding.layer_idx]
+    patches, half = hidden[:, 1:], embedding.grid // 2
+    blocks = patches.reshape(len(patches), half, 2, half, 2, -1).permute(0, 1, 3, 2, 4, 5)
+    merged = blocks.reshape(num_images, slots, half, half, -1)
+    grids = embedding.crop_grid(image_sizes, slots - 1)
+    sequences = [embedding.hd_sequence(m, r, c) for m, (r, c) in zip(merged, grids, strict=True)]
+    return embedding.drop(embedding.img_projection(torch.cat(sequences)))
+
+
 def memory_child(args: argparse.Namespace) -> None:
-    """One variant in this (fresh) process: build, one training step, print the RSS figures as JSON."""
+    """One variant in this (fresh) process: build, one training step, print the RSS figures as JSON.
+
+    ``bf16`` is how the training recipe runs LoRA (``precision: bf16`` in configs/lora.yaml): frozen base weights
+    in bf16, the adapters in fp32, bf16 autocast (needs a CPU with native bf16 to finish in reasonable time).
+    """
     torch.set_num_threads(args.threads)
+    if args.variant == "issue":  # the code paths this issue replaced, restored in this process only
+        modeling_phi3_v.MLP_TILE_POSITIONS = 2**62
+        Phi3ImageEmbedding.forward = issue_time_image_features
+    bf16 = args.precision == "bf16"
     setup = bm.build_setup("mid", 16)
-    model = bm.build_model(setup, torch.float32, "cpu", "sdpa", seed=0)
+    model = bm.build_model(setup, torch.bfloat16 if bf16 else torch.float32, "cpu", "sdpa", seed=0)
     model.config.use_cache = False
-    if args.gradient_checkpointing:
-        model.gradient_checkpointing_enable()
+    model.gradient_checkpointing_enable()
     model = apply_method(model, bm.lora_config(args)).train()
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=2e-4)
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    for param in trainable:  # as the training loop does: trained weights stay fp32
+        param.data = param.data.float()
+    optimizer = torch.optim.AdamW(trainable, lr=2e-4)
     batch = bm.Batches(setup, bm.synthetic_images(0), 4, 16, "cpu")[0]
     before = max_rss_gib()
     start = time.perf_counter()
-    loss, count = answer_loss(model, batch, answer_only=bool(args.answer_only))
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+        loss, count = answer_loss(model, batch, answer_only=args.variant == "answer")
     (loss / count).backward()
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
     seconds = time.perf_counter() - start
     result = {
-        "answer_only": bool(args.answer_only),
-        "gradient_checkpointing": bool(args.gradient_checkpointing),
+        "precision": args.precision,
+        "variant": args.variant,
         "positions": batch["input_ids"].numel(),
         "tokens": int(batch["attention_mask"].sum()),
         "answer_tokens": count,
@@ -107,15 +143,11 @@ def run_memory(args: argparse.Namespace) -> None:
     )
     env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536", "OMP_NUM_THREADS": str(args.threads)}
     results = []
-    for checkpointing in (True, False):
-        for answer_only in (False, True):
+    for precision in args.precisions.split(","):
+        for variant in VARIANTS:
             command = [sys.executable, __file__, "memory-child", "--threads", str(args.threads)]
-            command += [
-                "--answer-only",
-                str(int(answer_only)),
-                "--gradient-checkpointing",
-                str(int(checkpointing)),
-            ]
+            command += ["--precision", precision, "--variant", variant]
+            command += ["--lora-r", str(args.lora_r), "--lora-alpha", str(args.lora_alpha)]
             done = subprocess.run(command, env=env, capture_output=True, text=True, check=False)
             if done.returncode != 0:
                 raise SystemExit(done.stderr[-3000:])
@@ -123,29 +155,31 @@ def run_memory(args: argparse.Namespace) -> None:
             print(f"  done {results[-1]}", file=sys.stderr, flush=True)
     table = []
     for r in results:
-        same = [o for o in results if o["gradient_checkpointing"] == r["gradient_checkpointing"]]
-        today = next(o for o in same if not o["answer_only"])
+        same = {o["variant"]: o for o in results if o["precision"] == r["precision"]}
         table.append(
             [
-                "on" if r["gradient_checkpointing"] else "off",
-                "answer only" if r["answer_only"] else "all positions (before)",
+                r["precision"],
+                VARIANTS[r["variant"]],
                 f"{r['positions']:,} / {r['tokens']:,} / {r['answer_tokens']}",
                 f"{r['loss']:.6f}",
                 f"{r['rss_before_step_gib']:.2f}",
                 f"{r['peak_rss_gib']:.2f}",
                 f"{r['peak_rss_gib'] - r['rss_before_step_gib']:.2f}",
-                f"{r['peak_rss_gib'] / today['peak_rss_gib']:.2f}",
+                f"{r['peak_rss_gib'] / same['issue']['peak_rss_gib']:.2f}",
+                f"{r['peak_rss_gib'] / same['all']['peak_rss_gib']:.2f}",
                 f"{r['step_s']:.1f}",
             ]
         )
-    headers = ["grad. checkpointing", "logits", "positions / tokens / answer tokens", "loss"]
-    headers += ["RSS before step GiB", "peak RSS GiB", "step's rise GiB", "peak vs before", "step s"]
+    headers = ["precision", "variant", "positions / tokens / answer tokens", "loss", "RSS before step GiB"]
+    headers += ["peak RSS GiB", "step's rise GiB", "peak vs issue's main", "peak vs all logits now", "step s"]
     print(bm.markdown_table(headers, table))
     print(
-        f"\nfp32, LoRA r {args.lora_r} alpha {args.lora_alpha} (qkv/o/gate_up/down), AdamW, batch 4 (photos "
-        f"{', '.join(f'{w}x{h}' for w, h in bm.IMAGE_SIZES[:4])}) at 16 crops, SDPA, {args.threads} torch threads; "
-        "one training step per fresh process with MALLOC_MMAP_THRESHOLD_=65536; RSS before step = peak RSS after "
-        "building the model and the batch; the same loss in both variants shows they compute the same thing"
+        f"\nLoRA r {args.lora_r} alpha {args.lora_alpha} (qkv/o/gate_up/down, dropout 0.05), gradient checkpointing, "
+        f"AdamW, batch 4 (photos {', '.join(f'{w}x{h}' for w, h in bm.IMAGE_SIZES[:4])}) at 16 crops, SDPA, "
+        f"{args.threads} torch threads; fp32: every weight fp32; bf16: the recipe's LoRA precision (frozen weights "
+        "bf16, adapters fp32, bf16 autocast); one training step per fresh process with "
+        "MALLOC_MMAP_THRESHOLD_=65536; RSS before step = peak RSS after building the model and the batch; the same "
+        "loss in every variant of a precision shows they compute the same thing"
     )
 
 
@@ -307,6 +341,11 @@ def main() -> None:
     sub = parser.add_subparsers(dest="command", required=True)
     memory = sub.add_parser("memory", help="peak memory, answer-only vs all logits")
     child = sub.add_parser("memory-child", help=argparse.SUPPRESS)
+    memory.add_argument(
+        "--precisions", default="fp32,bf16", help="comma-separated: fp32, bf16 (the recipe's)"
+    )
+    memory.add_argument("--checkpointing", choices=["on", "off", "both"], default="on")
+    child.add_argument("--precision", choices=["fp32", "bf16"], required=True)
     child.add_argument("--answer-only", type=int, required=True)
     child.add_argument("--gradient-checkpointing", type=int, required=True)
     packing = sub.add_parser("packing", help="tokens/s, packed vs padded")

@@ -17,7 +17,7 @@ from PIL import Image
 
 from phivision.data import load_catalog
 from phivision.errors import PhivisionError
-from phivision.model import Phi3VForCausalLM
+from phivision.model import Phi3VForCausalLM, modeling_phi3_v
 from phivision.model.processing_phi3_v import Phi3VProcessor
 from phivision.prompt import PromptFormat
 from phivision.train import train
@@ -36,11 +36,17 @@ def train_set(tiny_checkpoint, sample_dataset):
     )
 
 
-def tiny_model(checkpoint, attn: str = "sdpa", lora: bool = False) -> torch.nn.Module:
+def tiny_model(
+    checkpoint, attn: str = "sdpa", lora: bool = False, checkpointing: bool = False, vision: bool = False
+) -> torch.nn.Module:
+    torch.manual_seed(0)  # the same LoRA A matrices for every model built here
     model = Phi3VForCausalLM.from_pretrained(checkpoint, attn_implementation=attn)
     model.config.use_cache = False
+    if checkpointing:  # before LoRA, as the training recipe does
+        model.gradient_checkpointing_enable()
     if lora:
-        model = apply_method(model, TrainConfig(method="lora", lora=LoraConfig(dropout=0.0)))
+        config = LoraConfig(dropout=0.0, vision=vision)
+        model = apply_method(model, TrainConfig(method="lora", lora=config))
     return model.train()
 
 
@@ -70,6 +76,59 @@ def test_answer_only_logits_give_the_same_loss_and_gradients(train_set, tiny_che
     model = tiny_model(tiny_checkpoint, lora=lora)
     batch = train_set.processor.collate([train_set[i] for i in range(4)])
     assert_same_loss_and_grads(loss_and_grads(model, batch, True), loss_and_grads(model, batch, False))
+
+
+# ------------------------------------------------------------------------------------ tiled MLP, frozen CLIP
+
+
+def test_mlp_tiles_under_gradient_checkpointing_give_the_same_loss_and_gradients(
+    train_set, tiny_checkpoint, monkeypatch
+):
+    batch = train_set.processor.collate([train_set[i] for i in range(4)])
+    expected = loss_and_grads(tiny_model(tiny_checkpoint, lora=True), batch)
+    monkeypatch.setattr(modeling_phi3_v, "MLP_TILE_POSITIONS", 16)
+    model = tiny_model(tiny_checkpoint, lora=True, checkpointing=True)
+    rows = []
+    gate_up = model.base_model.model.model.layers[0].mlp.gate_up_proj
+    gate_up.register_forward_hook(lambda module, args, out: rows.append(args[0].shape[:-1].numel()))
+    got = loss_and_grads(model, batch)
+    assert_same_loss_and_grads(expected, got)
+    tiles = math.ceil(batch["input_ids"].numel() / 16)
+    # 16 positions at most per call; every tile runs in the forward pass and again for its own backward (the
+    # layer's recompute adds calls too, as far as its early stop lets it run)
+    assert max(rows) == 16 and len(rows) > 2 * tiles
+
+
+def test_mlp_is_not_tiled_without_gradient_checkpointing_or_outside_training(
+    train_set, tiny_checkpoint, monkeypatch
+):
+    batch = train_set.processor.collate([train_set[i] for i in range(2)])
+    monkeypatch.setattr(modeling_phi3_v, "MLP_TILE_POSITIONS", 16)
+    for model in (tiny_model(tiny_checkpoint), tiny_model(tiny_checkpoint, checkpointing=True).eval()):
+        rows = []
+        model.model.layers[0].mlp.gate_up_proj.register_forward_hook(
+            lambda module, args, out, rows=rows: rows.append(args[0].shape[:-1].numel())
+        )
+        with torch.no_grad():
+            model(**{k: v for k, v in batch.items() if k != "labels"})
+        assert rows == [batch["input_ids"].numel()]
+
+
+@pytest.mark.parametrize("vision", [False, True], ids=["frozen-clip", "clip-lora"])
+def test_a_frozen_clip_tower_builds_no_autograd_graph(train_set, tiny_checkpoint, vision):
+    """With gradient checkpointing, transformers marks CLIP's patch embeddings as requiring grad; a frozen tower
+    must still run without a graph (no saved activations, no backward through CLIP), a trained one with it."""
+    model = tiny_model(tiny_checkpoint, lora=True, checkpointing=True, vision=vision)
+    projector = model.base_model.model.model.vision_embed_tokens.img_projection
+    tracked = []
+    projector.register_forward_pre_hook(lambda module, args: tracked.append(args[0].requires_grad))
+    _, _, grads = loss_and_grads(model, train_set.processor.collate([train_set[i] for i in range(2)]))
+    assert tracked == [vision]
+    clip_grads = {name: g for name, g in grads.items() if "img_processor" in name}
+    assert bool(clip_grads) == vision
+    # (lora_A's gradient is zero at the start: lora_B starts at zero)
+    assert all(g.abs().sum() > 0 for name, g in clip_grads.items() if "lora_B" in name)
+    assert any("layers" in name for name in grads)  # the language model's adapters train either way
 
 
 # ------------------------------------------------------------------------------------ packing

@@ -25,9 +25,10 @@ try:  # transformers 5.x; an export may also be loaded by 4.4x, which has torch'
     from transformers import initialization as init
 except ImportError:
     from torch.nn import init
+from torch.utils.checkpoint import checkpoint
 from transformers.modeling_outputs import CausalLMOutputWithPast
 from transformers.models.clip.modeling_clip import CLIPEncoderLayer
-from transformers.models.phi3.modeling_phi3 import Phi3ForCausalLM, Phi3Model
+from transformers.models.phi3.modeling_phi3 import Phi3ForCausalLM, Phi3MLP, Phi3Model
 
 from .configuration_phi3_v import Phi3VConfig
 
@@ -35,6 +36,9 @@ from .configuration_phi3_v import Phi3VConfig
 # (16 crops x batch 8 is 136 tiles) while keeping each call large enough to fill a GPU. Small towers (tiny test
 # checkpoints) fit a whole batch in one call.
 CLIP_CHUNK_POSITIONS = 16 * 577
+# Positions per MLP tile under gradient checkpointing: the recomputed MLP of one decoder layer holds its
+# (positions x 2*intermediate) activations for one tile at a time instead of for the whole batch.
+MLP_TILE_POSITIONS = 2048
 _LAYER_TAKES_CAUSAL_MASK = "causal_attention_mask" in inspect.signature(CLIPEncoderLayer.forward).parameters
 
 
@@ -144,13 +148,45 @@ class Phi3ImageEmbedding(nn.Module):
         # encoded and thrown away (17 tiles per image at 16 crops, of which a 3x4 grid uses 13).
         used = [1 + rows * cols for rows, cols in grids]
         tiles = torch.cat([image[:n] for image, n in zip(pixel_values, used, strict=True)])
-        merged = self.tile_features(tiles).split(used)
+        # A frozen tower needs no autograd graph. transformers' enable_input_require_grads (which PEFT calls for
+        # gradient checkpointing) marks CLIP's patch embeddings as an input that requires grad, so without this
+        # a LoRA run on the language model would keep CLIP's activations and backpropagate through it for nothing.
+        clip = self.img_processor
+        track = tiles.requires_grad or any(p.requires_grad for p in clip.parameters())
+        with torch.set_grad_enabled(torch.is_grad_enabled() and track):
+            merged = self.tile_features(tiles)
+        merged = merged.split(used)
         sequences = [
             self.hd_sequence(image, rows, cols) for image, (rows, cols) in zip(merged, grids, strict=True)
         ]
         projector = self.img_projection[0]
         features = torch.cat(sequences).to(dtype=projector.weight.dtype)
         return self.drop(self.img_projection(features))
+
+
+class Phi3VMLP(Phi3MLP):
+    """transformers' Phi-3 MLP (same weights, same names) that runs in tiles of positions when gradient
+    checkpointing is on in training.
+
+    The MLP is position-wise, so tiles give the same output. Each tile is checkpointed on its own: when the decoder
+    layer is recomputed for its backward pass, only one tile's gate/up activations (and LoRA's copies of the
+    inputs) exist at a time; for 4 samples at 16 crops that is 2,048 of ~10,000 positions. The price is one more
+    forward pass of the MLP per step, paid only by runs that already trade compute for memory.
+    """
+
+    gradient_checkpointing = False  # set with the decoder layers' flag by gradient_checkpointing_enable()
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        positions = hidden_states.shape[:-1].numel()
+        if not (self.gradient_checkpointing and self.training) or positions <= MLP_TILE_POSITIONS:
+            return super().forward(hidden_states)
+        run = super().forward
+        tiles = hidden_states.reshape(positions, hidden_states.shape[-1]).split(MLP_TILE_POSITIONS)
+        if torch.is_grad_enabled():
+            out = [checkpoint(run, tile, use_reentrant=False) for tile in tiles]
+        else:  # the no-grad first pass of a checkpointed layer: tiles bound its transient memory as well
+            out = [run(tile) for tile in tiles]
+        return torch.cat(out).reshape(*hidden_states.shape[:-1], -1)
 
 
 def packed_sequence_lengths(position_ids: torch.Tensor) -> dict[str, torch.Tensor | int]:
@@ -181,6 +217,10 @@ class Phi3VModel(Phi3Model):
 
     def __init__(self, config: Phi3Config, vision_parent: Phi3VConfig) -> None:
         super().__init__(config)
+        for layer in self.layers:
+            # The same module, its forward tiled: no new parameters, and no draw from the random generator (a
+            # module built here instead would shift every random weight initialised after it).
+            layer.mlp.__class__ = Phi3VMLP
         self.vision_embed_tokens = Phi3ImageEmbedding(vision_parent)  # initialised by the owner's post_init()
 
     def _init_weights(self, module: nn.Module) -> None:
