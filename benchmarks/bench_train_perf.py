@@ -342,12 +342,12 @@ def main() -> None:
     memory = sub.add_parser("memory", help="peak memory, answer-only vs all logits")
     child = sub.add_parser("memory-child", help=argparse.SUPPRESS)
     memory.add_argument(
-        "--precisions", default="fp32,bf16", help="comma-separated: fp32, bf16 (the recipe's)"
+        "--precisions",
+        default="fp32",
+        help="comma-separated: fp32, bf16 (the recipe's; needs native CPU bf16)",
     )
-    memory.add_argument("--checkpointing", choices=["on", "off", "both"], default="on")
     child.add_argument("--precision", choices=["fp32", "bf16"], required=True)
-    child.add_argument("--answer-only", type=int, required=True)
-    child.add_argument("--gradient-checkpointing", type=int, required=True)
+    child.add_argument("--variant", choices=list(VARIANTS), required=True)
     packing = sub.add_parser("packing", help="tokens/s, packed vs padded")
     packing.add_argument("--catalog-rows", type=int, default=60)
     packing.add_argument("--rows", type=int, default=16)
