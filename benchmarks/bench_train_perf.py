@@ -78,20 +78,10 @@ VARIANTS = {
 }
 
 
-def issue_time_image_features(
-    embedding: Phi3ImageEmbedding, pixel_values: torch.Tensor, image_sizes: torch.Tensor
-) -> torch.Tensor:
-    """Image features as main computed them when issue 9 was filed: every tile slot, in one call, through the
-    whole CLIP tower with every hidden state kept, under autograd whenever transformers' input hook asks for it."""
+def whole_tower_hidden(embedding: Phi3ImageEmbedding, tiles: torch.Tensor) -> torch.Tensor:
+    """CLIP as main ran it when issue 9 was filed: the whole tower, every hidden state kept."""
     clip = embedding.img_processor.vision_model
-    num_images, slots = pixel_values.shape[:2]
-    hidden = clip(pixel_values.flatten(0, 1), output_hidden_states=True).hidden_states[embedding.layer_idx]
-    patches, half = hidden[:, 1:], embedding.grid // 2
-    blocks = patches.reshape(len(patches), half, 2, half, 2, -1).permute(0, 1, 3, 2, 4, 5)
-    merged = blocks.reshape(num_images, slots, half, half, -1)
-    grids = embedding.crop_grid(image_sizes, slots - 1)
-    sequences = [embedding.hd_sequence(m, r, c) for m, (r, c) in zip(merged, grids, strict=True)]
-    return embedding.drop(embedding.img_projection(torch.cat(sequences)))
+    return clip(tiles, output_hidden_states=True).hidden_states[embedding.layer_idx]
 
 
 def memory_child(args: argparse.Namespace) -> None:
@@ -101,9 +91,14 @@ def memory_child(args: argparse.Namespace) -> None:
     in bf16, the adapters in fp32, bf16 autocast (needs a CPU with native bf16 to finish in reasonable time).
     """
     torch.set_num_threads(args.threads)
-    if args.variant == "issue":  # the code paths this issue replaced, restored in this process only
-        modeling_phi3_v.MLP_TILE_POSITIONS = 2**62
-        Phi3ImageEmbedding.forward = issue_time_image_features
+    if (
+        args.variant == "issue"
+    ):  # the code paths this issue replaced, restored in this process only: every tile
+        # slot through the whole tower in one call, under autograd (every_tile_features bypasses the frozen-tower
+        # check of Phi3ImageEmbedding.forward), untiled MLP
+        modeling_phi3_v.MLP_TILE_POSITIONS = modeling_phi3_v.CLIP_CHUNK_POSITIONS = 2**62
+        Phi3ImageEmbedding.clip_hidden = whole_tower_hidden
+        Phi3ImageEmbedding.forward = every_tile_features
     bf16 = args.precision == "bf16"
     setup = bm.build_setup("mid", 16)
     model = bm.build_model(setup, torch.bfloat16 if bf16 else torch.float32, "cpu", "sdpa", seed=0)
@@ -273,12 +268,12 @@ def run_packing(args: argparse.Namespace) -> None:
 
 
 def every_tile_features(embedding: Phi3ImageEmbedding, pixel_values: torch.Tensor, image_sizes: torch.Tensor):
-    """The image features as computed before this change: every tile slot goes through CLIP."""
+    """The image features as computed before issue 9: every tile slot goes through CLIP, under autograd."""
     num_images, slots = pixel_values.shape[:2]
     merged = embedding.tile_features(pixel_values.flatten(0, 1)).unflatten(0, (num_images, slots))
     grids = embedding.crop_grid(image_sizes, slots - 1)
     sequences = [embedding.hd_sequence(m, r, c) for m, (r, c) in zip(merged, grids, strict=True)]
-    return embedding.img_projection(torch.cat(sequences))
+    return embedding.drop(embedding.img_projection(torch.cat(sequences)))
 
 
 @torch.no_grad()
