@@ -91,11 +91,10 @@ def memory_child(args: argparse.Namespace) -> None:
     in bf16, the adapters in fp32, bf16 autocast (needs a CPU with native bf16 to finish in reasonable time).
     """
     torch.set_num_threads(args.threads)
-    if (
-        args.variant == "issue"
-    ):  # the code paths this issue replaced, restored in this process only: every tile
-        # slot through the whole tower in one call, under autograd (every_tile_features bypasses the frozen-tower
-        # check of Phi3ImageEmbedding.forward), untiled MLP
+    # The code paths this issue replaced, restored in this process only: every tile slot through the whole tower
+    # in one call, under autograd (every_tile_features bypasses the frozen-tower check of the model's forward),
+    # and an untiled MLP.
+    if args.variant == "issue":
         modeling_phi3_v.MLP_TILE_POSITIONS = modeling_phi3_v.CLIP_CHUNK_POSITIONS = 2**62
         Phi3ImageEmbedding.clip_hidden = whole_tower_hidden
         Phi3ImageEmbedding.forward = every_tile_features

@@ -81,6 +81,13 @@ def test_answer_only_logits_give_the_same_loss_and_gradients(train_set, tiny_che
 # ------------------------------------------------------------------------------------ tiled MLP, frozen CLIP
 
 
+def positions_per_call(module: torch.nn.Module) -> list[int]:
+    """The number of positions of every input ``module`` sees from now on (filled in as it runs)."""
+    seen: list[int] = []
+    module.register_forward_hook(lambda _module, args, _out: seen.append(args[0].shape[:-1].numel()))
+    return seen
+
+
 def test_mlp_tiles_under_gradient_checkpointing_give_the_same_loss_and_gradients(
     train_set, tiny_checkpoint, monkeypatch
 ):
@@ -88,9 +95,7 @@ def test_mlp_tiles_under_gradient_checkpointing_give_the_same_loss_and_gradients
     expected = loss_and_grads(tiny_model(tiny_checkpoint, lora=True), batch)
     monkeypatch.setattr(modeling_phi3_v, "MLP_TILE_POSITIONS", 16)
     model = tiny_model(tiny_checkpoint, lora=True, checkpointing=True)
-    rows = []
-    gate_up = model.base_model.model.model.layers[0].mlp.gate_up_proj
-    gate_up.register_forward_hook(lambda module, args, out: rows.append(args[0].shape[:-1].numel()))
+    rows = positions_per_call(model.base_model.model.model.layers[0].mlp.gate_up_proj)
     got = loss_and_grads(model, batch)
     assert_same_loss_and_grads(expected, got)
     tiles = math.ceil(batch["input_ids"].numel() / 16)
@@ -105,10 +110,7 @@ def test_mlp_is_not_tiled_without_gradient_checkpointing_or_outside_training(
     batch = train_set.processor.collate([train_set[i] for i in range(2)])
     monkeypatch.setattr(modeling_phi3_v, "MLP_TILE_POSITIONS", 16)
     for model in (tiny_model(tiny_checkpoint), tiny_model(tiny_checkpoint, checkpointing=True).eval()):
-        rows = []
-        model.model.layers[0].mlp.gate_up_proj.register_forward_hook(
-            lambda module, args, out, rows=rows: rows.append(args[0].shape[:-1].numel())
-        )
+        rows = positions_per_call(model.model.layers[0].mlp.gate_up_proj)
         with torch.no_grad():
             model(**{k: v for k, v in batch.items() if k != "labels"})
         assert rows == [batch["input_ids"].numel()]
