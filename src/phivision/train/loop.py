@@ -241,9 +241,17 @@ def _load_model(config: TrainConfig, device: torch.device) -> tuple[torch.nn.Mod
     # strict: a missing, unexpected or mis-shaped tensor stops here instead of training on random weights
     model = load_pretrained(config.model, **kwargs)
     if config.gradient_checkpointing:
-        model.gradient_checkpointing_enable()
+        enable_activation_checkpointing(model)
     model.config.use_cache = False
     return model, processor
+
+
+def enable_activation_checkpointing(model: torch.nn.Module) -> None:
+    """Recompute each decoder layer's activations in backward. transformers 5.2x renamed
+    ``gradient_checkpointing_enable`` (a deprecated alias until v6) to ``activation_checkpointing_enable``;
+    earlier 5.x releases have only the old name."""
+    enable = getattr(model, "activation_checkpointing_enable", None) or model.gradient_checkpointing_enable
+    enable()
 
 
 def _has_flash_attn() -> bool:
@@ -424,6 +432,7 @@ class Recipe:
         self.run_dir = Path(config.out)
         self.state = TrainerState(metric=config.eval.metric)
         self.last_loss: float | None = None
+        self.step_lr = 0.0  # the learning rate of the last optimizer step
 
     # ---------------------------------------------------------------------------------- setup
 
@@ -617,6 +626,7 @@ class Recipe:
             )
         clip = self.config.optim.grad_clip
         grad_norm = accelerator.clip_grad_norm_(self.params, clip) if clip > 0 else None
+        self.step_lr = self.optimizer.param_groups[0]["lr"]  # the rate this step ran at (logged with it)
         self.optimizer.step()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
@@ -634,7 +644,7 @@ class Recipe:
             "step": step,
             "epoch": round(self.plan.epoch_of(step * self.config.optim.grad_accum), 4),
             "loss": self.last_loss,
-            "lr": self.scheduler.get_last_lr()[0],
+            "lr": self.step_lr,
             "tokens": int(totals[1]),
             "elapsed_s": round(time.perf_counter() - self.started, 2),
         }
