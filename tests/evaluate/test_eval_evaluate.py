@@ -137,6 +137,12 @@ def test_user_errors(loaded, catalog_dir, tmp_path) -> None:
     catalog.to_parquet(data / "catalog.parquet")
     with pytest.raises(PhivisionError, match="no train rows"):
         evaluate(loaded, data)
+    catalog["split"] = "train"
+    catalog.to_parquet(data / "catalog.parquet")
+    with pytest.raises(
+        PhivisionError, match=r"no rows in split 'test' \(4 train, 0 val, 0 test\); score another"
+    ):
+        evaluate(loaded, data)
 
 
 def test_eval_dir_layout(tmp_path) -> None:

@@ -110,7 +110,11 @@ def evaluate(
     if limit is not None:
         items = items.iloc[:limit]
     if items.empty:
-        raise PhivisionError(f"{data_dir / 'catalog.parquet'}: no rows in split {split!r}")
+        counts = ", ".join(f"{int((catalog['split'] == s).sum())} {s}" for s in SPLITS)
+        raise PhivisionError(
+            f"{data_dir / 'catalog.parquet'}: no rows in split {split!r} ({counts}); score another --split, "
+            "or sample or prepare more products"
+        )
     train = catalog[catalog["split"] == "train"]
     if train.empty:
         raise PhivisionError(
