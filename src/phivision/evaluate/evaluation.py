@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -16,7 +17,7 @@ from tqdm.auto import tqdm
 
 from phivision.data.layout import SPLITS, load_catalog
 from phivision.errors import PhivisionError
-from phivision.evaluate.constrain import AnswerConstraint, constraint_name
+from phivision.evaluate.constrain import AnswerConstraint, constraint_name, short_budget_note
 from phivision.evaluate.metrics import (
     HEADLINE,
     SCORING,
@@ -130,6 +131,10 @@ def evaluate(
         loaded = model
     paths = [(data_dir / p).resolve() for p in items["image_path"]]
     constraint = AnswerConstraint.for_model(loaded) if constrain else None
+    vocab_size = loaded.model.config.vocab_size
+    note = short_budget_note(loaded.processor, vocab_size, constraint, max_new_tokens)
+    if note:
+        print(f"warning: {note}", file=sys.stderr)
     answers, problems = _answer_all(loaded, paths, batch_size, max_new_tokens, progress, constraint)
 
     scored = score(items, [parse_answer(a, loaded.prompt) for a in answers], stats)

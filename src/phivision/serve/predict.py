@@ -76,10 +76,13 @@ def predict_images(
     ``constrain`` forces every answer into the model's template and recorded categories
     (:mod:`phivision.evaluate.constrain`); False lets the model write freely.
     """
-    from phivision.evaluate.constrain import AnswerConstraint
+    from phivision.evaluate.constrain import AnswerConstraint, short_budget_note
     from phivision.evaluate.generate import answer_image_files
 
     constraint = AnswerConstraint.for_model(loaded) if constrain else None
+    note = short_budget_note(loaded.processor, loaded.model.config.vocab_size, constraint, max_new_tokens)
+    if note:
+        print(f"warning: {note}", file=sys.stderr)
     with tqdm(total=len(paths), desc="predict", unit="img", disable=not progress) as bar:
         for path, answer, error in answer_image_files(
             loaded, paths, batch_size, batch_size, max_new_tokens, progress=bar, constraint=constraint

@@ -133,7 +133,6 @@ def answer_jobs(loaded: Any, limits: ServeLimits, jobs: list[Job]) -> list[Any]:
             top_p=generation.top_p,
             on_token=on_token if streams else None,
             constraint=constraint,
-            exact_length=True,
         )
         for i, completion in zip(members, completions, strict=True):
             results[i] = completion
@@ -390,6 +389,14 @@ def create_app(
     from phivision.serve import openai_api
 
     limits = (limits or ServeLimits()).validate()
+    from phivision.evaluate.constrain import AnswerConstraint, short_budget_note
+
+    constraint = AnswerConstraint.for_model(loaded) if limits.constrain else None
+    note = short_budget_note(
+        loaded.processor, loaded.model.config.vocab_size, constraint, limits.max_new_tokens
+    )
+    if note:
+        log.warning(note)
     batcher = MicroBatcher(
         lambda jobs: answer_jobs(loaded, limits, jobs),
         max_batch_size=limits.max_batch_size,

@@ -16,6 +16,7 @@ import contextlib
 import math
 import os
 import re
+import sys
 import time
 import warnings
 from collections.abc import Iterable, Iterator
@@ -495,6 +496,17 @@ class Recipe:
             root, self.train_rows, self.processor, fmt, cache=config.data.cache_examples
         )
         self.val_set = ProductDataset(root, self.val_rows, self.processor, fmt)
+        if config.eval.constrain and config.eval.gen_samples and len(self.val_rows) and self.is_main:
+            from phivision.evaluate.constrain import AnswerConstraint, short_budget_note
+
+            labels = LabelSpace.from_rows(self.train_rows["category"], self.train_rows["currency"])
+            constraint = AnswerConstraint(fmt, labels.categories)
+            vocab_size = model.config.vocab_size
+            note = short_budget_note(
+                self.processor, vocab_size, constraint, config.eval.max_new_tokens, "eval.max_new_tokens"
+            )
+            if note:
+                print(f"warning: {note}", file=sys.stderr)
 
     def make_optimizer(self) -> None:
         """Batch plan, step count, AdamW and the schedule; then accelerate wraps model and optimizer."""
