@@ -127,6 +127,8 @@ def evaluate(
         from phivision.runs import load_model
 
         loaded = load_model(model)
+        for note in loaded.notes:
+            print(f"warning: {note}", file=sys.stderr)
     else:
         loaded = model
     paths = [(data_dir / p).resolve() for p in items["image_path"]]

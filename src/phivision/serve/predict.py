@@ -80,8 +80,8 @@ def predict_images(
     from phivision.evaluate.generate import answer_image_files
 
     constraint = AnswerConstraint.for_model(loaded) if constrain else None
-    note = short_budget_note(loaded.processor, loaded.model.config.vocab_size, constraint, max_new_tokens)
-    if note:
+    budget = short_budget_note(loaded.processor, loaded.model.config.vocab_size, constraint, max_new_tokens)
+    for note in (*loaded.notes, *([budget] if budget else [])):
         print(f"warning: {note}", file=sys.stderr)
     with tqdm(total=len(paths), desc="predict", unit="img", disable=not progress) as bar:
         for path, answer, error in answer_image_files(

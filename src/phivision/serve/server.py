@@ -530,6 +530,8 @@ def serve(
     check_bind(host, port)
     check_device(device, resolve_device)
     loaded = load_model(model, device=device, dtype=dtype)
+    for note in loaded.notes:
+        log.warning(note)
     app = create_app(
         loaded,
         limits,
