@@ -90,15 +90,13 @@ def bench_merge(args: argparse.Namespace) -> None:
     from peft import LoraConfig, get_peft_model
 
     from phivision.loading import merge_adapter
-    from phivision.model.standin import write_standin_checkpoint
+    from phivision.model.standin import SMALL, write_standin_checkpoint
     from phivision.prompt import PromptFormat, prompt_text
     from phivision.runs import load_model
 
-    small = {"num_hidden_layers": 2, "hidden_size": 192, "intermediate_size": 384, "num_attention_heads": 2}
-    small.update(num_key_value_heads=2, vision={"num_hidden_layers": 3})
     reference = Path(__file__).resolve().parent.parent / "tests" / "reference" / "phi-3-vision-128k-instruct"
     work = Path(tempfile.mkdtemp())
-    checkpoint = write_standin_checkpoint(work / "ckpt", reference, num_crops=1, **small)
+    checkpoint = write_standin_checkpoint(work / "ckpt", reference, num_crops=1, **SMALL)
     base = {
         dtype: load_model(checkpoint, device="cpu", dtype=dtype).model for dtype in ("float32", "bfloat16")
     }

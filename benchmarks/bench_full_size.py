@@ -125,23 +125,12 @@ def sample_photo(index: int = 0) -> Any:
 # -------------------------------------------------------------------------------------------------- children
 
 
-# ``--small``: the same path on a shrunk stand-in (real tokenizer and CLIP width, 2 layers), to try the script.
-SMALL = {
-    "num_hidden_layers": 2,
-    "hidden_size": 192,
-    "intermediate_size": 384,
-    "num_attention_heads": 2,
-    "num_key_value_heads": 2,
-    "vision": {"num_hidden_layers": 3},
-}
-
-
 def write_standin(args: argparse.Namespace) -> None:
     import torch
 
-    from phivision.model.standin import write_standin_checkpoint
+    from phivision.model.standin import SMALL, write_standin_checkpoint
 
-    overrides = SMALL if args.small else {}
+    overrides = SMALL if args.small else {}  # --small: the same path on a shrunk stand-in, to try the script
     write_standin_checkpoint(
         args.out, REFERENCE, dtype=torch.bfloat16, seed=0, num_crops=args.num_crops, **overrides
     )

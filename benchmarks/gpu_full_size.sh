@@ -11,21 +11,10 @@
 #
 # Runs from a checkout without installing it (PYTHONPATH=src). Wheels in ./.whl (flash-attn, fastapi, uvicorn,
 # openai, llguidance: whatever the machine lacks) are installed into /tmp/site first.
-set -euo pipefail
-cd "$(dirname "$0")/.."
-PY=${PYTHON:-python3}
-export PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false HF_HUB_OFFLINE=1
-if compgen -G ".whl/*.whl" >/dev/null; then
-  "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
-  export PYTHONPATH="/tmp/site:${PYTHONPATH:-}"
-fi
-export PYTHONPATH="$PWD/src:${PYTHONPATH:-}"
+source "$(dirname "$0")/gpu_env.sh"
 WORK=${WORK:-/tmp/phivision-gpu-full-size}
 rm -rf "$WORK" "$WORK-fa2"
 
-if command -v nvidia-smi >/dev/null; then
-  nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
-fi
 have() { "$PY" -c "import $1" 2>/dev/null; }
 SKIP=none
 have fastapi && have uvicorn && have openai || SKIP=serve

@@ -17,17 +17,10 @@ from safetensors.torch import load_file
 from serve_helpers import make_lora_run
 
 from phivision.loading import MERGE_TOLERANCE
+from phivision.model.standin import SMALL
 from phivision.runs import checkpoint_dtype, default_dtype, load_model, native_half_dtypes, resolve_dtype
 from phivision.serve.export import export_run
 
-SMALL = {
-    "num_hidden_layers": 2,
-    "hidden_size": 192,
-    "intermediate_size": 384,
-    "num_attention_heads": 2,
-    "num_key_value_heads": 2,
-    "vision": {"num_hidden_layers": 3},
-}
 IMAGE = Image.new("RGB", (120, 80), (30, 160, 90))
 BF16, FP16, FP32 = torch.bfloat16, torch.float16, torch.float32
 CPU_BF16 = BF16 in native_half_dtypes(torch.device("cpu"))
