@@ -164,6 +164,10 @@ def test_logged_learning_rate_is_the_rate_each_step_ran_at(quick_config):
 def test_activation_checkpointing_and_lora_raise_no_deprecation_warning(quick_config):
     """transformers 5.25 deprecates gradient_checkpointing_enable (and the property PEFT reads): neither warns."""
     cfg = quick_config(
-        "gc", "gradient_checkpointing=true", "schedule.max_steps=1", "eval.gen_samples=0", "eval.max_samples=1"
+        "gc",
+        "gradient_checkpointing=true",
+        "schedule.max_steps=1",
+        "eval.gen_samples=0",
+        "eval.max_samples=1",
     )
     assert read_metrics(train(cfg).out, "train")
