@@ -2,9 +2,11 @@
 
     python benchmarks/bench_cpu_dtype.py matmul                         # seconds, no model
     flock /work/wt/.heavy.lock python benchmarks/bench_cpu_dtype.py model --checkpoint /work/scratch/full
+    flock /work/wt/.heavy.lock python benchmarks/bench_cpu_dtype.py model --layers 8 --rounds 2
 
-``matmul``: a square GEMM (the prompt's prefill) and a GEMV (one decoding step's ``gate_up_proj``) in bfloat16,
-float16 and float32, interleaved, median of ``--repeats``.
+``matmul``: the decoder's linear layers as ``nn.Linear`` runs them (``F.linear``, weight [out, in]) on a prompt's
+prefill (1024 positions) and on one decoding step (1 and 8 positions), in bfloat16, float16 and float32,
+interleaved, median of ``--repeats``.
 
 ``merge``: does a short run's LoRA update survive bfloat16? A shrunk stand-in (real tokenizer and CLIP width, 2
 decoder layers) with a random LoRA adapter whose B is scaled to mimic a short (1e-4) to a long (1e-1) run: the
@@ -15,6 +17,8 @@ float32) with the adapter merged into bf16 weights and kept unmerged in float32 
 held twice), interleaved bf16, fp32, bf16, fp32 for ``--rounds`` rounds: the load, one prefill forward of a 4-crop
 photo prompt, and greedy generation of ``--new-tokens`` tokens (forced length), each timed, with the child's peak
 RSS. A float32 child needs ~19 GB: it is skipped (and says so) when the machine has less available.
+``--layers 8`` writes and uses a stand-in with the real widths and 8 of the 32 decoder layers instead (float32
+~5 GB), for a machine shared with others; the ratio per decoder layer is the same.
 
 Both print what the machine has (lscpu's bf16/AMX flags) and what phivision decides from it.
 """
@@ -54,31 +58,34 @@ def policy_line() -> str:
 
 def bench_matmul(args: argparse.Namespace) -> None:
     import torch
+    import torch.nn.functional as F
 
     torch.manual_seed(0)
+    # (input rows, in features, out features), as nn.Linear computes them: F.linear(x, weight[out, in])
     shapes = {
-        "GEMM 1024x3072 @ 3072x3072 (prefill)": ((1024, 3072), (3072, 3072)),
-        "GEMV 1x3072 @ 3072x16384 (decode, gate_up_proj)": ((1, 3072), (3072, 16384)),
+        "prefill: 1024 positions x qkv_proj (3072 -> 9216)": (1024, 3072, 9216),
+        "decode: 1 position x gate_up_proj (3072 -> 16384)": (1, 3072, 16384),
+        "decode, batch 8: 8 positions x gate_up_proj": (8, 3072, 16384),
     }
     dtypes = [torch.float32, torch.bfloat16, torch.float16]
     times: dict[tuple[str, torch.dtype], list[float]] = {}
-    inputs = {name: (torch.randn(a), torch.randn(b)) for name, (a, b) in shapes.items()}
+    inputs = {name: (torch.randn(m, k), torch.randn(n, k)) for name, (m, k, n) in shapes.items()}
     for _ in range(args.repeats):
-        for name, (a, b) in inputs.items():
+        for name, (x, weight) in inputs.items():
             for dtype in dtypes:  # interleaved: load on a shared machine hits every dtype alike
-                x, y = a.to(dtype), b.to(dtype)
-                x @ y
+                a, w = x.to(dtype), weight.to(dtype)
+                F.linear(a, w)
                 start = time.perf_counter()
                 for _ in range(args.inner):
-                    x @ y
+                    F.linear(a, w)
                 times.setdefault((name, dtype), []).append((time.perf_counter() - start) / args.inner)
     print(policy_line())
     print(f"load average {os.getloadavg()[0]:.1f}; median of {args.repeats} x {args.inner} calls")
-    print(f"{'operation':<50}{'float32':>12}{'bfloat16':>12}{'float16':>12}{'fp32/bf16':>11}")
+    print(f"{'F.linear':<52}{'float32':>11}{'bfloat16':>11}{'float16':>11}{'fp32/bf16':>11}")
     for name in shapes:
         med = {d: statistics.median(times[(name, d)]) * 1e3 for d in dtypes}
         print(
-            f"{name:<50}{med[torch.float32]:>10.2f}ms{med[torch.bfloat16]:>10.2f}ms{med[torch.float16]:>10.2f}ms"
+            f"{name:<52}{med[torch.float32]:>9.1f}ms{med[torch.bfloat16]:>9.1f}ms{med[torch.float16]:>9.1f}ms"
             f"{med[torch.float32] / med[torch.bfloat16]:>10.2f}x"
         )
 
@@ -170,6 +177,19 @@ def child(args: argparse.Namespace) -> None:
 
 def bench_model(args: argparse.Namespace) -> None:
     print(policy_line())
+    if (
+        args.layers
+    ):  # the real widths (decoder, CLIP, vocabulary) with fewer decoder layers: float32 fits beside others
+        import tempfile
+
+        from phivision.model.standin import write_standin_checkpoint
+
+        reference = (
+            Path(__file__).resolve().parent.parent / "tests" / "reference" / "phi-3-vision-128k-instruct"
+        )
+        out = Path(tempfile.mkdtemp()) / f"standin-{args.layers}-layers"
+        args.checkpoint = str(write_standin_checkpoint(out, reference, num_hidden_layers=args.layers))
+        print(f"full-width stand-in with {args.layers} of 32 decoder layers: {args.checkpoint}")
     rows = []
     for round_index in range(args.rounds):
         for dtype in ("bfloat16", "float32"):
@@ -215,7 +235,10 @@ def main() -> None:
     matmul.add_argument("--inner", type=int, default=3)
     sub.add_parser("merge", help="a short run's LoRA update merged into bf16 weights, shrunk stand-in")
     model = sub.add_parser("model", help="full-size stand-in: load, prefill, generation per dtype")
-    model.add_argument("--checkpoint", required=True, help="a full-size stand-in (phivision.model.standin)")
+    model.add_argument("--checkpoint", help="a full-size stand-in (phivision.model.standin)")
+    model.add_argument(
+        "--layers", type=int, default=0, help="instead: write one with this many decoder layers"
+    )
     model.add_argument("--rounds", type=int, default=1)
     model.add_argument("--new-tokens", type=int, default=16)
     model.add_argument("--num-crops", type=int, default=4)
