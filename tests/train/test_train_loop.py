@@ -171,3 +171,19 @@ def test_activation_checkpointing_and_lora_raise_no_deprecation_warning(quick_co
         "eval.max_samples=1",
     )
     assert read_metrics(train(cfg).out, "train")
+
+
+def test_precision_auto_follows_the_checkpoint_dtype_where_native(quick_config, reference_dir, tmp_path):
+    """A bf16 checkpoint (a shrunk stand-in of the official one) trains in bf16 where the CPU computes bf16
+    natively, else in fp32; the tiny float32 checkpoint in fp32. config.yaml records the precision that ran."""
+    from phivision.model.standin import SMALL, write_standin_checkpoint
+    from phivision.runs import native_half_dtypes
+
+    assert quick_config().precision == "auto"
+    standin = write_standin_checkpoint(tmp_path / "standin", reference_dir, num_crops=1, **SMALL)
+    native = torch.bfloat16 in native_half_dtypes(torch.device("cpu"))
+    for model, expected in ((str(standin), "bf16" if native else "fp32"), (None, "fp32")):
+        cfg = quick_config(f"auto-{expected}-{model is None}", "schedule.max_steps=1", "eval.gen_samples=0")
+        cfg.model = model or cfg.model
+        run = train(cfg).out
+        assert yaml.safe_load((run / "config.yaml").read_text())["precision"] == expected

@@ -29,7 +29,7 @@ from phivision.errors import PhivisionError
 from phivision.prompt import DEFAULT_ANSWER_TEMPLATE, DEFAULT_QUESTION, PromptFormat
 
 METHODS = ("lora", "qlora", "full")
-PRECISIONS = ("fp32", "bf16", "fp16")
+PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 ATTENTION = ("sdpa", "eager", "flash_attention_2")
 DECAYS = ("cosine", "linear", "constant")
 TRACKERS = ("none", "wandb", "tensorboard", "mlflow")
@@ -298,8 +298,13 @@ class TrainConfig:
         },
     )
     precision: str = field(
-        default="fp32",
-        metadata={"help": "Autocast precision (fp16 adds a gradient scaler).", "choices": PRECISIONS},
+        default="auto",
+        metadata={
+            "help": "Compute precision; auto: the base checkpoint's dtype where the device computes it natively "
+            "(bf16 for the official model on a GPU or an AVX512-BF16/AMX CPU), else fp32 (config.yaml records "
+            "the one used). fp16 adds a gradient scaler.",
+            "choices": PRECISIONS,
+        },
     )
     attn_implementation: str = field(
         default="sdpa", metadata={"help": "Attention kernel.", "choices": ATTENTION}

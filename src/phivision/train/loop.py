@@ -215,6 +215,20 @@ def _make_accelerator(config: TrainConfig) -> Any:
     return accelerator
 
 
+def resolve_precision(config: TrainConfig) -> None:
+    """``precision: auto``: the base checkpoint's dtype where this machine computes it natively, else fp32 (the
+    policy of every verb, :func:`phivision.runs.resolve_dtype`); written back, so config.yaml records what ran."""
+    if config.precision != "auto":
+        return
+    from phivision.runs import checkpoint_dtype, resolve_device, resolve_dtype
+
+    device = resolve_device(None)
+    dtype = resolve_dtype(None, device, checkpoint_dtype(config.model))
+    if dtype == torch.float16 and device.type == "cpu":
+        dtype = torch.float32  # accelerate has no fp16 autocast on the CPU
+    config.precision = {torch.bfloat16: "bf16", torch.float16: "fp16"}.get(dtype, "fp32")
+
+
 def _load_model(config: TrainConfig, device: torch.device) -> tuple[torch.nn.Module, Any]:
     """The base model and processor. LoRA/QLoRA keep frozen base weights in the compute dtype to save memory."""
     import phivision.model  # noqa: F401  (registers phi3_v with transformers)
@@ -440,6 +454,7 @@ class Recipe:
     def setup(self) -> None:
         """Check everything, then build the model, data, optimizer and run directory (or restore them)."""
         self.check_config()
+        resolve_precision(self.config)
         self.accelerator = _make_accelerator(self.config)
         self.is_main, self.world = self.accelerator.is_main_process, self.accelerator.num_processes
         if self.config.num_threads:
