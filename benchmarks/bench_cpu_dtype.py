@@ -206,7 +206,8 @@ def bench_model(args: argparse.Namespace) -> None:
                 print(run.stderr[-3000:], file=sys.stderr)
                 raise SystemExit(f"child {dtype} failed with exit {run.returncode}")
             row = json.loads(run.stdout.strip().splitlines()[-1])
-            row.update(peak_gib=run.peak_rss / 2**30, wall_s=run.wall_s, load_avg=load, round=round_index + 1)
+            row.update(peak_gib=run.peak_rss / 2**30, anon_gib=run.peak_anon / 2**30, wall_s=run.wall_s)
+            row.update(load_avg=load, round=round_index + 1)
             rows.append(row)
             print(json.dumps(row), flush=True)
     print()
@@ -216,7 +217,7 @@ def bench_model(args: argparse.Namespace) -> None:
     for row in rows:
         print(
             f"{row['round']:>5} {row['dtype']:<9}{row['load_s']:>7.1f}s{row['prefill_s']:>8.1f}s"
-            f"{row['generate_s']:>9.1f}s{row['peak_gib']:>8.1f}GB{row['load_avg']:>9.1f}"
+            f"{row['generate_s']:>9.1f}s{row['peak_gib']:>8.1f}GB{row['anon_gib']:>6.1f}GB{row['load_avg']:>9.1f}"
         )
     for key in ("prefill_s", "generate_s"):
         bf16 = [r[key] for r in rows if r["dtype"] == "bfloat16"]
