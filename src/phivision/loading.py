@@ -224,7 +224,8 @@ def merge_adapter(model: Any, dtype: torch.dtype) -> tuple[Any, MergeReport]:
 
     Each merged weight is computed in float32 (base weight + B @ A * scale) and rounded once to ``dtype``, so a
     bfloat16 merge equals a float32 merge cast to bfloat16, bit for bit, while only one layer's float32 copy exists
-    at a time. Returns the plain model (PEFT wrappers removed) and a :class:`MergeReport`.
+    at a time; it is written over the base weight in place, so the model never needs more memory than its own
+    size plus one layer. Returns the plain model (PEFT wrappers removed) and a :class:`MergeReport`.
     """
     from peft.tuners.lora import LoraLayer
 
@@ -245,7 +246,13 @@ def merge_adapter(model: Any, dtype: torch.dtype) -> tuple[Any, MergeReport]:
                 error_sq += float((merged.float() - weight.float() - update).double().square().sum())
                 update_sq += float(update.double().square().sum())
                 tensors += 1
-                weight.data = merged
+                if weight.dtype == dtype:
+                    # In place: a weight still backed by the checkpoint's private (copy-on-write) memory map
+                    # turns into anonymous memory page by page, so the file's pages and the merged copy are
+                    # never both resident (the file itself is never written).
+                    weight.data.copy_(merged)
+                else:
+                    weight.data = merged
                 del update, merged
     return model.unload(), MergeReport(dtype, tensors, update_sq**0.5, error_sq**0.5)
 

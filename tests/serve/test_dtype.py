@@ -105,7 +105,11 @@ def test_load_model_uses_the_checkpoint_dtype_where_native(standin: Path, tiny_c
 def test_a_bf16_export_is_the_float32_merge_rounded_once(
     trained_run: Path, standin: Path, tmp_path: Path
 ) -> None:
+    weights = (standin / "model.safetensors").read_bytes()
     bf16 = export_run(trained_run, tmp_path / "bf16")  # default: the base's dtype
+    assert (
+        standin / "model.safetensors"
+    ).read_bytes() == weights  # merged in place, never into the base file
     fp32 = export_run(trained_run, tmp_path / "fp32", dtype="float32")
     got, exact = load_file(bf16 / "model.safetensors"), load_file(fp32 / "model.safetensors")
     base = load_file(standin / "model.safetensors")
