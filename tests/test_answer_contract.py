@@ -10,9 +10,9 @@ import pandas as pd
 import pytest
 from typer.testing import CliRunner
 
+from phivision.api import evaluate
 from phivision.cli import app
 from phivision.errors import PhivisionError
-from phivision.evaluate.evaluation import evaluate
 from phivision.labels import LABELS_FILE, LabelSpace, read_labels, write_labels
 from phivision.prompt import PromptFormat, parse_answer
 from phivision.runs import load_model
@@ -76,7 +76,7 @@ def test_a_custom_template_trains_evaluates_and_predicts_with_every_answer_parse
     loaded = load_model(run, device="cpu")
     assert loaded.prompt == fmt and loaded.categories == labels.categories and loaded.currency == "USD"
     metrics = evaluate(
-        loaded, sample_dataset, "test", out=tmp_path / "eval", max_new_tokens=8, progress=False
+        loaded, sample_dataset, split="test", out=tmp_path / "eval", max_new_tokens=8, progress=False
     )
     assert metrics["parse_rate"] == 1.0 and metrics["constraint"] == "categories"
     for line in (tmp_path / "eval" / "predictions.jsonl").read_text().splitlines():

@@ -39,8 +39,7 @@ from phivision.api import (
     train,
 )
 from phivision.errors import PhivisionError
-
-__version__ = "0.1.0"  # the package version (pyproject.toml reads it from here)
+from phivision.version import __version__
 
 
 class VerbAndPackage:
@@ -96,6 +95,7 @@ sys.modules[__name__].__class__ = _PhivisionModule
 
 __all__ = [
     "PhivisionError",
+    "__version__",
     "api",
     "demo",
     "evaluate",

@@ -30,8 +30,10 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
+from phivision.args import DemoArgs, EvaluateArgs, Generation, ReportArgs
 from phivision.errors import PhivisionError
 from phivision.io import atomic_write_json
+from phivision.version import __version__
 
 DEMO_CONFIG = "demo.yaml"
 STATE_FILE = "demo.json"
@@ -204,31 +206,18 @@ def choose_threads(num_threads: int, wait_setting: str | None) -> tuple[int, str
 # -------------------------------------------------------------------------------------------------- demo
 
 
-def run_demo(
-    out: str | os.PathLike = "phivision-demo",
-    n: int = 600,
-    seed: int = 0,
-    config: str | os.PathLike | None = None,
-    overrides: list[str] | None = None,
-    fresh: bool = False,
-    progress: bool = True,
-) -> dict[str, dict]:
+def run_demo(args: DemoArgs) -> dict[str, dict]:
     """Sample, build a tiny model, evaluate, fine-tune, evaluate, report. Returns the metrics.json content.
 
-    Args:
-        out: output directory. A rerun reuses each finished step whose inputs are unchanged (see the module doc).
-        n: products in the synthetic catalog.
-        seed: seeds the catalog, the tiny weights and training.
-        config: a training YAML replacing the packaged demo recipe.
-        overrides: ``key=value`` training overrides (e.g. ``schedule.epochs=2``).
-        fresh: delete what an earlier demo wrote in ``out`` first.
-        progress: show progress bars.
+    ``args`` (:class:`DemoArgs`, validated): ``out`` the output directory (a rerun reuses each finished step
+    whose inputs are unchanged, see the module doc); ``n`` products in the synthetic catalog; ``seed`` seeds
+    the catalog, the tiny weights and training; ``config`` a training YAML replacing the packaged demo recipe;
+    ``overrides`` ``key=value`` training overrides (e.g. ``schedule.epochs=2``); ``fresh`` deletes what an
+    earlier demo wrote in ``out`` first; ``progress`` shows progress bars.
     """
-    import phivision
-
+    out, n, seed, config, overrides = args.out, args.n, args.seed, args.config, list(args.overrides or [])
     wait_setting = quiet_openmp_waits()  # before anything imports torch
-    out = Path(out)
-    check_out_dir(out, fresh)
+    check_out_dir(out, args.fresh)
     started = time.perf_counter()
 
     def log(message: str) -> None:
@@ -249,8 +238,8 @@ def run_demo(
     log(f"torch CPU threads: {threads} ({reason})")
     out.mkdir(parents=True, exist_ok=True)
     record = StepRecord(out)
-    version = phivision.__version__
-    steps = DemoSteps(out, record, log, progress)
+    version = __version__
+    steps = DemoSteps(out, record, log, args.progress)
 
     steps.run(
         Step("data", [data_dir], data_dir / "catalog.parquet", {"n": n, "seed": seed, "phivision": version}),
@@ -271,7 +260,7 @@ def run_demo(
     evaluation = {
         "batch_size": train_config.eval.batch_size,
         "max_new_tokens": train_config.eval.max_new_tokens,
-    }
+    }  # as recorded in demo.json (a changed value recomputes the evaluations)
     resolved = train_config.to_dict()
     for key in (
         "model",
@@ -364,7 +353,9 @@ class DemoSteps:
     def evaluate(self, model: Path, data_dir: Path, out: Path, evaluation: dict) -> dict:
         from phivision.evaluate.evaluation import evaluate
 
-        return evaluate(model, data_dir, "test", out=out, progress=self.progress, **evaluation)
+        generation = Generation(**evaluation)
+        args = EvaluateArgs(model, data_dir, out, split="test", generation=generation, progress=self.progress)
+        return evaluate(args.validate())
 
     def read_metrics(self, stage_dir: Path) -> dict:
         return json.loads((stage_dir / "metrics.json").read_text(encoding="utf-8"))
@@ -380,7 +371,7 @@ class DemoSteps:
         """The report, OUT/metrics.json and the before/after table (always rewritten: they are cheap)."""
         from phivision.evaluate.report import write_report
 
-        report = write_report(run=self.out / "run", out=self.out / "report.html")
+        report = write_report(ReportArgs(run=self.out / "run", out=self.out / "report.html").validate())
         baseline = after.get("baseline") or {}
         metrics = {"before": headline(before), "after": headline(after), "baseline": headline(baseline)}
         atomic_write_json(self.out / "metrics.json", metrics)

@@ -15,7 +15,7 @@ from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
-from phivision.errors import PhivisionError
+from phivision.errors import PhivisionError, first_line
 
 MODEL_TYPE = "phi3_v"
 
@@ -71,7 +71,7 @@ def check_model_type(name: str) -> None:
     try:
         config, _ = PretrainedConfig.get_config_dict(name)
     except (OSError, ValueError) as err:
-        raise PhivisionError(f"cannot load checkpoint {name!r}: {_first_line(err)}") from None
+        raise PhivisionError(f"cannot load checkpoint {name!r}: {first_line(err)}") from None
     found = config.get("model_type")
     if found != MODEL_TYPE:
         raise PhivisionError(
@@ -107,7 +107,7 @@ def load_pretrained(name: str, **kwargs: Any) -> Any:
                 name, output_loading_info=True, ignore_mismatched_sizes=True, **kwargs
             )
     except (OSError, ValueError) as err:
-        raise PhivisionError(f"cannot load checkpoint {name!r}: {_first_line(err)}") from None
+        raise PhivisionError(f"cannot load checkpoint {name!r}: {first_line(err)}") from None
     misshaped = {}
     for item in info.get("mismatched_keys") or ():
         if isinstance(item, (tuple, list)) and len(item) == 3:
@@ -164,21 +164,16 @@ def load_adapter(base: Any, adapter_dir: Path, is_trainable: bool = False) -> An
     except RuntimeError as err:  # torch's size-mismatch report: name the tensors on one line
         shapes = {m.group(1): (m.group(2), m.group(3)) for m in _SIZE_MISMATCH.finditer(str(err))}
         if not shapes:
-            raise PhivisionError(f"{adapter_dir}: cannot load the PEFT adapter: {_first_line(err)}") from None
+            raise PhivisionError(f"{adapter_dir}: cannot load the PEFT adapter: {first_line(err)}") from None
         misshaped = {k: (_shape(a), _shape(b)) for k, (a, b) in shapes.items()}
         raise PhivisionError(
             f"{adapter_dir}: does not match the model: {describe_mismatch((), (), misshaped)}"
         ) from None
     except (OSError, ValueError, TypeError) as err:
-        raise PhivisionError(f"{adapter_dir}: cannot load the PEFT adapter: {_first_line(err)}") from None
+        raise PhivisionError(f"{adapter_dir}: cannot load the PEFT adapter: {first_line(err)}") from None
     check_adapter(model, adapter_dir)
     return model
 
 
 def _shape(text: str) -> tuple[int, ...]:
     return tuple(int(x) for x in text.split(",") if x.strip())
-
-
-def _first_line(err: Exception) -> str:
-    lines = str(err).strip().splitlines()
-    return lines[0] if lines else type(err).__name__

@@ -15,7 +15,7 @@ from typing import Any
 import torch
 import yaml
 
-from phivision.errors import PhivisionError
+from phivision.errors import PhivisionError, first_line
 from phivision.labels import LabelSpace, read_labels
 from phivision.prompt import PromptFormat
 
@@ -67,10 +67,21 @@ class RunInfo:
 
 
 def resolve_device(device: str | torch.device | None) -> torch.device:
-    """cuda when available, else cpu."""
+    """cuda when available, else cpu; a ``--device`` torch does not know, or a CUDA device this machine does not
+    have, is one line naming the flag."""
     if device is None:
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
+    try:
+        resolved = torch.device(device)
+    except (RuntimeError, ValueError) as err:
+        raise PhivisionError(f"--device {device!r}: not a device ({first_line(err)})") from None
+    if resolved.type == "cuda" and not torch.cuda.is_available():
+        raise PhivisionError(f"--device {device}: no CUDA device is available on this machine")
+    if resolved.type == "cuda" and resolved.index is not None and resolved.index >= torch.cuda.device_count():
+        raise PhivisionError(
+            f"--device {device}: this machine has {torch.cuda.device_count()} CUDA device(s)"
+        )
+    return resolved
 
 
 def resolve_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torch.dtype:
@@ -140,12 +151,6 @@ def _looks_like_hub_id(name: str) -> bool:
     return len(parts) == 2 and all(parts) and not name.startswith((".", "~")) and "\\" not in name
 
 
-def _first_line(err: Exception) -> str:
-    """Library errors span several lines; a PhivisionError is one."""
-    lines = str(err).strip().splitlines()
-    return lines[0] if lines else type(err).__name__
-
-
 def _load_checkpoint(name: str, device: torch.device, dtype: torch.dtype) -> Any:
     from phivision.loading import load_pretrained
 
@@ -159,7 +164,7 @@ def _load_processor(name: str | Path) -> Any:
     try:
         return Phi3VProcessor.from_pretrained(str(name))
     except OSError as err:
-        raise PhivisionError(f"cannot load processor from {name}: {_first_line(err)}") from err
+        raise PhivisionError(f"cannot load processor from {name}: {first_line(err)}") from err
 
 
 def _export_info(path: Path) -> tuple[PromptFormat, LabelSpace]:

@@ -12,9 +12,10 @@ from eval_helpers import oracle_answers, write_catalog
 from typer.testing import CliRunner
 
 import phivision.evaluate.generate as generate_module
+from phivision.api import evaluate
 from phivision.cli import app, main
 from phivision.errors import PhivisionError
-from phivision.evaluate import eval_dir, evaluate
+from phivision.evaluate.evaluation import eval_dir
 from phivision.evaluate.metrics import HEADLINE, format_value
 from phivision.runs import load_model
 

@@ -17,7 +17,6 @@ from phivision.evaluate.metrics import (
     aggregate,
     baseline_metrics,
     best_cells,
-    compute_metrics,
     group_metrics,
     macro_f1,
     per_category,
@@ -26,6 +25,11 @@ from phivision.evaluate.metrics import (
     symmetric_ape,
 )
 from phivision.prompt import ParsedAnswer, parse_answer
+
+
+def compute_metrics(truths, parsed, stats):
+    """All metrics for parsed answers against catalog rows, with the train baselines' headline keys."""
+    return summarize(score(truths, parsed, stats), baseline=baseline_metrics(truths, stats))
 
 
 def frame(rows: list[tuple]) -> pd.DataFrame:

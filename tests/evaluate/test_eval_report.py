@@ -18,12 +18,14 @@ from eval_helpers import oracle_answers, write_catalog
 from typer.testing import CliRunner
 
 import phivision.evaluate.generate as generate_module
+from phivision.api import evaluate
+from phivision.api import report as write_report
 from phivision.cli import app
 from phivision.errors import PhivisionError
-from phivision.evaluate import eval_dir, evaluate
 from phivision.evaluate.bootstrap import bootstrap_intervals
+from phivision.evaluate.evaluation import eval_dir
 from phivision.evaluate.metrics import HEADLINE, best_cells, format_value, summarize
-from phivision.evaluate.report import GALLERY_SIZE, load_run, write_report
+from phivision.evaluate.report import GALLERY_SIZE, load_run
 from phivision.evaluate.report_inputs import read_predictions
 from phivision.runs import load_model
 from phivision.train.config import load_config

@@ -30,12 +30,11 @@ import numpy as np
 import pandas as pd
 from PIL import Image
 
-from phivision.data import defaults
+from phivision.args import MAX_PIXELS, InspectArgs, parse_num_crops
 from phivision.data.duplicates import conflict_groups
 from phivision.data.layout import INSPECT_FILES, SPLITS, load_catalog, sheet_row
-from phivision.data.prices import PLACEHOLDERS, plain
+from phivision.data.prices import PLACEHOLDERS
 from phivision.data.split import group_key
-from phivision.errors import PhivisionError
 from phivision.io import atomic_write_json, atomic_write_text
 
 HASH_SIDE = 32  # thumbnail side for the DCT hash
@@ -62,30 +61,16 @@ class ImageFacts:
 # ------------------------------------------------------------------------------------------------ entry
 
 
-def inspect(
-    data: str | os.PathLike,
-    *,
-    out: str | os.PathLike | None = None,
-    num_crops: str | list[int] = defaults.NUM_CROPS,
-    crop_size: int = defaults.CROP_SIZE,
-    num_img_tokens: int = defaults.NUM_IMG_TOKENS,
-    near_duplicate_bits: int = defaults.NEAR_DUPLICATE_BITS,
-    workers: int | None = None,
-    progress: bool = True,
-) -> dict:
-    """Inspect the dataset ``data``; write ``inspect.html`` (``out``, default ``DATA/inspect.html``) and
-    ``inspect.json`` beside it, and return the JSON's content. Every keyword is the CLI flag of the same name."""
+def inspect(args: InspectArgs, workers: int | None = None) -> dict:
+    """Inspect the dataset ``args.data``; write ``inspect.html`` (``args.out``, default ``DATA/inspect.html``) and
+    ``inspect.json`` beside it, and return the JSON's content. ``args``: every flag of ``phivision inspect``
+    (:class:`InspectArgs`, validated); ``workers``: image-reading threads (default: cores + 1, at most 4)."""
     started = time.perf_counter()
-    crops = parse_num_crops(num_crops)
-    for flag, value in (("--crop-size", crop_size), ("--num-img-tokens", num_img_tokens)):
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise PhivisionError(f"{flag} {plain(value)}: must be a whole number, at least 1")
-    if not isinstance(near_duplicate_bits, int) or not 0 <= near_duplicate_bits <= 32:
-        raise PhivisionError(f"--near-duplicate-bits {plain(near_duplicate_bits)}: must be 0 to 32")
-    data = Path(data)
-    html_path = Path(out) if out is not None else data / INSPECT_FILES[0]
+    crops = parse_num_crops(args.num_crops)
+    data, crop_size, num_img_tokens = args.data, args.crop_size, args.num_img_tokens
+    html_path = args.out if args.out is not None else data / INSPECT_FILES[0]
     catalog = load_catalog(data, check_images=False)
-    facts = scan_images(data, catalog["image_path"], workers=workers, progress=progress)
+    facts = scan_images(data, catalog["image_path"], workers=workers, progress=args.progress)
     frame = _with_facts(catalog, facts)
     scanned = time.perf_counter()
     result = {
@@ -96,7 +81,7 @@ def inspect(
         "prices": price_summary(frame),
         "images": image_summary(frame),
         "tokens": token_costs(frame, crops, crop_size, num_img_tokens),
-        "near_duplicates": near_duplicates(frame, near_duplicate_bits),
+        "near_duplicates": near_duplicates(frame, args.near_duplicate_bits),
         "variants": variant_groups(frame),
         "conflicts": conflicts(frame),
         "placeholders": placeholders(frame),
@@ -119,17 +104,6 @@ def inspect(
     atomic_write_text(html_path, page)
     result["files"] = {"html": str(html_path), "json": str(json_path)}
     return result
-
-
-def parse_num_crops(value: str | list[int]) -> list[int]:
-    """``"1,4,8,16"`` -> ``[1, 4, 8, 16]``; one ``error:`` line naming ``--num-crops`` otherwise."""
-    try:
-        crops = [int(v) for v in (value.split(",") if isinstance(value, str) else value)]
-    except (TypeError, ValueError):
-        raise PhivisionError(f"--num-crops {value!r}: expected whole numbers such as 1,4,16") from None
-    if not crops or any(c < 1 for c in crops):
-        raise PhivisionError(f"--num-crops {value!r}: every value must be at least 1")
-    return sorted(set(crops))
 
 
 # ------------------------------------------------------------------------------------------------ images
@@ -159,7 +133,7 @@ def image_facts(path: Path) -> ImageFacts:
     try:
         with Image.open(io.BytesIO(data)) as image:
             facts.width, facts.height = image.size
-            if facts.width * facts.height > defaults.MAX_PIXELS:
+            if facts.width * facts.height > MAX_PIXELS:
                 facts.error = "too_many_pixels"
                 return facts
             image.draft("L", (HASH_SIDE * 2, HASH_SIDE * 2))

@@ -14,7 +14,8 @@ from typing import Any
 
 from tqdm.auto import tqdm
 
-from phivision.data.layout import SPLITS, load_catalog
+from phivision.args import EvaluateArgs
+from phivision.data.layout import load_catalog
 from phivision.errors import PhivisionError
 from phivision.evaluate.constrain import AnswerConstraint, constraint_name
 from phivision.evaluate.metrics import (
@@ -28,6 +29,7 @@ from phivision.evaluate.metrics import (
 )
 from phivision.io import atomic_write_json, atomic_write_text
 from phivision.prompt import parse_answer
+from phivision.runs import load_model
 
 EVAL_DIR = "eval"
 METRICS_FILE = "metrics.json"
@@ -70,41 +72,20 @@ def _answer_all(
     return answers, problems
 
 
-def evaluate(
-    model: str | os.PathLike | Any,
-    data_dir: str | os.PathLike,
-    split: str = "test",
-    out: str | os.PathLike | None = None,
-    batch_size: int = 8,
-    max_new_tokens: int = 64,
-    limit: int | None = None,
-    progress: bool = True,
-    constrain: bool = True,
-) -> dict:
+def evaluate(args: EvaluateArgs) -> dict:
     """Score a model's answers on one split of a dataset directory.
 
-    Args:
-        model: a RUN or checkpoint directory (or hub id) for ``phivision.runs.load_model``, or a ``LoadedModel``.
-        data_dir: dataset directory in the phivision layout; its train split gives the baselines.
-        split: train, val or test.
-        out: metrics.json path or a directory (e.g. ``RUN/eval/after``); None writes nothing.
-        batch_size: images per generation batch.
-        max_new_tokens: answer length cap.
-        limit: score only the first ``limit`` items of the split (quick checks).
-        progress: show a progress bar.
-        constrain: force answers into the model's template, with the category one of its training categories
-            when the model records them (:mod:`phivision.evaluate.constrain`); False: free generation.
+    ``args`` (:class:`EvaluateArgs`, validated): ``model`` a RUN or checkpoint directory (or hub id) for
+    :func:`phivision.runs.load_model` (with ``args.loading``), or a ``LoadedModel``; ``data`` a dataset directory
+    whose train split gives the baselines; ``split``; ``out`` a metrics.json path or a directory (e.g.
+    ``RUN/eval/after``), None writes nothing; ``limit`` scores only the first items; ``generation`` the batch
+    size, answer length and whether answers are constrained to the model's template and training categories
+    (:mod:`phivision.evaluate.constrain`).
 
     Returns:
         The metrics dict written to metrics.json (flat headline keys, ``per_category``, ``baseline``, ...).
     """
-    if split not in SPLITS:
-        raise PhivisionError(f"--split {split!r}: expected one of {', '.join(SPLITS)}")
-    if batch_size < 1:
-        raise PhivisionError(f"--batch-size {batch_size}: must be at least 1")
-    if limit is not None and limit < 1:
-        raise PhivisionError(f"--limit {limit}: must be at least 1")
-    data_dir = Path(data_dir)
+    data_dir, split, limit, generation = args.data, args.split, args.limit, args.generation
     catalog = load_catalog(data_dir)
     items = catalog[catalog["split"] == split].reset_index(drop=True)
     if limit is not None:
@@ -118,15 +99,16 @@ def evaluate(
         )
     stats = TrainStats.from_catalog(train)
 
+    model = args.model
     if isinstance(model, (str, os.PathLike)):
-        from phivision.runs import load_model
-
-        loaded = load_model(model)
+        loaded = load_model(model, device=args.loading.device, dtype=args.loading.dtype)
     else:
         loaded = model
     paths = [(data_dir / p).resolve() for p in items["image_path"]]
-    constraint = AnswerConstraint.for_model(loaded) if constrain else None
-    answers, problems = _answer_all(loaded, paths, batch_size, max_new_tokens, progress, constraint)
+    constraint = AnswerConstraint.for_model(loaded) if generation.constrain else None
+    answers, problems = _answer_all(
+        loaded, paths, generation.batch_size, generation.max_new_tokens, args.progress, constraint
+    )
 
     scored = score(items, [parse_answer(a, loaded.prompt) for a in answers], stats)
     records = []
@@ -144,14 +126,14 @@ def evaluate(
             "model": str(getattr(loaded, "source", model)),
             "data": str(data_dir),
             "split": split,
-            "max_new_tokens": max_new_tokens,
+            "max_new_tokens": generation.max_new_tokens,
             "constraint": constraint_name(constraint),
             "baseline": baseline,
             "scoring": SCORING,
         }
     )
-    if out is not None:
-        metrics_path, predictions_path = output_paths(out)
+    if args.out is not None:
+        metrics_path, predictions_path = output_paths(args.out)
         atomic_write_text(
             predictions_path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records)
         )

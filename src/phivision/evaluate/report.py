@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import base64
 import io
-import os
 import sys
 from datetime import datetime, timezone
 from pathlib import Path
@@ -22,6 +21,7 @@ from typing import Any
 import jinja2
 import numpy as np
 
+from phivision.args import ReportArgs
 from phivision.errors import PhivisionError
 from phivision.evaluate import bootstrap, report_plots
 from phivision.evaluate.metrics import (
@@ -475,27 +475,16 @@ def _data_dir(stages: list[Stage], log: TrainingLog | None) -> str | None:
     return None
 
 
-def write_report(
-    run: str | os.PathLike | None = None,
-    predictions: str | os.PathLike | None = None,
-    out: str | os.PathLike | None = None,
-    resamples: int = bootstrap.RESAMPLES,
-    seed: int = bootstrap.SEED,
-) -> Path:
+def write_report(args: ReportArgs) -> Path:
     """Render the report for a RUN (all its eval stages and its training log) or one predictions file, and write
     it atomically. What could not be read from the training log is printed as a warning and shown in the report.
 
-    Args:
-        run: a training RUN directory with ``eval/<stage>/predictions.jsonl``.
-        predictions: one predictions.jsonl (or the directory holding it), instead of ``run``.
-        out: the HTML file; default ``RUN/report.html``, or ``report.html`` beside the predictions.
-        resamples: bootstrap resamples for the 95% intervals (0: no intervals).
-        seed: seeds the bootstrap, so the same inputs give the same intervals.
+    ``args`` (:class:`ReportArgs`, validated): ``run`` a training RUN directory with
+    ``eval/<stage>/predictions.jsonl``, or ``predictions`` one predictions.jsonl (or the directory holding it);
+    ``out`` the HTML file (default ``RUN/report.html``, or ``report.html`` beside the predictions); ``resamples``
+    bootstrap resamples for the 95% intervals (0: none), drawn with ``seed`` (same inputs, same intervals).
     """
-    if (run is None) == (predictions is None):
-        raise PhivisionError("give exactly one of --run or --predictions")
-    if not 0 <= resamples <= 100_000:
-        raise PhivisionError(f"--resamples {resamples}: expected 0 (no intervals) to 100000")
+    run, predictions, out, resamples, seed = args.run, args.predictions, args.out, args.resamples, args.seed
     notes: list[str] = []
     log = None
     if run is not None:

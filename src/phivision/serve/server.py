@@ -34,11 +34,12 @@ from PIL import Image
 from pydantic import BaseModel
 from starlette.concurrency import run_in_threadpool
 
+from phivision.args import ServeArgs, ServeLimits
 from phivision.data.images import ImageError, load_image
 from phivision.netguard import AddressPolicy
 from phivision.prompt import PromptFormat
 from phivision.serve.batcher import MicroBatcher, QueueFull, WorkerStopped
-from phivision.serve.limits import ServeLimits, allowed_hosts, check_bind
+from phivision.serve.limits import allowed_hosts, check_bind
 from phivision.serve.predict import prediction_record
 
 __all__ = ["MicroBatcher", "QueueFull", "ServeLimits", "create_app", "serve"]
@@ -500,18 +501,8 @@ def create_app(
     return app
 
 
-def serve(
-    model: str,
-    host: str = "127.0.0.1",
-    port: int = 8000,
-    limits: ServeLimits | None = None,
-    device: str | None = None,
-    dtype: str | None = None,
-    served_model_name: str | None = None,
-    allowed_host: tuple[str, ...] | list[str] | None = None,
-    remote_images: AddressPolicy | None = None,
-) -> None:
-    """Load ``model`` (RUN, checkpoint or hub id) and serve it with uvicorn until interrupted.
+def serve(args: ServeArgs) -> None:
+    """Load ``args.model`` (RUN, checkpoint or hub id) and serve it with uvicorn until interrupted.
 
     Every argument is checked before the model loads (a bad one raises PhivisionError naming its flag).
     """
@@ -519,35 +510,18 @@ def serve(
 
     from phivision.runs import load_model, resolve_device
 
-    limits = (limits or ServeLimits()).validate()
-    check_bind(host, port)
-    check_device(device, resolve_device)
-    loaded = load_model(model, device=device, dtype=dtype)
+    check_bind(args.host, args.port)
+    device = resolve_device(args.loading.device)
+    loaded = load_model(args.model, device=device, dtype=args.loading.dtype)
+    private = args.allow_private_image_hosts
+    remote = (
+        AddressPolicy(allow_loopback=private, allow_private=private) if args.allow_remote_images else None
+    )
     app = create_app(
         loaded,
-        limits,
-        model_name=served_model_name or str(model),
-        hosts=allowed_hosts(host, allowed_host or ()),
-        remote_images=remote_images,
+        args.limits,
+        model_name=args.served_model_name or str(args.model),
+        hosts=allowed_hosts(args.host, args.allowed_host or ()),
+        remote_images=remote,
     )
-    uvicorn.run(app, host=host, port=port, log_level="info")
-
-
-def check_device(device: str | None, resolve: Callable) -> None:
-    """``--device``: a device torch knows and this machine has."""
-    if device is None:
-        return
-    import torch
-
-    from phivision.errors import PhivisionError
-
-    try:
-        resolved = resolve(device)
-    except (RuntimeError, ValueError) as err:
-        raise PhivisionError(f"--device {device!r}: not a device ({err})") from None
-    if resolved.type == "cuda" and not torch.cuda.is_available():
-        raise PhivisionError(f"--device {device}: no CUDA device is available on this machine")
-    if resolved.type == "cuda" and resolved.index is not None and resolved.index >= torch.cuda.device_count():
-        raise PhivisionError(
-            f"--device {device}: this machine has {torch.cuda.device_count()} CUDA device(s)"
-        )
+    uvicorn.run(app, host=args.host, port=args.port, log_level="info")

@@ -32,7 +32,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from phivision.errors import PhivisionError
+from phivision.errors import PhivisionError, first_line
 from phivision.io import atomic_write_json
 
 _STEP_DIR = re.compile(r"^step-(\d+)$")
@@ -166,7 +166,7 @@ def load_tree(stem: Path) -> Any:
     except FileNotFoundError:
         raise PhivisionError(f"{json_file}: missing from the checkpoint") from None
     except (OSError, ValueError, KeyError, TypeError) as err:  # safetensors raises its own errors as well
-        raise PhivisionError(f"{stem}: not a readable checkpoint file ({str(err).splitlines()[0]})") from None
+        raise PhivisionError(f"{stem}: not a readable checkpoint file ({first_line(err)})") from None
     except Exception as err:  # noqa: BLE001  (safetensors' SafetensorError is not an OSError)
         raise PhivisionError(f"{tensor_file}: not a readable safetensors file ({err})") from None
 
@@ -406,7 +406,7 @@ def load_checkpoint(
                 _load_engine_state(accelerator, model, optimizer, ckpt / ENGINE_DIR)
             except pickle.UnpicklingError as err:  # an object beyond tensors and plain data: never unpickled
                 raise PhivisionError(
-                    f"{ckpt / ENGINE_DIR}: refused to unpickle ({_first_line(err)})"
+                    f"{ckpt / ENGINE_DIR}: refused to unpickle ({first_line(err)})"
                 ) from None
     scheduler.load_state_dict(load_tree(ckpt / "scheduler"))
     if accelerator.scaler is not None:
@@ -442,10 +442,5 @@ def _load_optimizer(optimizer: torch.optim.Optimizer, ckpt: Path) -> None:
         optimizer.load_state_dict(saved)
     except (ValueError, KeyError, TypeError, RuntimeError) as err:
         raise PhivisionError(
-            f"{ckpt / 'optimizer.json'}: does not fit this run's optimizer ({str(err).splitlines()[0]})"
+            f"{ckpt / 'optimizer.json'}: does not fit this run's optimizer ({first_line(err)})"
         ) from None
-
-
-def _first_line(err: Exception) -> str:
-    lines = str(err).strip().splitlines()
-    return lines[0] if lines else type(err).__name__

@@ -27,11 +27,11 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from phivision.errors import PhivisionError
+from phivision.errors import PhivisionError, first_line
 from phivision.io import atomic_write_json, atomic_write_text
 from phivision.labels import LabelSpace, write_labels
 from phivision.train import checkpoint as ckpt
-from phivision.train.config import TrainConfig, check_eval_metric, scalar_metrics
+from phivision.train.config import TrainConfig, check_eval_metric
 from phivision.train.data import ProductDataset, RankBatches, make_plan, pack_examples, split_rows
 from phivision.train.kernels import apply_liger, require_liger
 from phivision.train.methods import apply_method, quantization_config, trainable_summary
@@ -153,7 +153,7 @@ def check_images(root: Path, catalog: Any, positions: Iterable[int]) -> None:
         except Image.DecompressionBombError as err:
             raise PhivisionError(f"{where}: too many pixels ({err})") from None
         except Exception as err:  # noqa: BLE001  (PIL raises many types for a broken header)
-            reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+            reason = first_line(err)
             raise PhivisionError(f"{where}: not a readable image ({reason})") from None
         if width * height > DEFAULT_MAX_PIXELS:
             raise PhivisionError(
@@ -207,7 +207,7 @@ def _make_accelerator(config: TrainConfig) -> Any:
             ],
         )
     except (ValueError, RuntimeError) as err:
-        raise PhivisionError(f"precision={config.precision}: {str(err).splitlines()[0]}") from None
+        raise PhivisionError(f"precision={config.precision}: {first_line(err)}") from None
     if config.precision == "fp16" and accelerator.device.type == "cpu":
         # accelerate would silently train in fp32 (no fp16 autocast, no gradient scaler on CPU)
         raise PhivisionError("config key 'precision': fp16 needs a GPU; use bf16 or fp32 on the CPU")
@@ -237,7 +237,7 @@ def _load_model(config: TrainConfig, device: torch.device) -> tuple[torch.nn.Mod
         processor_kwargs = {"num_crops": config.num_crops} if config.num_crops else {}
         processor = Phi3VProcessor.from_pretrained(config.model, **processor_kwargs)
     except OSError as err:
-        raise PhivisionError(f"model {config.model!r}: cannot load ({str(err).splitlines()[0]})") from None
+        raise PhivisionError(f"model {config.model!r}: cannot load ({first_line(err)})") from None
     # strict: a missing, unexpected or mis-shaped tensor stops here instead of training on random weights
     model = load_pretrained(config.model, **kwargs)
     if config.gradient_checkpointing:
@@ -363,7 +363,7 @@ def evaluate_model(
     """
     from phivision.evaluate.constrain import AnswerConstraint
     from phivision.evaluate.generate import generate_answers
-    from phivision.evaluate.metrics import TrainStats, score, summarize
+    from phivision.evaluate.metrics import TrainStats, scalar_metrics, score, summarize
     from phivision.prompt import parse_answer
 
     show = progress and accelerator.is_main_process
