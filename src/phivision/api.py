@@ -102,7 +102,7 @@ def inspect(args: InspectArgs) -> dict:
 def tiny(args: TinyArgs) -> Path:
     """Write a tiny, randomly initialised Phi-3-Vision checkpoint in the official layout to ``out`` (which must
     not exist or be empty) and return it; ``num_crops`` is the processor's most image tiles per image."""
-    from phivision.model.tiny import write_tiny_checkpoint
+    from phivision.tiny import write_tiny_checkpoint
 
     return write_tiny_checkpoint(args.out, seed=args.seed, num_crops=args.num_crops)
 
@@ -210,6 +210,9 @@ def demo(args: DemoArgs) -> dict[str, Any]:
     A rerun reuses each finished step whose inputs (n, seed, config, overrides, phivision version) are
     unchanged and recomputes the others (and everything downstream); ``fresh`` starts over.
     """
+    from phivision.threads import quiet_openmp_waits
+
+    quiet_openmp_waits()  # before phivision.demo imports torch: OpenMP reads the setting once, when torch loads
     from phivision.demo import run_demo
 
     return run_demo(args)

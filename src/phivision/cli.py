@@ -211,7 +211,9 @@ def train(values: dict[str, Any]) -> None:
         raise PhivisionError("--out is required: the run directory to write")
     result = api.train(**values)
     if result.best_step:
-        metric = json.loads((result.out / "trainer_state.json").read_text())["metric"]
+        from phivision.data.layout import RunLayout
+
+        metric = json.loads(RunLayout(result.out).trainer_state.read_text())["metric"]
         best = f", best {metric} {result.best_metric:.4f} at step {result.best_step}"
     else:
         best = ""

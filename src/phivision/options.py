@@ -194,11 +194,6 @@ class Check:
         return ", ".join(part for part in (low, high) if part)
 
 
-def in_range(value: float, check: str) -> bool:
-    """Whether ``value`` satisfies a check written as ``>= 1``, ``> 0``, ``in [0, 1)`` or ``in [0, 1]``."""
-    return Check.parse(check).holds(value)
-
-
 # ------------------------------------------------------------------------------------------- errors
 
 
@@ -496,30 +491,6 @@ def verb(cls: type) -> Callable[[Callable[[Any], Any]], Callable[..., Any]]:
 
 
 # ------------------------------------------------------------------------------------------- docs
-
-
-def type_label(tp: Any) -> str:
-    """A type as the docs show it: ``int``, ``list[str]``, ``float | None``."""
-    origin = typing.get_origin(tp)
-    if origin in (typing.Union, types.UnionType):
-        return " | ".join(type_label(a) for a in typing.get_args(tp))
-    if origin is not None:
-        return (
-            f"{getattr(origin, '__name__', origin)}[{', '.join(type_label(a) for a in typing.get_args(tp))}]"
-        )
-    return "None" if tp is type(None) else _type_name(tp)
-
-
-def default_label(value: Any) -> str:
-    if value is REQUIRED:
-        return "required"
-    if isinstance(value, bool):
-        return "`true`" if value else "`false`"
-    if isinstance(value, str):
-        return f'`"{value}"`' if value else '`""`'
-    if isinstance(value, list):
-        return "`[" + ", ".join(str(v) for v in value) + "]`"
-    return f"`{value!r}`"
 
 
 def constraint(spec: dict[str, Any]) -> str:

@@ -5,6 +5,8 @@ is stale, so the documentation cannot drift from the flags, keywords and keys it
 from __future__ import annotations
 
 import dataclasses
+import types
+import typing
 from typing import Any
 
 import typer
@@ -20,12 +22,23 @@ from phivision.options import (
     hints,
     is_group,
     leaves,
-    type_label,
 )
 from phivision.train.config import TrainConfig
 
 
-def _default_label(value: Any) -> str:
+def type_label(tp: Any) -> str:
+    """A type as the docs show it: ``int``, ``list[str]``, ``float | None``."""
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        return " | ".join(type_label(a) for a in typing.get_args(tp))
+    if origin is not None:
+        return (
+            f"{getattr(origin, '__name__', origin)}[{', '.join(type_label(a) for a in typing.get_args(tp))}]"
+        )
+    return "None" if tp is type(None) else getattr(tp, "__name__", str(tp).replace("typing.", ""))
+
+
+def default_label(value: Any) -> str:
     if value is REQUIRED:
         return "required"
     if isinstance(value, bool):
@@ -89,7 +102,7 @@ def config_reference() -> str:
                 )
             out.append(
                 f"| `{prefix}{f.name}` | {_cell(type_label(hints(cls)[f.name]))} | "
-                f"{_default_label(field_default(f))} | {_meaning(spec, config=True)} |"
+                f"{default_label(field_default(f))} | {_meaning(spec, config=True)} |"
             )
         out.append("")
     return "\n".join(out)
@@ -130,7 +143,7 @@ def _verb_table(function: Any, help_text: str, name: str, command: bool) -> list
             else ""
         )
         python = f"`{f.name}`" if spec.get("api", True) else ""
-        default = _default_label(field_default(f))
+        default = default_label(field_default(f))
         out.append(
             f"| {flag} | {python} | {_cell(type_label(tp))} | {default} | {_meaning(spec, config=False)} |"
         )

@@ -15,9 +15,12 @@ from typing import Any
 import torch
 import yaml
 
+from phivision.answer.prompt import PromptFormat
+from phivision.data.layout import RunLayout
 from phivision.errors import PhivisionError, first_line
 from phivision.labels import LabelSpace, read_labels
-from phivision.prompt import PromptFormat
+from phivision.loading import load_adapter, load_pretrained
+from phivision.model import Phi3VProcessor
 
 # Written by `phivision export` beside the official files: the prompt the weights were trained with.
 EXPORT_INFO_FILE = "phivision.json"
@@ -55,15 +58,15 @@ class RunInfo:
 
     @property
     def adapter_dir(self) -> Path:
-        return self.run_dir / "adapter"
+        return RunLayout(self.run_dir).adapter
 
     @property
     def model_dir(self) -> Path:
-        return self.run_dir / "model"
+        return RunLayout(self.run_dir).model
 
     @property
     def processor_dir(self) -> Path:
-        return self.run_dir / "processor"
+        return RunLayout(self.run_dir).processor
 
 
 def resolve_device(device: str | torch.device | None) -> torch.device:
@@ -95,10 +98,6 @@ def resolve_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torc
     return _DTYPES[dtype]
 
 
-def is_run_dir(path: Path) -> bool:
-    return (path / "config.yaml").is_file() and ((path / "adapter").is_dir() or (path / "model").is_dir())
-
-
 def is_checkpoint_dir(path: Path) -> bool:
     """A directory whose config.json declares ``model_type: phi3_v`` (official files or an export)."""
     config = path / "config.json"
@@ -113,7 +112,7 @@ def is_checkpoint_dir(path: Path) -> bool:
 def read_run(run_dir: str | Path) -> RunInfo:
     """Read RUN/config.yaml: the base model, the method and the prompt format."""
     run_dir = Path(run_dir)
-    config_path = run_dir / "config.yaml"
+    config_path = RunLayout(run_dir).config
     try:
         config = yaml.safe_load(config_path.read_text())
     except OSError as err:
@@ -152,15 +151,11 @@ def _looks_like_hub_id(name: str) -> bool:
 
 
 def _load_checkpoint(name: str, device: torch.device, dtype: torch.dtype) -> Any:
-    from phivision.loading import load_pretrained
-
     # strict: another model_type or a missing, unexpected or mis-shaped tensor is one error line
     return load_pretrained(name, dtype=dtype).to(device).eval()
 
 
 def _load_processor(name: str | Path) -> Any:
-    from phivision.model import Phi3VProcessor
-
     try:
         return Phi3VProcessor.from_pretrained(str(name))
     except OSError as err:
@@ -207,7 +202,7 @@ def load_model(
     dtype = resolve_dtype(dtype, device)
     local = Path(str(path)).expanduser()
 
-    if local.is_dir() and is_run_dir(local):
+    if local.is_dir() and RunLayout(local).is_run():
         return _load_run(read_run(local), device, dtype, merge)
     if local.is_dir() and is_checkpoint_dir(local):
         prompt, labels = _export_info(local)
@@ -236,8 +231,6 @@ def _load_run(run: RunInfo, device: torch.device, dtype: torch.dtype, merge: boo
         processor = _load_processor(processor_dir or run.model_dir)
         source = f"{run.run_dir} (full fine-tune)"
         return LoadedModel(model, processor, run.prompt, source, labels.categories, labels.currency)
-
-    from phivision.loading import load_adapter
 
     # QLoRA adapters are applied to the unquantized base: merging into 4-bit weights would lose the update.
     base = _load_checkpoint(run.base, device, dtype)

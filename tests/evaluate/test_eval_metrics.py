@@ -10,6 +10,7 @@ import pandas as pd
 import pytest
 
 import phivision.evaluate.metrics as metrics_module
+from phivision.answer.prompt import ParsedAnswer, parse_answer
 from phivision.evaluate.metrics import (
     MISSING_PRICE_MIN_LOG_ERROR,
     ItemScores,
@@ -24,7 +25,6 @@ from phivision.evaluate.metrics import (
     summarize,
     symmetric_ape,
 )
-from phivision.prompt import ParsedAnswer, parse_answer
 
 
 def compute_metrics(truths, parsed, stats):

@@ -37,6 +37,7 @@ from urllib.parse import unquote, urlsplit
 
 import certifi
 import httpx
+from tqdm.auto import tqdm
 
 from phivision.args import Download
 from phivision.data.images import ImageError, check_image
@@ -387,8 +388,6 @@ def download_images(
 
     Returns one :class:`Fetched` per URL and the run's statistics.
     """
-    from tqdm.auto import tqdm
-
     config = config or Download()
     images_dir = Path(images_dir)
     images_dir.mkdir(parents=True, exist_ok=True)

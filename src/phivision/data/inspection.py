@@ -15,7 +15,6 @@ perceptual hash and a flatness check) gives ``inspect.json`` and a self-containe
 
 from __future__ import annotations
 
-import base64
 import hashlib
 import io
 import math
@@ -29,13 +28,16 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 from PIL import Image
+from tqdm.auto import tqdm
 
 from phivision.args import MAX_PIXELS, InspectArgs, parse_num_crops
 from phivision.data.duplicates import conflict_groups
+from phivision.data.inspect_page import SHOWN, render_page
 from phivision.data.layout import INSPECT_FILES, SPLITS, load_catalog, sheet_row
 from phivision.data.prices import PLACEHOLDERS
 from phivision.data.split import group_key
 from phivision.io import atomic_write_json, atomic_write_text
+from phivision.model.image_processing_phi3_v import Phi3VImageProcessor
 
 HASH_SIDE = 32  # thumbnail side for the DCT hash
 FLAT_STD = 3.0  # a thumbnail whose grey levels vary less than this is a flat (blank) image
@@ -43,7 +45,6 @@ TINY_SIDE = 64  # images smaller than this on a side are outliers
 EXTREME_ASPECT = 4.0  # and so are images longer than this times their width (or the reverse)
 PRICE_OUTLIER_MADS = 4.0  # prices this many robust deviations from the category's median (log scale)
 PLACEHOLDER_ROWS = 3  # one image file shared by at least this many rows with different titles
-SHOWN = 24  # examples listed in the HTML per finding (the JSON has counts and more examples)
 
 
 @dataclass
@@ -87,8 +88,6 @@ def inspect(args: InspectArgs, workers: int | None = None) -> dict:
         "placeholders": placeholders(frame),
         "outliers": outliers(frame),
     }
-    from phivision.data.inspect_page import render_page
-
     found = time.perf_counter()
     result["seconds"] = round(found - started, 3)  # updated below, once the page is written
     page = render_page(result, frame, data)
@@ -112,8 +111,6 @@ def inspect(args: InspectArgs, workers: int | None = None) -> dict:
 def scan_images(directory: Path, paths: pd.Series, workers: int | None = None, progress: bool = True) -> dict:
     """``{image_path: ImageFacts}`` for every distinct path, read by a few threads (Pillow decodes outside
     the GIL)."""
-    from tqdm.auto import tqdm
-
     unique = list(dict.fromkeys(paths))
     workers = workers or min(4, (os.cpu_count() or 2) + 1)
     with ThreadPoolExecutor(max_workers=workers) as pool:
@@ -259,8 +256,6 @@ def image_summary(frame: pd.DataFrame) -> dict:
 def token_costs(frame: pd.DataFrame, crops: list[int], crop_size: int, num_img_tokens: int) -> dict:
     """Image tokens per sample for each ``num_crops`` with the model's own geometry, and the image tokens of
     one epoch over the train split (what a training run pays per epoch, before the text)."""
-    from phivision.model.image_processing_phi3_v import Phi3VImageProcessor  # torch: only here
-
     good = frame[frame["_ok"]]
     sizes = list(zip(good["_width"].astype(int), good["_height"].astype(int), strict=True))
     train = (good["split"] == "train").to_numpy()
@@ -437,17 +432,3 @@ def outliers(frame: pd.DataFrame) -> dict:
             for i, r in bad.head(SHOWN).iterrows()
         ],
     }
-
-
-def thumbnail(path: Path, side: int = 96) -> str | None:
-    """A small JPEG of ``path`` as a data URI (None when unreadable)."""
-    try:
-        with Image.open(path) as image:
-            image.draft("RGB", (side * 2, side * 2))
-            image = image.convert("RGB")
-            image.thumbnail((side, side))
-            buffer = io.BytesIO()
-            image.save(buffer, format="JPEG", quality=80)
-    except Exception:
-        return None
-    return "data:image/jpeg;base64," + base64.b64encode(buffer.getvalue()).decode("ascii")

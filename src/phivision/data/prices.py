@@ -1,6 +1,6 @@
 """THE catalog price parser: the prices of a product table, read right or dropped with a reason.
 
-Separate from the answer parser (:func:`phivision.prompt.parse_price`), which reads a model's answer and may be
+Separate from the answer parser (:func:`phivision.answer.prompt.parse_price`), which reads a model's answer and may be
 lenient. A catalog price becomes a training label, so this parser never guesses and never changes a magnitude:
 
 * currency symbols and codes may stand on either side (``$1,290.00``, ``1.290,00 €``, ``USD 1290``, ``R$ 10``);

@@ -14,10 +14,12 @@ from typing import Any
 
 from tqdm.auto import tqdm
 
+from phivision.answer.constrain import AnswerConstraint, constraint_name
+from phivision.answer.generate import answer_image_files
+from phivision.answer.prompt import parse_answer
 from phivision.args import EvaluateArgs
-from phivision.data.layout import load_catalog
+from phivision.data.layout import RunLayout, load_catalog
 from phivision.errors import PhivisionError
-from phivision.evaluate.constrain import AnswerConstraint, constraint_name
 from phivision.evaluate.metrics import (
     HEADLINE,
     SCORING,
@@ -28,26 +30,17 @@ from phivision.evaluate.metrics import (
     summarize,
 )
 from phivision.io import atomic_write_json, atomic_write_text
-from phivision.prompt import parse_answer
 from phivision.runs import load_model
 
-EVAL_DIR = "eval"
-METRICS_FILE = "metrics.json"
-PREDICTIONS_FILE = "predictions.jsonl"
 # Images loaded and answered at a time: bounds memory on large splits (images are decoded at full size).
 IMAGES_PER_CHUNK = 256
-
-
-def eval_dir(run: str | os.PathLike, stage: str) -> Path:
-    """Where a RUN keeps one evaluation: ``RUN/eval/<stage>/`` (stages: ``before``, ``after``)."""
-    return Path(run) / EVAL_DIR / stage
 
 
 def output_paths(out: str | os.PathLike) -> tuple[Path, Path]:
     """``out`` is metrics.json's path (anything ending in .json) or a directory; predictions.jsonl goes beside it."""
     out = Path(out)
-    metrics_path = out if out.suffix == ".json" else out / METRICS_FILE
-    return metrics_path, metrics_path.parent / PREDICTIONS_FILE
+    metrics_path = out if out.suffix == ".json" else out / RunLayout.EVAL_METRICS
+    return metrics_path, metrics_path.parent / RunLayout.EVAL_PREDICTIONS
 
 
 def _answer_all(
@@ -59,8 +52,6 @@ def _answer_all(
     constraint: AnswerConstraint | None = None,
 ) -> tuple[list[str], list[str | None]]:
     """Raw answers for every image path, loading images chunk by chunk; unreadable images answer ""."""
-    from phivision.evaluate.generate import answer_image_files
-
     answers: list[str] = []
     problems: list[str | None] = []
     with tqdm(total=len(paths), desc="evaluate", unit="img", disable=not progress) as bar:
@@ -80,7 +71,7 @@ def evaluate(args: EvaluateArgs) -> dict:
     whose train split gives the baselines; ``split``; ``out`` a metrics.json path or a directory (e.g.
     ``RUN/eval/after``), None writes nothing; ``limit`` scores only the first items; ``generation`` the batch
     size, answer length and whether answers are constrained to the model's template and training categories
-    (:mod:`phivision.evaluate.constrain`).
+    (:mod:`phivision.answer.constrain`).
 
     Returns:
         The metrics dict written to metrics.json (flat headline keys, ``per_category``, ``baseline``, ...).

@@ -32,7 +32,7 @@ import numpy as np
 import pandas as pd
 from rapidfuzz import fuzz, utils
 
-from phivision.prompt import ParsedAnswer
+from phivision.answer.prompt import ParsedAnswer
 
 MISSING_PRICE_APE = 1.0
 MISSING_PRICE_SAPE = 2.0  # the largest SAPE there is (predicting 0)

@@ -11,8 +11,6 @@ offline, and runs no script.
 
 from __future__ import annotations
 
-import base64
-import io
 import sys
 from datetime import datetime, timezone
 from pathlib import Path
@@ -22,6 +20,8 @@ import jinja2
 import numpy as np
 
 from phivision.args import ReportArgs
+from phivision.data.layout import RunLayout
+from phivision.data.pages import thumbnail_uri
 from phivision.errors import PhivisionError
 from phivision.evaluate import bootstrap, report_plots
 from phivision.evaluate.metrics import (
@@ -364,22 +364,6 @@ def item_loss(record: dict) -> float:
     )
 
 
-def thumbnail(path: str | None) -> str | None:
-    """A small base64 JPEG of the item's image, or None when the file is gone or unreadable."""
-    from phivision.data.images import ImageError, load_image
-
-    if not path or not Path(path).is_file():
-        return None
-    try:
-        image = load_image(path)
-    except ImageError:
-        return None
-    image.thumbnail((THUMBNAIL_PX, THUMBNAIL_PX))
-    buffer = io.BytesIO()
-    image.save(buffer, format="JPEG", quality=80)
-    return "data:image/jpeg;base64," + base64.b64encode(buffer.getvalue()).decode("ascii")
-
-
 def gallery(records: list[dict], best: bool, dataset: DatasetSummary) -> list[dict]:
     """The GALLERY_SIZE best or worst items as template-ready cards."""
     ranked = sorted(range(len(records)), key=lambda i: (item_loss(records[i]), i), reverse=not best)
@@ -392,7 +376,7 @@ def gallery(records: list[dict], best: bool, dataset: DatasetSummary) -> list[di
         cards.append(
             {
                 "id": item_id,
-                "image": thumbnail(r.get("image")),
+                "image": thumbnail_uri(r.get("image"), THUMBNAIL_PX),
                 "truth": r["truth"],
                 "parsed": r["parsed"],
                 "answer": r.get("answer") or "",
@@ -490,14 +474,14 @@ def write_report(args: ReportArgs) -> Path:
     if run is not None:
         stages = load_run(run, notes)
         log = read_training_log(Path(run), notes)
-        out = Path(out) if out is not None else Path(run) / "report.html"
+        out = Path(out) if out is not None else RunLayout(run).report
         title = f"phivision report: {Path(run).resolve().name}"
     else:
         stage = load_stage(predictions, notes=notes)
         stages = [stage]
         where = Path(predictions)
         where = where if where.is_dir() else where.parent
-        out = Path(out) if out is not None else where / "report.html"
+        out = Path(out) if out is not None else where / RunLayout.REPORT
         title = f"phivision report: {where.resolve().name}"
     if out.is_dir():
         raise PhivisionError(f"--out {out}: is a directory (give the HTML file to write)")

@@ -13,11 +13,13 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from phivision.args import PredictArgs
+from phivision.answer.constrain import AnswerConstraint
+from phivision.answer.generate import answer_image_files
+from phivision.args import Generation, PredictArgs
 from phivision.errors import PhivisionError
 from phivision.io import atomic_write_text
-from phivision.prompt import PromptFormat, parse_answer
 from phivision.runs import LoadedModel, load_model
+from phivision.serve.core import prediction_record
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
 
@@ -47,38 +49,19 @@ def expand_inputs(inputs: Sequence[str | Path]) -> list[Path]:
     return paths
 
 
-def prediction_record(
-    image: str, answer: str, prompt: PromptFormat = PromptFormat(), currency: str | None = None
-) -> dict:
-    """The JSON shape shared by predict and the HTTP API: the fields parsed with the run's ``prompt`` template,
-    the price's ``currency`` (the catalog's, None when the model does not record one) and the raw answer."""
-    parsed = parse_answer(answer, prompt)
-    return {
-        "image": image,
-        "title": parsed.title,
-        "category": parsed.category,
-        "price": parsed.price,
-        "currency": currency,
-        "answer": answer,
-    }
-
-
 def predict_images(
     loaded: LoadedModel,
     paths: Sequence[Path],
-    batch_size: int = 8,
-    max_new_tokens: int = 64,
+    batch_size: int = Generation.batch_size,
+    max_new_tokens: int = Generation.max_new_tokens,
     progress: bool = True,
     constrain: bool = True,
 ) -> Iterator[dict]:
     """Yield one record per path, in order. Images are decoded one batch at a time so memory stays flat.
 
     ``constrain`` forces every answer into the model's template and recorded categories
-    (:mod:`phivision.evaluate.constrain`); False lets the model write freely.
+    (:mod:`phivision.answer.constrain`); False lets the model write freely.
     """
-    from phivision.evaluate.constrain import AnswerConstraint
-    from phivision.evaluate.generate import answer_image_files
-
     constraint = AnswerConstraint.for_model(loaded) if constrain else None
     with tqdm(total=len(paths), desc="predict", unit="img", disable=not progress) as bar:
         for path, answer, error in answer_image_files(

@@ -21,7 +21,9 @@ from typing import Any
 
 import yaml
 
+from phivision.answer.prompt import DEFAULT_ANSWER_TEMPLATE, DEFAULT_QUESTION, PromptFormat
 from phivision.args import SEED, Generation, TrainArgs
+from phivision.data.layout import RunLayout
 from phivision.errors import PhivisionError, first_line
 from phivision.evaluate.metrics import generation_metric_names
 from phivision.options import (
@@ -37,7 +39,6 @@ from phivision.options import (
     option,
     with_default,
 )
-from phivision.prompt import DEFAULT_ANSWER_TEMPLATE, DEFAULT_QUESTION, PromptFormat
 
 METHODS = ("lora", "qlora", "full")
 PRECISIONS = ("fp32", "bf16", "fp16")
@@ -508,7 +509,7 @@ def cli_config(
 ) -> TrainConfig:
     """The config of ``phivision train``: ``--config`` (or, on ``--resume``, the run's own ``config.yaml``),
     then ``--data``/``--model``/``--out``, then ``key=value`` overrides."""
-    saved = Path(out) / "config.yaml" if out is not None else None
+    saved = RunLayout(out).config if out is not None else None
     base = config if config else (saved if resume and saved is not None and saved.is_file() else None)
     values: dict[str, Any] = {} if out is None else {"out": str(out)}
     if data is not None:
