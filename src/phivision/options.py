@@ -11,7 +11,7 @@ declaration come:
 * config files: :class:`phivision.train.TrainConfig` is a group; its nested groups are the YAML sections;
 * the one-line error for a bad value (:meth:`Options.validate`): ``--max-new-tokens 0: must be at least 1`` for
   a flag, ``config key 'optim.lr': must be > 0, got 0.0`` for a config key, from the same checks;
-* the docs (:func:`reference_rows`: ``docs/cli.md`` and ``docs/config.md``).
+* the docs (:mod:`phivision.reference` writes ``docs/cli.md`` and ``docs/config.md`` from them).
 
 Only the standard library is imported here: ``phivision --help`` builds every flag from these declarations.
 (pydantic would check types and ranges too, but declaring the groups as pydantic models costs more than the
@@ -177,16 +177,11 @@ class Check:
 
     def words(self, value: float | None = None) -> str:
         """The bound ``value`` breaks, in words (``at least 1``), or the whole range when ``value`` is None."""
-        low = (
-            None
-            if self.low is None
-            else ("greater than " if self.low_open else "at least ") + _number(self.low)
-        )
-        high = (
-            None
-            if self.high is None
-            else ("less than " if self.high_open else "at most ") + _number(self.high)
-        )
+        low = high = None
+        if self.low is not None:
+            low = ("greater than " if self.low_open else "at least ") + _number(self.low)
+        if self.high is not None:
+            high = ("less than " if self.high_open else "at most ") + _number(self.high)
         if value is not None:
             return (low if not self._above_low(value) else high) or ""
         if low and high and not (self.low_open or self.high_open):
@@ -242,9 +237,7 @@ class Naming:
 
     def mismatch(self, key: str, value: Any, err: TypeMismatch) -> PhivisionError:
         if err.empty:
-            return (
-                self.problem(key, value, "empty path") if not self.config else ConfigError(key, "empty path")
-            )
+            return self.problem(key, value, "empty path")
         if self.config:
             return ConfigError(key, f"expected {_type_name(err.tp)}, got {value!r}")
         noun = _NOUNS.get(err.tp) or ("a list" if typing.get_origin(err.tp) in (list, tuple) else None)

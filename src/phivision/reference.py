@@ -111,21 +111,6 @@ def config_reference() -> str:
 # ------------------------------------------------------------------------------------------- cli.md
 
 
-VERBS = (
-    "sample",
-    "prepare",
-    "inspect",
-    "tiny",
-    "train",
-    "evaluate",
-    "report",
-    "predict",
-    "serve",
-    "export",
-    "demo",
-)
-
-
 def _verb_table(function: Any, help_text: str, name: str, command: bool) -> list[str]:
     signature = f"phivision {name}" if command else f"phivision.{name}()"
     out = [f"## `{signature}`", "", help_text.strip().split("\n\n")[0].replace("\n", " "), ""]
@@ -165,8 +150,8 @@ def cli_reference() -> str:
         "a column left empty is an option only that side has.",
         "",
     ]
-    for name in VERBS:
-        out += _verb_table(getattr(api, name), commands[name].help or "", name, command=True)
+    for name, command in commands.items():  # in the order cli.py registers them: the path through the tool
+        out += _verb_table(getattr(api, name), command.help or "", name, command=True)
     out += _verb_table(api.load_model, api.load_model.__doc__ or "", "load_model", command=False)
     return "\n".join(out)
 
