@@ -38,9 +38,11 @@ _HUB_KWARGS = ("cache_dir", "force_download", "local_files_only", "token", "revi
 # transformers 5 saves a tokenizer built from a `tokenizers` object as "TokenizersBackend", a name transformers 4
 # does not know; "PreTrainedTokenizerFast" names the same thing (tokenizer.json as is) in both.
 _PORTABLE_TOKENIZER_CLASS = {"TokenizersBackend": "PreTrainedTokenizerFast"}
-# How the tokenizer was loaded, which transformers 5 writes back into tokenizer_config.json: not a setting of the
-# tokenizer, and wrong on any other machine (e.g. local_files_only under HF_HUB_OFFLINE).
-_LOADING_KEYS = ("is_local", "local_files_only")
+# Dropped from tokenizer_config.json: how the tokenizer was loaded, which transformers 5 writes back (not a setting
+# of the tokenizer, and wrong on any other machine, e.g. local_files_only under HF_HUB_OFFLINE); and `auto_map`,
+# which can only be the base checkpoint's (phivision's tokenizer is transformers' own fast tokenizer) and would make
+# every `trust_remote_code=True` reader (vLLM included) fetch and run that repository's code.
+_DROPPED_KEYS = ("is_local", "local_files_only", "auto_map")
 # The official processor's limit on image tags.
 MAX_IMAGE_TAGS = 1_000_000
 
@@ -76,16 +78,26 @@ def _write_text_atomically(path: Path, text: str) -> Path:
 
 
 def _make_tokenizer_config_portable(directory: Path) -> None:
-    """Name a tokenizer class that transformers 4.4x and 5.x both load from ``tokenizer.json``; drop the
-    loading arguments transformers 5 records."""
+    """Make ``tokenizer_config.json`` read the same in transformers 4.4x-4.57 and 5.x, and carry no auto_map.
+
+    transformers 5 saves the extra special tokens as a list under ``extra_special_tokens``, a key that 4.x reads as
+    a dict of named tokens (``'list' object has no attribute 'keys'``): a list goes back to
+    ``additional_special_tokens``, which both read as a list. The class is named so that both majors build it from
+    ``tokenizer.json``; see :data:`_DROPPED_KEYS` for what is removed.
+    """
     path = directory / "tokenizer_config.json"
     if not path.is_file():
         return
     config = json.loads(path.read_text(encoding="utf-8"))
-    portable = {key: value for key, value in config.items() if key not in _LOADING_KEYS}
+    portable = {key: value for key, value in config.items() if key not in _DROPPED_KEYS}
     name = portable.get("tokenizer_class")
     if name in _PORTABLE_TOKENIZER_CLASS:
         portable["tokenizer_class"] = _PORTABLE_TOKENIZER_CLASS[name]
+    extra = portable.get("extra_special_tokens")
+    if isinstance(extra, list):
+        del portable["extra_special_tokens"]
+        additional = [*portable.get("additional_special_tokens", []), *extra]
+        portable["additional_special_tokens"] = list(dict.fromkeys(additional))
     if portable != config:
         _write_text_atomically(path, json.dumps(portable, indent=2, ensure_ascii=False) + "\n")
 
