@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from transformers import AutoTokenizer
+from transformers import AutoTokenizer, PreTrainedTokenizerFast
 from transformers.feature_extraction_utils import BatchFeature
 from transformers.processing_utils import ProcessorMixin
 
@@ -102,6 +102,21 @@ def _make_tokenizer_config_portable(directory: Path) -> None:
         _write_text_atomically(path, json.dumps(portable, indent=2, ensure_ascii=False) + "\n")
 
 
+def _load_tokenizer(name: str | os.PathLike, trust_remote_code: bool | None, hub: dict[str, Any]) -> Any:
+    """``tokenizer.json`` exactly as the checkpoint has it, the way transformers 4.4x reads the official files.
+
+    Through ``AutoTokenizer``, transformers 5 builds the class ``tokenizer_config.json`` names whenever that file
+    also has an ``auto_map`` (``LlamaTokenizer`` for Phi-3-V), and that class rebuilds the pre-tokenizer:
+    ``"<|user|>\\n"`` then loses the ``"▁"`` token the official tokenizer writes before the newline. A checkpoint
+    without ``tokenizer.json`` (a SentencePiece model only) goes through ``AutoTokenizer``.
+    """
+    try:
+        return PreTrainedTokenizerFast.from_pretrained(name, **hub)
+    except (OSError, ValueError):
+        # Passed on to AutoTokenizer, which reads config.json (and, without it, would ask about the auto_map).
+        return AutoTokenizer.from_pretrained(name, trust_remote_code=trust_remote_code, **hub)
+
+
 def count_image_tags(text: str) -> int:
     """How many images ``text`` refers to; raises unless its tags are ``<|image_1|>`` ... ``<|image_n|>`` in order."""
     numbers = [int(n) for n in IMAGE_TAG.findall(text)]
@@ -171,12 +186,9 @@ class Phi3VProcessor(ProcessorMixin):
         Other keyword arguments (e.g. ``num_crops=4``) override the image processor's settings.
         """
         hub = {k: kwargs.pop(k) for k in _HUB_KWARGS if k in kwargs}
-        # Passed on to AutoTokenizer, which reads config.json (and, without it, would ask about the auto_map).
         trust_remote_code = kwargs.pop("trust_remote_code", None)
         image_processor = Phi3VImageProcessor.from_pretrained(pretrained_model_name_or_path, **hub, **kwargs)
-        tokenizer = AutoTokenizer.from_pretrained(
-            pretrained_model_name_or_path, trust_remote_code=trust_remote_code, **hub
-        )
+        tokenizer = _load_tokenizer(pretrained_model_name_or_path, trust_remote_code, hub)
         return cls(image_processor, tokenizer)
 
     def save_pretrained(self, save_directory: str | os.PathLike, **kwargs: Any) -> list[str]:
