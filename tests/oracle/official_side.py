@@ -105,9 +105,15 @@ def run_case(model, processor, case: dict, tensors: dict[str, torch.Tensor]) -> 
     positions = logit_positions(logits.shape[1], case.get("logit_positions", 64))
     tensors[f"{name}.logit_positions"] = torch.tensor(positions)
     tensors[f"{name}.logits"] = logits[0, positions].contiguous()
+    generated, margins = greedy(model, {"input_ids": batch["input_ids"].clone(), **inputs}, case)
+    return {"generated": generated, "margins": margins, "forward_seconds": round(forward_seconds, 3)}
+
+
+def greedy(model, inputs: dict, case: dict) -> tuple[list[int], list[float]]:
+    """Greedy tokens after the prompt, and at each step the gap between the two best logits (phivision's side
+    calls this too: both decode with the same settings)."""
     with torch.no_grad():
         out = model.generate(
-            input_ids=batch["input_ids"].clone(),
             **inputs,
             max_new_tokens=case["max_new_tokens"],
             do_sample=False,
@@ -118,11 +124,7 @@ def run_case(model, processor, case: dict, tensors: dict[str, torch.Tensor]) -> 
             return_dict_in_generate=True,
         )
     top2 = [torch.topk(step[0].float(), 2).values for step in out.scores]
-    return {
-        "generated": out.sequences[0, batch["input_ids"].shape[1] :].tolist(),
-        "margins": [float(v[0] - v[1]) for v in top2],
-        "forward_seconds": round(forward_seconds, 3),
-    }
+    return out.sequences[0, inputs["input_ids"].shape[1] :].tolist(), [float(v[0] - v[1]) for v in top2]
 
 
 def main(spec_path: str, out_path: str) -> None:

@@ -3,12 +3,13 @@
 The stand-in (conftest.py) has the real config, tokenizer and CLIP geometry with few layers, in float32, and the
 official remote code beside its weights. The official side runs in the oracle environment (transformers 4.48,
 official_side.py); phivision runs here (transformers 5.x). Compared: the processor's tensors for one, two and four
-images in one prompt and for a text-only prompt, the image-token arithmetic, the tokenizer's ids, the logits, and
+images in one prompt (tags on lines of their own, and phivision's own two-image prompt with the tags side by side)
+and for a text-only prompt, the image-token arithmetic, the tokenizer's ids, the logits, and
 the greedy tokens.
 
 Logit tolerance: both sides compute in float32 (machine epsilon 1.2e-7) the same function in another order (fused
 or split projections, SDPA or eager attention, the rotary tables built another way), through 3 CLIP and 2 decoder
-layers. Measured: at most 3.7e-6 of the largest logit (3e-5 on logits up to 9). The bound, 2e-5 of the largest
+layers. Measured: at most 3.8e-6 of the largest logit (3.3e-5 on logits up to 9). The bound, 2e-5 of the largest
 logit, keeps 5x headroom over that and is 100x below what a real defect moves: LongRoPE's short and long factors
 swapped changes the logits by more than 2e-3 of the largest (test_the_tolerance_sees_a_wrong_rope). Greedy tokens
 must be equal, at steps whose two best logits are at least 10x the bound apart (no near-tie decided by rounding).
@@ -22,14 +23,14 @@ from pathlib import Path
 
 import pytest
 import torch
-from official_side import logit_positions
+from official_side import greedy, logit_positions
 from oracle_setup import STANDIN
 from safetensors.torch import load_file
 from standalone_env import ORACLE, CleanEnv, build_once
 
 from phivision.model import Phi3VForCausalLM, Phi3VProcessor
 from phivision.model.configuration_phi3_v import Phi3VConfig
-from phivision.prompt import DEFAULT_QUESTION
+from phivision.prompt import DEFAULT_QUESTION, prompt_text
 
 OFFICIAL_CODE = (
     "configuration_phi3_v",
@@ -56,7 +57,16 @@ def prompt(num_images: int) -> str:
     return f"<|user|>\n{tags}{DEFAULT_QUESTION}<|end|>\n<|assistant|>\n"
 
 
-CASES = {"one": 1, "two": 2, "four": 4, "text": 0}
+# name -> (images, prompt): tags on lines of their own, and phivision's own training prompt for two images (tags
+# side by side, so the text between them is empty: both processors tokenize it as a lone BOS).
+PROMPTS = {
+    "one": (1, prompt(1)),
+    "two": (2, prompt(2)),
+    "four": (4, prompt(4)),
+    "adjacent": (2, prompt_text(num_images=2)),
+    "text": (0, prompt(0)),
+}
+CASES = {name: k for name, (k, _) in PROMPTS.items()}
 
 
 @pytest.fixture(scope="session")
@@ -66,7 +76,7 @@ def cases(standin: Path, photos: list[Path]) -> list[dict]:
     return [
         {
             "name": name,
-            "prompt": prompt(k),
+            "prompt": PROMPTS[name][1],
             "images": [str(photos[(i + j) % len(photos)]) for j in range(k)],
             "max_new_tokens": MAX_NEW_TOKENS,
             "stop_ids": processor.stop_token_ids,
@@ -98,22 +108,13 @@ def phivision_outputs(model: torch.nn.Module, processor: Phi3VProcessor, case: d
     batch = processor(text=case["prompt"], images=images, return_tensors="pt")
     with torch.no_grad():
         logits = model(**batch).logits
-        out = model.generate(
-            **batch,
-            max_new_tokens=case["max_new_tokens"],
-            do_sample=False,
-            num_beams=1,
-            eos_token_id=case["stop_ids"],
-            pad_token_id=case["pad_id"],
-            output_scores=True,
-            return_dict_in_generate=True,
-        )
+    generated, _ = greedy(model, dict(batch), case)
     positions = logit_positions(logits.shape[1], 64)
     return {
         "batch": dict(batch),
         "positions": positions,
         "logits": logits[0, positions],
-        "generated": out.sequences[0, batch["input_ids"].shape[1] :].tolist(),
+        "generated": generated,
     }
 
 
