@@ -34,8 +34,9 @@ def official_reference() -> Path:
 
 
 @pytest.fixture(scope="session")
-def oracle_env() -> CleanEnv:
-    """The clean venv with the official code's environment (transformers 4.48) built as an overlay."""
+def oracle_env(official_reference: Path) -> CleanEnv:
+    """The clean venv with the official code's environment (transformers 4.48) built as an overlay (only where
+    there is official code to run)."""
     env = clean_env()
     env.overlay(ORACLE)
     return env
