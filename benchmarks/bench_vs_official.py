@@ -1,7 +1,7 @@
 """phivision against the recipe users would pick instead: the Phi-3 cookbook's fine-tuning of the official remote
 code, side by side on the same checkpoint, data and steps.
 
-    python benchmarks/bench_vs_official.py                      # CPU: 3 steps at 1 crop, 3 interleaved repeats
+    python benchmarks/bench_vs_official.py                      # CPU: 2 steps at 1 crop, 3 interleaved repeats
     python benchmarks/bench_vs_official.py --device cuda --num-crops 16 --steps 20
 
 Both sides train the same mid-size stand-in (the real config, tokenizer and CLIP geometry: 336 px tiles, patch 14,
@@ -199,7 +199,7 @@ def load_average() -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument(
-        "--steps", type=int, default=3, help="optimizer steps per run (phivision's batch each)"
+        "--steps", type=int, default=2, help="optimizer steps per run (phivision's batch each)"
     )
     parser.add_argument("--repeats", type=int, default=3, help="interleaved repeats of both sides")
     parser.add_argument("--rows", type=int, default=40, help="rows of the sample catalog")
