@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from transformers import AutoTokenizer
+from transformers import AutoTokenizer, PreTrainedTokenizerFast
 from transformers.feature_extraction_utils import BatchFeature
 from transformers.processing_utils import ProcessorMixin
 
@@ -38,9 +38,11 @@ _HUB_KWARGS = ("cache_dir", "force_download", "local_files_only", "token", "revi
 # transformers 5 saves a tokenizer built from a `tokenizers` object as "TokenizersBackend", a name transformers 4
 # does not know; "PreTrainedTokenizerFast" names the same thing (tokenizer.json as is) in both.
 _PORTABLE_TOKENIZER_CLASS = {"TokenizersBackend": "PreTrainedTokenizerFast"}
-# How the tokenizer was loaded, which transformers 5 writes back into tokenizer_config.json: not a setting of the
-# tokenizer, and wrong on any other machine (e.g. local_files_only under HF_HUB_OFFLINE).
-_LOADING_KEYS = ("is_local", "local_files_only")
+# Dropped from tokenizer_config.json: how the tokenizer was loaded, which transformers 5 writes back (not a setting
+# of the tokenizer, and wrong on any other machine, e.g. local_files_only under HF_HUB_OFFLINE); and `auto_map`,
+# which can only be the base checkpoint's (phivision's tokenizer is transformers' own fast tokenizer) and would make
+# every `trust_remote_code=True` reader (vLLM included) fetch and run that repository's code.
+_DROPPED_KEYS = ("is_local", "local_files_only", "auto_map")
 # The official processor's limit on image tags.
 MAX_IMAGE_TAGS = 1_000_000
 
@@ -76,18 +78,43 @@ def _write_text_atomically(path: Path, text: str) -> Path:
 
 
 def _make_tokenizer_config_portable(directory: Path) -> None:
-    """Name a tokenizer class that transformers 4.4x and 5.x both load from ``tokenizer.json``; drop the
-    loading arguments transformers 5 records."""
+    """Make ``tokenizer_config.json`` read the same in transformers 4.4x-4.57 and 5.x, and carry no auto_map.
+
+    transformers 5 saves the extra special tokens as a list under ``extra_special_tokens``, a key that 4.x reads as
+    a dict of named tokens (``'list' object has no attribute 'keys'``): a list goes back to
+    ``additional_special_tokens``, which both read as a list. The class is named so that both majors build it from
+    ``tokenizer.json``; see :data:`_DROPPED_KEYS` for what is removed.
+    """
     path = directory / "tokenizer_config.json"
     if not path.is_file():
         return
     config = json.loads(path.read_text(encoding="utf-8"))
-    portable = {key: value for key, value in config.items() if key not in _LOADING_KEYS}
+    portable = {key: value for key, value in config.items() if key not in _DROPPED_KEYS}
     name = portable.get("tokenizer_class")
     if name in _PORTABLE_TOKENIZER_CLASS:
         portable["tokenizer_class"] = _PORTABLE_TOKENIZER_CLASS[name]
+    extra = portable.get("extra_special_tokens")
+    if isinstance(extra, list):
+        del portable["extra_special_tokens"]
+        additional = [*portable.get("additional_special_tokens", []), *extra]
+        portable["additional_special_tokens"] = list(dict.fromkeys(additional))
     if portable != config:
         _write_text_atomically(path, json.dumps(portable, indent=2, ensure_ascii=False) + "\n")
+
+
+def _load_tokenizer(name: str | os.PathLike, trust_remote_code: bool | None, hub: dict[str, Any]) -> Any:
+    """``tokenizer.json`` exactly as the checkpoint has it, the way transformers 4.4x reads the official files.
+
+    Through ``AutoTokenizer``, transformers 5 builds the class ``tokenizer_config.json`` names whenever that file
+    also has an ``auto_map`` (``LlamaTokenizer`` for Phi-3-V), and that class rebuilds the pre-tokenizer:
+    ``"<|user|>\\n"`` then loses the ``"▁"`` token the official tokenizer writes before the newline. A checkpoint
+    without ``tokenizer.json`` (a SentencePiece model only) goes through ``AutoTokenizer``.
+    """
+    try:
+        return PreTrainedTokenizerFast.from_pretrained(name, **hub)
+    except (OSError, ValueError):
+        # Passed on to AutoTokenizer, which reads config.json (and, without it, would ask about the auto_map).
+        return AutoTokenizer.from_pretrained(name, trust_remote_code=trust_remote_code, **hub)
 
 
 def count_image_tags(text: str) -> int:
@@ -159,12 +186,9 @@ class Phi3VProcessor(ProcessorMixin):
         Other keyword arguments (e.g. ``num_crops=4``) override the image processor's settings.
         """
         hub = {k: kwargs.pop(k) for k in _HUB_KWARGS if k in kwargs}
-        # Passed on to AutoTokenizer, which reads config.json (and, without it, would ask about the auto_map).
         trust_remote_code = kwargs.pop("trust_remote_code", None)
         image_processor = Phi3VImageProcessor.from_pretrained(pretrained_model_name_or_path, **hub, **kwargs)
-        tokenizer = AutoTokenizer.from_pretrained(
-            pretrained_model_name_or_path, trust_remote_code=trust_remote_code, **hub
-        )
+        tokenizer = _load_tokenizer(pretrained_model_name_or_path, trust_remote_code, hub)
         return cls(image_processor, tokenizer)
 
     def save_pretrained(self, save_directory: str | os.PathLike, **kwargs: Any) -> list[str]:
