@@ -140,6 +140,10 @@ def server(export: Path, workdir: Path) -> Iterator[dict]:
         json.dumps({"num_crops": NUM_CROPS}),
         "--served-model-name",
         "phi3v-products",
+        # Compact JSON for response_format (llguidance): a random model would otherwise spend max_tokens on the
+        # whitespace a JSON grammar allows between tokens.
+        "--structured-outputs-config",
+        '{"backend": "guidance", "disable_any_whitespace": true}',
         "--host",
         "127.0.0.1",
         "--port",
@@ -230,7 +234,11 @@ def phivision_greedy(loaded, messages: list[dict], photo: Path | None, model=Non
     """phivision's greedy answer to the same chat: its processor, its model, transformers' generate."""
     processor = loaded.processor
     images = [Image.open(photo).convert("RGB")] if photo is not None else None
-    inputs = processor(text=chat_prompt(processor, messages), images=images)
+    # vLLM tokenizes a text-only chat prompt as the template renders it, without BOS (the template has none);
+    # with an image its Phi-3-V code re-tokenizes every chunk with BOS, as phivision's processor does.
+    inputs = processor(
+        text=chat_prompt(processor, messages), images=images, add_special_tokens=photo is not None
+    )
     with torch.no_grad():
         out = (model or loaded.model).generate(
             **inputs,
@@ -318,9 +326,6 @@ def test_json_schema_request_returns_the_schemas_keys(client, photos, export):
         max_tokens=96,
         temperature=0,
         response_format={"type": "json_schema", "json_schema": {"name": "product", "schema": schema}},
-        # vLLM's extension: no free whitespace between the JSON tokens (a random model would spend max_tokens
-        # on it); without it the schema still holds, but the answer may be cut before it closes.
-        extra_body={"structured_outputs": {"disable_any_whitespace": True}},
     )
     answer = json.loads(reply.choices[0].message.content)
     assert set(answer) == {"title", "category", "price"}
