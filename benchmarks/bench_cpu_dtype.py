@@ -96,9 +96,9 @@ def bench_merge(args: argparse.Namespace) -> None:
     import torch
     from peft import LoraConfig, get_peft_model
 
+    from phivision.answer.prompt import PromptFormat, prompt_text
     from phivision.loading import merge_adapter
     from phivision.model.standin import SMALL, write_standin_checkpoint
-    from phivision.prompt import PromptFormat, prompt_text
     from phivision.runs import load_model
 
     reference = Path(__file__).resolve().parent.parent / "tests" / "reference" / "phi-3-vision-128k-instruct"
@@ -146,8 +146,8 @@ def child(args: argparse.Namespace) -> None:
     """One dtype, one process: load, prefill forward, forced-length greedy generation; JSON on stdout's last line."""
     import torch
 
+    from phivision.answer.prompt import PromptFormat, prompt_text
     from phivision.model import Phi3VProcessor
-    from phivision.prompt import PromptFormat, prompt_text
     from phivision.runs import load_model
 
     result: dict[str, float | str] = {"dtype": args.dtype}

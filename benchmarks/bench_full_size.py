@@ -188,8 +188,8 @@ def phivision_greedy(args: argparse.Namespace) -> None:
     """phivision's answer for each photo: its generation loop, greedy, unconstrained, one photo at a time."""
     from PIL import Image
 
-    from phivision.evaluate.generate import generate_completions
-    from phivision.prompt import prompt_text
+    from phivision.answer.generate import generate_completions
+    from phivision.answer.prompt import prompt_text
     from phivision.runs import load_model
 
     loaded = load_model(args.model, device=args.device)

@@ -9,9 +9,9 @@ import pytest
 from eval_helpers import ScriptedHead
 from PIL import Image
 
-from phivision.evaluate.constrain import AnswerConstraint, AnswerGuide, answer_grammar, constraint_name
-from phivision.evaluate.generate import generate_answers
-from phivision.prompt import PromptFormat, format_answer, parse_answer
+from phivision.answer.constrain import AnswerConstraint, AnswerGuide, answer_grammar, constraint_name
+from phivision.answer.generate import generate_answers
+from phivision.answer.prompt import PromptFormat, format_answer, parse_answer
 from phivision.runs import load_model
 
 TEMPLATES = [
@@ -85,8 +85,8 @@ def test_an_untrained_model_always_answers_in_the_template(loaded, images, templ
 def test_max_new_tokens_is_a_hard_cap_that_cuts_a_complete_answer(loaded, images) -> None:
     """One behaviour everywhere (evaluate, predict, serve, training): a cap below what the longest constrained
     answer needs is kept, never raised; each answer is the beginning of the answer a roomy budget gives."""
-    from phivision.evaluate.constrain import short_budget_note
-    from phivision.evaluate.generate import generate_completions
+    from phivision.answer.constrain import short_budget_note
+    from phivision.answer.generate import generate_completions
 
     fmt = PromptFormat()
     constraint = AnswerConstraint(fmt, CATEGORIES)

@@ -54,7 +54,7 @@ def short_run(standin: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def logits(loaded) -> torch.Tensor:
-    from phivision.prompt import prompt_text
+    from phivision.answer.prompt import prompt_text
 
     batch = loaded.processor(text=prompt_text(loaded.prompt), images=[IMAGE], return_tensors="pt")
     batch["pixel_values"] = batch["pixel_values"].to(loaded.model.dtype)

@@ -17,29 +17,21 @@ from typing import Any
 
 import torch
 
+from phivision.args import MAX_SHARD_SIZE
+from phivision.data.layout import RunLayout
 from phivision.errors import PhivisionError
 from phivision.io import atomic_directory, atomic_write_json, require_empty_dir
 from phivision.labels import read_labels
-from phivision.runs import (
-    EXPORT_INFO_FILE,
-    RunInfo,
-    checkpoint_dtype,
-    is_run_dir,
-    load_model,
-    read_run,
-    resolve_dtype,
-)
-
-# The official checkpoint's 8.3 GB of bf16 weights come in two files (4.94 and 3.35 GB): a 5 GB bound gives the
-# same two, a 4 GB bound three.
-DEFAULT_MAX_SHARD_SIZE = "5GB"
+from phivision.loading import MERGE_TOLERANCE, lossy_merge_note, merge_adapter
+from phivision.model import save_checkpoint  # importing phivision.model registers phi3_v with AutoConfig
+from phivision.runs import EXPORT_INFO_FILE, RunInfo, checkpoint_dtype, load_model, read_run, resolve_dtype
 
 
 def export_run(
     run: str | Path,
     out: str | Path,
     dtype: str | torch.dtype | None = None,
-    max_shard_size: str | int = DEFAULT_MAX_SHARD_SIZE,
+    max_shard_size: str | int = MAX_SHARD_SIZE,
     device: str | None = "cpu",
 ) -> Path:
     """Merge (or re-save) a RUN into ``out``; written to a sibling temporary directory and moved into place whole.
@@ -59,7 +51,7 @@ def export_run(
         device: where to merge (cpu: about 2 bytes per parameter for a bf16 export, 8.3 GB for the 4.2B model).
     """
     run_dir, out = Path(run), Path(out)
-    if not run_dir.is_dir() or not is_run_dir(run_dir):
+    if not run_dir.is_dir() or not RunLayout(run_dir).is_run():
         raise PhivisionError(f"--run {run_dir}: not a training run (config.yaml with adapter/ or model/)")
     require_empty_dir(out)  # before the merge; atomic_directory checks again at the end
     info = read_run(run_dir)
@@ -73,8 +65,6 @@ def export_run(
     if info.model_dir.is_dir():
         model = model.to(dtype=target_dtype)
     else:
-        from phivision.loading import MERGE_TOLERANCE, lossy_merge_note, merge_adapter
-
         model, merge = merge_adapter(model, target_dtype)
         if merge.relative_error > MERGE_TOLERANCE:
             remedy = "export with --dtype float32 to keep it exactly (twice the size)"
@@ -82,8 +72,6 @@ def export_run(
     # The official generation_config stops on </s> only, which Phi-3-V never emits at the end of a turn.
     model.generation_config.eos_token_id = [int(t) for t in loaded.processor.stop_token_ids]
     model.generation_config.pad_token_id = loaded.processor.pad_token_id
-
-    from phivision.model import save_checkpoint
 
     with atomic_directory(out) as tmp:
         save_checkpoint(model, loaded.processor, tmp, max_shard_size=max_shard_size)
