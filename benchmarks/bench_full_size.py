@@ -339,6 +339,8 @@ def _run_steps(
             + (["--small"] if args.small else []),
             lambda _: _describe_checkpoint(paths.checkpoint),
         )
+        if args.shared_weights:
+            print(f"    {_link_identical_shards(paths.checkpoint, Path(args.shared_weights))}", flush=True)
 
     step(
         "sample",
@@ -481,6 +483,21 @@ def _describe_checkpoint(path: Path) -> str:
     shards = sorted(p.name for p in path.glob("*.safetensors"))
     size = sum(p.stat().st_size for p in path.glob("*.safetensors"))
     return f"{len(shards)} shards, {size / 1e9:.2f} GB"
+
+
+def _link_identical_shards(written: Path, shared: Path) -> str:
+    """Replace each shard file of ``written`` that is byte-identical to ``shared``'s by a link to it: the later
+    steps read the same bytes, and the disk need not hold the stand-in and the export's copy of it at once."""
+    linked, differ = [], []
+    for shard in sorted(written.glob("*.safetensors")):
+        twin = shared / shard.name
+        if twin.is_file() and subprocess.run(["cmp", "-s", shard, twin]).returncode == 0:
+            shard.unlink()
+            shard.symlink_to(twin.resolve())
+            linked.append(shard.name)
+        else:
+            differ.append(shard.name)
+    return f"identical to {shared}, now links: {linked}; differing (kept): {differ}"
 
 
 def _split_counts(data: Path) -> str:
@@ -626,6 +643,11 @@ def main() -> None:
     run = sub.add_parser("run", help="the whole path, one process per step")
     run.add_argument("--work", default=str(Path(tempfile.gettempdir()) / "phivision-full-size"))
     run.add_argument("--checkpoint", help="an existing full-size stand-in to use instead of writing one")
+    run.add_argument(
+        "--shared-weights",
+        help="a stand-in written with the same seed: after the standin step, each shard file byte-identical to "
+        "its twin there becomes a link to it (a full-size stand-in and its export need 16.6 GB of disk)",
+    )
     run.add_argument("--num-crops", type=int, default=4)
     run.add_argument(
         "--small", action="store_true", help="a shrunk stand-in (2 layers): try the script quickly"
