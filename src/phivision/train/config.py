@@ -37,7 +37,6 @@ from phivision.options import (
     hints,
     is_group,
     option,
-    with_default,
 )
 
 METHODS = ("lora", "qlora", "full")
@@ -148,7 +147,6 @@ class EvalConfig(Generation):
     """Evaluation on the val split: loss on ``max_samples`` rows and generation metrics on ``gen_samples``; answers
     are generated as ``phivision evaluate`` generates them (``batch_size``, ``max_new_tokens``, ``constrain``)."""
 
-    max_new_tokens: int = with_default(Generation, "max_new_tokens", 48)  # short answers during training
     every_steps: int = option(0, "Evaluate every N optimizer steps; 0: only at the end.", check=">= 0")
     max_samples: int = option(0, "Val rows for the val loss; 0: the whole val split.", check=">= 0")
     gen_samples: int = option(
