@@ -100,7 +100,9 @@ def test_every_default_budget_lets_a_real_tokenizer_constrained_answer_complete(
     assert guide.min_new_tokens == 50
     assert default >= guide.min_new_tokens
     assert short_budget_note(processor, 32064, constraint, default) is None
-    assert short_budget_note(processor, 32064, constraint, 48).startswith("--max-new-tokens 48 is below the 50")
+    assert short_budget_note(processor, 32064, constraint, 48).startswith(
+        "--max-new-tokens 48 is below the 50"
+    )
 
 
 def test_the_chat_template(processor: Phi3VProcessor) -> None:
