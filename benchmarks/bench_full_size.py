@@ -532,10 +532,11 @@ def _export_summary(export: Path, stderr: str) -> str:
     shards = sorted(p.name for p in export.glob("*.safetensors"))
     size = sum(p.stat().st_size for p in export.glob("*.safetensors"))
     warned = "warned" if "warning:" in stderr else "no warning"
+    attn = "_attn_implementation" in json.loads((export / "config.json").read_text())
     return (
         f"{len(shards)} shard files, {size / 1e9:.2f} GB; merged {merge.get('tensors')} tensors into "
         f"{merge.get('dtype')}: update relative error {merge.get('update_relative_error', float('nan')):.3g} "
-        f"({warned})"
+        f"({warned}); config.json {'KEEPS' if attn else 'has no'} _attn_implementation"
     )
 
 
