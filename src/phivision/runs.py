@@ -91,8 +91,8 @@ def resolve_device(device: str | torch.device | None) -> torch.device:
 
 
 def native_half_dtypes(device: torch.device) -> frozenset[torch.dtype]:
-    """The 16-bit dtypes ``device`` computes natively, i.e. at least as fast as float32 (measured on the 4.2B model:
-    benchmarks/RESULTS.md, issue 16).
+    """The 16-bit dtypes ``device`` computes natively, i.e. at least as fast as float32 (measured on the 4.2B
+    model's linear layers: benchmarks/RESULTS.md, issue 16).
 
     CUDA: float16, and bfloat16 where the GPU has it (Ampere and later). x86 CPUs: bfloat16 with AVX512-BF16 or AMX
     (AMX also float16 with AMX-FP16); without them torch falls back to slow bf16 kernels (a matmul there is many
