@@ -94,7 +94,7 @@ from phivision.tiny_tokenizer import build_tiny_tokenizer
 from phivision.train.config import LoraConfig, TrainConfig
 from phivision.train.data import pack_examples
 from phivision.train.kernels import apply_liger, require_liger
-from phivision.train.loop import answer_loss
+from phivision.train.loop import answer_loss, enable_activation_checkpointing
 from phivision.train.methods import VISION_PREFIX, apply_method
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -137,8 +137,8 @@ MID_VISION = {
 SIZES = ["full", "mid", "tiny"]
 DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
 H100_BF16_TFLOPS = 989.0
-# transformers 5.x warns that names the project still calls (gradient_checkpointing_enable, and the property peft
-# reads) will be renamed in v6; the warnings would only split the printed tables.
+# transformers 5.2x warns that a property peft reads (is_gradient_checkpointing) will be renamed in v6; the warnings
+# would only split the printed tables.
 warnings.filterwarnings("ignore", category=FutureWarning, module=r"transformers\.")
 
 
@@ -442,7 +442,7 @@ def train_row(args: argparse.Namespace, batch: int, attn: str, crops: int, peak:
     model = build_model(setup, dtype, args.device, attn, args.seed)
     model.config.use_cache = False
     if args.gradient_checkpointing:
-        model.gradient_checkpointing_enable()  # before apply_method, as the training loop does
+        enable_activation_checkpointing(model)  # before apply_method, as the training loop does
     model = apply_method(model, lora_config(args)).train()
     params = count_parameters(model)["total"]
     trainable = [p for p in model.parameters() if p.requires_grad]
@@ -730,7 +730,7 @@ def perf_row(args: argparse.Namespace, row: PerfRow, peak: float | None) -> list
     model = build_model(setup, dtype, args.device, resolve_attn(row.attn, args.device), args.seed)
     model.config.use_cache = False
     if args.gradient_checkpointing:
-        model.gradient_checkpointing_enable()
+        enable_activation_checkpointing(model)
     if row.liger:
         apply_liger(model)  # before LoRA, as the training loop does
     model = apply_method(model, lora_config(args)).train()

@@ -45,7 +45,7 @@ from phivision.data.sample import write_sample_catalog  # noqa: E402
 from phivision.model import modeling_phi3_v  # noqa: E402
 from phivision.model.modeling_phi3_v import Phi3ImageEmbedding  # noqa: E402
 from phivision.train.data import BatchPlan, ProductDataset, pack_examples, split_rows  # noqa: E402
-from phivision.train.loop import answer_loss  # noqa: E402
+from phivision.train.loop import answer_loss, enable_activation_checkpointing  # noqa: E402
 from phivision.train.methods import apply_method  # noqa: E402
 
 # ``packing``: a small decoder, CLIP at the real tile geometry (so token counts are the real ones) but narrow.
@@ -102,7 +102,7 @@ def memory_child(args: argparse.Namespace) -> None:
     setup = bm.build_setup("mid", 16)
     model = bm.build_model(setup, torch.bfloat16 if bf16 else torch.float32, "cpu", "sdpa", seed=0)
     model.config.use_cache = False
-    model.gradient_checkpointing_enable()
+    enable_activation_checkpointing(model)
     model = apply_method(model, bm.lora_config(args)).train()
     trainable = [p for p in model.parameters() if p.requires_grad]
     for param in trainable:  # as the training loop does: trained weights stay fp32

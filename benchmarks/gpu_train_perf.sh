@@ -10,19 +10,7 @@
 # Runs from a checkout without installing it (PYTHONPATH=src) where torch, transformers, peft, pillow, pandas and
 # pyyaml are installed. Wheels in ./.whl (e.g. liger-kernel, which the Liger rows need) are installed into
 # /tmp/site first; without liger-kernel those rows print "n/a". No new row starts after 420 s (--budget-s).
-set -euo pipefail
-cd "$(dirname "$0")/.."
-PY=${PYTHON:-python3}
-export PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false HF_HUB_OFFLINE=1
-if compgen -G ".whl/*.whl" >/dev/null; then
-  "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
-  export PYTHONPATH="/tmp/site:${PYTHONPATH:-}"
-fi
-export PYTHONPATH="$PWD/src:${PYTHONPATH:-}"
-
-if command -v nvidia-smi >/dev/null; then
-  nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
-fi
+source "$(dirname "$0")/gpu_env.sh"
 "$PY" - <<'EOF'
 import importlib.util, torch, transformers, peft
 extras = {name: importlib.util.find_spec(name) is not None for name in ("flash_attn", "liger_kernel")}

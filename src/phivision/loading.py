@@ -12,10 +12,13 @@ import contextlib
 import re
 import warnings
 from collections.abc import Iterable, Iterator, Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import torch
 from peft import PeftModel, get_peft_model_state_dict
+from peft.tuners.lora import LoraLayer
 from safetensors import safe_open
 from transformers import PretrainedConfig
 from transformers.utils import logging
@@ -176,3 +179,98 @@ def load_adapter(base: Any, adapter_dir: Path, is_trainable: bool = False) -> An
 
 def _shape(text: str) -> tuple[int, ...]:
     return tuple(int(x) for x in text.split(",") if x.strip())
+
+
+# A merge whose rounding loses more than this share of the LoRA update says so (export and load_model).
+MERGE_TOLERANCE = 0.01
+
+
+@dataclass(frozen=True)
+class MergeReport:
+    """How much of a LoRA update survives rounding the merged weights to ``dtype``.
+
+    ``update_norm`` is the Frobenius norm of every merged update (B @ A * scale, float32) together;
+    ``error_norm`` that of (merged weight - base weight - update): what rounding the sum to ``dtype`` lost. A short
+    run's update is small next to the weights, and a bfloat16 weight keeps 8 significant bits, so most of such an
+    update rounds away in bfloat16 (relative error near 1), while float32 keeps it (near 1e-7).
+    """
+
+    dtype: torch.dtype
+    tensors: int
+    update_norm: float
+    error_norm: float
+
+    @property
+    def relative_error(self) -> float:
+        return self.error_norm / self.update_norm if self.update_norm > 0 else 0.0
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "dtype": str(self.dtype).removeprefix("torch."),
+            "tensors": self.tensors,
+            "update_norm": self.update_norm,
+            "update_relative_error": self.relative_error,
+        }
+
+
+def merge_adapter(model: Any, dtype: torch.dtype) -> tuple[Any, MergeReport]:
+    """Fold a PeftModel's LoRA updates into its base weights, one layer at a time, stored as ``dtype``.
+
+    Each merged weight is computed in float32 (base weight + B @ A * scale) and rounded once to ``dtype``, so a
+    bfloat16 merge equals a float32 merge cast to bfloat16, bit for bit, while only one layer's float32 copy exists
+    at a time; it is written over the base weight in place, so the model never needs more memory than its own
+    size plus one layer. Returns the plain model (PEFT wrappers removed) and a :class:`MergeReport`.
+    """
+    update_sq = error_sq = 0.0
+    tensors = 0
+    with torch.no_grad():
+        for module in model.modules():
+            if not isinstance(module, LoraLayer):
+                continue
+            for adapter in module.active_adapters:
+                if adapter not in module.lora_A and adapter not in module.lora_embedding_A:
+                    continue
+                if module.use_dora.get(adapter):
+                    raise PhivisionError(f"adapter {adapter!r}: DoRA adapters cannot be merged by phivision")
+                weight = module.get_base_layer().weight
+                update = _float32_delta(module, adapter)
+                merged = (weight.float() + update).to(dtype)
+                error_sq += float((merged.float() - weight.float() - update).double().square().sum())
+                update_sq += float(update.double().square().sum())
+                tensors += 1
+                if weight.dtype == dtype:
+                    # In place: a weight still backed by the checkpoint's private (copy-on-write) memory map
+                    # turns into anonymous memory page by page, so the file's pages and the merged copy are
+                    # never both resident (the file itself is never written).
+                    weight.data.copy_(merged)
+                else:
+                    weight.data = merged
+                del update, merged
+    return model.unload(), MergeReport(dtype, tensors, update_sq**0.5, error_sq**0.5)
+
+
+def lossy_merge_note(merge: MergeReport, remedy: str) -> str:
+    """One line for a merge whose rounding lost part of the adapter's update."""
+    name = str(merge.dtype).removeprefix("torch.")
+    return (
+        f"rounding the merged weights to {name} lost part of the LoRA update (relative error "
+        f"{merge.relative_error:.2g} over {merge.tensors} tensors): the model does not answer exactly as the run "
+        f"was trained; {remedy}"
+    )
+
+
+def _float32_delta(module: Any, adapter: str) -> torch.Tensor:
+    """PEFT's own update (scale, fan-in/fan-out and embedding layouts included) with its factors in float32."""
+    factors = [
+        layer[adapter].weight if hasattr(layer[adapter], "weight") else layer[adapter]
+        for layer in (module.lora_A, module.lora_B, module.lora_embedding_A, module.lora_embedding_B)
+        if adapter in layer
+    ]
+    original = [factor.data for factor in factors]
+    try:
+        for factor in factors:
+            factor.data = factor.data.float()
+        return module.get_delta_weight(adapter).float()
+    finally:
+        for factor, data in zip(factors, original, strict=True):
+            factor.data = data

@@ -8,6 +8,8 @@ come back with the processor and the prompt format they were trained with.
 from __future__ import annotations
 
 import json
+import platform
+from collections.abc import Callable, Collection
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -19,7 +21,7 @@ from phivision.answer.prompt import PromptFormat
 from phivision.data.layout import RunLayout
 from phivision.errors import PhivisionError, first_line
 from phivision.labels import LabelSpace, read_labels
-from phivision.loading import load_adapter, load_pretrained
+from phivision.loading import MERGE_TOLERANCE, load_adapter, load_pretrained, lossy_merge_note, merge_adapter
 from phivision.model import Phi3VProcessor
 
 # Written by `phivision export` beside the official files: the prompt the weights were trained with.
@@ -45,6 +47,7 @@ class LoadedModel:
     source: str  # what was loaded, for logs and /healthz
     categories: tuple[str, ...] | None = None  # the training split's categories (None: not recorded)
     currency: str | None = None  # the catalog's currency, e.g. "USD" (None: not recorded)
+    notes: tuple[str, ...] = ()  # how it was loaded where that was not as asked (a CLI prints them)
 
 
 @dataclass(frozen=True)
@@ -87,15 +90,80 @@ def resolve_device(device: str | torch.device | None) -> torch.device:
     return resolved
 
 
-def resolve_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torch.dtype:
-    """bf16 on GPU (the official weights' dtype), fp32 on CPU (bf16 matmuls are slow there)."""
+def native_half_dtypes(device: torch.device) -> frozenset[torch.dtype]:
+    """The 16-bit dtypes ``device`` computes natively, i.e. at least as fast as float32 (measured on the 4.2B
+    model's linear layers: benchmarks/RESULTS.md, issue 16).
+
+    CUDA: float16, and bfloat16 where the GPU has it (Ampere and later). x86 CPUs: bfloat16 with AVX512-BF16 or AMX
+    (AMX also float16 with AMX-FP16); without them torch falls back to slow bf16 kernels (a matmul there is many
+    times slower than float32). Arm CPUs: bfloat16 with the BF16 extension (oneDNN's check). Other devices: none.
+    """
+    if device.type == "cuda":
+        bf16 = torch.cuda.is_bf16_supported(including_emulation=False)
+        return frozenset({torch.float16, torch.bfloat16} if bf16 else {torch.float16})
+    if device.type != "cpu":
+        return frozenset()
+    cpu, arm = torch.cpu, platform.machine().lower() in ("aarch64", "arm64")
+    x86_bf16 = _probe(getattr(cpu, "_is_avx512_bf16_supported", None)) or _probe(
+        getattr(cpu, "_is_amx_tile_supported", None)
+    )
+    arm_bf16 = arm and _probe(getattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", None))
+    found = set()
+    if x86_bf16 or arm_bf16:
+        found.add(torch.bfloat16)
+    if _probe(getattr(cpu, "_is_amx_fp16_supported", None)):
+        found.add(torch.float16)
+    return frozenset(found)
+
+
+def _probe(check: Callable[[], bool] | None) -> bool:
+    """A torch capability check, False where this torch lacks it."""
+    try:
+        return bool(check()) if check is not None else False
+    except (RuntimeError, AttributeError):
+        return False
+
+
+def default_dtype(
+    stored: torch.dtype, native: Collection[torch.dtype], device_type: str = "cpu"
+) -> torch.dtype:
+    """The checkpoint's own dtype where the device computes it natively; otherwise float32 on a CPU (a 16-bit
+    dtype it emulates is slower than float32) and float16 on a GPU without bfloat16."""
+    if stored == torch.float32 or stored in native:
+        return stored
+    if device_type == "cuda" and torch.float16 in native:
+        return torch.float16
+    return torch.float32
+
+
+def resolve_dtype(
+    dtype: str | torch.dtype | None, device: torch.device, stored: torch.dtype | None = None
+) -> torch.dtype:
+    """``dtype`` as given; None: :func:`default_dtype` of ``stored`` (the checkpoint's dtype; None: float32)."""
     if dtype is None:
-        return torch.bfloat16 if device.type == "cuda" else torch.float32
+        return default_dtype(stored or torch.float32, native_half_dtypes(device), device.type)
     if isinstance(dtype, torch.dtype):
         return dtype
     if dtype not in _DTYPES:
         raise PhivisionError(f"--dtype {dtype!r}: expected one of {sorted(_DTYPES)}")
     return _DTYPES[dtype]
+
+
+def checkpoint_dtype(name: str | Path) -> torch.dtype:
+    """The dtype a checkpoint's weights are stored in, as its config.json records it (``dtype``, or
+    ``torch_dtype`` in files written by transformers 4); float32 when it records none."""
+    local = Path(str(name)).expanduser() / "config.json"
+    try:
+        if local.is_file():
+            config = json.loads(local.read_text(encoding="utf-8"))
+        else:
+            from transformers import PretrainedConfig
+
+            config, _ = PretrainedConfig.get_config_dict(str(name))
+    except (OSError, ValueError):
+        return torch.float32  # unreadable: the loader itself reports it with the file's name
+    stored = config.get("dtype") or config.get("torch_dtype") if isinstance(config, dict) else None
+    return _DTYPES.get(str(stored).removeprefix("torch."), torch.float32)
 
 
 def is_checkpoint_dir(path: Path) -> bool:
@@ -195,18 +263,24 @@ def load_model(
     Args:
         path: RUN dir (config.yaml + adapter/ or model/), a directory with a ``phi3_v`` config.json, or a hub id.
         device: default cuda if available, else cpu.
-        dtype: default bf16 on cuda, fp32 on cpu.
-        merge: fold a LoRA adapter into the base weights (faster generation); False keeps the PeftModel.
+        dtype: default: the dtype the weights are stored in (bfloat16 for the official model) where the device
+            computes it natively, else float32 (see :func:`native_half_dtypes` and :func:`default_dtype`).
+        merge: fold a LoRA adapter into the base weights (faster generation); False keeps the PeftModel. Where
+            rounding the merged weights to ``dtype`` loses more than 1% of the adapter's update (a short run's
+            update in bfloat16), ``LoadedModel.notes`` says so.
     """
     device = resolve_device(device)
-    dtype = resolve_dtype(dtype, device)
+    if dtype is not None:
+        dtype = resolve_dtype(dtype, device)  # a bad name fails before anything is read
     local = Path(str(path)).expanduser()
 
     if local.is_dir() and RunLayout(local).is_run():
-        return _load_run(read_run(local), device, dtype, merge)
+        run = read_run(local)
+        weights = run.model_dir if run.model_dir.is_dir() else run.base
+        return _load_run(run, device, resolve_dtype(dtype, device, checkpoint_dtype(weights)), merge)
     if local.is_dir() and is_checkpoint_dir(local):
         prompt, labels = _export_info(local)
-        model = _load_checkpoint(str(local), device, dtype)
+        model = _load_checkpoint(str(local), device, resolve_dtype(dtype, device, checkpoint_dtype(local)))
         return LoadedModel(
             model, _load_processor(local), prompt, str(local), labels.categories, labels.currency
         )
@@ -219,7 +293,7 @@ def load_model(
         raise PhivisionError(
             f"{path}: no such directory (and not a hub id like 'microsoft/Phi-3-vision-128k-instruct')"
         )
-    model = _load_checkpoint(str(path), device, dtype)
+    model = _load_checkpoint(str(path), device, resolve_dtype(dtype, device, checkpoint_dtype(path)))
     return LoadedModel(model, _load_processor(str(path)), PromptFormat(), source=str(path))
 
 
@@ -234,10 +308,13 @@ def _load_run(run: RunInfo, device: torch.device, dtype: torch.dtype, merge: boo
 
     # QLoRA adapters are applied to the unquantized base: merging into 4-bit weights would lose the update.
     base = _load_checkpoint(run.base, device, dtype)
-    model = load_adapter(base, run.adapter_dir)  # every LoRA tensor present with its shape, nothing else
-    model = model.to(device=device, dtype=dtype).eval()
+    # every LoRA tensor present with its shape, nothing else; the adapter stays float32 (PEFT upcasts it)
+    model = load_adapter(base, run.adapter_dir).to(device).eval()
+    notes: tuple[str, ...] = ()
     if merge:
-        model = model.merge_and_unload()
+        model, report = merge_adapter(model, dtype)
+        if report.relative_error > MERGE_TOLERANCE:
+            notes = (lossy_merge_note(report, "--dtype float32 keeps it"),)
     processor = _load_processor(processor_dir or run.base)
     source = f"{run.run_dir} ({run.method} on {run.base})"
-    return LoadedModel(model, processor, run.prompt, source, labels.categories, labels.currency)
+    return LoadedModel(model, processor, run.prompt, source, labels.categories, labels.currency, notes)

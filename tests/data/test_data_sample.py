@@ -71,6 +71,12 @@ def test_size_and_material_are_visible(category):
             assert coverage(image, trim, 20) > 0.01, material
 
 
+def test_sample_n_24_writes_every_split(tmp_path):
+    """``sample --n 24`` once wrote an empty test split without a word (and evaluate then failed)."""
+    catalog = load_catalog(write_sample_catalog(tmp_path / "s", n=24, seed=0))
+    assert catalog["split"].value_counts().to_dict() == {"train": 17, "val": 6, "test": 1}
+
+
 def test_deterministic_for_a_seed(tmp_path):
     first = write_sample_catalog(tmp_path / "a", n=12, seed=5)
     second = write_sample_catalog(tmp_path / "b", n=12, seed=5)

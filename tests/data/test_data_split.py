@@ -64,3 +64,26 @@ def test_parse_ratios():
     for bad in ("0.8,0.2", "a,b,c", "0,1,1", "1,-1,1"):
         with pytest.raises(PhivisionError, match="--split"):
             parse_ratios(bad)
+
+
+def test_a_small_catalog_gets_every_split_it_asks_for():
+    """24 products in 6 categories of 4: the midpoint rule alone puts one group per category in val and none in
+    test (the old `sample --n 24`, whose evaluate then failed); every split expected to hold a row gets one."""
+    from phivision.data.sample import sample_products
+
+    frame = pd.DataFrame(sample_products(24, seed=0))
+    split = assign_splits(frame, (0.8, 0.1, 0.1), seed=0)
+    counts = split.value_counts()
+    assert counts["test"] >= 1 and counts["val"] >= 1
+    assert counts["train"] >= 16
+    assert set(frame.loc[split == "train", "category"]) == set(frame["category"])  # no category leaves train
+    assert set(assign_splits(frame, (0.8, 0.2, 0.0), seed=0)) == {"train", "val"}  # a zero ratio stays empty
+    assert assign_splits(frame, (0.8, 0.1, 0.1), seed=0).equals(split)
+
+
+def test_a_split_expected_to_hold_less_than_a_row_may_stay_empty():
+    frame = pd.DataFrame({"title": [f"t{i}" for i in range(8)], "category": ["a", "b", "c", "d"] * 2})
+    assert set(assign_splits(frame, (0.8, 0.1, 0.1))) == {"train"}  # 0.8 rows expected in val and in test
+    assert set(assign_splits(frame, (0.8, 0.05, 0.15))) == {"train", "test"}  # 1.2 rows expected in test
+    big = catalog(50, 3)
+    assert assign_splits(big, seed=1).value_counts().to_dict() == {"train": 360, "val": 45, "test": 45}

@@ -82,17 +82,34 @@ def test_an_untrained_model_always_answers_in_the_template(loaded, images, templ
         assert answer.startswith(fmt.answer_template.split("{")[0])
 
 
-def test_a_budget_too_small_for_the_template_is_raised_not_cut(loaded, images) -> None:
+def test_max_new_tokens_is_a_hard_cap_that_cuts_a_complete_answer(loaded, images) -> None:
+    """One behaviour everywhere (evaluate, predict, serve, training): a cap below what the longest constrained
+    answer needs is kept, never raised; each answer is the beginning of the answer a roomy budget gives."""
+    from phivision.answer.constrain import short_budget_note
+    from phivision.answer.generate import generate_completions
+
     fmt = PromptFormat()
     constraint = AnswerConstraint(fmt, CATEGORIES)
     guide = guide_for(loaded, constraint)
-    with pytest.warns(UserWarning, match=f"using {guide.min_new_tokens}"):
-        answers = generate(loaded, images, fmt, constraint, max_new_tokens=5)
-    assert all(parse_answer(a, fmt).complete for a in answers)
+    vocab = loaded.model.config.vocab_size
+    note = short_budget_note(loaded.processor, vocab, constraint, 5)
+    assert note.startswith(f"--max-new-tokens 5 is below the {guide.min_new_tokens} tokens")
+    assert short_budget_note(loaded.processor, vocab, constraint, guide.min_new_tokens) is None
+    assert short_budget_note(loaded.processor, vocab, None, 5) is None
+
+    def complete(max_new_tokens: int) -> list:
+        return generate_completions(
+            loaded.model, loaded.processor, images[:3], fmt, max_new_tokens=max_new_tokens, progress=False,
+            constraint=constraint,
+        )  # fmt: skip
+
     with warnings.catch_warnings():
-        warnings.simplefilter("error")  # a budget that fits raises no warning
-        answers = generate(loaded, images[:2], fmt, constraint, max_new_tokens=guide.min_new_tokens)
-    assert all(parse_answer(a, fmt).complete for a in answers)
+        warnings.simplefilter("error")  # the library itself warns about nothing: the verbs print the note
+        cut, full = complete(5), complete(guide.min_new_tokens)
+    for short, whole in zip(cut, full, strict=True):
+        assert short.completion_tokens == 5 and not short.finished
+        assert whole.finished and parse_answer(whole.text, fmt).complete
+        assert whole.text.startswith(short.text)
 
 
 def test_constrained_batches_equal_one_at_a_time_and_keep_order(loaded, images) -> None:

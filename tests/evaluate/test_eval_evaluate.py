@@ -77,10 +77,14 @@ def test_evaluate_tiny_checkpoint_writes_metrics_and_predictions(
     assert all(0.0 <= metrics[k] <= 1.0 for k in ("parse_rate", "category_accuracy", "title_similarity"))
 
 
-def test_evaluate_accepts_a_loaded_model_and_limit(loaded, catalog_dir) -> None:
+def test_evaluate_accepts_a_loaded_model_and_limit(loaded, catalog_dir, capsys) -> None:
     metrics = evaluate(loaded, catalog_dir, split="train", limit=5, max_new_tokens=4, progress=False)
     assert metrics["n"] == 5 and metrics["split"] == "train"
     assert metrics["model"] == loaded.source
+    # 4 tokens cannot hold a constrained answer: the cap is kept (and recorded as it ran), with one warning line
+    assert metrics["max_new_tokens"] == 4 and metrics["parse_rate"] == 0.0
+    warning = capsys.readouterr().err.strip().splitlines()
+    assert len(warning) == 1 and warning[0].startswith("warning: --max-new-tokens 4 is below the ")
 
 
 def test_evaluate_on_the_sample_dataset(loaded, sample_dataset, tmp_path) -> None:
@@ -137,6 +141,12 @@ def test_user_errors(loaded, catalog_dir, tmp_path) -> None:
     catalog["split"] = "test"
     catalog.to_parquet(data / "catalog.parquet")
     with pytest.raises(PhivisionError, match="no train rows"):
+        evaluate(loaded, data)
+    catalog["split"] = "train"
+    catalog.to_parquet(data / "catalog.parquet")
+    with pytest.raises(
+        PhivisionError, match=r"no rows in split 'test' \(4 train, 0 val, 0 test\); score another"
+    ):
         evaluate(loaded, data)
 
 

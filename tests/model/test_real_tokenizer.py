@@ -13,9 +13,10 @@ import pytest
 import torch
 from PIL import Image
 
-from phivision.answer.constrain import AnswerConstraint, answer_guide
+from phivision.answer.constrain import AnswerConstraint, answer_guide, short_budget_note
 from phivision.answer.generate import generate_completions
 from phivision.answer.prompt import DEFAULT_QUESTION, PromptFormat, format_answer, parse_answer, prompt_text
+from phivision.args import Generation, ServeLimits
 from phivision.model import Phi3VForCausalLM, Phi3VProcessor
 from phivision.train.config import EvalConfig
 
@@ -84,6 +85,26 @@ def test_real_answers_fit_the_default_generation_budget(
     assert processor.tokenizer.decode(labels, skip_special_tokens=True) == answer
 
 
+@pytest.mark.parametrize(
+    "default",
+    [Generation().max_new_tokens, EvalConfig().max_new_tokens, ServeLimits().max_new_tokens],
+    ids=["evaluate-predict", "train-eval", "serve"],
+)
+def test_every_default_budget_lets_a_real_tokenizer_constrained_answer_complete(
+    processor: Phi3VProcessor, default: int
+) -> None:
+    """max_new_tokens is a hard cap: with the real tokenizer the template's fixed text, a 14-byte category and a
+    price need 50 tokens (more than the 48 training's evaluation once had), so no default may be below that."""
+    constraint = AnswerConstraint(PromptFormat(), CATEGORIES)
+    guide = answer_guide(processor.tokenizer, constraint, 32064, processor.stop_token_ids[0])
+    assert guide.min_new_tokens == 50
+    assert default >= guide.min_new_tokens
+    assert short_budget_note(processor, 32064, constraint, default) is None
+    assert short_budget_note(processor, 32064, constraint, 48).startswith(
+        "--max-new-tokens 48 is below the 50"
+    )
+
+
 def test_the_chat_template(processor: Phi3VProcessor) -> None:
     chat = [
         {"role": "system", "content": "You read product photos."},
@@ -134,7 +155,7 @@ def test_constrained_answers_never_use_rows_the_tokenizer_lacks(
             images,
             fmt,
             batch_size=2,
-            max_new_tokens=64,
+            max_new_tokens=EvalConfig().max_new_tokens,  # the default budget, as training's evaluation runs
             progress=False,
             on_token=lambda row, token: tokens.append(token),
             constraint=constraint,

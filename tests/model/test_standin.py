@@ -11,6 +11,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 
 from phivision.errors import PhivisionError
+from phivision.model import standin
 from phivision.model.standin import (
     model_tensor_shapes,
     plan_shards,
@@ -20,15 +21,7 @@ from phivision.model.standin import (
     write_standin_checkpoint,
 )
 
-SMALL = {
-    "num_hidden_layers": 2,
-    "hidden_size": 192,  # 2 heads of 96: the real head size, so the real LongRoPE factor lists fit as they are
-    "intermediate_size": 384,
-    "num_attention_heads": 2,
-    "num_key_value_heads": 2,
-    "vision": {"num_hidden_layers": 3},
-    "layer_idx": -2,
-}
+SMALL = {**standin.SMALL, "layer_idx": -2}
 
 
 def test_full_size_tensors_are_exactly_the_real_index(reference_dir: Path) -> None:

@@ -2,17 +2,22 @@
 
 from __future__ import annotations
 
+import inspect
 import json
 import shutil
 from pathlib import Path
 
 import pytest
 import torch
+from huggingface_hub import split_torch_state_dict_into_shards
 from PIL import Image
 from safetensors import safe_open
 from serve_helpers import RUN_PROMPT, forward_logits, make_lora_run
 
+from phivision.args import MAX_SHARD_SIZE
 from phivision.errors import PhivisionError
+from phivision.model import Phi3VConfig, Phi3VForCausalLM
+from phivision.model.standin import standin_config
 from phivision.runs import load_model
 from phivision.serve.export import export_run
 
@@ -31,6 +36,26 @@ def checkpoint_keys(directory: Path) -> set[str]:
 @pytest.fixture(scope="module")
 def exported(lora_run: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     return export_run(lora_run, tmp_path_factory.mktemp("export") / "merged", max_shard_size="1MB")
+
+
+def test_the_default_shard_size_gives_the_full_size_model_the_official_two_files(reference_dir: Path) -> None:
+    """The 4.2B model in bf16 (8.3 GB), split as ``save_pretrained`` splits it: two files under the default bound
+    (like the download's index), three under transformers' old 4GB."""
+    assert inspect.signature(export_run).parameters["max_shard_size"].default == MAX_SHARD_SIZE
+    with torch.device("meta"):  # shapes and dtypes only: no memory
+        model = Phi3VForCausalLM(Phi3VConfig(**standin_config(reference_dir))).to(torch.bfloat16)
+    state = model.state_dict()
+    assert sum(t.numel() for t in state.values()) == 4_146_621_440
+
+    def files(bound: str) -> list[str]:
+        split = split_torch_state_dict_into_shards(
+            state, filename_pattern="model{suffix}.safetensors", max_shard_size=bound
+        )
+        return sorted(split.filename_to_tensors)
+
+    official = json.loads((reference_dir / "model.safetensors.index.json").read_text())["weight_map"]
+    assert files(MAX_SHARD_SIZE) == sorted(set(official.values()))
+    assert len(files("4GB")) == 3
 
 
 def test_export_writes_the_official_layout(exported: Path, tiny_checkpoint: Path) -> None:

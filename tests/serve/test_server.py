@@ -337,3 +337,15 @@ def test_batcher_refuses_when_queued_bytes_are_over_budget() -> None:
     assert results[0] == "width 0"
     assert [type(r) for r in results[1:]] == [QueueFull, QueueFull]  # 60 + 60 bytes would pass 100
     assert batcher.queued_bytes == 0
+
+
+def test_a_max_new_tokens_below_a_constrained_answer_is_kept_and_logged(loaded: LoadedModel, caplog) -> None:
+    """The server's --max-new-tokens is a hard cap as everywhere else: kept, with one warning line at start."""
+    with caplog.at_level("WARNING", logger="phivision.serve"):
+        create_app(loaded, ServeLimits(max_new_tokens=8))
+    assert [r.getMessage().split(" is below")[0] for r in caplog.records] == ["--max-new-tokens 8"]
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="phivision.serve"):
+        create_app(loaded, ServeLimits(max_new_tokens=64))
+        create_app(loaded, ServeLimits(max_new_tokens=8, constrain=False))
+    assert not caplog.records

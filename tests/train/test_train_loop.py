@@ -139,3 +139,51 @@ def test_a_finished_run_is_not_overwritten(quick_config):
     train(cfg)
     with pytest.raises(PhivisionError, match="already holds a training run"):
         train(cfg)
+
+
+def test_logged_learning_rate_is_the_rate_each_step_ran_at(quick_config):
+    """Warmup over 2 steps from lr/3: step 1 ran at lr/3, step 2 at 2lr/3, step 3 at lr (constant after)."""
+    from phivision.train.loop import lr_factor
+
+    cfg = quick_config(
+        "lr",
+        "schedule.max_steps=3",
+        "schedule.warmup_steps=2",
+        "schedule.decay=constant",
+        "eval.gen_samples=0",
+        "eval.max_samples=1",
+    )
+    records = read_metrics(train(cfg).out, "train")
+    assert [r["step"] for r in records] == [1, 2, 3]
+    ran = [1e-3 * lr_factor(step - 1, 3, 2, "constant", 0.0) for step in (1, 2, 3)]
+    assert [r["lr"] for r in records] == pytest.approx(ran)
+    assert records[0]["lr"] == pytest.approx(1e-3 / 3)
+
+
+@pytest.mark.filterwarnings("error::FutureWarning")
+def test_activation_checkpointing_and_lora_raise_no_deprecation_warning(quick_config):
+    """transformers 5.25 deprecates gradient_checkpointing_enable (and the property PEFT reads): neither warns."""
+    cfg = quick_config(
+        "gc",
+        "gradient_checkpointing=true",
+        "schedule.max_steps=1",
+        "eval.gen_samples=0",
+        "eval.max_samples=1",
+    )
+    assert read_metrics(train(cfg).out, "train")
+
+
+def test_precision_auto_follows_the_checkpoint_dtype_where_native(quick_config, reference_dir, tmp_path):
+    """A bf16 checkpoint (a shrunk stand-in of the official one) trains in bf16 where the CPU computes bf16
+    natively, else in fp32; the tiny float32 checkpoint in fp32. config.yaml records the precision that ran."""
+    from phivision.model.standin import SMALL, write_standin_checkpoint
+    from phivision.runs import native_half_dtypes
+
+    assert quick_config().precision == "auto"
+    standin = write_standin_checkpoint(tmp_path / "standin", reference_dir, num_crops=1, **SMALL)
+    native = torch.bfloat16 in native_half_dtypes(torch.device("cpu"))
+    for model, expected in ((str(standin), "bf16" if native else "fp32"), (None, "fp32")):
+        cfg = quick_config(f"auto-{expected}-{model is None}", "schedule.max_steps=1", "eval.gen_samples=0")
+        cfg.model = model or cfg.model
+        run = train(cfg).out
+        assert yaml.safe_load((run / "config.yaml").read_text())["precision"] == expected

@@ -23,7 +23,7 @@ from phivision.model.processing_phi3_v import Phi3VProcessor
 from phivision.train import train
 from phivision.train.config import LoraConfig, TrainConfig
 from phivision.train.data import BatchPlan, ProductDataset, make_plan, pack_examples, split_rows
-from phivision.train.loop import answer_loss
+from phivision.train.loop import answer_loss, enable_activation_checkpointing
 from phivision.train.methods import apply_method
 from phivision.train.tracking import read_metrics
 
@@ -43,7 +43,7 @@ def tiny_model(
     model = Phi3VForCausalLM.from_pretrained(checkpoint, attn_implementation=attn)
     model.config.use_cache = False
     if checkpointing:  # before LoRA, as the training recipe does
-        model.gradient_checkpointing_enable()
+        enable_activation_checkpointing(model)
     if lora:
         config = LoraConfig(dropout=0.0, vision=vision)
         model = apply_method(model, TrainConfig(method="lora", lora=config))
@@ -189,7 +189,7 @@ def test_packed_row_with_gradient_checkpointing(train_set, tiny_checkpoint):
     model = tiny_model(tiny_checkpoint)
     examples = [train_set[i] for i in range(4)]
     plain = loss_and_grads(model, pack_examples(examples))
-    model.gradient_checkpointing_enable()
+    enable_activation_checkpointing(model)
     assert_same_loss_and_grads(loss_and_grads(model, pack_examples(examples)), plain)
 
 

@@ -13,8 +13,10 @@ Two things go beyond a plain mask:
 * Fixed text is forced token by token in the tokenizer's own spelling of it (llguidance's fast-forward tokens),
   which is what a trained model writes anyway and the shortest way for an untrained one.
 * The answer always ends inside ``max_new_tokens``: each free-text field has a reserve (the most tokens the rest
-  of the answer can take); once the tokens left reach it, the text that closes the field is forced. A budget
-  too small for the fixed text, the longest category and a price is raised to that minimum (with a warning).
+  of the answer can take); once the tokens left reach it, the text that closes the field is forced.
+  ``max_new_tokens`` is a hard cap everywhere (evaluate, predict, serve, training): a budget below what the fixed
+  text, the longest category and a price can need (:func:`short_budget_note`) is never raised; the answer is
+  planned as if the budget were that minimum and cut at the cap, so it is the beginning of a complete answer.
 
 Only this module imports llguidance.
 """
@@ -22,7 +24,6 @@ Only this module imports llguidance.
 from __future__ import annotations
 
 import json
-import warnings
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -294,13 +295,22 @@ def answer_guide(tokenizer: Any, constraint: AnswerConstraint, vocab_size: int, 
     return guide
 
 
-def effective_max_new_tokens(guide: AnswerGuide, max_new_tokens: int) -> int:
-    """``max_new_tokens``, raised to the least budget that always completes the template (with a warning)."""
+def short_budget_note(
+    processor: Any,
+    vocab_size: int,
+    constraint: AnswerConstraint | None,
+    max_new_tokens: int,
+    flag: str = "--max-new-tokens",
+) -> str | None:
+    """One line when ``max_new_tokens`` is below the tokens the longest constrained answer can need (None when
+    it is not, or without a constraint): answers that need more are cut at the cap, never given more."""
+    if constraint is None:
+        return None
+    guide = answer_guide(processor.tokenizer, constraint, vocab_size, int(processor.stop_token_ids[0]))
     if max_new_tokens >= guide.min_new_tokens:
-        return max_new_tokens
-    warnings.warn(
-        f"max_new_tokens={max_new_tokens} cannot always hold a constrained answer (fixed text, longest category "
-        f"and a price need up to {guide.min_new_tokens} tokens): using {guide.min_new_tokens}",
-        stacklevel=3,
+        return None
+    return (
+        f"{flag} {max_new_tokens} is below the {guide.min_new_tokens} tokens the longest constrained answer can "
+        "need (the template's fixed text, the longest category and a price): longer answers are cut at "
+        f"{max_new_tokens} tokens and miss the fields that did not fit"
     )
-    return guide.min_new_tokens

@@ -19,7 +19,7 @@ from tqdm.auto import tqdm
 from transformers import GenerationConfig, LogitsProcessorList
 from transformers.generation.streamers import BaseStreamer
 
-from phivision.answer.constrain import AnswerConstraint, answer_guide, effective_max_new_tokens
+from phivision.answer.constrain import AnswerConstraint, answer_guide
 from phivision.answer.prompt import PromptFormat, prompt_text
 from phivision.args import Generation
 from phivision.data.images import ImageError, load_image
@@ -99,7 +99,6 @@ def generate_completions(
     top_p: float = 1.0,
     on_token: Callable[[int, int], None] | None = None,
     constraint: AnswerConstraint | None = None,
-    exact_length: bool = False,
 ) -> list[Completion]:
     """Answers, one per image, in the order of ``images``: greedy unless ``temperature`` > 0.
 
@@ -109,18 +108,17 @@ def generate_completions(
         images: RGB PIL images (load them with ``phivision.data.images.load_image``).
         prompt: the prompt format the model was trained with.
         batch_size: prompts per forward pass.
-        max_new_tokens: answer length cap; an answer that reaches it is returned as is (and may not parse).
+        max_new_tokens: answer length cap, never exceeded; an answer that reaches it is returned as is,
+            ``finished`` False (and may not parse).
         progress: show a tqdm bar; or an open tqdm bar to advance (a caller answering in chunks keeps one bar).
         temperature: 0 decodes greedily; above 0 samples with this temperature (and ``top_p``).
         top_p: nucleus sampling mass (sampling only).
         on_token: called as ``on_token(image_index, token_id)`` for every new token as it is generated (rows
             that already stopped keep receiving padding), so a server can stream answers.
         constraint: force every answer into this template and label space (None: free generation). A
-            ``max_new_tokens`` too small for the template's fixed text, longest category and a price is raised to
-            that minimum, so a constrained answer is never cut.
-        exact_length: keep ``max_new_tokens`` as a hard cap even with a constraint: the answer is the first
-            ``max_new_tokens`` tokens of a constrained answer and comes back unfinished (an API client's
-            ``max_tokens`` is a promise about cost, never raised behind its back).
+            ``max_new_tokens`` below what the template's fixed text, longest category and a price can need stays
+            the cap: the answer is the first ``max_new_tokens`` tokens of a complete constrained answer (the
+            verbs say so first: :func:`phivision.answer.constrain.short_budget_note`).
 
     Returns:
         One :class:`Completion` per image.
@@ -136,10 +134,7 @@ def generate_completions(
     plan_tokens = max_new_tokens  # the budget the grammar plans the answer for
     if constraint is not None:
         guide = answer_guide(processor.tokenizer, constraint, model.config.vocab_size, stop_ids[0])
-        if exact_length:
-            plan_tokens = max(max_new_tokens, guide.min_new_tokens)
-        else:
-            plan_tokens = max_new_tokens = effective_max_new_tokens(guide, max_new_tokens)
+        plan_tokens = max(max_new_tokens, guide.min_new_tokens)  # a shorter cap cuts a complete answer
     config = GenerationConfig(
         max_new_tokens=max_new_tokens,
         do_sample=temperature > 0,

@@ -35,6 +35,11 @@ def assign_splits(
     Within each category the title groups are shuffled with a seed derived from ``seed`` and the category name
     (so adding a category does not reshuffle the others), then laid end to end: a group goes to the split whose
     share of the category's rows contains the group's midpoint. Small categories therefore fill train first.
+
+    In a small catalog that rule can leave empty a split that should hold at least one row (ratio x rows >= 1;
+    24 products in 6 categories of 4: every category puts its last group in val, none in test). Such a split
+    gets one group from train: the group nearest the train boundary, from a category keeping at least one other
+    group in train (largest category first). It stays empty only when no category has two groups in train.
     """
     ratios = parse_ratios(ratios)
     bounds = np.cumsum(ratios)
@@ -51,6 +56,7 @@ def assign_splits(
     )
     sizes = keys.value_counts()
     assignment: dict[str, str] = {}
+    middles: dict[str, float] = {}
     for category, members in group_category.groupby(group_category):
         groups = sorted(members.index)
         rng = np.random.default_rng([seed, zlib.crc32(str(category).encode())])
@@ -59,7 +65,26 @@ def assign_splits(
         done = 0.0
         for i in order:
             group = groups[i]
-            middle = (done + sizes[group] / 2.0) / total
-            assignment[group] = SPLITS[min(int(np.searchsorted(bounds, middle, side="right")), 2)]
+            middles[group] = (done + sizes[group] / 2.0) / total
+            assignment[group] = SPLITS[min(int(np.searchsorted(bounds, middles[group], side="right")), 2)]
             done += sizes[group]
+    _fill_empty_splits(assignment, middles, group_category, [r * len(keys) for r in ratios])
     return keys.map(assignment).rename("split")
+
+
+def _fill_empty_splits(
+    assignment: dict[str, str], middles: dict[str, float], category_of: pd.Series, expected: Sequence[float]
+) -> None:
+    """Give each empty split expected to hold a row or more one train group (see :func:`assign_splits`)."""
+    for split, rows in zip(SPLITS[1:], expected[1:], strict=True):
+        if rows < 1 or split in assignment.values():
+            continue
+        in_train: dict[str, list[str]] = {}
+        for group, where in assignment.items():
+            if where == "train":
+                in_train.setdefault(category_of[group], []).append(group)
+        donors = [groups for groups in in_train.values() if len(groups) >= 2]
+        if not donors:
+            continue
+        largest = max(donors, key=lambda groups: (len(groups), sorted(groups)))
+        assignment[max(largest, key=lambda group: (middles[group], group))] = split

@@ -9,15 +9,16 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 from pathlib import Path
 from typing import Any
 
 from tqdm.auto import tqdm
 
-from phivision.answer.constrain import AnswerConstraint, constraint_name
+from phivision.answer.constrain import AnswerConstraint, constraint_name, short_budget_note
 from phivision.answer.generate import answer_image_files
 from phivision.answer.prompt import parse_answer
-from phivision.args import EvaluateArgs
+from phivision.args import SPLITS, EvaluateArgs
 from phivision.data.layout import RunLayout, load_catalog
 from phivision.errors import PhivisionError
 from phivision.evaluate.metrics import (
@@ -82,7 +83,11 @@ def evaluate(args: EvaluateArgs) -> dict:
     if limit is not None:
         items = items.iloc[:limit]
     if items.empty:
-        raise PhivisionError(f"{data_dir / 'catalog.parquet'}: no rows in split {split!r}")
+        counts = ", ".join(f"{int((catalog['split'] == s).sum())} {s}" for s in SPLITS)
+        raise PhivisionError(
+            f"{data_dir / 'catalog.parquet'}: no rows in split {split!r} ({counts}); score another --split, "
+            "or sample or prepare more products"
+        )
     train = catalog[catalog["split"] == "train"]
     if train.empty:
         raise PhivisionError(
@@ -93,10 +98,16 @@ def evaluate(args: EvaluateArgs) -> dict:
     model = args.model
     if isinstance(model, (str, os.PathLike)):
         loaded = load_model(model, device=args.loading.device, dtype=args.loading.dtype)
+        for note in loaded.notes:
+            print(f"warning: {note}", file=sys.stderr)
     else:
         loaded = model
     paths = [(data_dir / p).resolve() for p in items["image_path"]]
     constraint = AnswerConstraint.for_model(loaded) if generation.constrain else None
+    vocab_size = loaded.model.config.vocab_size
+    note = short_budget_note(loaded.processor, vocab_size, constraint, generation.max_new_tokens)
+    if note:
+        print(f"warning: {note}", file=sys.stderr)
     answers, problems = _answer_all(
         loaded, paths, generation.batch_size, generation.max_new_tokens, args.progress, constraint
     )

@@ -43,6 +43,16 @@ COPIED_FILES = (
     "LICENSE",
 )
 OFFICIAL_CODE_DIR = "official-code"
+# A shrunk stand-in for tests and quick benchmark runs: the real tokenizer, vocabulary (32,064 rows), CLIP width and
+# head size (2 heads of 96, so the real LongRoPE factor lists fit as they are), 2 decoder and 3 CLIP layers.
+SMALL = {
+    "num_hidden_layers": 2,
+    "hidden_size": 192,
+    "intermediate_size": 384,
+    "num_attention_heads": 2,
+    "num_key_value_heads": 2,
+    "vision": {"num_hidden_layers": 3},
+}
 _SAFETENSORS_DTYPES = {torch.bfloat16: "BF16", torch.float16: "F16", torch.float32: "F32"}
 _DTYPE_NAMES = {torch.bfloat16: "bfloat16", torch.float16: "float16", torch.float32: "float32"}
 

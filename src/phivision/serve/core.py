@@ -306,7 +306,6 @@ def answer_jobs(loaded: Any, limits: ServeLimits, jobs: list[Job]) -> list[Any]:
             top_p=generation.top_p,
             on_token=on_token if streams else None,
             constraint=constraint,
-            exact_length=True,
         )
         for i, completion in zip(members, completions, strict=True):
             results[i] = completion

@@ -13,7 +13,7 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from phivision.answer.constrain import AnswerConstraint
+from phivision.answer.constrain import AnswerConstraint, short_budget_note
 from phivision.answer.generate import answer_image_files
 from phivision.args import Generation, PredictArgs
 from phivision.errors import PhivisionError
@@ -63,6 +63,9 @@ def predict_images(
     (:mod:`phivision.answer.constrain`); False lets the model write freely.
     """
     constraint = AnswerConstraint.for_model(loaded) if constrain else None
+    budget = short_budget_note(loaded.processor, loaded.model.config.vocab_size, constraint, max_new_tokens)
+    for note in (*loaded.notes, *([budget] if budget else [])):
+        print(f"warning: {note}", file=sys.stderr)
     with tqdm(total=len(paths), desc="predict", unit="img", disable=not progress) as bar:
         for path, answer, error in answer_image_files(
             loaded, paths, batch_size, batch_size, max_new_tokens, progress=bar, constraint=constraint

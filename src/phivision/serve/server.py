@@ -30,6 +30,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse
 from pydantic import BaseModel
 
+from phivision.answer.constrain import AnswerConstraint, short_budget_note
 from phivision.args import ServeArgs, ServeLimits
 from phivision.netguard import AddressPolicy
 from phivision.runs import load_model, resolve_device
@@ -246,6 +247,12 @@ def create_app(
         remote_images: fetch http(s) ``image_url``s under this address policy; None: data: URLs only.
     """
     limits = (limits or ServeLimits()).validate()
+    constraint = AnswerConstraint.for_model(loaded) if limits.constrain else None
+    note = short_budget_note(
+        loaded.processor, loaded.model.config.vocab_size, constraint, limits.max_new_tokens
+    )
+    if note:
+        log.warning(note)
     batcher = MicroBatcher(
         lambda jobs: answer_jobs(loaded, limits, jobs),
         max_batch_size=limits.max_batch_size,
@@ -364,6 +371,8 @@ def serve(args: ServeArgs) -> None:
     check_bind(args.host, args.port)
     device = resolve_device(args.loading.device)
     loaded = load_model(args.model, device=device, dtype=args.loading.dtype)
+    for note in loaded.notes:
+        log.warning(note)
     private = args.allow_private_image_hosts
     remote = (
         AddressPolicy(allow_loopback=private, allow_private=private) if args.allow_remote_images else None

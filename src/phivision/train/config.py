@@ -37,11 +37,10 @@ from phivision.options import (
     hints,
     is_group,
     option,
-    with_default,
 )
 
 METHODS = ("lora", "qlora", "full")
-PRECISIONS = ("fp32", "bf16", "fp16")
+PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 ATTENTION = ("sdpa", "eager", "flash_attention_2")
 DECAYS = ("cosine", "linear", "constant")
 TRACKERS = ("none", "wandb", "tensorboard", "mlflow")
@@ -148,7 +147,6 @@ class EvalConfig(Generation):
     """Evaluation on the val split: loss on ``max_samples`` rows and generation metrics on ``gen_samples``; answers
     are generated as ``phivision evaluate`` generates them (``batch_size``, ``max_new_tokens``, ``constrain``)."""
 
-    max_new_tokens: int = with_default(Generation, "max_new_tokens", 48)  # short answers during training
     every_steps: int = option(0, "Evaluate every N optimizer steps; 0: only at the end.", check=">= 0")
     max_samples: int = option(0, "Val rows for the val loss; 0: the whole val split.", check=">= 0")
     gen_samples: int = option(
@@ -212,7 +210,13 @@ class TrainConfig(Options):
     out: str = option("", "Run directory to write; `--out` sets it.")
     method: str = option("lora", "What trains.", choices=METHODS)
     seed: int = option(0, "Seeds the data order, initialisation and dropout.", check=SEED)
-    precision: str = option("fp32", "Autocast precision (fp16 adds a gradient scaler).", choices=PRECISIONS)
+    precision: str = option(
+        "auto",
+        "Compute precision; auto: the base checkpoint's dtype where the device computes it natively (bf16 for "
+        "the official model on a GPU or an AVX512-BF16/AMX CPU), else fp32 (config.yaml records the one used). "
+        "fp16 adds a gradient scaler.",
+        choices=PRECISIONS,
+    )
     attn_implementation: str = option("sdpa", "Attention kernel.", choices=ATTENTION)
     num_crops: int = option(
         0, "Most image tiles per image; 0: the checkpoint's preprocessor_config.json.", check=">= 0"

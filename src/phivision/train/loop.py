@@ -18,6 +18,7 @@ import importlib.util
 import math
 import os
 import re
+import sys
 import time
 import warnings
 from collections.abc import Iterable, Iterator, Mapping
@@ -34,7 +35,7 @@ from PIL import Image
 from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
 from tqdm.auto import tqdm
 
-from phivision.answer.constrain import AnswerConstraint
+from phivision.answer.constrain import AnswerConstraint, short_budget_note
 from phivision.answer.generate import generate_answers
 from phivision.answer.prompt import parse_answer
 from phivision.data.images import DEFAULT_MAX_PIXELS
@@ -45,6 +46,7 @@ from phivision.io import atomic_write_json, atomic_write_text
 from phivision.labels import LabelSpace, write_labels
 from phivision.loading import check_model_type, load_pretrained
 from phivision.model.processing_phi3_v import Phi3VProcessor
+from phivision.runs import checkpoint_dtype, resolve_device, resolve_dtype
 from phivision.train import checkpoint as ckpt
 from phivision.train.config import TrainConfig, check_eval_metric
 from phivision.train.data import (
@@ -229,6 +231,18 @@ def _make_accelerator(config: TrainConfig) -> Any:
     return accelerator
 
 
+def resolve_precision(config: TrainConfig) -> None:
+    """``precision: auto``: the base checkpoint's dtype where this machine computes it natively, else fp32 (the
+    policy of every verb, :func:`phivision.runs.resolve_dtype`); written back, so config.yaml records what ran."""
+    if config.precision != "auto":
+        return
+    device = resolve_device(None)
+    dtype = resolve_dtype(None, device, checkpoint_dtype(config.model))
+    if dtype == torch.float16 and device.type == "cpu":
+        dtype = torch.float32  # accelerate has no fp16 autocast on the CPU
+    config.precision = {torch.bfloat16: "bf16", torch.float16: "fp16"}.get(dtype, "fp32")
+
+
 def _load_model(config: TrainConfig, device: torch.device) -> tuple[torch.nn.Module, Any]:
     """The base model and processor. LoRA/QLoRA keep frozen base weights in the compute dtype to save memory."""
     kwargs: dict[str, Any] = {"attn_implementation": config.attn_implementation}
@@ -252,9 +266,17 @@ def _load_model(config: TrainConfig, device: torch.device) -> tuple[torch.nn.Mod
     # strict: a missing, unexpected or mis-shaped tensor stops here instead of training on random weights
     model = load_pretrained(config.model, **kwargs)
     if config.gradient_checkpointing:
-        model.gradient_checkpointing_enable()
+        enable_activation_checkpointing(model)
     model.config.use_cache = False
     return model, processor
+
+
+def enable_activation_checkpointing(model: torch.nn.Module) -> None:
+    """Recompute each decoder layer's activations in backward. transformers 5.2x renamed
+    ``gradient_checkpointing_enable`` (a deprecated alias until v6) to ``activation_checkpointing_enable``;
+    earlier 5.x releases have only the old name."""
+    enable = getattr(model, "activation_checkpointing_enable", None) or model.gradient_checkpointing_enable
+    enable()
 
 
 def _has_flash_attn() -> bool:
@@ -419,12 +441,14 @@ class Recipe:
         self.run_dir = Path(config.out)
         self.state = TrainerState(metric=config.eval.metric)
         self.last_loss: float | None = None
+        self.step_lr = 0.0  # the learning rate of the last optimizer step
 
     # ---------------------------------------------------------------------------------- setup
 
     def setup(self) -> None:
         """Check everything, then build the model, data, optimizer and run directory (or restore them)."""
         self.check_config()
+        resolve_precision(self.config)
         self.accelerator = _make_accelerator(self.config)
         self.is_main, self.world = self.accelerator.is_main_process, self.accelerator.num_processes
         if self.config.num_threads:
@@ -476,6 +500,15 @@ class Recipe:
             root, self.train_rows, self.processor, fmt, cache=config.data.cache_examples
         )
         self.val_set = ProductDataset(root, self.val_rows, self.processor, fmt)
+        if config.eval.constrain and config.eval.gen_samples and len(self.val_rows) and self.is_main:
+            labels = LabelSpace.from_rows(self.train_rows["category"], self.train_rows["currency"])
+            constraint = AnswerConstraint(fmt, labels.categories)
+            vocab_size = model.config.vocab_size
+            note = short_budget_note(
+                self.processor, vocab_size, constraint, config.eval.max_new_tokens, "eval.max_new_tokens"
+            )
+            if note:
+                print(f"warning: {note}", file=sys.stderr)
 
     def make_optimizer(self) -> None:
         """Batch plan, step count, AdamW and the schedule; then accelerate wraps model and optimizer."""
@@ -607,6 +640,7 @@ class Recipe:
             )
         clip = self.config.optim.grad_clip
         grad_norm = accelerator.clip_grad_norm_(self.params, clip) if clip > 0 else None
+        self.step_lr = self.optimizer.param_groups[0]["lr"]  # the rate this step ran at (logged with it)
         self.optimizer.step()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
@@ -624,7 +658,7 @@ class Recipe:
             "step": step,
             "epoch": round(self.plan.epoch_of(step * self.config.optim.grad_accum), 4),
             "loss": self.last_loss,
-            "lr": self.scheduler.get_last_lr()[0],
+            "lr": self.step_lr,
             "tokens": int(totals[1]),
             "elapsed_s": round(time.perf_counter() - self.started, 2),
         }

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import importlib.util
 import re
+import warnings
 from typing import Any
 
 import torch
@@ -109,7 +110,10 @@ def apply_method(model: torch.nn.Module, config: TrainConfig) -> torch.nn.Module
         task_type="CAUSAL_LM",
     )
     try:
-        return get_peft_model(model, lora)
+        with warnings.catch_warnings():
+            # PEFT reads transformers' `is_gradient_checkpointing`, deprecated since 5.2x: PEFT's to change, not ours
+            warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing", category=FutureWarning)
+            return get_peft_model(model, lora)
     except ValueError as err:  # e.g. a target module name the model does not have
         first = str(err).strip().splitlines()[0] if str(err).strip() else "no module matched"
         raise PhivisionError(
