@@ -1,8 +1,15 @@
-"""Atomic file writes: a reader (or a rerun after SIGKILL) sees the old file or the new one, never half of one.
+"""Atomic file writes and bounded reads.
+
+Writes: a reader (or a rerun after SIGKILL) sees the old file or the new one, never half of one.
 
 Files and directories are created with the permissions of the user's umask (as ``open`` and ``mkdir`` would),
 not owner-only: a dataset or a checkpoint is often shared. A write that fails on the disk (full, quota, file size
 limit, read-only) raises :class:`WriteError`, one line naming the file, and leaves the old file untouched.
+
+Reads: every file phivision reads that a user or a hostile dataset could have replaced goes through
+:func:`read_bytes_bounded` (or :func:`check_regular_file` before a library opens it): regular files only (a
+symlink to one is fine), opened non-blocking, never more than a stated number of bytes. A FIFO cannot hang a
+verb and a symlink to ``/dev/zero`` cannot fill memory.
 """
 
 from __future__ import annotations
@@ -13,6 +20,8 @@ import os
 import re
 import secrets
 import shutil
+import stat
+import sys
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -32,6 +41,120 @@ class WriteError(PhivisionError, OSError):
 
     def __str__(self) -> str:  # the one line, not OSError's "[Errno N] ..." layout
         return str(self.args[0])
+
+
+# The largest JSON, YAML or JSON Lines file phivision reads (run files, configs, predictions): far above any it
+# writes (a million-step metrics.jsonl is about 200 MB), far below what would exhaust memory.
+MAX_TEXT_BYTES = 1 << 30
+
+
+class ReadError(PhivisionError, OSError):
+    """A file that cannot be read safely. ``reason`` is short and machine-readable: ``missing``, ``not_a_file``
+    (a directory, device, FIFO or socket), ``too_large``, ``unreadable`` (permission, I/O error) or
+    ``not_text`` (not UTF-8)."""
+
+    def __init__(self, path: str | os.PathLike, reason: str, detail: str) -> None:
+        super().__init__(f"{path}: {detail}")
+        self.path, self.reason, self.detail = str(path), reason, detail
+        self.strerror = detail  # what handlers of OSError print
+
+    def __str__(self) -> str:
+        return str(self.args[0])
+
+
+def _open_regular(path: Path) -> int:
+    """A read-only descriptor of the regular file at ``path`` (symlinks followed). Non-blocking, so opening a
+    FIFO returns at once instead of waiting for a writer; anything but a regular file is then refused."""
+    try:
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_NOCTTY", 0))
+    except FileNotFoundError:
+        raise ReadError(path, "missing", "not found") from None
+    except (OSError, ValueError) as err:  # ValueError: a NUL byte in the path
+        raise ReadError(
+            path, "unreadable", f"cannot open ({getattr(err, 'strerror', None) or err})"
+        ) from None
+    try:
+        mode = os.fstat(fd).st_mode
+    except OSError as err:
+        os.close(fd)
+        raise ReadError(path, "unreadable", f"cannot read ({err.strerror or err})") from None
+    if not stat.S_ISREG(mode):
+        os.close(fd)
+        kind = (
+            "a directory" if stat.S_ISDIR(mode) else "a FIFO" if stat.S_ISFIFO(mode) else "a device or socket"
+        )
+        raise ReadError(path, "not_a_file", f"not a regular file ({kind})")
+    return fd
+
+
+def check_regular_file(path: str | os.PathLike, max_bytes: int) -> int:
+    """The size of the regular file at ``path``; raises :class:`ReadError` for anything else or a file over
+    ``max_bytes``. For files a library opens by name itself (parquet, safetensors)."""
+    path = Path(path)
+    fd = _open_regular(path)
+    try:
+        size = os.fstat(fd).st_size
+    finally:
+        os.close(fd)
+    if size > max_bytes:
+        raise ReadError(path, "too_large", f"{size:,} bytes, more than the limit of {max_bytes:,}")
+    return size
+
+
+def read_bytes_bounded(path: str | os.PathLike, max_bytes: int) -> bytes:
+    """The bytes of the regular file at ``path``, at most ``max_bytes`` of them (else :class:`ReadError`)."""
+    path = Path(path)
+    fd = _open_regular(path)
+    try:
+        if os.fstat(fd).st_size > max_bytes:
+            raise ReadError(
+                path, "too_large", f"{os.fstat(fd).st_size:,} bytes, more than the limit of {max_bytes:,}"
+            )
+        with os.fdopen(fd, "rb", closefd=False) as f:
+            data = f.read(max_bytes + 1)
+    except OSError as err:
+        if isinstance(err, ReadError):
+            raise
+        raise ReadError(path, "unreadable", f"cannot read ({err.strerror or err})") from None
+    finally:
+        os.close(fd)
+    if len(data) > max_bytes:  # grew while being read
+        raise ReadError(path, "too_large", f"more than the limit of {max_bytes:,} bytes")
+    return data
+
+
+def read_text_bounded(path: str | os.PathLike, max_bytes: int = MAX_TEXT_BYTES) -> str:
+    """The UTF-8 text of the regular file at ``path`` (see :func:`read_bytes_bounded`)."""
+    data = read_bytes_bounded(path, max_bytes)
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as err:
+        raise ReadError(
+            path, "not_text", f"not UTF-8 text (byte 0x{data[err.start]:02x} at offset {err.start})"
+        ) from None
+
+
+def read_json_lines(
+    path: str | os.PathLike, max_bytes: int = MAX_TEXT_BYTES
+) -> tuple[list[tuple[int, str]], str | None]:
+    """The non-blank lines of a JSON Lines file as ``(line number, text)``, and a note when its last line was
+    cut (no newline at the end and not valid JSON: a writer killed mid-line). The cut line is left out: every
+    reader of a file phivision appends to survives it, and says so."""
+    text = read_text_bounded(path, max_bytes)
+    lines = [(n, line) for n, line in enumerate(text.split("\n"), start=1) if line.strip()]
+    if lines and not text.endswith("\n"):
+        number, last = lines[-1]
+        try:
+            json.loads(last)
+        except ValueError:
+            lines.pop()
+            return lines, f"{path} line {number}: cut short (a killed writer?); skipped"
+    return lines, None
+
+
+def warn(message: str) -> None:
+    """One ``warning:`` line on stderr: something was skipped or repaired, and the user should know."""
+    print(f"warning: {' '.join(message.split())}", file=sys.stderr, flush=True)
 
 
 def _reason(err: OSError) -> str:

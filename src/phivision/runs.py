@@ -16,6 +16,7 @@ import torch
 import yaml
 
 from phivision.errors import PhivisionError
+from phivision.io import read_text_bounded
 from phivision.labels import LabelSpace, read_labels
 from phivision.prompt import PromptFormat
 
@@ -94,8 +95,8 @@ def is_checkpoint_dir(path: Path) -> bool:
     if not config.is_file():
         return False
     try:
-        return json.loads(config.read_text()).get("model_type") == "phi3_v"
-    except (json.JSONDecodeError, UnicodeDecodeError, AttributeError):
+        return json.loads(read_text_bounded(config)).get("model_type") == "phi3_v"
+    except (ValueError, OSError, AttributeError):
         return False
 
 
@@ -104,7 +105,7 @@ def read_run(run_dir: str | Path) -> RunInfo:
     run_dir = Path(run_dir)
     config_path = run_dir / "config.yaml"
     try:
-        config = yaml.safe_load(config_path.read_text())
+        config = yaml.safe_load(read_text_bounded(config_path))
     except OSError as err:
         raise PhivisionError(f"{config_path}: cannot read ({err.strerror})") from err
     except yaml.YAMLError as err:
@@ -168,7 +169,7 @@ def _export_info(path: Path) -> tuple[PromptFormat, LabelSpace]:
     if not info_path.is_file():
         return PromptFormat(), LabelSpace()
     try:
-        info = json.loads(info_path.read_text())
+        info = json.loads(read_text_bounded(info_path))
     except (ValueError, UnicodeDecodeError) as err:
         raise PhivisionError(f"{info_path}: not valid JSON ({err})") from err
     if not isinstance(info, dict):

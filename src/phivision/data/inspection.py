@@ -32,11 +32,12 @@ from PIL import Image
 
 from phivision.data import defaults
 from phivision.data.duplicates import conflict_groups
+from phivision.data.images import ImageError, open_image
 from phivision.data.layout import INSPECT_FILES, SPLITS, load_catalog, sheet_row
 from phivision.data.prices import PLACEHOLDERS, plain
 from phivision.data.split import group_key
 from phivision.errors import PhivisionError
-from phivision.io import atomic_write_json, atomic_write_text
+from phivision.io import ReadError, atomic_write_json, atomic_write_text, read_bytes_bounded
 
 HASH_SIDE = 32  # thumbnail side for the DCT hash
 FLAT_STD = 3.0  # a thumbnail whose grey levels vary less than this is a flat (blank) image
@@ -150,22 +151,23 @@ def scan_images(directory: Path, paths: pd.Series, workers: int | None = None, p
 
 def image_facts(path: Path) -> ImageFacts:
     """Size from the header, SHA-256 of the bytes, and the perceptual hash and grey spread of a 32x32
-    thumbnail (JPEGs decoded at reduced scale). Never raises: a bad file gets ``error``."""
+    thumbnail (JPEGs decoded at reduced scale). Never raises: a bad file gets ``error``, the reason the one
+    image loader gives (``missing``, ``not_a_file``, ``too_large``, ``too_many_pixels``, ``corrupt``...)."""
     try:
-        data = path.read_bytes()
-    except OSError as err:
-        return ImageFacts(error="missing" if isinstance(err, FileNotFoundError) else "unreadable")
+        data = read_bytes_bounded(path, defaults.MAX_BYTES)
+    except ReadError as err:
+        return ImageFacts(error=err.reason)
     facts = ImageFacts(sha256=hashlib.sha256(data).hexdigest())
     try:
-        with Image.open(io.BytesIO(data)) as image:
+        with open_image(data, max_pixels=defaults.MAX_PIXELS) as image:
             facts.width, facts.height = image.size
-            if facts.width * facts.height > defaults.MAX_PIXELS:
-                facts.error = "too_many_pixels"
-                return facts
             image.draft("L", (HASH_SIDE * 2, HASH_SIDE * 2))
             grey = image.convert("L").resize((HASH_SIDE, HASH_SIDE), Image.Resampling.BILINEAR)
-    except Exception as err:  # anything Pillow throws on a broken file
-        facts.error = "not_an_image" if "identify" in str(err) else "corrupt"
+    except ImageError as err:
+        facts.error = err.reason
+        return facts
+    except Exception as err:  # noqa: BLE001  (anything Pillow throws while decoding a broken file)
+        facts.error = "truncated" if "truncat" in str(err).lower() else "corrupt"
         return facts
     pixels = np.asarray(grey, dtype=np.float64)
     facts.phash = perceptual_hash(pixels)
@@ -468,7 +470,7 @@ def outliers(frame: pd.DataFrame) -> dict:
 def thumbnail(path: Path, side: int = 96) -> str | None:
     """A small JPEG of ``path`` as a data URI (None when unreadable)."""
     try:
-        with Image.open(path) as image:
+        with open_image(path) as image:
             image.draft("RGB", (side * 2, side * 2))
             image = image.convert("RGB")
             image.thumbnail((side, side))

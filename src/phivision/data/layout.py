@@ -15,6 +15,7 @@ import pandas as pd
 
 from phivision.data.prices import plain
 from phivision.errors import PhivisionError
+from phivision.io import ReadError, check_regular_file
 
 CATALOG_FILE = "catalog.parquet"
 IMAGES_DIR = "images"
@@ -23,6 +24,7 @@ SPLITS = ("train", "val", "test")
 REQUIRED_COLUMNS = ("product_code", "title", "category", "full_price", "currency", "image_path", "split")
 TEXT_COLUMNS = ("product_code", "title", "category", "currency", "image_path", "split")
 INSPECT_FILES = ("inspect.html", "inspect.json")  # written by `phivision inspect` beside the catalog
+MAX_CATALOG_BYTES = 4 << 30  # a catalog of millions of products is a few hundred MB
 
 
 def sheet_row(index: int) -> int:
@@ -35,6 +37,8 @@ def path_problem(rel: object) -> str | None:
     absolute paths and ``..`` are refused, while ``images/`` itself may be a symlink (shared storage, caches)."""
     if not isinstance(rel, str) or not rel.strip():
         return "empty"
+    if "\x00" in rel:  # no file system takes it; Python refuses it with a ValueError
+        return "nul"
     posix, windows = PurePosixPath(rel), PureWindowsPath(rel)
     if posix.is_absolute() or windows.is_absolute() or windows.drive or rel.startswith(("/", "\\")):
         return "absolute"
@@ -51,17 +55,22 @@ def load_catalog(directory: str | os.PathLike, check_images: bool = True) -> pd.
     """
     directory = Path(directory)
     path = directory / CATALOG_FILE
-    if not path.is_file():
+    if not path.exists():
         raise PhivisionError(
             f"{path}: not found (write a dataset with `phivision prepare` or `phivision sample`)"
         )
     try:
+        check_regular_file(path, MAX_CATALOG_BYTES)
         frame = pd.read_parquet(path)
+    except ReadError:
+        raise
     except Exception as err:
         raise PhivisionError(f"{path}: cannot read parquet: {err}") from None
     missing = [c for c in REQUIRED_COLUMNS if c not in frame.columns]
     if missing:
         raise PhivisionError(f"{path}: missing column(s) {', '.join(missing)}")
+    if frame.empty:  # never written by prepare or sample: every verb needs at least one product
+        raise PhivisionError(f"{path}: no products (an empty catalog)")
     for column in TEXT_COLUMNS:
         bad = frame[column].map(lambda v: not isinstance(v, str) or not v.strip())
         if bad.any():
@@ -91,7 +100,9 @@ def load_catalog(directory: str | os.PathLike, check_images: bool = True) -> pd.
     for row, rel in enumerate(frame["image_path"]):
         problem = path_problem(rel)
         if problem:
-            why = "an absolute path" if problem == "absolute" else "leaves the directory (..)"
+            why = {"absolute": "an absolute path", "nul": "a path holding a NUL byte"}.get(
+                problem, "leaves the directory (..)"
+            )
             raise PhivisionError(f"{path} row {sheet_row(row)}: column 'image_path': {rel!r} is {why}")
         if check_images and not (directory / rel).is_file():
             raise PhivisionError(

@@ -26,6 +26,7 @@ from typing import Any
 import yaml
 
 from phivision.errors import PhivisionError
+from phivision.io import read_text_bounded
 from phivision.prompt import DEFAULT_ANSWER_TEMPLATE, DEFAULT_QUESTION, PromptFormat
 
 METHODS = ("lora", "qlora", "full")
@@ -680,7 +681,7 @@ def read_yaml_with_lines(path: str | os.PathLike) -> tuple[dict[str, Any], dict[
     if not path.is_file():
         raise PhivisionError(f"{path}: config file not found")
     try:
-        text = path.read_text(encoding="utf-8")
+        text = read_text_bounded(path)
     except UnicodeDecodeError:
         raise PhivisionError(f"{path}: not a UTF-8 text file") from None
     except OSError as err:

@@ -17,7 +17,6 @@ import math
 import os
 import re
 import time
-import warnings
 from collections.abc import Iterable, Iterator
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
@@ -138,28 +137,19 @@ def check_images(root: Path, catalog: Any, positions: Iterable[int]) -> None:
     image once; a file damaged after that (truncated pixel data) still stops the run with one line, from the
     loader (see :func:`_one_line_worker_errors`).
     """
-    from PIL import Image
-
-    from phivision.data.images import DEFAULT_MAX_PIXELS
+    from phivision.data.images import ImageError, image_size
 
     for pos in positions:
         path = root / catalog.at[pos, "image_path"]
         where = f"{path}: catalog.parquet row {pos + 1} ('{catalog.at[pos, 'product_code']}')"
         try:
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-                with Image.open(path) as image:
-                    width, height = image.size
-        except Image.DecompressionBombError as err:
-            raise PhivisionError(f"{where}: too many pixels ({err})") from None
-        except Exception as err:  # noqa: BLE001  (PIL raises many types for a broken header)
-            reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-            raise PhivisionError(f"{where}: not a readable image ({reason})") from None
-        if width * height > DEFAULT_MAX_PIXELS:
-            raise PhivisionError(
-                f"{where}: {width}x{height} pixels, more than the image loader's limit of {DEFAULT_MAX_PIXELS:,} "
-                "(a decompression bomb?)"
-            )
+            image_size(path)
+        except ImageError as err:
+            if err.reason == "too_many_pixels":
+                raise PhivisionError(
+                    f"{where}: too many pixels, a decompression bomb? ({err.detail})"
+                ) from None
+            raise PhivisionError(f"{where}: not a readable image ({err})") from None
 
 
 _EXCEPTION_PREFIX = re.compile(r"^[\w.]+: ")
