@@ -159,13 +159,39 @@ def warn(message: str) -> None:
 
 def _reason(err: OSError) -> str:
     """``No space left on device``, also from libraries (pyarrow) that only put ``[errno 28]`` in the text."""
-    number = err.errno
-    if number is None:
-        found = re.search(r"\[errno (\d+)\]", str(err), re.IGNORECASE)
-        number = int(found.group(1)) if found else None
+    number = _errno_of(err)
     if number is not None:
         return os.strerror(number)
     return err.strerror or str(err) or type(err).__name__
+
+
+# The machine's state, not a bug: a full disk, a quota, a file-size limit, a read-only file system.
+DISK_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS})
+
+
+def _errno_of(err: BaseException) -> int | None:
+    """The errno of an OSError, or the one a library put in its message: pyarrow ``[errno 28]``, safetensors
+    (Rust) ``(os error 28)``."""
+    number = getattr(err, "errno", None)
+    if isinstance(number, int):
+        return number
+    found = re.search(r"\[errno (\d+)\]|\(os error (\d+)\)", str(err), re.IGNORECASE)
+    return int(found.group(1) or found.group(2)) if found else None
+
+
+@contextmanager
+def disk_errors(path: str | os.PathLike) -> Iterator[None]:
+    """Turn a full disk (quota, file-size limit, read-only file system) met by any library inside the block
+    into one :class:`WriteError` naming ``path``; any other error passes unchanged."""
+    try:
+        yield
+    except PhivisionError:
+        raise
+    except Exception as err:
+        number = _errno_of(err)
+        if number not in DISK_ERRNOS:
+            raise
+        raise WriteError(path, OSError(number, os.strerror(number))) from err
 
 
 def _temporary_name(path: Path) -> Path:
@@ -248,15 +274,64 @@ def _make_temporary_dir(path: Path) -> Path:
 @contextmanager
 def atomic_directory(path: str | os.PathLike) -> Iterator[Path]:
     """Yield a temporary sibling of ``path`` to fill; on success it replaces ``path`` (absent or empty), on any
-    failure it is deleted, so ``path`` is never a half-written directory."""
+    failure it is deleted, so ``path`` is never a half-written directory. A full disk is one
+    :class:`WriteError` naming ``path``.
+
+    The temporary directory is locked while it is filled; one that a killed run left behind (unlocked) is
+    removed, with a warning, the next time ``path`` is written."""
     path = require_empty_dir(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    remove_stale_temporaries(path)
     tmp = _make_temporary_dir(path)
+    lock = _lock(tmp)
     try:
-        yield tmp
-        if path.exists():
-            path.rmdir()
-        os.replace(tmp, path)
+        with disk_errors(path):
+            yield tmp
+            if path.exists():
+                path.rmdir()
+            os.replace(tmp, path)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+    finally:
+        if lock is not None:
+            os.close(lock)
+
+
+def _lock(directory: Path, wait: bool = True) -> int | None:
+    """An exclusive ``flock`` on ``directory`` (held until the descriptor is closed), or None when another
+    process holds it (``wait=False``) or the platform has no ``flock``."""
+    try:
+        import fcntl
+    except ImportError:  # not POSIX: no lock, no clean-up of other runs' leftovers
+        return None
+    fd = os.open(directory, os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
+    except OSError:
+        os.close(fd)
+        return None
+    return fd
+
+
+def remove_stale_temporaries(path: str | os.PathLike) -> list[Path]:
+    """Delete the temporary siblings of ``path`` (``.NAME.xxxxxxxx.tmp`` directories) that no live process
+    holds: what a killed export or ``tiny`` left behind. Each removal is announced with a ``warning:`` line."""
+    path = Path(path)
+    pattern = re.compile(rf"^\.{re.escape(path.name)}\.[0-9a-f]{{8}}\.tmp$")
+    removed = []
+    if not path.parent.is_dir():
+        return removed
+    for entry in path.parent.iterdir():
+        if not pattern.match(entry.name) or entry.is_symlink() or not entry.is_dir():
+            continue
+        lock = _lock(entry, wait=False)
+        if lock is None:  # being written right now by another run
+            continue
+        try:
+            shutil.rmtree(entry)
+        finally:
+            os.close(lock)
+        warn(f"removed {entry}: the unfinished temporary folder of an earlier run that was stopped")
+        removed.append(entry)
+    return removed

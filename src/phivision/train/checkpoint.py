@@ -34,7 +34,7 @@ import numpy as np
 import torch
 
 from phivision.errors import PhivisionError
-from phivision.io import atomic_write_json, read_text_bounded
+from phivision.io import atomic_write_json, disk_errors, read_text_bounded
 
 _STEP_DIR = re.compile(r"^step-(\d+)$")
 BEST_DIR = "best"
@@ -224,10 +224,15 @@ def save_weights(accelerator: Any, model: torch.nn.Module, out: Path) -> None:
         tmp = out.with_name(f".{out.name}.tmp")
         if tmp.exists():
             shutil.rmtree(tmp)
-        accelerator.unwrap_model(model).save_pretrained(
-            str(tmp), state_dict=state_dict, safe_serialization=True
-        )
-        replace_dir(tmp, out)
+        try:
+            with disk_errors(out):
+                accelerator.unwrap_model(model).save_pretrained(
+                    str(tmp), state_dict=state_dict, safe_serialization=True
+                )
+                replace_dir(tmp, out)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
     accelerator.wait_for_everyone()
 
 
@@ -296,16 +301,46 @@ def save_checkpoint(
     method: str,
     keep_last: int,
 ) -> Path:
-    """Write ``checkpoints/step-N`` atomically from all ranks (each saves its RNG state), then prune old ones."""
+    """Write ``checkpoints/step-N`` atomically from all ranks (each saves its RNG state), then prune old ones.
+
+    A full disk is one :class:`~phivision.io.WriteError` naming the checkpoint; the partial ``.step-N.tmp`` is
+    removed and the previous checkpoints stay as they were, so ``--resume`` continues from the last one."""
     step = state["step"]
     final = run_dir / "checkpoints" / f"step-{step}"
     tmp = run_dir / "checkpoints" / f".step-{step}.tmp"
-    is_main, rank = accelerator.is_main_process, accelerator.process_index
+    is_main = accelerator.is_main_process
     if is_main:
         if tmp.exists():
             shutil.rmtree(tmp)
         tmp.mkdir(parents=True)
     accelerator.wait_for_everyone()
+    try:
+        with disk_errors(final):
+            _fill_checkpoint(accelerator, model, optimizer, scheduler, state, tmp, run_dir, method)
+            if is_main:
+                replace_dir(tmp, final)
+    except BaseException:
+        if is_main:
+            shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    if is_main:
+        for _, old in list_checkpoints(run_dir)[:-keep_last]:
+            shutil.rmtree(old)
+    accelerator.wait_for_everyone()
+    return final
+
+
+def _fill_checkpoint(
+    accelerator: Any,
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    scheduler: Any,
+    state: dict[str, Any],
+    tmp: Path,
+    run_dir: Path,
+    method: str,
+) -> None:
+    is_main, rank = accelerator.is_main_process, accelerator.process_index
     save_tree(rng_state(), tmp / f"rng-{rank}")
     save_weights(accelerator, model, tmp / weights_dirname(method))
     if _engine(accelerator) != "plain":
@@ -323,12 +358,6 @@ def save_checkpoint(
             _link_tree(best, tmp / BEST_DIR)
         atomic_write_json(tmp / "trainer_state.json", state)
     accelerator.wait_for_everyone()
-    if is_main:
-        replace_dir(tmp, final)
-        for _, old in list_checkpoints(run_dir)[:-keep_last]:
-            shutil.rmtree(old)
-    accelerator.wait_for_everyone()
-    return final
 
 
 # ------------------------------------------------------------------------------------------ load
