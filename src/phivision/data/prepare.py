@@ -4,8 +4,8 @@ Reads and checks every source first (a broken table fails before anything is dow
 dropped row keeps its reason; prices through :mod:`phivision.data.prices`), resolves conflicting duplicates
 (:mod:`phivision.data.duplicates`), downloads the images (:mod:`phivision.data.download`: one failed URL never
 stops the run), splits by category without leaking title-sharing variants, and writes ``catalog.parquet`` and
-``prepare_report.json`` atomically. An ``--out`` holding another dataset is refused (``--overwrite`` replaces it);
-a rerun of the same command resumes.
+``prepare_report.json`` atomically. An ``--out`` holding another dataset is refused (``--overwrite`` builds the new
+one beside it and swaps it in once complete); a rerun of the same command resumes.
 
 Row numbers in messages and in the report count as a spreadsheet shows a table: the header is row 1, the first
 product row 2 (JSON Lines sources: line numbers).
@@ -35,6 +35,7 @@ from phivision.data.layout import (
     SPLITS,
     claim_out,
     dataset_identity,
+    finish_out,
 )
 from phivision.data.prices import PLACEHOLDERS, Price, decide_convention, plain, read_price
 from phivision.data.split import assign_splits, parse_ratios
@@ -432,7 +433,7 @@ def prepare(
     columns = Columns(title_col, category_col, price_col, image_col, code_col, currency_col)
     out = Path(out)
     identity = dataset_identity("prepare", sources)
-    claim_out(out, identity, sources, overwrite)
+    build = claim_out(out, identity, sources, overwrite)  # out, or beside it when replacing another dataset
 
     rows, dropped, per_source, price_report = read_sources(
         sources,
@@ -449,16 +450,16 @@ def prepare(
     rows, duplicate_drops, conflicts = drop_duplicates(rows)
     dropped += duplicate_drops
     # the tables are good: mark the directory as this dataset's before the first image lands in it
-    if not (out / REPORT_FILE).exists():
+    if not (build / REPORT_FILE).exists():
         atomic_write_json(
-            out / REPORT_FILE, {"dataset": identity, "status": "downloading", "sources": per_source}
+            build / REPORT_FILE, {"dataset": identity, "status": "downloading", "sources": per_source}
         )
 
     # one download per unique URL, named after the first product that uses it
     jobs: dict[str, str] = {}
     for code, url in zip(rows["product_code"], rows["_url"], strict=True):
         jobs.setdefault(url, file_stem(code, url))
-    fetched, stats = download_images(jobs, out / IMAGES_DIR, download, progress=progress)
+    fetched, stats = download_images(jobs, build / IMAGES_DIR, download, progress=progress)
     ok = pd.Series([fetched[u].status != "failed" for u in rows["_url"]], index=rows.index, dtype=bool)
     for _, row in rows[~ok].iterrows():
         result = fetched[row["_url"]]
@@ -484,8 +485,8 @@ def prepare(
     }
     if catalog.empty:
         report["seconds"] = round(time.perf_counter() - start, 3)
-        atomic_write_json(out / REPORT_FILE, report)
-        raise PhivisionError(f"no product survived cleaning and download; see {out / REPORT_FILE}")
+        atomic_write_json(build / REPORT_FILE, report)
+        raise PhivisionError(f"no product survived cleaning and download; see {build / REPORT_FILE}")
 
     catalog.insert(6, "split", assign_splits(catalog, ratios, seed=seed))
     kept_counts = catalog["_source"].value_counts()
@@ -497,8 +498,9 @@ def prepare(
         str(k): int(v) for k, v in catalog["category"].value_counts().sort_index().items()
     }
     report["seconds"] = round(time.perf_counter() - start, 3)
-    atomic_write_parquet(out / CATALOG_FILE, catalog)
-    atomic_write_json(out / REPORT_FILE, report)
+    atomic_write_parquet(build / CATALOG_FILE, catalog)
+    atomic_write_json(build / REPORT_FILE, report)
+    finish_out(out, build)
     return report
 
 
