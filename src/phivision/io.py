@@ -42,6 +42,11 @@ class WriteError(PhivisionError, OSError):
     def __str__(self) -> str:  # the one line, not OSError's "[Errno N] ..." layout
         return str(self.args[0])
 
+    def at(self, path: str | os.PathLike) -> WriteError:
+        """The same failure, naming ``path`` (the folder being written rather than a temporary file in it)."""
+        number = self.errno if self.errno is not None else errno.EIO
+        return WriteError(path, OSError(number, os.strerror(number)))
+
 
 # The largest JSON, YAML or JSON Lines file phivision reads (run files, configs, predictions): far above any it
 # writes (a million-step metrics.jsonl is about 200 MB), far below what would exhaust memory.

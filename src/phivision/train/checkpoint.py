@@ -34,7 +34,7 @@ import numpy as np
 import torch
 
 from phivision.errors import PhivisionError
-from phivision.io import atomic_write_json, disk_errors, read_text_bounded
+from phivision.io import WriteError, atomic_write_json, disk_errors, read_text_bounded
 
 _STEP_DIR = re.compile(r"^step-(\d+)$")
 BEST_DIR = "best"
@@ -319,9 +319,11 @@ def save_checkpoint(
             _fill_checkpoint(accelerator, model, optimizer, scheduler, state, tmp, run_dir, method)
             if is_main:
                 replace_dir(tmp, final)
-    except BaseException:
+    except BaseException as err:
         if is_main:
             shutil.rmtree(tmp, ignore_errors=True)
+        if isinstance(err, WriteError):  # name the checkpoint, not a file of the removed temporary folder
+            raise err.at(final) from None
         raise
     if is_main:
         for _, old in list_checkpoints(run_dir)[:-keep_last]:
