@@ -88,6 +88,21 @@ def resolve_checked(host: str, port: int, policy: AddressPolicy = AddressPolicy(
         infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
     except (socket.gaierror, UnicodeError, ValueError) as err:
         raise BlockedAddress("dns_error", f"{host}: {err}") from None
+    return _checked(host, infos, policy)
+
+
+async def resolve_checked_async(host: str, port: int, policy: AddressPolicy = AddressPolicy()) -> list[str]:
+    """:func:`resolve_checked` on the event loop's resolver (no worker thread of the caller's is held)."""
+    import asyncio
+
+    try:
+        infos = await asyncio.get_running_loop().getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    except (socket.gaierror, UnicodeError, ValueError) as err:
+        raise BlockedAddress("dns_error", f"{host}: {err}") from None
+    return _checked(host, infos, policy)
+
+
+def _checked(host: str, infos: list, policy: AddressPolicy) -> list[str]:
     addresses = list(dict.fromkeys(info[4][0] for info in infos))
     for address in addresses:
         problem = address_problem(address, policy)
@@ -115,10 +130,9 @@ class GuardedAsyncBackend:
         self.inner = inner if inner is not None else httpcore.AnyIOBackend()
 
     async def connect_tcp(self, host, port, timeout=None, local_address=None, socket_options=None):
-        import anyio
         import httpcore
 
-        addresses = await anyio.to_thread.run_sync(resolve_checked, host, port, self.policy)
+        addresses = await resolve_checked_async(host, port, self.policy)
         error: Exception | None = None
         for address in addresses:  # getaddrinfo's order; every one was checked
             try:
