@@ -13,6 +13,7 @@ is a ``bad_url`` (``bad_redirect``) :class:`FetchError`, answered 400.
 from __future__ import annotations
 
 import asyncio
+import functools
 import ssl
 from urllib.parse import urljoin, urlsplit
 
@@ -41,6 +42,12 @@ def _header(response: httpcore.Response, name: bytes) -> str | None:
         if key.lower() == name:
             return value.decode("latin-1")
     return None
+
+
+@functools.lru_cache(maxsize=1)
+def _ssl_context() -> ssl.SSLContext:
+    """One context for every fetch: loading the CA certificates takes tens of milliseconds, on the event loop."""
+    return ssl.create_default_context()
 
 
 def _checked_url(url: str) -> str:
@@ -79,7 +86,7 @@ async def fetch_image(
 async def _fetch(url: str, policy: AddressPolicy, max_bytes: int, max_redirects: int) -> bytes:
     backend = GuardedAsyncBackend(policy)
     async with httpcore.AsyncConnectionPool(
-        ssl_context=ssl.create_default_context(), network_backend=backend, retries=0, max_connections=4
+        ssl_context=_ssl_context(), network_backend=backend, retries=0, max_connections=4
     ) as pool:
         for _ in range(max_redirects + 1):
             headers = [(b"Accept", b"image/*"), (b"User-Agent", USER_AGENT)]
