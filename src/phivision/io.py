@@ -22,7 +22,7 @@ import secrets
 import shutil
 import stat
 import sys
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -340,3 +340,35 @@ def remove_stale_temporaries(path: str | os.PathLike) -> list[Path]:
         warn(f"removed {entry}: the unfinished temporary folder of an earlier run that was stopped")
         removed.append(entry)
     return removed
+
+
+# ------------------------------------------------------------------------------------ outputs vs inputs
+
+
+def _identity(path: Path) -> tuple[int, int] | str:
+    """What makes two paths one file: its device and inode (through symlinks and hard links) when it exists."""
+    try:
+        info = os.stat(path)
+        return (info.st_dev, info.st_ino)
+    except (OSError, ValueError):
+        return os.path.realpath(path)
+
+
+def refuse_overwriting_inputs(
+    outputs: dict[str, str | os.PathLike], inputs: Iterable[tuple[str, str | os.PathLike | None]]
+) -> None:
+    """The one check every verb makes before writing: no output path is one of its inputs (the same file, also
+    through a symlink or a hard link) or another of its outputs. ``outputs`` maps what the user would call each
+    output (``--out``, ``the JSON beside --out``) to its path; ``inputs`` pairs what each input is (``the
+    catalog``, ``an image``) with its path. Raises one :class:`PhivisionError` naming both."""
+    taken: dict[tuple[int, int] | str, str] = {}
+    for what, path in inputs:
+        if path is not None:
+            taken.setdefault(_identity(Path(path)), what)
+    for what, path in outputs.items():
+        key = _identity(Path(path))
+        if key in taken:
+            raise PhivisionError(
+                f"{what} {path}: is {taken[key]}, which this command reads; pick another path"
+            )
+        taken[key] = f"also {what}"
