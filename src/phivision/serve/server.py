@@ -206,7 +206,9 @@ def failure(
 def error_body(
     path: str, status: int, message: str, code: str | None = None, param: str | None = None
 ) -> dict:
-    """The error shape of ``path``: OpenAI's on the OpenAI routes, FastAPI's ``{"detail"}`` elsewhere."""
+    """The error shape of ``path``: OpenAI's on the OpenAI routes, FastAPI's ``{"detail"}`` elsewhere. A message
+    echoing a client's text keeps its lone surrogates as ``\\ud800`` escapes, so the body always encodes."""
+    message = message.encode("utf-8", "backslashreplace").decode("utf-8")
     if path.startswith(OPENAI_PATHS):
         kind = "invalid_request_error" if status < 500 else "server_error"
         return {"error": {"message": message, "type": kind, "param": param, "code": code}}
