@@ -40,7 +40,7 @@ from phivision.data.layout import (
 from phivision.data.prices import PLACEHOLDERS, Price, decide_convention, plain, read_price
 from phivision.data.split import assign_splits, parse_ratios
 from phivision.errors import PhivisionError
-from phivision.io import atomic_write_json, atomic_write_parquet
+from phivision.io import atomic_write_json, atomic_write_parquet, read_text_bounded, warn
 from phivision.netguard import AddressPolicy
 
 TABLE_SUFFIXES = (".csv", ".tsv", ".parquet", ".pq", ".jsonl", ".ndjson", ".json")
@@ -127,12 +127,7 @@ def _read_csv(path: Path, sep: str) -> pd.DataFrame:
 
 
 def _read_jsonl(path: Path) -> pd.DataFrame:
-    try:
-        text = path.read_text(encoding="utf-8")
-    except UnicodeDecodeError as err:
-        raise PhivisionError(
-            f"{path}: not UTF-8 text (byte 0x{err.object[err.start]:02x} at offset {err.start})"
-        ) from None
+    text = read_text_bounded(path)  # a regular file of at most 1 GB, UTF-8 (else one line naming the byte)
     lines: list[int] | None = None
     if text.lstrip().startswith("["):  # a .json file holding one array of objects
         try:
@@ -143,11 +138,15 @@ def _read_jsonl(path: Path) -> pd.DataFrame:
             raise PhivisionError(f"{path}: expected one JSON array of objects")
     else:
         records, lines = [], []
-        for lineno, line in enumerate(text.splitlines(), start=1):
+        numbered = list(enumerate(text.splitlines(), start=1))
+        for lineno, line in numbered:
             if line.strip():
                 try:
                     records.append(json.loads(line))
                 except json.JSONDecodeError as err:
+                    if lineno == len(numbered) and not text.endswith("\n"):  # cut by a killed writer
+                        warn(f"{path} line {lineno}: cut short (no newline, not JSON); skipped")
+                        continue
                     raise PhivisionError(f"{path} line {lineno}: invalid JSON ({err.msg})") from None
                 lines.append(lineno)
     bad = next((i for i, r in enumerate(records) if not isinstance(r, dict)), None)
