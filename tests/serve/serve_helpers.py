@@ -87,6 +87,7 @@ class ServerThread:
     """uvicorn on 127.0.0.1:<free port> in a daemon thread, stopped cleanly at the end."""
 
     def __init__(self, app) -> None:
+        self.app = app
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.server = uvicorn.Server(

@@ -94,14 +94,54 @@ def image_pixels(data: bytes, max_pixels: int) -> int:
     return pixels
 
 
-def answer_jobs(loaded: Any, limits: ServeLimits, jobs: list[Job]) -> list[Any]:
-    """Decode the batch's images and answer them (on the model thread): one Completion or ImageError per job.
+class RequestFailed(Exception):
+    """Generation failed for this request alone: its own inputs, since the rest of its batch was answered, or
+    the model still answers a known-good request. It gets a 500; the server stays healthy."""
+
+    def __init__(self, err: Exception) -> None:
+        super().__init__(f"{type(err).__name__}: {err}")
+        self.cause = err
+
+
+class ModelCheck:
+    """Whether the model still answers: one greedy token for a small known-good photo, asked when a batch
+    failed as a whole, at most every ``every_s`` seconds (a flood of bad requests costs one check, not one
+    each). A failure then belongs to the requests, and ``/healthz`` stays ok; only a model that fails the check
+    turns it to 503."""
+
+    def __init__(self, every_s: float = 10.0) -> None:
+        self.every_s = every_s
+        self.checked_at = -float("inf")
+        self.ok = True
+
+    def model_answers(self, loaded: Any) -> bool:
+        now = time.monotonic()
+        if now - self.checked_at < self.every_s:
+            return self.ok
+        from phivision.evaluate.generate import generate_completions
+
+        photo = Image.new("RGB", (64, 48), (200, 40, 40))
+        try:
+            generate_completions(loaded.model, loaded.processor, [photo], loaded.prompt, 1, 1, progress=False)
+            self.ok = True
+        except Exception:  # noqa: BLE001  (whatever stops the model stops it for everyone)
+            self.ok = False
+        self.checked_at = time.monotonic()
+        return self.ok
+
+
+def answer_jobs(
+    loaded: Any, limits: ServeLimits, jobs: list[Job], check: ModelCheck | None = None
+) -> list[Any]:
+    """Decode the batch's images and answer them (on the model thread): one Completion or error per job.
 
     Decoding happens here, one batch at a time, so decoded pixels exist only for the batch being answered.
-    Jobs with different generation settings are answered by one generate call per setting.
+    Jobs with different generation settings are answered by one generate call per setting. A call that fails
+    is retried one request at a time, so a request whose own inputs fail generation gets its own
+    :class:`RequestFailed` and the others are answered. Only when nothing in the batch could be answered and
+    the model fails ``check`` too does this raise (the batch failed; ``/healthz`` reports it).
     """
     from phivision.evaluate.constrain import AnswerConstraint
-    from phivision.evaluate.generate import generate_completions
 
     constraint = AnswerConstraint.for_model(loaded) if limits.constrain else None
     results: list[Any] = [None] * len(jobs)
@@ -115,28 +155,80 @@ def answer_jobs(loaded: Any, limits: ServeLimits, jobs: list[Job]) -> list[Any]:
     for i in images:
         groups.setdefault(jobs[i].generation, []).append(i)
     for generation, members in groups.items():
-        streams = {k: jobs[i].on_token for k, i in enumerate(members) if jobs[i].on_token is not None}
-
-        def on_token(k: int, token: int, streams: dict = streams) -> None:
-            if k in streams:
-                streams[k](token)
-
-        completions = generate_completions(
-            loaded.model,
-            loaded.processor,
-            [images.pop(i) for i in members],
-            prompt=PromptFormat(generation.question, loaded.prompt.answer_template),
-            batch_size=len(members),
-            max_new_tokens=generation.max_new_tokens,
-            progress=False,
-            temperature=generation.temperature,
-            top_p=generation.top_p,
-            on_token=on_token if streams else None,
-            constraint=constraint,
-            exact_length=True,
+        answers = _answer_group(
+            loaded, constraint, generation, [jobs[i] for i in members], [images.pop(i) for i in members]
         )
-        for i, completion in zip(members, completions, strict=True):
-            results[i] = completion
+        for i, result in zip(members, answers, strict=True):
+            results[i] = result
+    failed = [r for r in results if isinstance(r, RequestFailed)]
+    answered = any(not isinstance(r, Exception) for r in results)
+    if failed and not answered and check is not None and not check.model_answers(loaded):
+        raise failed[0].cause
+    return results
+
+
+def _generate(
+    loaded: Any, constraint: Any, generation: Generation, jobs: list[Job], images: list
+) -> list[Any]:
+    from phivision.evaluate.generate import generate_completions
+
+    streams = {k: job.on_token for k, job in enumerate(jobs) if job.on_token is not None}
+
+    def on_token(k: int, token: int) -> None:
+        if k in streams:
+            streams[k](token)
+
+    return generate_completions(
+        loaded.model,
+        loaded.processor,
+        images,
+        prompt=PromptFormat(generation.question, loaded.prompt.answer_template),
+        batch_size=len(images),
+        max_new_tokens=generation.max_new_tokens,
+        progress=False,
+        temperature=generation.temperature,
+        top_p=generation.top_p,
+        on_token=on_token if streams else None,
+        constraint=constraint,
+        exact_length=True,
+    )
+
+
+def _answer_group(
+    loaded: Any, constraint: Any, generation: Generation, jobs: list[Job], images: list
+) -> list[Any]:
+    """Answer jobs with one setting; on failure, each alone (a job that already streamed tokens is not
+    retried: its client has part of an answer). One Completion or RequestFailed per job."""
+    streamed: set[int] = set()
+
+    def watched(k: int, stream: Callable[[int], None]) -> Callable[[int], None]:
+        def on_token(token: int) -> None:
+            streamed.add(k)
+            stream(token)
+
+        return on_token
+
+    jobs_watched = [
+        Job(job.data, job.generation, watched(k, job.on_token)) if job.on_token is not None else job
+        for k, job in enumerate(jobs)
+    ]
+    try:
+        return _generate(loaded, constraint, generation, jobs_watched, images)
+    except Exception as err:  # noqa: BLE001  (whatever it is, it is retried or reported per request)
+        if len(jobs) == 1:
+            log.warning("generation failed for one request: %s: %s", type(err).__name__, err)
+            return [RequestFailed(err)]
+        first = err
+    results: list[Any] = []
+    for k, (job, image) in enumerate(zip(jobs, images, strict=True)):
+        if k in streamed:
+            results.append(RequestFailed(first))
+            continue
+        try:
+            results.append(_generate(loaded, constraint, generation, [job], [image])[0])
+        except Exception as err:  # noqa: BLE001
+            log.warning("generation failed for one request of a batch: %s: %s", type(err).__name__, err)
+            results.append(RequestFailed(err))
     return results
 
 
@@ -196,6 +288,10 @@ def failure(
         return ServeError(503, f"the model worker is not running: {err}", "worker_stopped")
     if isinstance(err, asyncio.TimeoutError):
         return ServeError(504, "no answer within the request timeout", "timeout")
+    if isinstance(err, RequestFailed):  # this request's own failure, logged where it happened
+        return ServeError(
+            500, f"generation failed for this request: {type(err.cause).__name__}", "generation_failed"
+        )
     log.error("answering failed: %s: %s", type(err).__name__, err)
     return ServeError(500, f"generation failed: {type(err).__name__}", "generation_failed")
 
@@ -392,8 +488,9 @@ def create_app(
     from phivision.serve import openai_api
 
     limits = (limits or ServeLimits()).validate()
+    check = ModelCheck()
     batcher = MicroBatcher(
-        lambda jobs: answer_jobs(loaded, limits, jobs),
+        lambda jobs: answer_jobs(loaded, limits, jobs, check),
         max_batch_size=limits.max_batch_size,
         max_wait_s=limits.max_wait_ms / 1000,
         max_queue=limits.max_queue,
@@ -419,6 +516,7 @@ def create_app(
         docs_url=None,  # FastAPI's pages load their scripts from a CDN; /docs below is self-contained
         redoc_url=None,
     )
+    app.state.serving = serving  # for an embedding program (and tests) to reach the batcher and limits
     too_large = f"request body too large: images up to {limits.max_upload_mb:g} MB are accepted"
     body_limits = {
         "/v1/predict": (limits.max_upload_bytes + MULTIPART_OVERHEAD, too_large),
