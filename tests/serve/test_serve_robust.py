@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import asyncio
 import json
+import socket
+import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -108,3 +110,192 @@ def test_bad_requests_through_the_api_fail_alone_in_steady_traffic(server: Serve
         codes = [r.status_code for r in pool.map(lambda change: chat(server.url, **change), calls)]
     assert codes == [200] * 6 + [400, 200]
     assert health(server.url)["code"] == 200
+
+
+# ------------------------------------------------------------------------------ case 3: slow and many clients
+
+
+class GuardedServer(ServerThread):
+    """The app under the uvicorn configuration `phivision serve` uses (serve.guard.server_config)."""
+
+    def __init__(self, app, **bounds) -> None:
+        import threading
+
+        import uvicorn
+
+        from phivision.serve.guard import server_config
+
+        super().__init__(app)
+        options = {"max_connections": 1000, "header_timeout": 10.0, "keep_alive_timeout": 5.0} | bounds
+        self.server = uvicorn.Server(
+            server_config(app, "127.0.0.1", self.port, log_level="warning", **options)
+        )
+        self.thread = threading.Thread(target=self.server.run, daemon=True)
+
+
+def _closed_by_server(sock: socket.socket, within: float) -> bytes | None:
+    """What the server sent before closing ``sock`` (None if it kept it open for ``within`` seconds)."""
+    sock.settimeout(within)
+    received = b""
+    try:
+        while chunk := sock.recv(4096):
+            received += chunk
+    except TimeoutError:
+        return None
+    except OSError:
+        pass
+    return received
+
+
+def test_headers_that_trickle_are_cut_off_and_health_still_answers(loaded: LoadedModel) -> None:
+    with GuardedServer(create_app(loaded, LIMITS, model_name="tiny"), header_timeout=1.0) as server:
+        tricklers = []
+        for _ in range(30):
+            sock = socket.create_connection(("127.0.0.1", server.port))
+            sock.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nX-Slow: ")
+            tricklers.append(sock)
+        idle = socket.create_connection(("127.0.0.1", server.port))  # connects and sends nothing
+        assert health(server.url)["code"] == 200  # answered while 31 connections hold no complete request
+        for sock in tricklers[:5]:
+            sock.sendall(b"a")  # still trickling: bytes keep coming, the headers never end
+        replies = [_closed_by_server(sock, within=30) for sock in tricklers]
+        assert all(r is not None and r.startswith(b"HTTP/1.1 408") for r in replies), replies[:3]
+        assert _closed_by_server(idle, within=30) == b""  # nothing sent: closed without a reply
+        for sock in [*tricklers, idle]:
+            sock.close()
+
+
+def test_a_slow_body_is_not_cut_by_the_header_deadline(loaded: LoadedModel) -> None:
+    """The header deadline ends when the headers are in; the body has --body-timeout (60 s here)."""
+    with GuardedServer(create_app(loaded, LIMITS, model_name="tiny"), header_timeout=0.5) as server:
+        body = json.dumps(
+            {
+                "model": "tiny",
+                "max_tokens": 4,
+                "messages": [
+                    {
+                        "role": "user",
+                        "content": [{"type": "image_url", "image_url": {"url": data_url(png_bytes())}}],
+                    }
+                ],
+            }
+        ).encode()
+        sock = socket.create_connection(("127.0.0.1", server.port))
+        sock.sendall(
+            b"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+            + f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n".encode()
+        )
+        for k in range(4):  # the body in four parts, 0.5 s apart: past the header deadline several times
+            sock.sendall(body[k * len(body) // 4 : (k + 1) * len(body) // 4])
+            time.sleep(0.5)
+        reply = _closed_by_server(sock, within=120)
+        sock.close()
+    assert reply is not None and reply.startswith(b"HTTP/1.1 200"), reply[:200] if reply else reply
+
+
+def test_connections_over_the_cap_get_503_at_once_and_are_closed(loaded: LoadedModel) -> None:
+    with GuardedServer(
+        create_app(loaded, LIMITS, model_name="tiny"), max_connections=8, header_timeout=60.0
+    ) as server:
+        held = [socket.create_connection(("127.0.0.1", server.port)) for _ in range(8)]
+        time.sleep(0.2)  # let the server register them
+        extra = socket.create_connection(("127.0.0.1", server.port))
+        reply = _closed_by_server(extra, within=30)
+        assert reply is not None and reply.startswith(b"HTTP/1.1 503"), reply
+        for sock in held:
+            sock.close()
+        time.sleep(0.2)
+        assert health(server.url)["code"] == 200  # room again
+
+
+def test_a_flood_of_bad_requests_writes_a_bounded_log(loaded: LoadedModel) -> None:
+    """400 malformed requests in a burst: uvicorn would log a warning for each; the log budget lets through at
+    most its burst plus its rate, and says how many lines it left out."""
+    import logging
+
+    from phivision.serve.guard import LogBudget
+
+    seen: list[str] = []
+
+    class Keep(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            seen.append(record.getMessage())
+
+    handler = Keep()
+    logging.getLogger("uvicorn.error").addHandler(handler)
+    try:
+        with GuardedServer(create_app(loaded, LIMITS, model_name="tiny")) as server:
+            start = time.monotonic()
+            for _ in range(400):
+                with socket.create_connection(("127.0.0.1", server.port)) as sock:
+                    sock.sendall(b"NOT HTTP AT ALL\r\n\r\n")
+                    _closed_by_server(sock, within=10)
+            elapsed = time.monotonic() - start
+            budget = next(f for f in logging.getLogger("uvicorn.error").filters if isinstance(f, LogBudget))
+    finally:
+        logging.getLogger("uvicorn.error").removeHandler(handler)
+    invalid = [m for m in seen if "Invalid HTTP request" in m]
+    assert len(invalid) <= budget.burst + budget.per_second * elapsed + 1, len(invalid)
+    assert len(invalid) < 400  # some were left out...
+    assert any("left out" in m for m in seen) or budget.dropped  # ...and the log says so (or will, next line)
+
+
+# ------------------------------------------------------------------- case 11: stalled remote images
+
+
+def test_stalled_remote_images_do_not_delay_a_data_url_request(loaded: LoadedModel) -> None:
+    """45 chats whose image URL points at a host that accepts and never answers, then one with a data: URL:
+    the data: request is answered while every stalled one is still waiting (fetches hold no thread; at most
+    MAX_REMOTE_FETCHES run, the rest wait for a slot and end with the fetch timeout, never hang)."""
+    import threading
+
+    from phivision.netguard import AddressPolicy
+
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(128)
+    held: list[socket.socket] = []
+    stop = threading.Event()
+
+    def accept() -> None:  # accepts every connection and never answers
+        listener.settimeout(0.2)
+        while not stop.is_set():
+            try:
+                held.append(listener.accept()[0])
+            except OSError:
+                continue
+
+    acceptor = threading.Thread(target=accept, daemon=True)
+    acceptor.start()
+    hang = f"http://127.0.0.1:{listener.getsockname()[1]}/photo.png"
+    limits = ServeLimits(max_new_tokens=4, constrain=False, remote_image_timeout=8.0)
+    app = create_app(loaded, limits, model_name="tiny", remote_images=AddressPolicy(allow_private=False))
+    finished: list[tuple[str, int]] = []
+    try:
+        with ServerThread(app) as server:
+
+            def remote(k: int) -> None:
+                content = [{"type": "image_url", "image_url": {"url": f"{hang}?{k}"}}]
+                body = {"model": "tiny", "messages": [{"role": "user", "content": content}]}
+                code = httpx.post(f"{server.url}/v1/chat/completions", json=body, timeout=120).status_code
+                finished.append(("remote", code))
+
+            threads = [threading.Thread(target=remote, args=(k,)) for k in range(45)]
+            for thread in threads:
+                thread.start()
+            while len(held) < 16:  # every fetch slot is stalled on the silent host
+                time.sleep(0.05)
+            finished.append(("data", chat(server.url).status_code))
+            fetching = len(held)  # connections the server opened to the silent host so far
+            for thread in threads:
+                thread.join()
+    finally:
+        stop.set()
+        acceptor.join()
+        for sock in held:
+            sock.close()
+        listener.close()
+    assert finished[0] == ("data", 200)  # answered before any stalled request came back
+    codes = sorted(code for kind, code in finished if kind == "remote")
+    assert set(codes) <= {400, 503} and len(codes) == 45  # each one ended: timeout (400) or no slot (503)
+    assert fetching == 16  # while the slots were stalled, no more fetches were started

@@ -158,3 +158,30 @@ def limit_logs(per_second: float = 5.0, burst: int = 50) -> LogBudget:
             logger.removeFilter(old)
         logger.addFilter(budget)
     return budget
+
+
+def server_config(
+    app: Any,
+    host: str,
+    port: int,
+    max_connections: int,
+    header_timeout: float,
+    keep_alive_timeout: float,
+    log_level: str = "info",
+) -> Any:
+    """The uvicorn configuration ``phivision serve`` runs with: h11 with the connection cap and the header
+    deadline, kept-alive connections closed after ``keep_alive_timeout``, no WebSocket upgrades, logs within
+    their budget."""
+    import uvicorn
+
+    config = uvicorn.Config(
+        app,
+        host=host,
+        port=port,
+        log_level=log_level,
+        http=guarded_protocol(connection_cap(max_connections), header_timeout),
+        ws="none",
+        timeout_keep_alive=keep_alive_timeout,  # type: ignore[arg-type]  (uvicorn schedules it as a float)
+    )
+    limit_logs()  # after uvicorn.Config, which configures its loggers
+    return config

@@ -308,9 +308,21 @@ async def read_image(url: str, param: str, serving: Serving) -> bytes:
     from phivision.serve.fetch import FetchError, FetchTooLarge, fetch_image
 
     limits = serving.limits
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + limits.remote_image_timeout
+    try:
+        await asyncio.wait_for(serving.remote_fetches.acquire(), limits.remote_image_timeout)
+    except asyncio.TimeoutError:
+        raise ServeError(
+            503,
+            "too many remote images are being fetched; try again shortly",
+            "remote_fetches_busy",
+            param,
+            **{"Retry-After": "1"},
+        ) from None
     try:
         return await fetch_image(
-            url, serving.remote_images, limit, limits.remote_image_timeout, limits.max_redirects
+            url, serving.remote_images, limit, max(0.001, deadline - loop.time()), limits.max_redirects
         )
     except BlockedAddress as err:
         raise invalid(
@@ -321,6 +333,8 @@ async def read_image(url: str, param: str, serving: Serving) -> bytes:
     except FetchError as err:
         code = "invalid_image_url" if err.reason in ("bad_url", "bad_redirect") else "image_url_unreachable"
         raise invalid(f"{param}: could not fetch the image: {err} ({err.reason})", param, code) from None
+    finally:
+        serving.remote_fetches.release()
 
 
 # ------------------------------------------------------------------------------------------ answering

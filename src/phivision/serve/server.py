@@ -23,7 +23,7 @@ import time
 import warnings
 from collections.abc import Callable
 from contextlib import asynccontextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from importlib import resources
 from typing import Any
 
@@ -52,6 +52,9 @@ JSON_OVERHEAD = 64 * 1024
 # Any other route: GET requests and small JSON bodies only.
 SMALL_BODY = 64 * 1024
 OPENAI_PATHS = ("/v1/chat/completions", "/v1/models")
+# Remote image_urls fetched at once (--allow-remote-images); a request over it waits for a slot, up to the fetch
+# timeout, then gets 503. Fetches hold no thread, so stalled image hosts never delay data: requests.
+MAX_REMOTE_FETCHES = 16
 
 
 # ------------------------------------------------------------------------------------------ answering
@@ -254,6 +257,7 @@ class Serving:
     model_name: str
     remote_images: AddressPolicy | None = None
     created: int = 0  # when the server started (the model's `created` in /v1/models)
+    remote_fetches: asyncio.Semaphore = field(default_factory=lambda: asyncio.Semaphore(MAX_REMOTE_FETCHES))
 
     @property
     def question(self) -> str:
