@@ -55,6 +55,11 @@ OPENAI_PATHS = ("/v1/chat/completions", "/v1/models")
 # Remote image_urls fetched at once (--allow-remote-images); a request over it waits for a slot, up to the fetch
 # timeout, then gets 503. Fetches hold no thread, so stalled image hosts never delay data: requests.
 MAX_REMOTE_FETCHES = 16
+# Connections held at once (one more gets 503 and is closed), seconds for a request's headers (then 408), seconds
+# a kept-alive connection may idle: see phivision.serve.guard.
+MAX_CONNECTIONS = 1000
+HEADER_TIMEOUT = 15.0
+KEEP_ALIVE_TIMEOUT = 5.0
 
 
 # ------------------------------------------------------------------------------------------ answering
@@ -634,7 +639,17 @@ def serve(
         hosts=allowed_hosts(host, allowed_host or ()),
         remote_images=remote_images,
     )
-    uvicorn.run(app, host=host, port=port, log_level="info")
+    from phivision.serve.guard import server_config
+
+    config = server_config(
+        app,
+        host,
+        port,
+        max_connections=MAX_CONNECTIONS,
+        header_timeout=HEADER_TIMEOUT,
+        keep_alive_timeout=KEEP_ALIVE_TIMEOUT,
+    )
+    uvicorn.Server(config).run()
 
 
 def check_device(device: str | None, resolve: Callable) -> None:
