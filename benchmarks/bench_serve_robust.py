@@ -397,13 +397,18 @@ def scenario_stalls(server: Server, quick: bool) -> dict:
         threads = [threading.Thread(target=fetch, args=(i,)) for i in range(stalled)]
         for thread in threads:
             thread.start()
-        during = {}
-        for label, delay in (("0.5 s", 0.5), ("3 s", 2.5)):  # seconds after the stalled requests were sent
+        during: dict[str, str] = {}
+
+        def probe(label: str, delay: float) -> None:  # a data: request sent `delay` s into the stalls
             time.sleep(delay)
             start = time.monotonic()
             code = httpx.post(url, json=chat_body(png_data_url(7)), timeout=120).status_code
             during[label] = f"{code} in {time.monotonic() - start:.2f} s"
-        for thread in threads:
+
+        probes = [threading.Thread(target=probe, args=a) for a in (("0.5 s", 0.5), ("3 s", 3.0))]
+        for thread in probes:
+            thread.start()
+        for thread in threads + probes:
             thread.join()
     baseline_start = time.monotonic()
     httpx.post(url, json=chat_body(png_data_url(8)), timeout=120)

@@ -197,15 +197,22 @@ def test_connections_over_the_cap_get_503_at_once_and_are_closed(loaded: LoadedM
     with GuardedServer(
         create_app(loaded, LIMITS, model_name="tiny"), max_connections=8, header_timeout=60.0
     ) as server:
+        from phivision.serve.guard import HEALTH_SLOTS
+
         held = [socket.create_connection(("127.0.0.1", server.port)) for _ in range(8)]
         time.sleep(0.2)  # let the server register them
-        extra = socket.create_connection(("127.0.0.1", server.port))
+        assert health(server.url)["code"] == 200  # at the cap, a health probe is still answered
+        assert chat(server.url).status_code == 503  # ...and nothing else
+        probes = [socket.create_connection(("127.0.0.1", server.port)) for _ in range(HEALTH_SLOTS)]
+        time.sleep(0.2)
+        extra = socket.create_connection(("127.0.0.1", server.port))  # past the cap and the probe slots
         reply = _closed_by_server(extra, within=30)
         assert reply is not None and reply.startswith(b"HTTP/1.1 503"), reply
+        assert all(_closed_by_server(sock, within=30) == b"" for sock in probes)  # silent probes: closed soon
         for sock in held:
             sock.close()
         time.sleep(0.2)
-        assert health(server.url)["code"] == 200  # room again
+        assert chat(server.url).status_code == 200  # room again
 
 
 def test_a_flood_of_bad_requests_writes_a_bounded_log(loaded: LoadedModel) -> None:

@@ -4,7 +4,8 @@ uvicorn alone waits for a request's headers for ever and accepts connections unt
 descriptors, and it logs every bad request. Here:
 
 * **Connections** are capped (``max_connections``): one more is answered ``503`` and closed at once, before a
-  byte of it is read, so file descriptors and memory stay bounded whatever a client opens.
+  byte of it is read, so file descriptors and memory stay bounded whatever a client opens. A few slots beyond
+  the cap serve ``/healthz`` only, so health checks are answered during a flood.
 * **Request headers** must be complete within ``header_timeout`` seconds of the connection (or of the end of
   the previous response on a kept-alive connection): a client that trickles its headers, or opens a connection
   and sends nothing, is answered ``408`` (or, if it sent nothing, just closed). The request body has its own
@@ -36,6 +37,9 @@ HEADER_TIMEOUT = (
     b"HTTP/1.1 408 Request Timeout\r\ncontent-type: text/plain; charset=utf-8\r\nconnection: close\r\n"
     b"content-length: 39\r\n\r\nrequest headers not received in time.\n"
 )
+# Connections beyond the cap kept for /healthz alone, and the seconds they get to send their request.
+HEALTH_SLOTS = 32
+PROBE_HEADER_TIMEOUT = 2.0
 LOGGERS = ("uvicorn.error", "uvicorn.access", "uvicorn", "asyncio", "phivision.serve")
 
 
@@ -47,23 +51,35 @@ class GuardStats:
 
 
 def guarded_protocol(max_connections: int, header_timeout: float) -> type[H11Protocol]:
-    """uvicorn's h11 protocol with a connection cap and a deadline for request headers (see the module)."""
+    """uvicorn's h11 protocol with a connection cap and a deadline for request headers (see the module).
+
+    At the cap, :data:`HEALTH_SLOTS` more connections are taken as health probes: they are answered only on
+    ``/healthz`` (anything else gets 503) and must send their request within :data:`PROBE_HEADER_TIMEOUT`, so a
+    load balancer still learns whether the model answers while a flood holds every ordinary slot."""
+    probes = 0
 
     class GuardedProtocol(H11Protocol):
         def connection_made(self, transport: Any) -> None:  # type: ignore[override]
-            self._refused = len(self.connections) >= max_connections
+            nonlocal probes
             self._header_timer = None
+            self._probe = len(self.connections) >= max_connections
+            self._refused = self._probe and probes >= HEALTH_SLOTS
             if self._refused:
                 GuardStats.refused += 1
                 transport.write(REFUSED)
                 transport.close()
                 return
             super().connection_made(transport)
+            if self._probe:
+                probes += 1
+                self.app = _health_only(self.app)
             self._arm()
 
         def connection_lost(self, exc: Exception | None) -> None:
+            nonlocal probes
             if self._refused:
                 return
+            probes -= self._probe
             self._disarm()
             super().connection_lost(exc)
 
@@ -85,7 +101,8 @@ def guarded_protocol(max_connections: int, header_timeout: float) -> type[H11Pro
         def _arm(self) -> None:
             self._disarm()
             self._armed_cycle, self._got_bytes = self.cycle, False
-            self._header_timer = self.loop.call_later(header_timeout, self._headers_late)
+            seconds = min(header_timeout, PROBE_HEADER_TIMEOUT) if self._probe else header_timeout
+            self._header_timer = self.loop.call_later(seconds, self._headers_late)
 
         def _disarm(self) -> None:
             if self._header_timer is not None:
@@ -102,6 +119,26 @@ def guarded_protocol(max_connections: int, header_timeout: float) -> type[H11Pro
             self.transport.close()
 
     return GuardedProtocol
+
+
+def _health_only(app: Any) -> Any:
+    """An ASGI app that passes ``/healthz`` to ``app`` and answers anything else 503 (a connection over the cap)."""
+
+    async def health_only(scope: dict, receive: Any, send: Any) -> None:
+        if scope.get("type") != "http" or scope.get("path") == "/healthz":
+            await app(scope, receive, send)
+            return
+        body = b"too many connections; try again shortly\n"
+        headers = [
+            (b"content-type", b"text/plain; charset=utf-8"),
+            (b"content-length", str(len(body)).encode()),
+            (b"retry-after", b"1"),
+            (b"connection", b"close"),
+        ]
+        await send({"type": "http.response.start", "status": 503, "headers": headers})
+        await send({"type": "http.response.body", "body": body})
+
+    return health_only
 
 
 def open_file_limit() -> int:
