@@ -16,7 +16,8 @@ import pytest
 from serve_helpers import ServerThread, data_url, png_bytes
 
 from phivision.runs import LoadedModel, load_model
-from phivision.serve.server import Generation, RequestFailed, ServeLimits, create_app
+from phivision.serve.core import Generation, RequestFailed
+from phivision.serve.server import ServeLimits, create_app
 
 LIMITS = ServeLimits(max_batch_size=8, max_wait_ms=300, max_new_tokens=4, constrain=False)
 

@@ -22,14 +22,14 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from phivision.data import defaults
+from phivision.args import MAX_BYTES, MAX_PIXELS
 from phivision.errors import PhivisionError
 from phivision.io import ReadError, read_bytes_bounded
 
 # 40 megapixels: far above any product photo (and the 336 px crops the model sees), far below a decompression
 # bomb that would exhaust memory.
-DEFAULT_MAX_PIXELS = defaults.MAX_PIXELS
-DEFAULT_MAX_BYTES = defaults.MAX_BYTES
+DEFAULT_MAX_PIXELS = MAX_PIXELS
+DEFAULT_MAX_BYTES = MAX_BYTES
 # The formats product photos come in (a JPEG holding several pictures opens as MPO, through the JPEG decoder).
 ALLOWED_FORMATS = ("JPEG", "PNG", "WEBP", "AVIF", "GIF", "TIFF", "BMP")
 EXIF_ORIENTATION = 0x0112

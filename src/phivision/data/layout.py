@@ -1,4 +1,5 @@
-"""The dataset layout every part reads: ``DIR/catalog.parquet``, ``DIR/images/``, ``DIR/prepare_report.json``.
+"""The two directory layouts every part reads and writes: a dataset (``DIR/catalog.parquet``, ``DIR/images/``,
+``DIR/prepare_report.json``) and a training run (:class:`RunLayout`).
 
 Row numbers in messages count as a spreadsheet shows the table: the header is row 1, the first product row 2.
 """
@@ -9,10 +10,12 @@ import json
 import os
 import shutil
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path, PurePosixPath, PureWindowsPath
 
 import pandas as pd
 
+from phivision.args import SPLITS
 from phivision.data.prices import plain
 from phivision.errors import PhivisionError
 from phivision.io import ReadError, atomic_write_text, check_regular_file, warn
@@ -20,7 +23,6 @@ from phivision.io import ReadError, atomic_write_text, check_regular_file, warn
 CATALOG_FILE = "catalog.parquet"
 IMAGES_DIR = "images"
 REPORT_FILE = "prepare_report.json"
-SPLITS = ("train", "val", "test")
 REQUIRED_COLUMNS = ("product_code", "title", "category", "full_price", "currency", "image_path", "split")
 TEXT_COLUMNS = ("product_code", "title", "category", "currency", "image_path", "split")
 INSPECT_FILES = ("inspect.html", "inspect.json")  # written by `phivision inspect` beside the catalog
@@ -28,6 +30,92 @@ MAX_CATALOG_BYTES = 4 << 30
 REPLACEMENT_DIR = ".replacement"  # inside --out: the dataset that --overwrite builds beside the old one
 SWAP_MARKER = ".complete"  # in REPLACEMENT_DIR: the new dataset is whole and being swapped in
 OLD_IMAGES_DIR = "old-images"  # in REPLACEMENT_DIR: the replaced images, until the swap is done  # a catalog of millions of products is a few hundred MB
+
+
+@dataclass(frozen=True)
+class RunLayout:
+    """Every file of a training RUN directory, named once: ``train`` writes them; ``evaluate``, ``report``,
+    ``predict``, ``serve``, ``export`` and the demo read them::
+
+        RUN/config.yaml              the resolved training config (what `train --print-config` prints)
+        RUN/labels.json              the train split's categories and the catalog's currency (constrained answers)
+        RUN/adapter/  or  RUN/model/ the LoRA/QLoRA adapter (PEFT files), or the full fine-tune's weights
+        RUN/processor/               the processor the run trained with
+        RUN/trainer_state.json       steps, the best metric and its step, every evaluation
+        RUN/metrics.jsonl            one line per logged training step and per evaluation
+        RUN/checkpoints/step-N/      resumable checkpoints (each with its own trainer_state.json)
+        RUN/eval/<stage>/            one evaluation (before, after, ...): metrics.json + predictions.jsonl
+        RUN/report.html              `phivision report --run RUN`
+    """
+
+    root: Path
+
+    CONFIG = "config.yaml"
+    LABELS = "labels.json"
+    ADAPTER = "adapter"
+    MODEL = "model"
+    PROCESSOR = "processor"
+    TRAINER_STATE = "trainer_state.json"
+    METRICS_LOG = "metrics.jsonl"
+    CHECKPOINTS = "checkpoints"
+    EVAL = "eval"
+    EVAL_METRICS = "metrics.json"
+    EVAL_PREDICTIONS = "predictions.jsonl"
+    REPORT = "report.html"
+
+    def __init__(self, root: str | os.PathLike) -> None:
+        object.__setattr__(self, "root", Path(root))
+
+    @property
+    def config(self) -> Path:
+        return self.root / self.CONFIG
+
+    @property
+    def labels(self) -> Path:
+        return self.root / self.LABELS
+
+    @property
+    def adapter(self) -> Path:
+        return self.root / self.ADAPTER
+
+    @property
+    def model(self) -> Path:
+        return self.root / self.MODEL
+
+    @property
+    def processor(self) -> Path:
+        return self.root / self.PROCESSOR
+
+    @property
+    def trainer_state(self) -> Path:
+        return self.root / self.TRAINER_STATE
+
+    @property
+    def metrics_log(self) -> Path:
+        return self.root / self.METRICS_LOG
+
+    @property
+    def checkpoints(self) -> Path:
+        return self.root / self.CHECKPOINTS
+
+    @property
+    def evals(self) -> Path:
+        return self.root / self.EVAL
+
+    @property
+    def report(self) -> Path:
+        return self.root / self.REPORT
+
+    def checkpoint(self, step: int) -> Path:
+        return self.checkpoints / f"step-{step}"
+
+    def eval_dir(self, stage: str) -> Path:
+        """Where one evaluation lives: ``RUN/eval/<stage>/`` (stages: ``before``, ``after``)."""
+        return self.evals / stage
+
+    def is_run(self) -> bool:
+        """A finished (or checkpointed) training run: its config and its weights, adapter or full model."""
+        return self.config.is_file() and (self.adapter.is_dir() or self.model.is_dir())
 
 
 def sheet_row(index: int) -> int:

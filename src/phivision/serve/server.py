@@ -16,32 +16,38 @@ from __future__ import annotations
 
 import asyncio
 import html
-import io
 import json
 import logging
 import time
-import warnings
 from collections.abc import Callable
 from contextlib import asynccontextmanager
-from dataclasses import dataclass, field
 from importlib import resources
 from typing import Any
 
+import uvicorn
 from fastapi import FastAPI, File, HTTPException, Request, UploadFile
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse
-from PIL import Image
 from pydantic import BaseModel
-from starlette.concurrency import run_in_threadpool
 
-from phivision.data.images import ImageError, load_image
+from phivision.args import ServeArgs, ServeLimits
 from phivision.netguard import AddressPolicy
-from phivision.prompt import PromptFormat
-from phivision.serve.batcher import MicroBatcher, QueueFull, WorkerStopped
-from phivision.serve.limits import ServeLimits, allowed_hosts, check_bind
-from phivision.serve.predict import prediction_record
+from phivision.runs import load_model, resolve_device
+from phivision.serve import openai_api
+from phivision.serve.core import (
+    Generation,
+    MicroBatcher,
+    ModelCheck,
+    ServeError,
+    Serving,
+    answer_jobs,
+    failure,
+    prediction_record,
+)
+from phivision.serve.guard import server_config
+from phivision.serve.limits import allowed_hosts, check_bind
 
-__all__ = ["MicroBatcher", "QueueFull", "ServeLimits", "create_app", "serve"]
+__all__ = ["ServeLimits", "create_app", "serve"]
 
 log = logging.getLogger("phivision.serve")
 
@@ -52,257 +58,11 @@ JSON_OVERHEAD = 64 * 1024
 # Any other route: GET requests and small JSON bodies only.
 SMALL_BODY = 64 * 1024
 OPENAI_PATHS = ("/v1/chat/completions", "/v1/models")
-# Remote image_urls fetched at once (--allow-remote-images); a request over it waits for a slot, up to the fetch
-# timeout, then gets 503. Fetches hold no thread, so stalled image hosts never delay data: requests.
-MAX_REMOTE_FETCHES = 16
 # Connections held at once (one more gets 503 and is closed), seconds for a request's headers (then 408), seconds
 # a kept-alive connection may idle: see phivision.serve.guard.
 MAX_CONNECTIONS = 1000
 HEADER_TIMEOUT = 15.0
 KEEP_ALIVE_TIMEOUT = 5.0
-
-
-# ------------------------------------------------------------------------------------------ answering
-
-
-@dataclass(frozen=True)
-class Generation:
-    """How to answer: requests with equal settings share one batched generate call."""
-
-    question: str
-    max_new_tokens: int
-    temperature: float = 0.0
-    top_p: float = 1.0
-
-
-@dataclass
-class Job:
-    """One queued request: the image's bytes (decoded on the model thread), how to answer, and an optional
-    ``on_token(token_id)`` called on the model thread as tokens are generated (streaming)."""
-
-    data: bytes
-    generation: Generation
-    on_token: Callable[[int], None] | None = None
-
-
-def image_pixels(data: bytes, max_pixels: int) -> int:
-    """The image's pixel count from its header, without decoding it. Raises :class:`ImageError` for an image
-    over ``max_pixels`` or a file without a readable header (the reason comes from the one image loader)."""
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            with Image.open(io.BytesIO(data)) as image:
-                pixels = image.width * image.height
-    except Exception:
-        # Let the one image loader say why (not_an_image, empty, truncated, too_many_pixels...); it fails too.
-        load_image(data, max_pixels)
-        raise ImageError("corrupt", "no readable image header") from None
-    if pixels > max_pixels:
-        raise ImageError("too_many_pixels", f"{pixels:,} pixels")
-    return pixels
-
-
-class RequestFailed(Exception):
-    """Generation failed for this request alone: its own inputs, since the rest of its batch was answered, or
-    the model still answers a known-good request. It gets a 500; the server stays healthy."""
-
-    def __init__(self, err: Exception) -> None:
-        super().__init__(f"{type(err).__name__}: {err}")
-        self.cause = err
-
-
-class ModelCheck:
-    """Whether the model still answers: one greedy token for a small known-good photo, asked when a batch
-    failed as a whole, at most every ``every_s`` seconds (a flood of bad requests costs one check, not one
-    each). A failure then belongs to the requests, and ``/healthz`` stays ok; only a model that fails the check
-    turns it to 503."""
-
-    def __init__(self, every_s: float = 10.0) -> None:
-        self.every_s = every_s
-        self.checked_at = -float("inf")
-        self.ok = True
-
-    def model_answers(self, loaded: Any) -> bool:
-        now = time.monotonic()
-        if now - self.checked_at < self.every_s:
-            return self.ok
-        from phivision.evaluate.generate import generate_completions
-
-        photo = Image.new("RGB", (64, 48), (200, 40, 40))
-        try:
-            generate_completions(loaded.model, loaded.processor, [photo], loaded.prompt, 1, 1, progress=False)
-            self.ok = True
-        except Exception:  # noqa: BLE001  (whatever stops the model stops it for everyone)
-            self.ok = False
-        self.checked_at = time.monotonic()
-        return self.ok
-
-
-def answer_jobs(
-    loaded: Any, limits: ServeLimits, jobs: list[Job], check: ModelCheck | None = None
-) -> list[Any]:
-    """Decode the batch's images and answer them (on the model thread): one Completion or error per job.
-
-    Decoding happens here, one batch at a time, so decoded pixels exist only for the batch being answered.
-    Jobs with different generation settings are answered by one generate call per setting. A call that fails
-    is retried one request at a time, so a request whose own inputs fail generation gets its own
-    :class:`RequestFailed` and the others are answered. Only when nothing in the batch could be answered and
-    the model fails ``check`` too does this raise (the batch failed; ``/healthz`` reports it).
-    """
-    from phivision.evaluate.constrain import AnswerConstraint
-
-    constraint = AnswerConstraint.for_model(loaded) if limits.constrain else None
-    results: list[Any] = [None] * len(jobs)
-    images: dict[int, Image.Image] = {}
-    for i, job in enumerate(jobs):
-        try:
-            images[i] = load_image(job.data, limits.max_pixels)
-        except ImageError as err:
-            results[i] = err
-    groups: dict[Generation, list[int]] = {}
-    for i in images:
-        groups.setdefault(jobs[i].generation, []).append(i)
-    for generation, members in groups.items():
-        answers = _answer_group(
-            loaded, constraint, generation, [jobs[i] for i in members], [images.pop(i) for i in members]
-        )
-        for i, result in zip(members, answers, strict=True):
-            results[i] = result
-    failed = [r for r in results if isinstance(r, RequestFailed)]
-    answered = any(not isinstance(r, Exception) for r in results)
-    if failed and not answered and check is not None and not check.model_answers(loaded):
-        raise failed[0].cause
-    return results
-
-
-def _generate(
-    loaded: Any, constraint: Any, generation: Generation, jobs: list[Job], images: list
-) -> list[Any]:
-    from phivision.evaluate.generate import generate_completions
-
-    streams = {k: job.on_token for k, job in enumerate(jobs) if job.on_token is not None}
-
-    def on_token(k: int, token: int) -> None:
-        if k in streams:
-            streams[k](token)
-
-    return generate_completions(
-        loaded.model,
-        loaded.processor,
-        images,
-        prompt=PromptFormat(generation.question, loaded.prompt.answer_template),
-        batch_size=len(images),
-        max_new_tokens=generation.max_new_tokens,
-        progress=False,
-        temperature=generation.temperature,
-        top_p=generation.top_p,
-        on_token=on_token if streams else None,
-        constraint=constraint,
-        exact_length=True,
-    )
-
-
-def _answer_group(
-    loaded: Any, constraint: Any, generation: Generation, jobs: list[Job], images: list
-) -> list[Any]:
-    """Answer jobs with one setting; on failure, each alone (a job that already streamed tokens is not
-    retried: its client has part of an answer). One Completion or RequestFailed per job."""
-    streamed: set[int] = set()
-
-    def watched(k: int, stream: Callable[[int], None]) -> Callable[[int], None]:
-        def on_token(token: int) -> None:
-            streamed.add(k)
-            stream(token)
-
-        return on_token
-
-    jobs_watched = [
-        Job(job.data, job.generation, watched(k, job.on_token)) if job.on_token is not None else job
-        for k, job in enumerate(jobs)
-    ]
-    try:
-        return _generate(loaded, constraint, generation, jobs_watched, images)
-    except Exception as err:  # noqa: BLE001  (whatever it is, it is retried or reported per request)
-        if len(jobs) == 1:
-            log.warning("generation failed for one request: %s: %s", type(err).__name__, err)
-            return [RequestFailed(err)]
-        first = err
-    results: list[Any] = []
-    for k, (job, image) in enumerate(zip(jobs, images, strict=True)):
-        if k in streamed:
-            results.append(RequestFailed(first))
-            continue
-        try:
-            results.append(_generate(loaded, constraint, generation, [job], [image])[0])
-        except Exception as err:  # noqa: BLE001
-            log.warning("generation failed for one request of a batch: %s: %s", type(err).__name__, err)
-            results.append(RequestFailed(err))
-    return results
-
-
-class ServeError(HTTPException):
-    """An HTTP error with the OpenAI error fields: rendered as ``{"error": {...}}`` on the OpenAI routes and as
-    ``{"detail": ...}`` on phivision's own."""
-
-    def __init__(
-        self, status: int, message: str, code: str | None = None, param: str | None = None, **headers: str
-    ) -> None:
-        super().__init__(status_code=status, detail=message, headers=headers or None)
-        self.code = code
-        self.param = param
-
-
-@dataclass
-class Serving:
-    """What the routes share: the model, the bounds, the batcher and the names the server answers to."""
-
-    loaded: Any
-    limits: ServeLimits
-    batcher: MicroBatcher
-    model_name: str
-    remote_images: AddressPolicy | None = None
-    created: int = 0  # when the server started (the model's `created` in /v1/models)
-    remote_fetches: asyncio.Semaphore = field(default_factory=lambda: asyncio.Semaphore(MAX_REMOTE_FETCHES))
-
-    @property
-    def question(self) -> str:
-        return self.loaded.prompt.question
-
-    async def answer(
-        self, data: bytes, generation: Generation, on_token: Callable[[int], None] | None = None
-    ):
-        """Check the image's header, queue it and wait for its Completion. Raises ImageError, QueueFull,
-        WorkerStopped, TimeoutError, or the generation's own error."""
-        pixels = await run_in_threadpool(image_pixels, data, self.limits.max_pixels)
-        job = Job(data, generation, on_token)
-        return await asyncio.wait_for(
-            self.batcher.submit(job, cost=pixels, nbytes=len(data)), self.limits.answer_timeout
-        )
-
-
-def failure(
-    err: Exception, limits: ServeLimits, bad_image: int, label: str, param: str | None = None
-) -> ServeError:
-    """The HTTP error for an exception raised while answering (``bad_image``: the status for an undecodable
-    image: 415 on /v1/predict, 400 on the chat API, where OpenAI clients expect 400)."""
-    if isinstance(err, ImageError):
-        # The loader's detail names server-side objects, never the client's file: the reason code only.
-        if err.reason == "too_many_pixels":
-            message = f"{label}: too_many_pixels (the limit is {limits.max_pixels:,} pixels)"
-            return ServeError(413, message, "image_too_large", param)
-        return ServeError(bad_image, f"{label}: {err.reason}", "invalid_image", param)
-    if isinstance(err, QueueFull):
-        return ServeError(503, "server busy: too many requests queued", "queue_full", **{"Retry-After": "1"})
-    if isinstance(err, WorkerStopped):
-        return ServeError(503, f"the model worker is not running: {err}", "worker_stopped")
-    if isinstance(err, asyncio.TimeoutError):
-        return ServeError(504, "no answer within the request timeout", "timeout")
-    if isinstance(err, RequestFailed):  # this request's own failure, logged where it happened
-        return ServeError(
-            500, f"generation failed for this request: {type(err.cause).__name__}", "generation_failed"
-        )
-    log.error("answering failed: %s: %s", type(err).__name__, err)
-    return ServeError(500, f"generation failed: {type(err).__name__}", "generation_failed")
 
 
 # ------------------------------------------------------------------------------------------ middleware
@@ -494,8 +254,6 @@ def create_app(
         hosts: the ``Host`` names answered (see :func:`phivision.serve.limits.allowed_hosts`); None: any.
         remote_images: fetch http(s) ``image_url``s under this address policy; None: data: URLs only.
     """
-    from phivision.serve import openai_api
-
     limits = (limits or ServeLimits()).validate()
     check = ModelCheck()
     batcher = MicroBatcher(
@@ -609,64 +367,31 @@ def create_app(
     return app
 
 
-def serve(
-    model: str,
-    host: str = "127.0.0.1",
-    port: int = 8000,
-    limits: ServeLimits | None = None,
-    device: str | None = None,
-    dtype: str | None = None,
-    served_model_name: str | None = None,
-    allowed_host: tuple[str, ...] | list[str] | None = None,
-    remote_images: AddressPolicy | None = None,
-) -> None:
-    """Load ``model`` (RUN, checkpoint or hub id) and serve it with uvicorn until interrupted.
+def serve(args: ServeArgs) -> None:
+    """Load ``args.model`` (RUN, checkpoint or hub id) and serve it with uvicorn until interrupted.
 
     Every argument is checked before the model loads (a bad one raises PhivisionError naming its flag).
     """
-    import uvicorn
-
-    from phivision.runs import load_model, resolve_device
-
-    limits = (limits or ServeLimits()).validate()
-    check_bind(host, port)
-    check_device(device, resolve_device)
-    loaded = load_model(model, device=device, dtype=dtype)
+    check_bind(args.host, args.port)
+    device = resolve_device(args.loading.device)
+    loaded = load_model(args.model, device=device, dtype=args.loading.dtype)
+    private = args.allow_private_image_hosts
+    remote = (
+        AddressPolicy(allow_loopback=private, allow_private=private) if args.allow_remote_images else None
+    )
     app = create_app(
         loaded,
-        limits,
-        model_name=served_model_name or str(model),
-        hosts=allowed_hosts(host, allowed_host or ()),
-        remote_images=remote_images,
+        args.limits,
+        model_name=args.served_model_name or str(args.model),
+        hosts=allowed_hosts(args.host, args.allowed_host or ()),
+        remote_images=remote,
     )
-    from phivision.serve.guard import server_config
-
     config = server_config(
         app,
-        host,
-        port,
+        args.host,
+        args.port,
         max_connections=MAX_CONNECTIONS,
         header_timeout=HEADER_TIMEOUT,
         keep_alive_timeout=KEEP_ALIVE_TIMEOUT,
     )
     uvicorn.Server(config).run()
-
-
-def check_device(device: str | None, resolve: Callable) -> None:
-    """``--device``: a device torch knows and this machine has."""
-    if device is None:
-        return
-    import torch
-
-    from phivision.errors import PhivisionError
-
-    try:
-        resolved = resolve(device)
-    except (RuntimeError, ValueError) as err:
-        raise PhivisionError(f"--device {device!r}: not a device ({err})") from None
-    if resolved.type == "cuda" and not torch.cuda.is_available():
-        raise PhivisionError(f"--device {device}: no CUDA device is available on this machine")
-    if resolved.type == "cuda" and resolved.index is not None and resolved.index >= torch.cuda.device_count():
-        raise PhivisionError(
-            f"--device {device}: this machine has {torch.cuda.device_count()} CUDA device(s)"
-        )

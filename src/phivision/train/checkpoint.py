@@ -33,8 +33,10 @@ from typing import Any
 import numpy as np
 import torch
 
-from phivision.errors import PhivisionError
+from phivision.data.layout import RunLayout
+from phivision.errors import PhivisionError, first_line
 from phivision.io import WriteError, atomic_write_json, disk_errors, read_text_bounded
+from phivision.loading import check_tensors
 
 _STEP_DIR = re.compile(r"^step-(\d+)$")
 BEST_DIR = "best"
@@ -42,7 +44,7 @@ ENGINE_DIR = "engine"
 
 
 def weights_dirname(method: str) -> str:
-    return "model" if method == "full" else "adapter"
+    return RunLayout.MODEL if method == "full" else RunLayout.ADAPTER
 
 
 # ------------------------------------------------------------------------------------ directories
@@ -95,7 +97,7 @@ def _link_tree(src: Path, dst: Path) -> None:
 
 def list_checkpoints(run_dir: Path) -> list[tuple[int, Path]]:
     """Complete checkpoints, oldest first (temporary directories never match ``step-N``)."""
-    root = run_dir / "checkpoints"
+    root = RunLayout(run_dir).checkpoints
     if not root.is_dir():
         return []
     found = [(int(m.group(1)), p) for p in root.iterdir() if (m := _STEP_DIR.match(p.name)) and p.is_dir()]
@@ -167,7 +169,7 @@ def load_tree(stem: Path) -> Any:
     except FileNotFoundError:
         raise PhivisionError(f"{json_file}: missing from the checkpoint") from None
     except (OSError, ValueError, KeyError, TypeError) as err:  # safetensors raises its own errors as well
-        raise PhivisionError(f"{stem}: not a readable checkpoint file ({str(err).splitlines()[0]})") from None
+        raise PhivisionError(f"{stem}: not a readable checkpoint file ({first_line(err)})") from None
     except Exception as err:  # noqa: BLE001  (safetensors' SafetensorError is not an OSError)
         raise PhivisionError(f"{tensor_file}: not a readable safetensors file ({err})") from None
 
@@ -241,8 +243,6 @@ def load_weights(model: torch.nn.Module, src: Path, method: str) -> None:
     must be there with its shape, and nothing else (else one line naming the tensors)."""
     from safetensors.torch import load_file
 
-    from phivision.loading import check_tensors
-
     files = sorted(src.glob("*.safetensors"))
     if not files:
         raise PhivisionError(f"{src}: no .safetensors weights in this checkpoint")
@@ -306,8 +306,8 @@ def save_checkpoint(
     A full disk is one :class:`~phivision.io.WriteError` naming the checkpoint; the partial ``.step-N.tmp`` is
     removed and the previous checkpoints stay as they were, so ``--resume`` continues from the last one."""
     step = state["step"]
-    final = run_dir / "checkpoints" / f"step-{step}"
-    tmp = run_dir / "checkpoints" / f".step-{step}.tmp"
+    final = RunLayout(run_dir).checkpoint(step)
+    tmp = final.with_name(f".{final.name}.tmp")
     is_main = accelerator.is_main_process
     if is_main:
         if tmp.exists():
@@ -358,7 +358,7 @@ def _fill_checkpoint(
         best = run_dir / weights_dirname(method)
         if state.get("best_step") is not None and best.is_dir():
             _link_tree(best, tmp / BEST_DIR)
-        atomic_write_json(tmp / "trainer_state.json", state)
+        atomic_write_json(tmp / RunLayout.TRAINER_STATE, state)
     accelerator.wait_for_everyone()
 
 
@@ -367,7 +367,7 @@ def _fill_checkpoint(
 
 def _read_state(ckpt: Path) -> dict[str, Any]:
     """``trainer_state.json``, every field of the type the trainer wrote, its step the one in the folder name."""
-    path = ckpt / "trainer_state.json"
+    path = ckpt / RunLayout.TRAINER_STATE
     try:
         state = json.loads(read_text_bounded(path))
     except FileNotFoundError:
@@ -524,7 +524,7 @@ def load_checkpoint(
                 _load_engine_state(accelerator, model, optimizer, ckpt / ENGINE_DIR)
             except pickle.UnpicklingError as err:  # an object beyond tensors and plain data: never unpickled
                 raise PhivisionError(
-                    f"{ckpt / ENGINE_DIR}: refused to unpickle ({_first_line(err)})"
+                    f"{ckpt / ENGINE_DIR}: refused to unpickle ({first_line(err)})"
                 ) from None
     saved_schedule = load_tree(ckpt / "scheduler")
     check_like(saved_schedule, scheduler.state_dict(), str(ckpt / "scheduler.json"))
@@ -539,7 +539,7 @@ def load_checkpoint(
         set_rng_state(load_tree(rng_stem))
     except (TypeError, ValueError, IndexError, KeyError, RuntimeError) as err:
         raise PhivisionError(
-            f"{rng_stem.with_suffix('.json')}: not a random generator state ({_first_line(err)}); the checkpoint "
+            f"{rng_stem.with_suffix('.json')}: not a random generator state ({first_line(err)}); the checkpoint "
             "was damaged or edited"
         ) from None
     if accelerator.is_main_process:
@@ -573,9 +573,7 @@ def _load_optimizer(optimizer: torch.optim.Optimizer, ckpt: Path) -> None:
     try:
         optimizer.load_state_dict(saved)
     except (ValueError, KeyError, TypeError, RuntimeError) as err:
-        raise PhivisionError(
-            f"{where}: does not fit this run's optimizer ({str(err).splitlines()[0]})"
-        ) from None
+        raise PhivisionError(f"{where}: does not fit this run's optimizer ({first_line(err)})") from None
 
 
 def _hyperparameter_problem(group: dict[str, Any]) -> str | None:
@@ -608,8 +606,3 @@ def _moment_problem(index: Any, entry: Any, params: list[torch.Tensor]) -> str |
         if not bool(torch.isfinite(value).all()) or (name != "exp_avg" and bool((value < 0).any())):
             return f"parameter {index} {name}: holds non-finite or negative values"
     return None
-
-
-def _first_line(err: Exception) -> str:
-    lines = str(err).strip().splitlines()
-    return lines[0] if lines else type(err).__name__

@@ -12,9 +12,12 @@ import os
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 from PIL import Image
 
+from phivision.data.layout import RunLayout
 from phivision.errors import PhivisionError
+from phivision.io import atomic_write_text, read_json_lines, warn
 from phivision.train.config import TrainConfig
 
 
@@ -33,8 +36,6 @@ class MetricsFile:
     def truncate_after(self, step: int) -> None:
         """Drop records logged after ``step`` (by a run killed after its last checkpoint) before resuming; a line
         a killed writer cut short, or any other line that is not a JSON record, is dropped with a warning."""
-        from phivision.io import atomic_write_text, warn
-
         if not self.path.exists():
             return
         kept = [text for _, (text, record) in _records(self.path, warn) if record.get("step", 0) <= step]
@@ -43,8 +44,6 @@ class MetricsFile:
 
 def _records(path: Path, note) -> list[tuple[int, tuple[str, dict[str, Any]]]]:
     """``(line number, (text, record))`` for every readable record of a metrics file; ``note`` hears of the rest."""
-    from phivision.io import read_json_lines
-
     lines, cut = read_json_lines(path)
     if cut:
         note(cut)
@@ -68,9 +67,7 @@ def _records(path: Path, note) -> list[tuple[int, tuple[str, dict[str, Any]]]]:
 def read_metrics(run_dir: str | Path, kind: str | None = None) -> list[dict[str, Any]]:
     """The records of ``RUN/metrics.jsonl``, optionally only those of one ``type`` ("train" or "eval"); lines
     that cannot be read are skipped with a warning."""
-    from phivision.io import warn
-
-    path = Path(run_dir) / "metrics.jsonl"
+    path = RunLayout(run_dir).metrics_log
     if not path.exists():
         raise PhivisionError(f"{path}: no metrics logged (is {run_dir} a training run?)")
     records = [record for _, (_, record) in _records(path, warn)]
@@ -130,8 +127,6 @@ class TensorBoardTracker(Tracker):
         self.writer.flush()
 
     def log_samples(self, rows: list[tuple[Image.Image, str, str]], step: int) -> None:
-        import numpy as np
-
         lines = ["| # | true | predicted |", "|---|---|---|"]
         for i, (image, true, predicted) in enumerate(rows):
             self.writer.add_image(
