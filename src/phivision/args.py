@@ -250,6 +250,26 @@ class ServeLimits(Options):
     remote_image_timeout: float = option(
         10.0, "Seconds for fetching one http(s) image, redirects included.", check="> 0"
     )
+    max_remote_fetches: int = option(
+        16,
+        "Most http(s) images fetched at once; more wait for a slot within --remote-image-timeout, then get 503.",
+        check=">= 1",
+    )
+    max_connections: int = option(
+        1000,
+        "Most connections held at once (kept below the open-file limit); one more gets 503 and is closed, "
+        "except a few kept for /healthz.",
+        check=">= 1",
+    )
+    header_timeout: float = option(
+        15.0,
+        "Seconds a client may take to send a request's headers, from connecting or from its previous answer "
+        "(then 408 and the connection is closed).",
+        check="> 0",
+    )
+    keep_alive_timeout: float = option(
+        5.0, "Seconds an idle kept-alive connection stays open between requests.", check="> 0"
+    )
     max_redirects: int = option(
         5, "Redirects followed when fetching an http(s) image (Python only).", check=">= 0", cli=False
     )

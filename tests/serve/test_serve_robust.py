@@ -127,10 +127,8 @@ class GuardedServer(ServerThread):
         from phivision.serve.guard import server_config
 
         super().__init__(app)
-        options = {"max_connections": 1000, "header_timeout": 10.0, "keep_alive_timeout": 5.0} | bounds
-        self.server = uvicorn.Server(
-            server_config(app, "127.0.0.1", self.port, log_level="warning", **options)
-        )
+        limits = ServeLimits(**bounds).validate()
+        self.server = uvicorn.Server(server_config(app, "127.0.0.1", self.port, limits, log_level="warning"))
         self.thread = threading.Thread(target=self.server.run, daemon=True)
 
 
@@ -254,7 +252,7 @@ def test_a_flood_of_bad_requests_writes_a_bounded_log(loaded: LoadedModel) -> No
 def test_stalled_remote_images_do_not_delay_a_data_url_request(loaded: LoadedModel) -> None:
     """45 chats whose image URL points at a host that accepts and never answers, then one with a data: URL:
     the data: request is answered while every stalled one is still waiting (fetches hold no thread; at most
-    MAX_REMOTE_FETCHES run, the rest wait for a slot and end with the fetch timeout, never hang)."""
+    --max-remote-fetches run, the rest wait for a slot and end with the fetch timeout, never hang)."""
     import threading
 
     from phivision.netguard import AddressPolicy
@@ -276,7 +274,7 @@ def test_stalled_remote_images_do_not_delay_a_data_url_request(loaded: LoadedMod
     acceptor = threading.Thread(target=accept, daemon=True)
     acceptor.start()
     hang = f"http://127.0.0.1:{listener.getsockname()[1]}/photo.png"
-    limits = ServeLimits(max_new_tokens=4, constrain=False, remote_image_timeout=8.0)
+    limits = ServeLimits(max_new_tokens=4, constrain=False, remote_image_timeout=8.0, max_remote_fetches=12)
     app = create_app(loaded, limits, model_name="tiny", remote_images=AddressPolicy(allow_private=False))
     finished: list[tuple[str, int]] = []
     try:
@@ -291,7 +289,7 @@ def test_stalled_remote_images_do_not_delay_a_data_url_request(loaded: LoadedMod
             threads = [threading.Thread(target=remote, args=(k,)) for k in range(45)]
             for thread in threads:
                 thread.start()
-            while len(held) < 16:  # every fetch slot is stalled on the silent host
+            while len(held) < 12:  # every fetch slot is stalled on the silent host
                 time.sleep(0.05)
             finished.append(("data", chat(server.url).status_code))
             fetching = len(held)  # connections the server opened to the silent host so far
@@ -306,4 +304,4 @@ def test_stalled_remote_images_do_not_delay_a_data_url_request(loaded: LoadedMod
     assert finished[0] == ("data", 200)  # answered before any stalled request came back
     codes = sorted(code for kind, code in finished if kind == "remote")
     assert set(codes) <= {400, 503} and len(codes) == 45  # each one ended: timeout (400) or no slot (503)
-    assert fetching == 16  # while the slots were stalled, no more fetches were started
+    assert fetching == 12  # while the slots were stalled, no more fetches were started

@@ -33,10 +33,6 @@ from phivision.netguard import AddressPolicy
 
 log = logging.getLogger("phivision.serve")
 
-# Remote image_urls fetched at once (--allow-remote-images); a request over it waits for a slot, up to the fetch
-# timeout, then gets 503. Fetches hold no thread, so stalled image hosts never delay data: requests.
-MAX_REMOTE_FETCHES = 16
-
 
 class QueueFull(Exception):
     """More requests (or more bytes) are waiting than the server accepts (answered with 503)."""
@@ -417,7 +413,12 @@ class Serving:
     model_name: str
     remote_images: AddressPolicy | None = None
     created: int = 0  # when the server started (the model's `created` in /v1/models)
-    remote_fetches: asyncio.Semaphore = field(default_factory=lambda: asyncio.Semaphore(MAX_REMOTE_FETCHES))
+    remote_fetches: asyncio.Semaphore = field(
+        init=False
+    )  # --max-remote-fetches slots (fetches hold no thread)
+
+    def __post_init__(self) -> None:
+        self.remote_fetches = asyncio.Semaphore(self.limits.max_remote_fetches)
 
     @property
     def question(self) -> str:

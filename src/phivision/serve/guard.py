@@ -24,7 +24,10 @@ import resource
 import time
 from typing import Any
 
+import uvicorn
 from uvicorn.protocols.http.h11_impl import H11Protocol
+
+from phivision.args import ServeLimits
 
 # Descriptors kept free below the open-file limit for everything that is not a connection: model files, the
 # remote-image fetches, logs, Python's own.
@@ -197,28 +200,18 @@ def limit_logs(per_second: float = 5.0, burst: int = 50) -> LogBudget:
     return budget
 
 
-def server_config(
-    app: Any,
-    host: str,
-    port: int,
-    max_connections: int,
-    header_timeout: float,
-    keep_alive_timeout: float,
-    log_level: str = "info",
-) -> Any:
-    """The uvicorn configuration ``phivision serve`` runs with: h11 with the connection cap and the header
-    deadline, kept-alive connections closed after ``keep_alive_timeout``, no WebSocket upgrades, logs within
-    their budget."""
-    import uvicorn
-
+def server_config(app: Any, host: str, port: int, limits: ServeLimits, log_level: str = "info") -> Any:
+    """The uvicorn configuration ``phivision serve`` runs with: h11 with ``limits.max_connections`` and the
+    ``limits.header_timeout`` deadline, kept-alive connections closed after ``limits.keep_alive_timeout``, no
+    WebSocket upgrades, logs within their budget."""
     config = uvicorn.Config(
         app,
         host=host,
         port=port,
         log_level=log_level,
-        http=guarded_protocol(connection_cap(max_connections), header_timeout),
+        http=guarded_protocol(connection_cap(limits.max_connections), limits.header_timeout),
         ws="none",
-        timeout_keep_alive=keep_alive_timeout,  # type: ignore[arg-type]  (uvicorn schedules it as a float)
+        timeout_keep_alive=limits.keep_alive_timeout,  # type: ignore[arg-type]  (scheduled as a float)
     )
     limit_logs()  # after uvicorn.Config, which configures its loggers
     return config

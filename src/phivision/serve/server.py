@@ -58,11 +58,6 @@ JSON_OVERHEAD = 64 * 1024
 # Any other route: GET requests and small JSON bodies only.
 SMALL_BODY = 64 * 1024
 OPENAI_PATHS = ("/v1/chat/completions", "/v1/models")
-# Connections held at once (one more gets 503 and is closed), seconds for a request's headers (then 408), seconds
-# a kept-alive connection may idle: see phivision.serve.guard.
-MAX_CONNECTIONS = 1000
-HEADER_TIMEOUT = 15.0
-KEEP_ALIVE_TIMEOUT = 5.0
 
 
 # ------------------------------------------------------------------------------------------ middleware
@@ -386,12 +381,4 @@ def serve(args: ServeArgs) -> None:
         hosts=allowed_hosts(args.host, args.allowed_host or ()),
         remote_images=remote,
     )
-    config = server_config(
-        app,
-        args.host,
-        args.port,
-        max_connections=MAX_CONNECTIONS,
-        header_timeout=HEADER_TIMEOUT,
-        keep_alive_timeout=KEEP_ALIVE_TIMEOUT,
-    )
-    uvicorn.Server(config).run()
+    uvicorn.Server(server_config(app, args.host, args.port, args.limits)).run()
