@@ -283,6 +283,54 @@ CASES |= {
         ["categories", "--no-constrain"],
         setup=_labels(600_000),
     ),
+    # case 7: an output path that is one of the command's inputs (or another of its outputs) is refused
+    "inspect --out the catalog": Case(
+        ["inspect", "{data}", "--out", "{data}/catalog.parquet", "--no-progress"],
+        ["--out {data}/catalog.parquet", "the catalog"],
+    ),
+    "inspect --out an image of the dataset": Case(
+        ["inspect", "{data}", "--out", "{image}", "--no-progress"],
+        ["--out {image}", "the image of catalog row 2"],
+    ),
+    "inspect --out a .json (the page and its JSON one file)": Case(
+        ["inspect", "{data}", "--out", "{tmp}/page.json", "--no-progress"], ["{tmp}/page.json", "also --out"]
+    ),
+    "predict --out the photo it reads": Case(
+        ["predict", "{image}", "--model", "{ckpt}", "--out", "{image}"], ["--out {image}", "the image"]
+    ),
+    "predict --out a file of the model": Case(
+        ["predict", "{image}", "--model", "{ckpt}", "--out", "{ckpt}/config.json"], ["--out", "config.json"]
+    ),
+    "report --predictions P --out P": Case(
+        [
+            "report",
+            "--predictions",
+            "{evaluation}/predictions.jsonl",
+            "--out",
+            "{evaluation}/predictions.jsonl",
+        ],
+        ["--out {evaluation}/predictions.jsonl", "--predictions"],
+    ),
+    "report --out the metrics beside the predictions": Case(
+        ["report", "--predictions", "{evaluation}", "--out", "{evaluation}/metrics.json"],
+        ["--out {evaluation}/metrics.json", "the metrics beside --predictions"],
+    ),
+    "evaluate --out the model's config": Case(
+        ["evaluate", "--model", "{ckpt}", "--data", "{data}", "--out", "{ckpt}/config.json"],
+        ["--out {ckpt}/config.json", "--model"],
+    ),
+    "evaluate --out the catalog's directory as metrics.json beside": Case(
+        ["evaluate", "--model", "{ckpt}", "--data", "{data}", "--out", "{data}/prepare_report.json"],
+        ["--out {data}/prepare_report.json", "the dataset's report"],
+    ),
+    "sample --urls-out the catalog it writes": Case(
+        ["sample", "--out", "{tmp}/s", "--n", "6", "--urls-out", "{tmp}/s/catalog.parquet"],
+        ["--urls-out {tmp}/s/catalog.parquet", "the catalog in --out"],
+    ),
+    "train --out the dataset": Case(
+        ["train", "--out", "{data}", "--data", "{data}", "--model", "{ckpt}", "schedule.max_steps=1"],
+        ["--out {data}", "--data"],
+    ),
 }
 
 
@@ -315,6 +363,25 @@ def workspace(tmp_path_factory, tiny_checkpoint, sample_dataset) -> dict[str, Pa
     Image.new("L", (20_000, 20_000)).save(bomb_data / bomb_image, format="PNG")  # 400 Mpx in a small file
     (root / "predictions.jsonl").write_text('{"image": "a.jpg", "answer": "Product: x"}\n')
     run = _finished_run(root, ckpt, data)
+    evaluation = root / "evaluation"
+    done = subprocess.run(
+        [
+            _script(),
+            "evaluate",
+            "--model",
+            str(run),
+            "--data",
+            str(data),
+            "--out",
+            str(evaluation),
+            "--limit",
+            "2",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
     nul_data, empty_data, hostile_data = root / "nul_data", root / "empty_data", root / "hostile_data"
     for copy in (nul_data, empty_data, hostile_data):
         shutil.copytree(sample_dataset, copy)
@@ -344,6 +411,7 @@ def workspace(tmp_path_factory, tiny_checkpoint, sample_dataset) -> dict[str, Pa
         "bomb_data": bomb_data,
         "bomb_image": bomb_image,
         "run": run,
+        "evaluation": evaluation,
         "nul_data": nul_data,
         "empty_data": empty_data,
         "hostile_data": hostile_data,

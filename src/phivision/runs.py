@@ -8,6 +8,7 @@ come back with the processor and the prompt format they were trained with.
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -108,6 +109,25 @@ def is_checkpoint_dir(path: Path) -> bool:
         return json.loads(read_text_bounded(config)).get("model_type") == "phi3_v"
     except (ValueError, OSError, AttributeError):
         return False
+
+
+def model_files(model: Any, depth: int = 3, most: int = 10_000) -> list[tuple[str, Path]]:
+    """The files of a model directory (a RUN: config, weights, processor, checkpoints; or a checkpoint), down to
+    ``depth`` levels and at most ``most`` of them, for :func:`phivision.io.refuse_overwriting_inputs`; nothing
+    for a hub id or a loaded model."""
+    if not isinstance(model, (str, os.PathLike)) or not Path(model).is_dir():
+        return []
+    root, found = Path(model), []
+    for folder, dirs, files in os.walk(root):
+        level = len(Path(folder).relative_to(root).parts)
+        if level >= depth:
+            dirs.clear()
+        found += [
+            (f"a file of --model ({Path(folder, f).relative_to(root)})", Path(folder, f)) for f in files
+        ]
+        if len(found) >= most:
+            break
+    return found
 
 
 def read_run(run_dir: str | Path) -> RunInfo:

@@ -33,10 +33,16 @@ from phivision.args import MAX_BYTES, MAX_PIXELS, InspectArgs, parse_num_crops
 from phivision.data.duplicates import conflict_groups
 from phivision.data.images import ImageError, open_image
 from phivision.data.inspect_page import SHOWN, render_page
-from phivision.data.layout import INSPECT_FILES, SPLITS, load_catalog, sheet_row
+from phivision.data.layout import INSPECT_FILES, SPLITS, dataset_files, load_catalog, sheet_row
 from phivision.data.prices import PLACEHOLDERS
 from phivision.data.split import group_key
-from phivision.io import ReadError, atomic_write_json, atomic_write_text, read_bytes_bounded
+from phivision.io import (
+    ReadError,
+    atomic_write_json,
+    atomic_write_text,
+    read_bytes_bounded,
+    refuse_overwriting_inputs,
+)
 from phivision.model.image_processing_phi3_v import Phi3VImageProcessor
 
 HASH_SIDE = 32  # thumbnail side for the DCT hash
@@ -71,6 +77,8 @@ def inspect(args: InspectArgs, workers: int | None = None) -> dict:
     data, crop_size, num_img_tokens = args.data, args.crop_size, args.num_img_tokens
     html_path = args.out if args.out is not None else data / INSPECT_FILES[0]
     catalog = load_catalog(data, check_images=False)
+    outputs = {"--out": html_path, "the JSON beside --out": html_path.with_suffix(".json")}
+    refuse_overwriting_inputs(outputs, dataset_files(data, catalog))
     facts = scan_images(data, catalog["image_path"], workers=workers, progress=args.progress)
     frame = _with_facts(catalog, facts)
     scanned = time.perf_counter()

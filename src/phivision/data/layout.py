@@ -202,6 +202,17 @@ def load_catalog(directory: str | os.PathLike, check_images: bool = True) -> pd.
     return frame.reset_index(drop=True)
 
 
+def dataset_files(directory: str | os.PathLike, catalog: pd.DataFrame) -> list[tuple[str, Path]]:
+    """What a verb reading the dataset reads, for :func:`phivision.io.refuse_overwriting_inputs`: the catalog,
+    the report and every image, each with how to name it."""
+    directory = Path(directory)
+    files = [("the catalog", directory / CATALOG_FILE), ("the dataset's report", directory / REPORT_FILE)]
+    return files + [
+        (f"the image of catalog row {sheet_row(row)}", directory / rel)
+        for row, rel in enumerate(catalog["image_path"])
+    ]
+
+
 # ------------------------------------------------------------------------------------------- out directory
 
 

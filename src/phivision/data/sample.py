@@ -36,7 +36,13 @@ from phivision.data.layout import (
 )
 from phivision.data.like import backdrop_of, products_like, profile_dataset, shape_of
 from phivision.data.split import assign_splits
-from phivision.io import WriteError, atomic_write_json, atomic_write_parquet, atomic_write_text
+from phivision.io import (
+    WriteError,
+    atomic_write_json,
+    atomic_write_parquet,
+    atomic_write_text,
+    refuse_overwriting_inputs,
+)
 from phivision.options import check_option
 
 # category3_code: (category1_code, category2_code, noun in the title, base price in USD)
@@ -266,6 +272,12 @@ def write_sample_catalog(
     ``out`` holding another dataset (another n or seed, or a prepared one) is refused unless ``overwrite``.
     """
     n = check_count(n)
+    if urls_out is not None:
+        written = {
+            "the catalog in --out": Path(out) / CATALOG_FILE,
+            "the report in --out": Path(out) / REPORT_FILE,
+        }
+        refuse_overwriting_inputs({**written, "--urls-out": urls_out}, [])
     descriptor = f"sample(n={n}, seed={seed})"
     out, build = _claim(out, descriptor, overwrite)
     rows = []

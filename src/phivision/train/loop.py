@@ -39,7 +39,7 @@ from phivision.data.images import ImageError, image_size
 from phivision.data.layout import RunLayout, load_catalog
 from phivision.errors import PhivisionError, first_line
 from phivision.evaluate.metrics import TrainStats, level_columns, scalar_metrics, score, summarize
-from phivision.io import atomic_write_json, atomic_write_text
+from phivision.io import atomic_write_json, atomic_write_text, refuse_overwriting_inputs
 from phivision.labels import LabelSpace, write_labels
 from phivision.loading import check_model_type, load_pretrained
 from phivision.model.processing_phi3_v import Phi3VProcessor
@@ -434,6 +434,9 @@ class Recipe:
             if not value:
                 raise PhivisionError(f"config key '{key}' is required")
         check_run_dir(self.run_dir, self.resume)
+        refuse_overwriting_inputs(
+            {"--out": self.run_dir}, [("--data", config.data.path), ("--model", config.model)]
+        )
         require_backend(config.tracking.backend)
         require_liger(config.use_liger_kernel)
 
