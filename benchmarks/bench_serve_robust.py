@@ -41,7 +41,7 @@ import sys
 import tempfile
 import threading
 import time
-from contextlib import contextmanager, suppress
+from contextlib import suppress
 from pathlib import Path
 
 import httpx
@@ -49,6 +49,9 @@ from PIL import Image
 
 HERE = Path(__file__).resolve().parent
 SRC = HERE.parent / "src"
+sys.path.insert(0, str(HERE.parent / "tests" / "serve"))
+from serve_helpers import silent_host  # noqa: E402  (the stalled image host the tests use)
+
 MODEL_NAME = "tiny"
 
 
@@ -354,39 +357,10 @@ def scenario_mixed(server: Server, quick: bool) -> dict:
     }
 
 
-@contextmanager
-def hanging_host():
-    """A TCP server on loopback that accepts connections and never answers."""
-    listener = socket.socket()
-    listener.bind(("127.0.0.1", 0))
-    listener.listen(1024)
-    held: list[socket.socket] = []
-    stop = threading.Event()
-
-    def accept() -> None:
-        listener.settimeout(0.2)
-        while not stop.is_set():
-            try:
-                held.append(listener.accept()[0])
-            except OSError:
-                continue
-
-    thread = threading.Thread(target=accept, daemon=True)
-    thread.start()
-    try:
-        yield listener.getsockname()[1]
-    finally:
-        stop.set()
-        thread.join()
-        for sock in held:
-            sock.close()
-        listener.close()
-
-
 def scenario_stalls(server: Server, quick: bool) -> dict:
     stalled = 45
     url = server.url + "/v1/chat/completions"
-    with hanging_host() as port:
+    with silent_host() as (port, _):
         remote: dict[str, int] = {}
 
         def fetch(i: int) -> None:

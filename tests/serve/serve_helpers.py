@@ -6,6 +6,8 @@ from __future__ import annotations
 import io
 import socket
 import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -138,3 +140,33 @@ def teach_answer(base: Path, image: Image.Image, answer: str = TAUGHT_ANSWER, st
         optimizer.zero_grad()
     model.eval()
     return LoadedModel(model, processor, prompt, source="taught-tiny")
+
+
+@contextmanager
+def silent_host() -> Iterator[tuple[int, list[socket.socket]]]:
+    """A TCP server on loopback that accepts every connection and never answers (a stalled image host): yields
+    its port and the connections it holds (until the block ends)."""
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(1024)
+    held: list[socket.socket] = []
+    stop = threading.Event()
+
+    def accept() -> None:
+        listener.settimeout(0.2)
+        while not stop.is_set():
+            try:
+                held.append(listener.accept()[0])
+            except OSError:
+                continue
+
+    acceptor = threading.Thread(target=accept, daemon=True)
+    acceptor.start()
+    try:
+        yield listener.getsockname()[1], held
+    finally:
+        stop.set()
+        acceptor.join()
+        for sock in held:
+            sock.close()
+        listener.close()

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import httpx
 import pytest
-from serve_helpers import ServerThread, data_url, png_bytes
+from serve_helpers import ServerThread, data_url, png_bytes, silent_host
 
 from phivision.runs import LoadedModel, load_model
 from phivision.serve.core import Generation, RequestFailed
@@ -257,50 +257,26 @@ def test_stalled_remote_images_do_not_delay_a_data_url_request(loaded: LoadedMod
 
     from phivision.netguard import AddressPolicy
 
-    listener = socket.socket()
-    listener.bind(("127.0.0.1", 0))
-    listener.listen(128)
-    held: list[socket.socket] = []
-    stop = threading.Event()
-
-    def accept() -> None:  # accepts every connection and never answers
-        listener.settimeout(0.2)
-        while not stop.is_set():
-            try:
-                held.append(listener.accept()[0])
-            except OSError:
-                continue
-
-    acceptor = threading.Thread(target=accept, daemon=True)
-    acceptor.start()
-    hang = f"http://127.0.0.1:{listener.getsockname()[1]}/photo.png"
     limits = ServeLimits(max_new_tokens=4, constrain=False, remote_image_timeout=8.0, max_remote_fetches=12)
     app = create_app(loaded, limits, model_name="tiny", remote_images=AddressPolicy(allow_private=False))
     finished: list[tuple[str, int]] = []
-    try:
-        with ServerThread(app) as server:
+    with silent_host() as (port, held), ServerThread(app) as server:
 
-            def remote(k: int) -> None:
-                content = [{"type": "image_url", "image_url": {"url": f"{hang}?{k}"}}]
-                body = {"model": "tiny", "messages": [{"role": "user", "content": content}]}
-                code = httpx.post(f"{server.url}/v1/chat/completions", json=body, timeout=120).status_code
-                finished.append(("remote", code))
+        def remote(k: int) -> None:
+            content = [{"type": "image_url", "image_url": {"url": f"http://127.0.0.1:{port}/photo.png?{k}"}}]
+            body = {"model": "tiny", "messages": [{"role": "user", "content": content}]}
+            code = httpx.post(f"{server.url}/v1/chat/completions", json=body, timeout=120).status_code
+            finished.append(("remote", code))
 
-            threads = [threading.Thread(target=remote, args=(k,)) for k in range(45)]
-            for thread in threads:
-                thread.start()
-            while len(held) < 12:  # every fetch slot is stalled on the silent host
-                time.sleep(0.05)
-            finished.append(("data", chat(server.url).status_code))
-            fetching = len(held)  # connections the server opened to the silent host so far
-            for thread in threads:
-                thread.join()
-    finally:
-        stop.set()
-        acceptor.join()
-        for sock in held:
-            sock.close()
-        listener.close()
+        threads = [threading.Thread(target=remote, args=(k,)) for k in range(45)]
+        for thread in threads:
+            thread.start()
+        while len(held) < 12:  # every fetch slot is stalled on the silent host
+            time.sleep(0.05)
+        finished.append(("data", chat(server.url).status_code))
+        fetching = len(held)  # connections the server opened to the silent host so far
+        for thread in threads:
+            thread.join()
     assert finished[0] == ("data", 200)  # answered before any stalled request came back
     codes = sorted(code for kind, code in finished if kind == "remote")
     assert set(codes) <= {400, 503} and len(codes) == 45  # each one ended: timeout (400) or no slot (503)
