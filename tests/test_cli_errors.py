@@ -283,6 +283,13 @@ CASES |= {
         ["categories", "--no-constrain"],
         setup=_labels(600_000),
     ),
+    # case 3: the server's own bounds are flags like any other, checked before the model loads
+    "serve --header-timeout 0": Case(
+        ["serve", "--model", "{ckpt}", "--header-timeout", "0"], ["--header-timeout 0"]
+    ),
+    "serve --max-connections 0": Case(
+        ["serve", "--model", "{ckpt}", "--max-connections", "0"], ["--max-connections 0"]
+    ),
     # case 7: an output path that is one of the command's inputs (or another of its outputs) is refused
     "inspect --out the catalog": Case(
         ["inspect", "{data}", "--out", "{data}/catalog.parquet", "--no-progress"],
