@@ -4,8 +4,13 @@ and test images."""
 from __future__ import annotations
 
 import io
+import os
+import signal
 import socket
+import subprocess
+import sys
 import threading
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -108,6 +113,55 @@ class ServerThread:
     def __exit__(self, *exc) -> None:
         self.server.should_exit = True
         self.thread.join(30)
+
+
+class ServeProcess:
+    """`phivision serve --model MODEL --port <free port> EXTRA...` as users start it (a separate process), ready
+    once /healthz answers 200; stopped with Ctrl-C (SIGINT) at the end."""
+
+    def __init__(self, model: Path | str, *extra: str) -> None:
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        command = [
+            sys.executable,
+            "-m",
+            "phivision.cli",
+            "serve",
+            "--model",
+            str(model),
+            "--port",
+            str(self.port),
+        ]
+        self.process = subprocess.Popen(
+            [*command, *extra],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            env={**os.environ, "PYTHONUNBUFFERED": "1"},
+        )
+
+    def __enter__(self) -> ServeProcess:
+        import httpx
+
+        for _ in range(600):
+            try:
+                if httpx.get(f"{self.url}/healthz", timeout=2).status_code == 200:
+                    return self
+            except httpx.TransportError:
+                pass
+            if self.process.poll() is not None:
+                raise RuntimeError(f"serve exited: {self.process.stdout.read().decode()[-3000:]}")
+            time.sleep(0.2)
+        self.__exit__()
+        raise RuntimeError("serve did not answer /healthz within 120 s")
+
+    def __exit__(self, *exc) -> None:
+        self.process.send_signal(signal.SIGINT)
+        try:
+            self.process.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            self.process.wait()
+        self.process.stdout.close()
 
 
 def data_url(data: bytes, mime: str = "image/png") -> str:

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import httpx
 import pytest
-from serve_helpers import ServerThread, data_url, png_bytes, silent_host
+from serve_helpers import ServeProcess, ServerThread, data_url, png_bytes, silent_host
 
 from phivision.runs import LoadedModel, load_model
 from phivision.serve.core import Generation, RequestFailed
@@ -111,6 +111,78 @@ def test_bad_requests_through_the_api_fail_alone_in_steady_traffic(server: Serve
         codes = [r.status_code for r in pool.map(lambda change: chat(server.url, **change), calls)]
     assert codes == [200] * 6 + [400, 200]
     assert health(server.url)["code"] == 200
+
+
+def test_the_real_server_answers_every_client_but_the_bad_one(lora_run: Path) -> None:
+    """Issue 20, case 1 as a user meets it: `phivision serve` started as users start it, steady clients on the
+    official `openai` client, and one bad request a second among them (temperature 1e-300 through the client; a
+    lone surrogate as the JSON escape, which the client itself cannot encode). Every good request is answered,
+    the surrogate gets an OpenAI-style 400 naming the field, 1e-300 is answered greedily, and /healthz never
+    says 503 (a load balancer keeps the node). Reverted, a bad request's batch fails whole and health turns 503."""
+    import openai
+
+    flags = ["--served-model-name", "tiny", "--max-new-tokens", "4", "--no-constrain", "--max-wait-ms", "200"]
+    with ServeProcess(lora_run, *flags) as server:
+        client = openai.OpenAI(base_url=f"{server.url}/v1", api_key="unused", max_retries=0, timeout=120)
+        image = [{"type": "image_url", "image_url": {"url": data_url(png_bytes())}}]
+
+        def ask(**change) -> str:
+            messages = [{"role": "user", "content": image}]
+            reply = client.chat.completions.create(model="tiny", messages=messages, max_tokens=4, **change)
+            return reply.choices[0].finish_reason
+
+        lone_surrogate = {
+            "model": "tiny",
+            "messages": [{"role": "user", "content": [{"type": "text", "text": "\ud800x"}, *image]}],
+        }
+        # alone on an idle server first: the case where health used to turn 503 for 90 s
+        refused = httpx.post(
+            f"{server.url}/v1/chat/completions",
+            content=json.dumps(lone_surrogate),  # ensure_ascii: the surrogate travels as an escape
+            headers={"content-type": "application/json"},
+            timeout=120,
+        )
+        assert refused.status_code == 400 and refused.json()["error"]["type"] == "invalid_request_error"
+        assert refused.json()["error"]["param"].startswith("messages"), refused.json()
+        assert ask(temperature=1e-300) in {"stop", "length"}
+        assert health(server.url)["code"] == 200
+
+        stop = time.monotonic() + 12
+        healths: list[int] = []
+
+        def steady(_: int) -> list[str]:
+            answers = []
+            while time.monotonic() < stop:
+                answers.append(ask())
+            return answers
+
+        def hostile() -> list[int]:
+            codes = []
+            while time.monotonic() < stop:
+                if len(codes) % 2:
+                    codes.append(
+                        httpx.post(
+                            f"{server.url}/v1/chat/completions",
+                            content=json.dumps(lone_surrogate),
+                            headers={"content-type": "application/json"},
+                            timeout=120,
+                        ).status_code
+                    )
+                else:
+                    codes.append(200 if ask(temperature=1e-300) else 0)
+                healths.append(health(server.url)["code"])
+                time.sleep(1.0)
+            return codes
+
+        with ThreadPoolExecutor(max_workers=7) as pool:
+            steady_runs = [pool.submit(steady, i) for i in range(6)]
+            bad_codes = pool.submit(hostile).result()
+            answered = [answer for run in steady_runs for answer in run.result()]
+        final = health(server.url)
+    assert len(answered) >= 12 and set(answered) <= {"stop", "length"}  # every good request answered
+    assert bad_codes[0::2] == [200] * len(bad_codes[0::2]) and bad_codes[1::2] == [400] * len(bad_codes[1::2])
+    assert len(bad_codes) >= 4 and set(healths) == {200} and final["code"] == 200
+    assert final["failed_batches"] == 0
 
 
 # ------------------------------------------------------------------------------ case 3: slow and many clients
