@@ -119,7 +119,7 @@ class ServeProcess:
     """`phivision serve --model MODEL --port <free port> EXTRA...` as users start it (a separate process), ready
     once /healthz answers 200; stopped with Ctrl-C (SIGINT) at the end."""
 
-    def __init__(self, model: Path | str, *extra: str) -> None:
+    def __init__(self, model: Path | str, *extra: str, env: dict[str, str] | None = None) -> None:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         command = [
@@ -136,7 +136,7 @@ class ServeProcess:
             [*command, *extra],
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,
-            env={**os.environ, "PYTHONUNBUFFERED": "1"},
+            env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})},
         )
 
     def __enter__(self) -> ServeProcess:

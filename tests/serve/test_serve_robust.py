@@ -185,6 +185,48 @@ def test_the_real_server_answers_every_client_but_the_bad_one(lora_run: Path) ->
     assert final["failed_batches"] == 0
 
 
+# ------------------------------------------------------------------------ case 8: the image format allowlist
+
+EPS = b"%!PS-Adobe-3.0 EPSF-3.0\n%%BoundingBox: 0 0 8 8\n0 0 moveto 8 8 lineto stroke showpage\n"
+
+
+def test_uploads_in_formats_outside_the_allowlist_never_reach_their_decoder(
+    lora_run: Path, tmp_path: Path
+) -> None:
+    """An EPS upload would reach Pillow's Ghostscript path. The server runs with a `gs` on its PATH that leaves a
+    mark when run (Pillow calls it by that name): EPS and ICO, uploaded to /v1/predict or sent as a chat's
+    data: URL, are refused with their format named, and Ghostscript never runs."""
+    import io
+
+    from PIL import Image
+
+    mark = tmp_path / "ghostscript-ran"
+    (tmp_path / "bin").mkdir()
+    (tmp_path / "bin" / "gs").write_text(f"#!/bin/sh\ntouch {mark}\nexit 1\n")
+    (tmp_path / "bin" / "gs").chmod(0o755)
+    icon = io.BytesIO()
+    Image.new("RGB", (32, 32), (200, 40, 40)).save(icon, format="ICO")
+    path = f"{tmp_path / 'bin'}:{__import__('os').environ['PATH']}"
+    flags = ["--served-model-name", "tiny", "--max-new-tokens", "4", "--no-constrain"]
+    with ServeProcess(lora_run, *flags, env={"PATH": path}) as server:
+        for name, data in (("EPS", EPS), ("ICO", icon.getvalue())):
+            upload = httpx.post(
+                f"{server.url}/v1/predict", files={"image": ("photo.png", data, "image/png")}, timeout=120
+            )
+            assert upload.status_code == 415, upload.text
+            assert "unsupported_format" in upload.json()["detail"] and name in upload.json()["detail"]
+            body = {
+                "model": "tiny",
+                "messages": [
+                    {"role": "user", "content": [{"type": "image_url", "image_url": {"url": data_url(data)}}]}
+                ],
+            }
+            reply = httpx.post(f"{server.url}/v1/chat/completions", json=body, timeout=120)
+            assert reply.status_code == 400 and name in reply.json()["error"]["message"], reply.text
+        assert health(server.url)["code"] == 200
+    assert not mark.exists(), "Ghostscript ran"
+
+
 # ------------------------------------------------------------------------------ case 3: slow and many clients
 
 

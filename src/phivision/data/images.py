@@ -39,11 +39,12 @@ ROTATED = {5, 6, 7, 8}  # orientations that swap width and height
 class ImageError(PhivisionError):
     """An image that cannot be used. ``reason`` is short and machine-readable (it is counted in reports):
     ``missing``, ``unreadable``, ``not_a_file``, ``too_large``, ``empty``, ``not_an_image``, ``unsupported_format``,
-    ``truncated``, ``corrupt``, ``too_many_pixels``."""
+    ``truncated``, ``corrupt``, ``too_many_pixels``. ``found``: the refused format (``unsupported_format``)."""
 
-    def __init__(self, reason: str, detail: str = "") -> None:
+    def __init__(self, reason: str, detail: str = "", found: str | None = None) -> None:
         self.reason = reason
         self.detail = detail
+        self.found = found
         super().__init__(f"{reason}: {detail}" if detail else reason)
 
 
@@ -107,6 +108,7 @@ def open_image(
                 raise ImageError(
                     "unsupported_format",
                     f"{name}: a {found} file by its signature; only {', '.join(ALLOWED_FORMATS)} images are accepted",
+                    found,
                 ) from None
             raise ImageError("not_an_image", f"{name}: not a known image format") from None
         except (SyntaxError, ValueError) as err:

@@ -28,7 +28,7 @@ from phivision.answer.constrain import AnswerConstraint
 from phivision.answer.generate import generate_completions
 from phivision.answer.prompt import PromptFormat, parse_answer
 from phivision.args import ServeLimits
-from phivision.data.images import ImageError, image_size, load_image
+from phivision.data.images import ALLOWED_FORMATS, ImageError, image_size, load_image
 from phivision.netguard import AddressPolicy
 
 log = logging.getLogger("phivision.serve")
@@ -446,6 +446,11 @@ def failure(
         if err.reason == "too_many_pixels":
             message = f"{label}: too_many_pixels (the limit is {limits.max_pixels:,} pixels)"
             return ServeError(413, message, "image_too_large", param)
+        if err.found is not None:  # the client's own format, named (the allowlist is no secret)
+            message = (
+                f"{label}: unsupported_format: a {err.found} image; accepted: {', '.join(ALLOWED_FORMATS)}"
+            )
+            return ServeError(bad_image, message, "invalid_image", param)
         return ServeError(bad_image, f"{label}: {err.reason}", "invalid_image", param)
     if isinstance(err, QueueFull):
         return ServeError(503, "server busy: too many requests queued", "queue_full", **{"Retry-After": "1"})
