@@ -120,24 +120,22 @@ class ServeProcess:
     once /healthz answers 200; stopped with Ctrl-C (SIGINT) at the end."""
 
     def __init__(self, model: Path | str, *extra: str, env: dict[str, str] | None = None) -> None:
+        import tempfile
+
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
-        command = [
-            sys.executable,
-            "-m",
-            "phivision.cli",
-            "serve",
-            "--model",
-            str(model),
-            "--port",
-            str(self.port),
-        ]
+        self.log = tempfile.TemporaryFile()  # noqa: SIM115  (a pipe nobody reads would stall a chatty server)
+        flags = ["--model", str(model), "--port", str(self.port), *extra]
         self.process = subprocess.Popen(
-            [*command, *extra],
-            stdout=subprocess.PIPE,
+            [sys.executable, "-m", "phivision.cli", "serve", *flags],
+            stdout=self.log,
             stderr=subprocess.STDOUT,
             env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})},
         )
+
+    def output(self) -> str:
+        self.log.seek(0)
+        return self.log.read().decode(errors="replace")
 
     def __enter__(self) -> ServeProcess:
         import httpx
@@ -149,7 +147,7 @@ class ServeProcess:
             except httpx.TransportError:
                 pass
             if self.process.poll() is not None:
-                raise RuntimeError(f"serve exited: {self.process.stdout.read().decode()[-3000:]}")
+                raise RuntimeError(f"serve exited: {self.output()[-3000:]}")
             time.sleep(0.2)
         self.__exit__()
         raise RuntimeError("serve did not answer /healthz within 120 s")
@@ -161,7 +159,7 @@ class ServeProcess:
         except subprocess.TimeoutExpired:
             self.process.kill()
             self.process.wait()
-        self.process.stdout.close()
+        self.log.close()
 
 
 def data_url(data: bytes, mime: str = "image/png") -> str:

@@ -90,6 +90,29 @@ def test_one_failing_request_on_an_idle_server_leaves_it_healthy(server: ServerT
     assert chat(server.url).status_code == 200
 
 
+def test_a_broken_model_turns_health_503_until_a_batch_succeeds(lora_run: Path) -> None:
+    """The other side of case 1: health reflects the model. A model that fails every generation (its output
+    layer's weights lost) fails the known-good check too: the request gets its 500 and /healthz says 503 with
+    the reason, so a load balancer drops the node; repaired, the next answered batch makes it 200 again."""
+    import torch
+
+    loaded = load_model(lora_run, device="cpu")
+    head = loaded.model.get_output_embeddings()
+    weight = head.weight
+    with ServerThread(create_app(loaded, LIMITS, model_name="tiny")) as server:
+        assert chat(server.url).status_code == 200
+        head.weight = torch.nn.Parameter(
+            torch.empty(0)
+        )  # what a lost or mis-shaped tensor does to every call
+        assert chat(server.url).status_code == 500
+        broken = health(server.url)
+        assert broken["code"] == 503 and broken["status"] == "error" and broken["failed_batches"] == 1, broken
+        assert broken["error"], broken
+        head.weight = weight
+        assert chat(server.url).status_code == 200
+        assert health(server.url)["code"] == 200
+
+
 def test_bad_requests_through_the_api_fail_alone_in_steady_traffic(server: ServerThread) -> None:
     """The issue's two requests among valid ones sent at once: a lone surrogate in the text is a 400 for that
     request; temperature 1e-300 is answered (greedily, documented); every valid request gets its answer."""
