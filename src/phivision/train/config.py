@@ -26,7 +26,7 @@ from phivision.args import SEED, Generation, TrainArgs
 from phivision.data.layout import RunLayout
 from phivision.errors import PhivisionError, first_line
 from phivision.evaluate.metrics import generation_metric_names
-from phivision.io import read_text_bounded
+from phivision.io import ReadError, read_text_bounded
 from phivision.options import (
     CONFIG,
     ConfigError,
@@ -437,8 +437,10 @@ def read_yaml_with_lines(path: str | os.PathLike) -> tuple[dict[str, Any], dict[
         raise PhivisionError(f"{path}: config file not found")
     try:
         text = read_text_bounded(path)
-    except UnicodeDecodeError:
-        raise PhivisionError(f"{path}: not a UTF-8 text file") from None
+    except ReadError as err:
+        if err.reason == "not_text":
+            raise PhivisionError(f"{path}: not a UTF-8 text file") from None
+        raise PhivisionError(f"{path}: cannot read ({err.detail})") from None
     except OSError as err:
         raise PhivisionError(f"{path}: cannot read ({err.strerror})") from None
     try:
