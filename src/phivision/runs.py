@@ -15,8 +15,9 @@ from typing import Any
 import torch
 import yaml
 
+from phivision.answer.calibration import PriceCalibration, read_calibration
 from phivision.errors import PhivisionError
-from phivision.labels import LabelSpace, read_labels
+from phivision.labels import LABELS_FILE, LabelSpace, read_labels
 from phivision.prompt import PromptFormat
 
 # Written by `phivision export` beside the official files: the prompt the weights were trained with.
@@ -42,6 +43,8 @@ class LoadedModel:
     source: str  # what was loaded, for logs and /healthz
     categories: tuple[str, ...] | None = None  # the training split's categories (None: not recorded)
     currency: str | None = None  # the catalog's currency, e.g. "USD" (None: not recorded)
+    labels_path: str | None = None  # the file the categories were read from
+    calibration: PriceCalibration | None = None  # price ranges (RUN/calibration.json; None: not calibrated)
 
 
 @dataclass(frozen=True)
@@ -162,11 +165,12 @@ def _load_processor(name: str | Path) -> Any:
         raise PhivisionError(f"cannot load processor from {name}: {_first_line(err)}") from err
 
 
-def _export_info(path: Path) -> tuple[PromptFormat, LabelSpace]:
-    """The prompt and label space an export records in phivision.json (defaults for a plain checkpoint)."""
+def _export_info(path: Path) -> tuple[PromptFormat, LabelSpace, PriceCalibration | None]:
+    """The prompt, label space and price calibration an export records in phivision.json (defaults for a plain
+    checkpoint)."""
     info_path = path / EXPORT_INFO_FILE
     if not info_path.is_file():
-        return PromptFormat(), LabelSpace()
+        return PromptFormat(), LabelSpace(), None
     try:
         info = json.loads(info_path.read_text())
     except (ValueError, UnicodeDecodeError) as err:
@@ -181,7 +185,11 @@ def _export_info(path: Path) -> tuple[PromptFormat, LabelSpace]:
         labels = LabelSpace.from_dict(info["labels"]) if info.get("labels") is not None else LabelSpace()
     except (ValueError, TypeError) as err:
         raise PhivisionError(f"{info_path}: field 'labels': {err}") from err
-    return prompt, labels
+    try:
+        calibration = PriceCalibration.from_dict(info["calibration"]) if info.get("calibration") else None
+    except (ValueError, TypeError) as err:
+        raise PhivisionError(f"{info_path}: field 'calibration': {err}") from err
+    return prompt, labels, calibration
 
 
 def load_model(
@@ -205,10 +213,18 @@ def load_model(
     if local.is_dir() and is_run_dir(local):
         return _load_run(read_run(local), device, dtype, merge)
     if local.is_dir() and is_checkpoint_dir(local):
-        prompt, labels = _export_info(local)
+        prompt, labels, calibration = _export_info(local)
         model = _load_checkpoint(str(local), device, dtype)
+        labels_path = str(local / EXPORT_INFO_FILE) if labels.categories else None
         return LoadedModel(
-            model, _load_processor(local), prompt, str(local), labels.categories, labels.currency
+            model,
+            _load_processor(local),
+            prompt,
+            str(local),
+            labels.categories,
+            labels.currency,
+            labels_path,
+            calibration,
         )
     if local.exists():
         raise PhivisionError(
@@ -226,11 +242,17 @@ def load_model(
 def _load_run(run: RunInfo, device: torch.device, dtype: torch.dtype, merge: bool) -> LoadedModel:
     processor_dir = run.processor_dir if run.processor_dir.is_dir() else None
     labels = read_labels(run.run_dir)
+    recorded = {
+        "categories": labels.categories,
+        "currency": labels.currency,
+        "labels_path": str(run.run_dir / LABELS_FILE) if labels.categories else None,
+        "calibration": read_calibration(run.run_dir),
+    }
     if run.model_dir.is_dir():  # full fine-tuning saved the whole model
         model = _load_checkpoint(str(run.model_dir), device, dtype)
         processor = _load_processor(processor_dir or run.model_dir)
         source = f"{run.run_dir} (full fine-tune)"
-        return LoadedModel(model, processor, run.prompt, source, labels.categories, labels.currency)
+        return LoadedModel(model, processor, run.prompt, source, **recorded)
 
     from phivision.loading import load_adapter
 
@@ -242,4 +264,4 @@ def _load_run(run: RunInfo, device: torch.device, dtype: torch.dtype, merge: boo
         model = model.merge_and_unload()
     processor = _load_processor(processor_dir or run.base)
     source = f"{run.run_dir} ({run.method} on {run.base})"
-    return LoadedModel(model, processor, run.prompt, source, labels.categories, labels.currency)
+    return LoadedModel(model, processor, run.prompt, source, **recorded)

@@ -49,7 +49,17 @@ def test_predict_cli_writes_json_lines(lora_run: Path, photos: Path, tmp_path: P
         if Path(record["image"]).name == "broken.png":
             assert set(record) == {"image", "error"}
         else:
-            assert set(record) == {"image", "title", "category", "price", "currency", "answer"}
+            assert set(record) == {
+                "image",
+                "title",
+                "category",
+                "price",
+                "price_low",
+                "price_high",
+                "price_level",
+                "currency",
+                "answer",
+            }
             assert isinstance(record["answer"], str)
             assert record["currency"] is None  # this hand-made run records no label space
 

@@ -58,7 +58,17 @@ def test_predict_returns_fields(server: ServerThread) -> None:
     response = post(server.url, png_bytes())
     assert response.status_code == 200, response.text
     body = response.json()
-    assert set(body) == {"image", "title", "category", "price", "currency", "answer"}
+    assert set(body) == {
+        "image",
+        "title",
+        "category",
+        "price",
+        "price_low",
+        "price_high",
+        "price_level",
+        "currency",
+        "answer",
+    }
     assert body["image"] == "photo.png"
     assert isinstance(body["answer"], str)
     # Greedy decoding: the same photo gets the same answer.

@@ -8,12 +8,16 @@ reads every stage found there.
 from __future__ import annotations
 
 import json
+import math
 import os
 from pathlib import Path
 from typing import Any
 
 from tqdm.auto import tqdm
 
+from phivision.answer.calibration import DEFAULT_LEVEL, PLOT_LEVELS, PriceCalibration
+from phivision.answer.ranges import answer_range, check_price_level
+from phivision.answer.taxonomy import model_taxonomy, with_taxonomy
 from phivision.data.layout import SPLITS, load_catalog
 from phivision.errors import PhivisionError
 from phivision.evaluate.constrain import AnswerConstraint, constraint_name
@@ -55,19 +59,42 @@ def _answer_all(
     max_new_tokens: int,
     progress: bool,
     constraint: AnswerConstraint | None = None,
-) -> tuple[list[str], list[str | None]]:
-    """Raw answers for every image path, loading images chunk by chunk; unreadable images answer ""."""
+    price_spread: bool = False,
+) -> tuple[list[Any], list[str | None]]:
+    """A Completion for every image path (None for an unreadable image), loading images chunk by chunk."""
     from phivision.evaluate.generate import answer_image_files
 
-    answers: list[str] = []
+    completions: list[Any] = []
     problems: list[str | None] = []
     with tqdm(total=len(paths), desc="evaluate", unit="img", disable=not progress) as bar:
-        for _, answer, problem in answer_image_files(
-            loaded, paths, IMAGES_PER_CHUNK, batch_size, max_new_tokens, progress=bar, constraint=constraint
+        for _, completion, problem in answer_image_files(
+            loaded, paths, IMAGES_PER_CHUNK, batch_size, max_new_tokens, bar, constraint, price_spread
         ):
-            answers.append(answer)
+            completions.append(completion)
             problems.append(problem)
-    return answers, problems
+    return completions, problems
+
+
+def _calibration(
+    loaded: Any, data_dir: Path, split: str, constraint: AnswerConstraint | None, **answering: Any
+) -> tuple[PriceCalibration | None, str]:
+    """The calibration of the model's price ranges, and where it came from: the model's own (stored at the end
+    of training), else one made now on the val split of ``data_dir`` (not when that is the split evaluated:
+    its coverage would be measured on the items it was fitted to)."""
+    if constraint is None:
+        return None, "no price ranges: answers are not constrained (--no-constrain)"
+    if loaded.calibration is not None:
+        return loaded.calibration, "the model's calibration"
+    if split == "val":
+        return None, "no price ranges: the model has no calibration, and the val split is the one evaluated"
+    catalog_has_val = (load_catalog(data_dir)["split"] == "val").any()
+    if not catalog_has_val:
+        return None, f"no price ranges: the model has no calibration and {data_dir} has no val split"
+    from phivision.answer.ranges import calibrate_model
+
+    return calibrate_model(
+        loaded, data_dir, "val", constraint, **answering
+    ), "calibrated now on the val split"
 
 
 def evaluate(
@@ -80,6 +107,9 @@ def evaluate(
     limit: int | None = None,
     progress: bool = True,
     constrain: bool = True,
+    categories: str | os.PathLike | None = None,
+    question: str | None = None,
+    price_level: float = DEFAULT_LEVEL,
 ) -> dict:
     """Score a model's answers on one split of a dataset directory.
 
@@ -92,8 +122,14 @@ def evaluate(
         max_new_tokens: answer length cap.
         limit: score only the first ``limit`` items of the split (quick checks).
         progress: show a progress bar.
-        constrain: force answers into the model's template, with the category one of its training categories
-            when the model records them (:mod:`phivision.evaluate.constrain`); False: free generation.
+        constrain: force answers into the model's template, with the category one of the taxonomy's
+            (:mod:`phivision.evaluate.constrain`); False: free generation.
+        categories: a file of categories (one per line, or a JSON list) for a model that records none; the
+            taxonomy is the model's recorded labels, else this file, else the train split of ``data_dir``
+            (:mod:`phivision.answer.taxonomy`).
+        question: ask this instead of the model's own question; ``{categories}`` in it is the taxonomy.
+        price_level: the coverage level of the price ranges (the model's calibration, else one made on the val
+            split first; no ranges when answers are not constrained).
 
     Returns:
         The metrics dict written to metrics.json (flat headline keys, ``per_category``, ``baseline``, ...).
@@ -104,6 +140,7 @@ def evaluate(
         raise PhivisionError(f"--batch-size {batch_size}: must be at least 1")
     if limit is not None and limit < 1:
         raise PhivisionError(f"--limit {limit}: must be at least 1")
+    price_level = check_price_level(price_level)
     data_dir = Path(data_dir)
     catalog = load_catalog(data_dir)
     items = catalog[catalog["split"] == split].reset_index(drop=True)
@@ -124,11 +161,22 @@ def evaluate(
         loaded = load_model(model)
     else:
         loaded = model
+    taxonomy = model_taxonomy(loaded, categories, data_dir)
+    loaded = with_taxonomy(loaded, taxonomy, question)
     paths = [(data_dir / p).resolve() for p in items["image_path"]]
     constraint = AnswerConstraint.for_model(loaded) if constrain else None
-    answers, problems = _answer_all(loaded, paths, batch_size, max_new_tokens, progress, constraint)
+    answering = {"batch_size": batch_size, "max_new_tokens": max_new_tokens, "progress": progress}
+    calibration, calibrated = _calibration(loaded, data_dir, split, constraint, limit=limit, **answering)
+    completions, problems = _answer_all(
+        loaded, paths, batch_size, max_new_tokens, progress, constraint, calibration is not None
+    )
+    answers = ["" if c is None else c.text for c in completions]
+    ranges = None
+    if calibration is not None:
+        ranges = [answer_range(c, loaded.prompt, calibration, price_level, plot=True) for c in completions]
 
-    scored = score(items, [parse_answer(a, loaded.prompt) for a in answers], stats)
+    parsed = [parse_answer(a, loaded.prompt) for a in answers]
+    scored = score(items, parsed, stats, ranges)
     records = []
     for record, product, path, answer, problem in zip(
         scored, items["product_code"], paths, answers, problems, strict=True
@@ -136,7 +184,7 @@ def evaluate(
         records.append({"id": str(product), "image": str(path), "answer": answer, **record})
         if problem is not None:
             records[-1]["image_error"] = problem
-    baseline = baseline_metrics(items, stats)
+    baseline = baseline_metrics(items, stats, price_level if ranges is not None else None)
     metrics = summarize(records, baseline=baseline)
     metrics.update(
         {
@@ -146,6 +194,9 @@ def evaluate(
             "split": split,
             "max_new_tokens": max_new_tokens,
             "constraint": constraint_name(constraint),
+            "question": loaded.prompt.question,
+            "taxonomy": taxonomy.to_dict(),
+            "price_interval": range_summary(calibration, calibrated, price_level),
             "baseline": baseline,
             "scoring": SCORING,
         }
@@ -159,8 +210,26 @@ def evaluate(
     return metrics
 
 
+def range_summary(calibration: PriceCalibration | None, how: str, level: float) -> dict:
+    """What metrics.json records under ``price_interval``: the level, the calibration and where it came from,
+    and the calibration's quantile at every level of the calibration plot."""
+    if calibration is None:
+        return {"level": None, "note": how}
+    return {
+        "level": level,
+        "method": calibration.method,
+        "calibration": {"source": calibration.source, "n": calibration.n, "how": how},
+        "quantiles": {f"{100 * lv:g}": _finite(calibration.quantile(lv)) for lv in PLOT_LEVELS},
+    }
+
+
+def _finite(value: float) -> float | None:
+    return value if math.isfinite(value) else None
+
+
 def summary_table(metrics: dict) -> str:
-    """The headline metrics as aligned text, with the baseline beside them when present."""
+    """The headline metrics as aligned text, with the baseline beside them when present; then where the
+    categories came from and how the price ranges were calibrated."""
     baseline = metrics.get("baseline") or {}
     lines = [f"{'metric':<28}{'value':>12}{'baseline':>12}"]
     for key, label, kind in HEADLINE:
@@ -169,4 +238,29 @@ def summary_table(metrics: dict) -> str:
         lines.append(
             f"{label:<28}{format_value(metrics[key], kind):>12}{format_value(baseline.get(key), kind):>12}"
         )
+    if "taxonomy" in metrics:
+        lines.append(f"categories: {taxonomy_text(metrics['taxonomy'])}")
+    if "price_interval" in metrics:
+        lines.append(f"price ranges: {range_text(metrics['price_interval'])}")
     return "\n".join(lines)
+
+
+def taxonomy_text(taxonomy: Any) -> str:
+    """Where a stage's category list came from, and its size (metrics.json ``taxonomy``)."""
+    if not isinstance(taxonomy, dict) or taxonomy.get("source") not in ("run", "file", "data", "none"):
+        return "—"
+    if taxonomy["source"] == "none":
+        return "none (free text)"
+    origin = {"run": "the model's labels", "file": "file", "data": "train split of"}[taxonomy["source"]]
+    text = f"{taxonomy.get('count')} from {origin} {taxonomy.get('path') or ''}".strip()
+    return f"{text} ({taxonomy['note']})" if taxonomy.get("note") else text
+
+
+def range_text(summary: Any) -> str:
+    """A stage's price ranges: their level and calibration (metrics.json ``price_interval``)."""
+    if not isinstance(summary, dict):
+        return "—"
+    if summary.get("level") is None:
+        return str(summary.get("note") or "none")
+    calibration = summary.get("calibration") if isinstance(summary.get("calibration"), dict) else {}
+    return f"{100 * float(summary['level']):g}%, calibrated on the {calibration.get('source', '?')}"

@@ -16,6 +16,7 @@ from typing import Any
 
 import torch
 
+from phivision.answer.calibration import read_calibration
 from phivision.errors import PhivisionError
 from phivision.io import atomic_directory, atomic_write_json, require_empty_dir
 from phivision.labels import read_labels
@@ -69,6 +70,7 @@ def export_info(info: RunInfo, run_dir: Path) -> dict[str, Any]:
     return {
         "prompt": info.prompt.to_dict(),
         "labels": read_labels(run_dir).to_dict(),  # categories and currency, for constrained answers
+        "calibration": calibration.to_dict() if (calibration := read_calibration(run_dir)) else None,
         "run": str(run_dir.resolve()),
         "base": info.base,
         "method": info.method,

@@ -42,6 +42,9 @@ class ServeLimits:
     remote_image_timeout: float = 10.0  # seconds for fetching one http(s) image_url, redirects included
     max_redirects: int = 5  # redirects followed when fetching an http(s) image_url
     constrain: bool = True  # force answers into the run's template and categories (--no-constrain: free text)
+    price_level: float = (
+        0.8  # coverage level of the price ranges (price_low, price_high) of a calibrated model
+    )
 
     @property
     def max_upload_bytes(self) -> int:
@@ -68,6 +71,10 @@ class ServeLimits:
                 raise PhivisionError(f"{flag} {value!r}: must be greater than 0")
             if low is not None and value < low:
                 raise PhivisionError(f"{flag} {value!r}: must be at least {low}")
+        if not self.price_level < 1:
+            raise PhivisionError(
+                f"--price-level {self.price_level!r}: must be strictly between 0 and 1 (e.g. 0.8)"
+            )
         return self
 
 

@@ -14,6 +14,8 @@ from typing import TextIO
 
 from tqdm import tqdm
 
+from phivision.answer.calibration import DEFAULT_LEVEL, PriceRange
+from phivision.answer.ranges import answer_range, check_price_level
 from phivision.errors import PhivisionError
 from phivision.io import atomic_write_text
 from phivision.prompt import PromptFormat, parse_answer
@@ -48,16 +50,25 @@ def expand_inputs(inputs: Sequence[str | Path]) -> list[Path]:
 
 
 def prediction_record(
-    image: str, answer: str, prompt: PromptFormat = PromptFormat(), currency: str | None = None
+    image: str,
+    answer: str,
+    prompt: PromptFormat = PromptFormat(),
+    currency: str | None = None,
+    price_range: PriceRange | None = None,
 ) -> dict:
     """The JSON shape shared by predict and the HTTP API: the fields parsed with the run's ``prompt`` template,
-    the price's ``currency`` (the catalog's, None when the model does not record one) and the raw answer."""
+    the price's ``currency`` (the catalog's, None when the model does not record one), its calibrated range
+    (``price_low``, ``price_high`` at ``price_level``; null without a calibration) and the raw answer."""
     parsed = parse_answer(answer, prompt)
+    has_range = price_range is not None and price_range.low is not None
     return {
         "image": image,
         "title": parsed.title,
         "category": parsed.category,
         "price": parsed.price,
+        "price_low": price_range.low if has_range else None,
+        "price_high": price_range.high if has_range else None,
+        "price_level": price_range.level if has_range else None,
         "currency": currency,
         "answer": answer,
     }
@@ -70,24 +81,32 @@ def predict_images(
     max_new_tokens: int = 64,
     progress: bool = True,
     constrain: bool = True,
+    price_level: float = DEFAULT_LEVEL,
 ) -> Iterator[dict]:
     """Yield one record per path, in order. Images are decoded one batch at a time so memory stays flat.
 
-    ``constrain`` forces every answer into the model's template and recorded categories
-    (:mod:`phivision.evaluate.constrain`); False lets the model write freely.
+    ``constrain`` forces every answer into the model's template and categories
+    (:mod:`phivision.evaluate.constrain`; give ``loaded`` a taxonomy with
+    :func:`phivision.answer.taxonomy.with_taxonomy`); False lets the model write freely. A constrained answer of
+    a calibrated model carries its price range at ``price_level``.
     """
     from phivision.evaluate.constrain import AnswerConstraint
     from phivision.evaluate.generate import answer_image_files
 
+    check_price_level(price_level)
     constraint = AnswerConstraint.for_model(loaded) if constrain else None
+    ranged = constraint is not None and loaded.calibration is not None
     with tqdm(total=len(paths), desc="predict", unit="img", disable=not progress) as bar:
-        for path, answer, error in answer_image_files(
-            loaded, paths, batch_size, batch_size, max_new_tokens, progress=bar, constraint=constraint
+        for path, completion, error in answer_image_files(
+            loaded, paths, batch_size, batch_size, max_new_tokens, bar, constraint, price_spread=ranged
         ):
             if error:
                 yield {"image": str(path), "error": error}
             else:
-                yield prediction_record(str(path), answer, loaded.prompt, loaded.currency)
+                price_range = answer_range(completion, loaded.prompt, loaded.calibration, price_level)
+                yield prediction_record(
+                    str(path), completion.text, loaded.prompt, loaded.currency, price_range
+                )
 
 
 def run_predict(

@@ -34,6 +34,7 @@ from PIL import Image
 from pydantic import BaseModel
 from starlette.concurrency import run_in_threadpool
 
+from phivision.answer.ranges import answer_range
 from phivision.data.images import ImageError, load_image
 from phivision.netguard import AddressPolicy
 from phivision.prompt import PromptFormat
@@ -104,6 +105,7 @@ def answer_jobs(loaded: Any, limits: ServeLimits, jobs: list[Job]) -> list[Any]:
     from phivision.evaluate.generate import generate_completions
 
     constraint = AnswerConstraint.for_model(loaded) if limits.constrain else None
+    ranged = constraint is not None and loaded.calibration is not None
     results: list[Any] = [None] * len(jobs)
     images: dict[int, Image.Image] = {}
     for i, job in enumerate(jobs):
@@ -134,6 +136,7 @@ def answer_jobs(loaded: Any, limits: ServeLimits, jobs: list[Job]) -> list[Any]:
             on_token=on_token if streams else None,
             constraint=constraint,
             exact_length=True,
+            price_spread=ranged,
         )
         for i, completion in zip(members, completions, strict=True):
             results[i] = completion
@@ -166,6 +169,12 @@ class Serving:
     @property
     def question(self) -> str:
         return self.loaded.prompt.question
+
+    def record(self, image: str, completion: Any) -> dict:
+        """The answer's record (:func:`phivision.serve.predict.prediction_record`), with its price range."""
+        loaded = self.loaded
+        price_range = answer_range(completion, loaded.prompt, loaded.calibration, self.limits.price_level)
+        return prediction_record(image, completion.text, loaded.prompt, loaded.currency, price_range)
 
     async def answer(
         self, data: bytes, generation: Generation, on_token: Callable[[int], None] | None = None
@@ -322,6 +331,9 @@ class Prediction(BaseModel):
     title: str | None
     category: str | None
     price: float | None
+    price_low: float | None  # the price's calibrated range at price_level (null: the model is not calibrated)
+    price_high: float | None
+    price_level: float | None
     currency: str | None  # the catalog's currency the price is in (null when the model records none)
     answer: str
 
@@ -494,7 +506,7 @@ def create_app(
             completion = await serving.answer(data, generation)
         except Exception as err:
             raise failure(err, limits, 415, name) from None
-        return prediction_record(name, completion.text, serving.loaded.prompt, serving.loaded.currency)
+        return serving.record(name, completion)
 
     openai_api.add_routes(app, serving)
     return app

@@ -229,6 +229,13 @@ class EvalConfig:
             "(llguidance); false: free generation."
         },
     )
+    calibrate: bool = field(
+        default=True,
+        metadata={
+            "help": "After training, answer the whole val split with the run's weights and calibrate the "
+            "price ranges on it (RUN/calibration.json; needs eval.constrain); false: no price ranges."
+        },
+    )
 
 
 @dataclass
@@ -271,7 +278,13 @@ class TrackingConfig:
 class PromptConfig:
     """The exchange the model learns; saved with the run so evaluation and serving ask the same question."""
 
-    question: str = field(default=DEFAULT_QUESTION, metadata={"help": "The user's question after the image."})
+    question: str = field(
+        default=DEFAULT_QUESTION,
+        metadata={
+            "help": "The user's question after the image; {categories} in it is replaced by the train split's "
+            "categories, comma-separated."
+        },
+    )
     answer_template: str = field(
         default=DEFAULT_ANSWER_TEMPLATE,
         metadata={"help": "The answer, with each of {title}, {category} and {full_price} exactly once."},

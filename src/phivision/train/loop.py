@@ -27,6 +27,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from phivision.answer.taxonomy import fill_question
 from phivision.errors import PhivisionError
 from phivision.io import atomic_write_json, atomic_write_text
 from phivision.labels import LabelSpace, write_labels
@@ -387,7 +388,7 @@ def evaluate_model(
     gen_n = min(len(val), config.eval.gen_samples)
     if gen_n:
         images = [val.image(i) for i in range(gen_n)]
-        fmt = config.prompt.format()
+        fmt = val.fmt  # the run's prompt, {categories} filled with the train split's
         labels = LabelSpace.from_rows(train_rows["category"], train_rows["currency"])
         constraint = AnswerConstraint(fmt, labels.categories) if config.eval.constrain else None
         with generation_model(accelerator, model) as generator, accelerator.autocast():
@@ -480,7 +481,8 @@ class Recipe:
         for param in self.model.parameters():
             if param.requires_grad and param.dtype != torch.float32:
                 param.data = param.data.float()
-        fmt = config.prompt.format()
+        categories = LabelSpace.from_rows(self.train_rows["category"], []).categories
+        fmt = fill_question(config.prompt.format(), categories)
         root = config.data.path
         self.train_set = ProductDataset(
             root, self.train_rows, self.processor, fmt, cache=config.data.cache_examples
@@ -734,4 +736,36 @@ def train(config: TrainConfig, resume: bool = False, progress: bool = True) -> T
     recipe = Recipe(config, resume=resume, progress=progress)
     recipe.setup()
     recipe.fit()
-    return recipe.finish()
+    result = recipe.finish()
+    calibrate = recipe.is_main and config.eval.calibrate and config.eval.constrain and len(recipe.val_set)
+    recipe.accelerator.free_memory()  # the training model goes before the run's weights load
+    del recipe
+    if calibrate:
+        calibrate_run(config, progress)
+    return result
+
+
+def calibrate_run(config: TrainConfig, progress: bool = True) -> Path:
+    """Load the finished run (its best weights) and calibrate its price ranges on the whole val split:
+    ``RUN/calibration.json``, which predict, serve and evaluate then use."""
+    import gc
+
+    from phivision.answer.calibration import write_calibration
+    from phivision.answer.ranges import calibrate_model
+    from phivision.answer.taxonomy import model_taxonomy, with_taxonomy
+    from phivision.runs import load_model
+
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+    loaded = load_model(config.out)
+    loaded = with_taxonomy(loaded, model_taxonomy(loaded))
+    calibration = calibrate_model(
+        loaded,
+        config.data.path,
+        "val",
+        batch_size=config.eval.batch_size,
+        max_new_tokens=config.eval.max_new_tokens,
+        progress=progress,
+    )
+    return write_calibration(config.out, calibration)

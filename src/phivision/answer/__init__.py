@@ -1,0 +1,1 @@
+"""The answer layer: what a model's answer holds beyond its text (the price's spread and its calibrated range)."""
