@@ -10,6 +10,7 @@ import torch
 from PIL import Image
 
 from phivision.answer.calibration import calibrate, coverage
+from phivision.answer.price_spread import _deviated_price
 from phivision.evaluate.constrain import AnswerConstraint
 from phivision.evaluate.generate import generate_completions
 from phivision.prompt import PromptFormat, parse_answer
@@ -115,3 +116,23 @@ def test_ranges_from_the_scripted_model_cover_as_its_distribution_says(scripted)
         low, high = calibration.intervals([price] * len(truth), [spread] * len(truth), level)
         covered, _ = coverage(truth, low, high)
         assert covered.mean() == pytest.approx(expected, abs=0.012), level
+
+
+@pytest.mark.parametrize(
+    ("chars", "stopped", "expected"),
+    [
+        (b"4", False, 490.0),  # open: the answer's magnitude (890 has three integer digits)
+        (b"12", False, 120.0),
+        (b"1290", False, 1290.0),  # already longer than the answer: as written
+        (b"4", True, 4.0),  # the stop token closes it
+        (b"45,", False, 45.0),  # the text after the price closes it
+        (b"89.5", False, 89.5),  # a decimal point fixes the magnitude
+        (b"89.", False, 89.0),
+        (b"", False, 890.0),  # nothing of the price yet: the answer's own
+        (b"", True, None),  # stopped before any digit: no price
+        (b"0", False, None),  # below 1, digits unknown: left out
+        (b"0.5", True, 0.5),
+    ],
+)
+def test_an_alternative_is_read_as_the_price_it_begins(chars, stopped, expected) -> None:
+    assert _deviated_price(chars, stopped, b"890.0") == expected

@@ -140,9 +140,12 @@ def _deviated_price(chars: bytes, stopped: bool, answer: bytes) -> float | None:
     whole, dot, _ = number.partition(b".")
     if not whole:
         return None if closed else float(answer)  # nothing of the price written yet: the answer's own
+    if whole.startswith(b"0") and not dot:
+        return None  # a leading 0 is a price below 1 whose digits are not written yet
     if not (dot or closed):
         own = answer.partition(b".")[0]
         whole += own[len(whole) :]  # still open: the same magnitude as the answer's
-        return float(whole)
-    value = float(number.rstrip(b"."))
+        value = float(whole)
+    else:
+        value = float(number.rstrip(b"."))
     return value if value > 0 and math.isfinite(value) else None
