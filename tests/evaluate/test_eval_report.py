@@ -183,7 +183,7 @@ def test_calibration_plot_and_table_follow_the_ranges(report_path, run_dir) -> N
             held = [r["errors"]["price_interval_levels"][f"{100 * level:g}"] for r in records]
             assert row[column].startswith(format_value(sum(held) / len(held), "pct"))
     stages = table_rows(html, "stages")
-    assert all("from the train split of" in row[5] for row in stages)
+    assert all(f"4 from train split of {run_dir.parent / 'data'}" == row[5] for row in stages)
     assert all("80%, calibrated on the val split of a stand-in (30 items)" in row[6] for row in stages)
 
 
@@ -480,7 +480,9 @@ def test_damaged_training_log_is_reported_not_fatal(run_dir, tmp_path, capsys) -
     assert f"line {len(lines) + 1}: not JSON" in notes
     assert "key &#39;loss&#39;: expected a number" in notes
     assert "trainer_state.json: cannot read" in notes
-    assert html.count('src="data:image/png;base64,') == 6  # the curves are still drawn from the good lines
+    assert (
+        html.count('src="data:image/png;base64,') == 7
+    )  # the curves are still drawn from the good lines (and the calibration plot)
     assert len(table_rows(html, "evals")) == TRAIN_STEPS // EVAL_EVERY
     warnings = capsys.readouterr().err.strip().splitlines()
     assert len(warnings) == 2 and all(w.startswith("warning: ") for w in warnings)
