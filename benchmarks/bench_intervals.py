@@ -47,7 +47,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from phivision.answer.calibration import DEFAULT_FLOOR, conformal_quantile, coverage, nonconformity
+from phivision.answer.calibration import (
+    DEFAULT_FLOOR,
+    calibrate,
+    conformal_quantile,
+    coverage,
+    nonconformity,
+)
 from phivision.answer.price_spread import PriceDistribution
 from phivision.data.images import load_image
 from phivision.data.layout import load_catalog
@@ -239,6 +245,11 @@ def methods(val: list[dict], test: list[dict], val_true, test_true, train) -> di
                 level,
                 max(typical, DEFAULT_FLOOR),
             )
+        chosen = calibrate(val_true, column["price"][0], [s["mean |log|"] for s in spreads[0]])
+        low, high = chosen.intervals(column["price"][1], [s["mean |log|"] for s in spreads[1]], level)
+        found["digit tokens: mean |log|, floor chosen on val (the library's)"][level] = coverage(
+            test_true, low, high
+        )
         found["digit tokens: quantiles, CQR"][level] = conformalized_quantiles(
             val_true,
             np.array([s[level] for s in spreads[0]]),
@@ -254,6 +265,11 @@ def methods(val: list[dict], test: list[dict], val_true, test_true, train) -> di
             [c for c, _ in summaries[1]],
             [s for _, s in summaries[1]],
             level,
+        )
+        chosen = calibrate(val_true, [c for c, _ in summaries[0]], [s for _, s in summaries[0]])
+        low, high = chosen.intervals([c for c, _ in summaries[1]], [s for _, s in summaries[1]], level)
+        found[f"{samples} samples: median, mean |log|, floor chosen on val"][level] = coverage(
+            test_true, low, high
         )
         found[f"{samples} samples: quantiles, CQR"][level] = conformalized_quantiles(
             val_true, sample_bounds(draws[0], level), test_true, sample_bounds(draws[1], level), level

@@ -10,9 +10,12 @@ import numpy as np
 import pytest
 
 from phivision.answer.calibration import (
+    DEFAULT_FLOOR,
+    FLOOR_MULTIPLES,
     PriceCalibration,
     calibrate,
     check_level,
+    choose_floor,
     conformal_quantile,
     coverage,
     nonconformity,
@@ -107,3 +110,35 @@ def test_the_calibration_file_round_trips_and_a_broken_one_names_itself(tmp_path
     path.write_text("{not json")
     with pytest.raises(PhivisionError, match=r"calibration\.json"):
         read_calibration(tmp_path)
+
+
+def test_the_floor_follows_the_spread_where_it_tracks_the_errors() -> None:
+    """Where the spread is the error's true scale, a smaller floor (widths that follow the model) is narrowest;
+    where the spread is noise, the largest floor (nearly one relative width for all) is; coverage holds either
+    way."""
+    true, price, sigma = lognormal_items(4000, seed=5)
+    informative = calibrate(true, price, sigma)
+    noise = np.random.default_rng(6).permutation(sigma)  # the same spreads, unrelated to the errors
+    blind = calibrate(true, price, noise)
+    assert blind.floor == pytest.approx(FLOOR_MULTIPLES[-1] * np.median(noise))  # the largest
+    assert informative.floor <= blind.floor / 4
+    new_true, new_price, new_sigma = lognormal_items(20_000, seed=7)
+    new_noise = np.random.default_rng(8).permutation(new_sigma)
+    for calibration, spread in ((informative, new_sigma), (blind, new_noise)):
+        covered, _ = coverage(new_true, *calibration.intervals(new_price, spread, 0.8))
+        assert covered.mean() == pytest.approx(0.8, abs=0.015)
+    _, narrow = coverage(new_true, *informative.intervals(new_price, new_sigma, 0.8))
+    _, fixed_floor = coverage(
+        new_true, *calibrate(true, price, sigma, floor=1.0).intervals(new_price, new_sigma, 0.8)
+    )
+    assert np.nanmean(narrow) < np.nanmean(fixed_floor)
+
+
+def test_the_floor_of_tiny_or_priceless_calibration_sets() -> None:
+    assert choose_floor([100.0], [110.0], [0.2]) == DEFAULT_FLOOR  # one item: nothing to compare
+    assert choose_floor([100.0, 200.0, 300.0], [None, None, None], [None, None, None]) == DEFAULT_FLOOR
+    mixed = choose_floor([100.0] * 40, [105.0] * 20 + [None] * 20, [0.1] * 20 + [None] * 20)
+    assert mixed in (
+        DEFAULT_FLOOR,
+        *(m * 0.1 for m in FLOOR_MULTIPLES),
+    )  # answers without a price are left out

@@ -34,6 +34,9 @@ DEFAULT_LEVEL = 0.8
 PLOT_LEVELS = (0.5, 0.6, 0.7, 0.8, 0.9, 0.95)  # the calibration plot's nominal levels
 # Added to every spread so that an answer the model is sure of still gets a range a rounding can miss.
 DEFAULT_FLOOR = 0.01
+# The floors calibration chooses among, as multiples of the calibration items' median spread: the larger the
+# floor, the less the model's own spread moves the width (the choice is measured, :func:`choose_floor`).
+FLOOR_MULTIPLES = (0.5, 1.0, 2.0, 4.0, 8.0)
 
 
 def check_level(level: float, name: str = "level") -> float:
@@ -169,17 +172,61 @@ def calibrate(
     true: Sequence[float] | np.ndarray,
     prices: Sequence[float | None] | np.ndarray,
     spreads: Sequence[float | None] | np.ndarray,
-    floor: float = DEFAULT_FLOOR,
+    floor: float | None = None,
     method: str = "digits",
     source: str = "",
 ) -> PriceCalibration:
-    """The calibration of answers (``prices`` with their ``spreads``) to items whose ``true`` prices are known."""
+    """The calibration of answers (``prices`` with their ``spreads``) to items whose ``true`` prices are known.
+
+    ``floor`` None: chosen on the items by :func:`choose_floor`.
+    """
     if len(true) == 0:
         raise ValueError("calibration needs at least one item with a known price")
     if not len(true) == len(prices) == len(spreads):
         raise ValueError(f"{len(true)} true prices but {len(prices)} answers and {len(spreads)} spreads")
+    if floor is None:
+        floor = choose_floor(true, prices, spreads)
     scores = nonconformity(true, prices, spreads, floor)
     return PriceCalibration(tuple(scores.tolist()), floor, method, source)
+
+
+def choose_floor(
+    true: Sequence[float] | np.ndarray,
+    prices: Sequence[float | None] | np.ndarray,
+    spreads: Sequence[float | None] | np.ndarray,
+    level: float = DEFAULT_LEVEL,
+) -> float:
+    """The floor, among :data:`DEFAULT_FLOOR` and :data:`FLOOR_MULTIPLES` of the median spread, whose ranges at
+    ``level`` are narrowest on the calibration items, cross-fitted: each half of the items (alternate items)
+    sets the quantile that the other half's widths are measured with.
+
+    Why: how far the model's spread tracks its errors differs from model to model. Where it does, a small floor
+    lets the width follow it (narrow for sure answers, wide for guesses); where it does not, a large floor keeps
+    the widths close to one relative width, the narrowest ranges that keep the coverage. Coverage holds for any
+    floor; the choice among six only trades widths (measured in benchmarks/bench_intervals.py).
+    """
+    y = np.asarray(true, dtype=np.float64)
+    p = np.array([np.nan if v is None else v for v in prices], dtype=np.float64)
+    s = np.array([np.nan if v is None else v for v in spreads], dtype=np.float64)
+    known = s[np.isfinite(s)]
+    typical = float(np.median(known)) if known.size else 0.0
+    candidates = [DEFAULT_FLOOR, *(max(DEFAULT_FLOOR, m * typical) for m in FLOOR_MULTIPLES if typical > 0)]
+    halves = [np.arange(len(y)) % 2 == k for k in (0, 1)]
+    ranged = np.isfinite(p) & (p > 0) & np.isfinite(s)  # items without a price have no width at any floor
+    best, best_width = DEFAULT_FLOOR, math.inf
+    for floor in candidates:
+        widths = []
+        for fit, use in ((halves[0], halves[1]), (halves[1], halves[0])):
+            scores = nonconformity(y[fit], p[fit], s[fit], floor)
+            q = conformal_quantile(scores, level) if fit.any() else math.inf
+            use = use & ranged
+            half = q * (s[use] + floor)
+            with np.errstate(over="ignore", invalid="ignore"):
+                widths.append(p[use] * (np.exp(half) - np.exp(-half)) / y[use])  # inf where q is
+        width = float(np.mean(np.concatenate(widths))) if ranged.sum() > 1 else math.inf
+        if width < best_width:  # ties keep the smaller floor: the width follows the model more
+            best, best_width = floor, width
+    return best
 
 
 def coverage(

@@ -63,12 +63,17 @@ class PriceSteps:
         self.marker = before.rstrip()
         self.index = index
         self.steps: list[dict[int, tuple[list[int], list[float]]]] = [{} for _ in range(batch_size)]
+        self.texts = [b""] * batch_size  # each row's answer so far, decoded a token at a time
+        self.decoded = [0] * batch_size
 
-    def wants(self, tokens: list[int]) -> bool:
-        """Whether the next token may write price characters: the fixed text before the price is there (but for
-        its trailing space), and nothing but price characters since. Conservative: :meth:`distribution` keeps
-        only the steps that did write the price."""
-        text = self.guide.tokenizer.decode_bytes(tokens)
+    def wants(self, row: int, tokens: list[int]) -> bool:
+        """Whether row ``row``'s next token may write price characters (``tokens``: its answer so far): the fixed
+        text before the price is there (but for its trailing space), and nothing but price characters since.
+        Conservative: :meth:`distribution` keeps only the steps that did write the price."""
+        if len(tokens) > self.decoded[row]:
+            self.texts[row] += self.guide.tokenizer.decode_bytes(tokens[self.decoded[row] :])
+            self.decoded[row] = len(tokens)
+        text = self.texts[row]
         at = text.rfind(self.marker) if self.marker else 0
         if at < 0:
             return False

@@ -229,7 +229,9 @@ class ConstrainedLogits:
         step = input_ids.shape[1] - self.prompt_length
         for i, (row, best) in enumerate(zip(self.rows, scores.argmax(dim=-1).tolist(), strict=True)):
             forced = self._forced(row, left, int(best))
-            price_step = self.price_steps is not None and not row.done and self.price_steps.wants(row.tokens)
+            price_step = (
+                self.price_steps is not None and not row.done and self.price_steps.wants(i, row.tokens)
+            )
             if forced is None or price_step:
                 bits = np.frombuffer(row.matcher.compute_bitmask(), dtype=np.uint8)
                 mask = np.unpackbits(bits, bitorder="little")[: self.guide.vocab_size].astype(bool)
