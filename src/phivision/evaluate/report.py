@@ -80,6 +80,7 @@ RUN_FACTS = (
     ("LoRA rank", "lora.r"),
 )
 KINDS = {key: kind for key, _, kind in (*HEADLINE, *TRAINING_EVAL)}
+HINTS = {"price_interval_coverage": "right when equal to the range's level"}
 LABELS = {key: label for key, label, _ in (*HEADLINE, *TRAINING_EVAL)}
 
 
@@ -196,7 +197,8 @@ def headline_table(
             {
                 "key": key,
                 "label": f"{label} ({currency})" if kind == "price" and currency else label,
-                "hint": {True: "higher is better", False: "lower is better", None: ""}[higher_is_better(key)],
+                "hint": HINTS.get(key)
+                or {True: "higher is better", False: "lower is better", None: ""}[higher_is_better(key)],
                 "cells": cells,
                 "change": change_cell(key, point, change.get(key)) if show_change else None,
             }

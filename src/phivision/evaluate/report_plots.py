@@ -430,8 +430,9 @@ def calibration_plot(curves: Sequence[dict]) -> Figure:
     ax = fig.add_subplot()
     ax.fill_between([0, 1], [-0.05, 0.95], [0.05, 1.05], color=GREEN, alpha=0.12, label="within 5 points")
     ax.plot([0, 1], [0, 1], color=GREY, lw=1, ls="--", label="coverage = level")
-    for curve, color in zip(curves, (BLUE, ORANGE, RED, GREEN, GREY), strict=False):
-        levels, observed = np.asarray(curve["levels"]), np.asarray(curve["observed"])
+    for i, (curve, color) in enumerate(zip(curves, (BLUE, ORANGE, RED, GREEN, GREY), strict=False)):
+        dodge = (i - (len(curves) - 1) / 2) * 0.006  # stages side by side, not on top of each other
+        levels, observed = np.asarray(curve["levels"]) + dodge, np.asarray(curve["observed"])
         errors = None
         if curve.get("low") is not None:
             errors = np.abs(
@@ -448,7 +449,8 @@ def calibration_plot(curves: Sequence[dict]) -> Figure:
             capsize=3,
             label=curve["name"],
         )
-    lowest = min([0.4, *(min(c["levels"]) for c in curves), *(min(c["observed"]) for c in curves)])
+    lows = [v for c in curves for v in (c.get("low") or c["observed"]) if np.isfinite(v)]
+    lowest = min([0.4, *(min(c["levels"]) for c in curves), *(min(c["observed"]) for c in curves), *lows])
     ax.set_xlim(lowest - 0.03, 1.0)
     ax.set_ylim(lowest - 0.03, 1.02)
     for axis in (ax.xaxis, ax.yaxis):
