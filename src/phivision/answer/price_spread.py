@@ -7,10 +7,10 @@ answer's price characters up to that step, then the alternative's. A number the 
 the answer's own remaining integer digits (the same magnitude); one it closes (a decimal point, the text after
 the price, the stop token) ends there. Weighted by the chance of leaving the answer's path at that step (the
 answer's own token probabilities before it, times the alternative's), these prices and the answer's own form a
-distribution whose weights sum to one, up to the alternatives left out: the leading digits and the number of
-digits the model hesitated over, whatever the tokenizer's digit pieces (``▁89`` ``0.0`` or ``8`` ``9`` ``0``).
-Its mean absolute log-distance from the answer's price is the answer's **spread**, which
-:mod:`phivision.answer.calibration` turns into a price range with measured coverage.
+distribution whose weights sum to one, up to the alternatives left out (each less likely than 1 in 100,000):
+the leading digits and the number of digits the model hesitated over, whatever the tokenizer's digit pieces
+(``▁89`` ``0.0`` or ``8`` ``9`` ``0``). Its mean absolute log-distance from the answer's price is the answer's
+**spread**, which :mod:`phivision.answer.calibration` turns into a price range with measured coverage.
 
 No extra forward pass: the scores are the ones the answer was generated from; the cost is the grammar's full
 mask at the few price steps (chosen by measurement against sampled answers: benchmarks/bench_intervals.py).
@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import math
 import re
+import weakref
 from dataclasses import dataclass
 from typing import Any
 
@@ -27,7 +28,11 @@ import numpy as np
 import torch
 
 MAX_ALTERNATIVES = 1024  # tokens kept per recorded step, most probable first (a price step allows far fewer)
+MIN_WEIGHT = (
+    1e-5  # alternatives less likely than this are left out of the distribution (their mass with them)
+)
 _NUMBER = re.compile(rb"[0-9]*(?:\.[0-9]*)?")
+_TOKEN_BYTES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # guide -> token id -> bytes
 _PRICE = re.compile(rb"[0-9]+(?:\.[0-9]+)?")
 
 
@@ -87,6 +92,13 @@ class PriceSteps:
         top = torch.topk(logp, count)
         self.steps[row][step] = (top.indices.tolist(), top.values.exp().tolist())
 
+    def token_bytes(self, token: int) -> bytes:
+        """A token's text as bytes, decoded once per guide (answers share their tokenizer's pieces)."""
+        known = _TOKEN_BYTES.setdefault(self.guide, {})
+        if token not in known:
+            known[token] = self.guide.tokenizer.decode_bytes([token])
+        return known[token]
+
     def price_span(self, text: bytes) -> tuple[int, int] | None:
         """Where the price is in an answer's bytes (start, end), following the template's fixed text."""
         pos = self.first_field
@@ -101,7 +113,7 @@ class PriceSteps:
     def distribution(self, row: int, tokens: list[int], stop_ids: set[int]) -> PriceDistribution | None:
         """The first-deviation price distribution of one finished answer (``tokens``: the generated ids, up to and
         including the first stop token); None when the answer has no readable price or nothing was recorded."""
-        pieces = [b"" if t in stop_ids else self.guide.tokenizer.decode_bytes([t]) for t in tokens]
+        pieces = [b"" if t in stop_ids else self.token_bytes(t) for t in tokens]
         text = b"".join(pieces)
         span = self.price_span(text)
         if span is None or not self.steps[row]:
@@ -126,8 +138,10 @@ class PriceSteps:
                 if alternative == token:
                     own = p
                     continue
+                if stay * p < MIN_WEIGHT:
+                    continue
                 stop = alternative in stop_ids
-                head = text[:begin] + (b"" if stop else self.guide.tokenizer.decode_bytes([alternative]))
+                head = text[:begin] + (b"" if stop else self.token_bytes(alternative))
                 value = _deviated_price(head[start:], stop, written)
                 if value is not None:
                     values.append(value)
