@@ -54,12 +54,12 @@ from phivision.answer.calibration import (
     coverage,
     nonconformity,
 )
+from phivision.answer.constrain import AnswerConstraint
+from phivision.answer.generate import generate_completions
 from phivision.answer.price_spread import PriceDistribution
+from phivision.answer.prompt import parse_answer
 from phivision.data.images import load_image
 from phivision.data.layout import load_catalog
-from phivision.evaluate.constrain import AnswerConstraint
-from phivision.evaluate.generate import generate_completions
-from phivision.prompt import parse_answer
 from phivision.runs import load_model
 
 LEVELS = (0.5, 0.8, 0.95)

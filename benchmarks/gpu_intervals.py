@@ -97,8 +97,8 @@ def main() -> None:
 
     warnings.filterwarnings("ignore", message=".*max_new_tokens.*")
 
-    from phivision.evaluate.constrain import AnswerConstraint
-    from phivision.evaluate.generate import generate_completions
+    from phivision.answer.constrain import AnswerConstraint
+    from phivision.answer.generate import generate_completions
     from phivision.runs import load_model
 
     device = torch.device(args.device)

@@ -10,10 +10,10 @@ import torch
 from PIL import Image
 
 from phivision.answer.calibration import calibrate, coverage
+from phivision.answer.constrain import AnswerConstraint
+from phivision.answer.generate import generate_completions
 from phivision.answer.price_spread import _deviated_price
-from phivision.evaluate.constrain import AnswerConstraint
-from phivision.evaluate.generate import generate_completions
-from phivision.prompt import PromptFormat, parse_answer
+from phivision.answer.prompt import PromptFormat, parse_answer
 from phivision.runs import load_model
 
 ANSWER = "Product: Tote, Category: bags, Full Price: 890.0"

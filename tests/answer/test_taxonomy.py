@@ -8,7 +8,8 @@ import json
 import pandas as pd
 import pytest
 
-import phivision.evaluate.generate as generate_module
+import phivision.answer.generate as generate_module
+from phivision.answer.prompt import PromptFormat, parse_answer
 from phivision.answer.taxonomy import (
     Taxonomy,
     fill_question,
@@ -17,9 +18,8 @@ from phivision.answer.taxonomy import (
     resolve_taxonomy,
     with_taxonomy,
 )
+from phivision.api import evaluate
 from phivision.errors import PhivisionError
-from phivision.evaluate.evaluation import evaluate
-from phivision.prompt import PromptFormat, parse_answer
 from phivision.runs import load_model
 
 RECORDED = ("bags", "hats")

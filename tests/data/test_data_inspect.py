@@ -12,7 +12,8 @@ from catalog_helpers import jpeg, photo
 from PIL import Image, ImageStat
 
 from cli_helpers import run_cli
-from phivision.data.inspection import inspect, perceptual_hash
+from phivision.api import inspect
+from phivision.data.inspection import perceptual_hash
 from phivision.errors import PhivisionError
 from phivision.io import atomic_write_parquet
 

@@ -7,10 +7,9 @@ import numpy as np
 import pytest
 from catalog_helpers import write_real_like_table
 
+from phivision.api import prepare, sample
 from phivision.data import load_catalog
 from phivision.data.inspection import hamming, image_facts
-from phivision.data.prepare import prepare
-from phivision.data.sample import sample
 from phivision.data.split import group_key
 from phivision.errors import PhivisionError
 

@@ -11,8 +11,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
+from phivision.api import prepare
 from phivision.data import load_catalog, load_image
-from phivision.data.prepare import prepare
 from phivision.data.sample import (
     CATEGORIES,
     COLORS,

@@ -9,10 +9,10 @@ import pandas as pd
 import torch
 from PIL import Image, ImageDraw
 
+from phivision.answer.generate import Completion
 from phivision.answer.price_spread import PriceDistribution
-from phivision.evaluate.generate import Completion
+from phivision.answer.prompt import parse_answer
 from phivision.io import atomic_write_parquet
-from phivision.prompt import parse_answer
 
 CATEGORIES = {  # leaf -> (category1_code, category2_code)
     "Bags": ("WOMEN", "ACCESSORIES"),

@@ -17,14 +17,16 @@ import pytest
 from eval_helpers import oracle_answers, write_catalog
 from typer.testing import CliRunner
 
-import phivision.evaluate.generate as generate_module
+import phivision.answer.generate as generate_module
 from phivision.answer.calibration import PLOT_LEVELS, PriceCalibration
+from phivision.api import evaluate
+from phivision.api import report as write_report
 from phivision.cli import app
+from phivision.data.layout import RunLayout
 from phivision.errors import PhivisionError
-from phivision.evaluate import eval_dir, evaluate
 from phivision.evaluate.bootstrap import bootstrap_intervals
 from phivision.evaluate.metrics import HEADLINE, best_cells, format_value, summarize
-from phivision.evaluate.report import GALLERY_SIZE, load_run, write_report
+from phivision.evaluate.report import GALLERY_SIZE, load_run
 from phivision.evaluate.report_inputs import read_predictions
 from phivision.runs import load_model
 from phivision.train.config import load_config
@@ -65,7 +67,7 @@ def run_dir(tmp_path_factory, tiny_checkpoint, sample_dataset) -> Path:
     with pytest.MonkeyPatch.context() as patch:
         for stage, quality in (("before", "poor"), ("after", "good")):
             patch.setattr(generate_module, "generate_completions", oracle_answers(catalog, quality))
-            evaluate(loaded, data, out=eval_dir(run, stage), progress=False)
+            evaluate(loaded, data, out=RunLayout(run).eval_dir(stage), progress=False)
     return run
 
 
@@ -178,7 +180,7 @@ def test_calibration_plot_and_table_follow_the_ranges(report_path, run_dir) -> N
     rows = table_rows(html, "coverage")
     assert [row[0] for row in rows] == [format_value(level, "pct") for level in PLOT_LEVELS]
     for column, stage in enumerate(("before", "after"), start=1):
-        records = read_predictions(eval_dir(run_dir, stage) / "predictions.jsonl")
+        records = read_predictions(RunLayout(run_dir).eval_dir(stage) / "predictions.jsonl")
         for row, level in zip(rows, PLOT_LEVELS, strict=True):
             held = [r["errors"]["price_interval_levels"][f"{100 * level:g}"] for r in records]
             assert row[column].startswith(format_value(sum(held) / len(held), "pct"))

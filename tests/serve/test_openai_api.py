@@ -176,8 +176,7 @@ def test_json_answer_of_a_random_model_has_null_fields(lora_server: ServerThread
 def test_a_calibrated_model_answers_with_its_price_range(taught: LoadedModel) -> None:
     """The chat JSON and /v1/predict carry the same range, around the price, at the server's level."""
     calibrated = dataclasses.replace(taught, calibration=PriceCalibration((0.5, 1.0, 2.0, 4.0)))
-    limits = dataclasses.replace(TAUGHT_LIMITS, price_level=0.75)
-    with ServerThread(create_app(calibrated, limits, model_name=NAME)) as server:
+    with ServerThread(create_app(calibrated, TAUGHT_LIMITS, model_name=NAME, price_level=0.75)) as server:
         record = httpx.post(
             f"{server.url}/v1/predict", files={"image": ("s.png", shirt_png(), "image/png")}, timeout=120
         ).json()

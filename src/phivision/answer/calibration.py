@@ -26,11 +26,11 @@ from typing import Any
 
 import numpy as np
 
+from phivision.args import PRICE_LEVEL
+from phivision.data.layout import RunLayout
 from phivision.errors import PhivisionError
 from phivision.io import atomic_write_json
 
-CALIBRATION_FILE = "calibration.json"
-DEFAULT_LEVEL = 0.8
 PLOT_LEVELS = (0.5, 0.6, 0.7, 0.8, 0.9, 0.95)  # the calibration plot's nominal levels
 # Added to every spread so that an answer the model is sure of still gets a range a rounding can miss.
 DEFAULT_FLOOR = 0.01
@@ -106,14 +106,14 @@ class PriceCalibration:
         return conformal_quantile(self.scores, level)
 
     def interval(
-        self, price: float | None, spread: float | None, level: float = DEFAULT_LEVEL
+        self, price: float | None, spread: float | None, level: float = PRICE_LEVEL
     ) -> tuple[float | None, float | None]:
         """``(price_low, price_high)`` at ``level``; (None, None) without a price or spread, or when unbounded."""
         low, high = self.intervals([price], [spread], level)
         return (None, None) if math.isnan(low[0]) else (float(low[0]), float(high[0]))
 
     def price_range(
-        self, price: float | None, spread: float | None, level: float = DEFAULT_LEVEL, plot: bool = False
+        self, price: float | None, spread: float | None, level: float = PRICE_LEVEL, plot: bool = False
     ) -> PriceRange:
         """The :class:`PriceRange` of one answer; with ``plot``, also at every level of :data:`PLOT_LEVELS`."""
         low, high = self.interval(price, spread, level)
@@ -124,7 +124,7 @@ class PriceCalibration:
         self,
         prices: Sequence[float | None] | np.ndarray,
         spreads: Sequence[float | None] | np.ndarray,
-        level: float = DEFAULT_LEVEL,
+        level: float = PRICE_LEVEL,
     ) -> tuple[np.ndarray, np.ndarray]:
         """Arrays of lows and highs at ``level``, rounded outwards to cents; NaN where an item has no range."""
         p = np.array([np.nan if v is None else v for v in prices], dtype=np.float64)
@@ -194,7 +194,7 @@ def choose_floor(
     true: Sequence[float] | np.ndarray,
     prices: Sequence[float | None] | np.ndarray,
     spreads: Sequence[float | None] | np.ndarray,
-    level: float = DEFAULT_LEVEL,
+    level: float = PRICE_LEVEL,
 ) -> float:
     """The floor, among :data:`DEFAULT_FLOOR` and :data:`FLOOR_MULTIPLES` of the median spread, whose ranges at
     ``level`` are narrowest on the calibration items, cross-fitted: each half of the items (alternate items)
@@ -245,14 +245,14 @@ def coverage(
 
 def write_calibration(run_dir: str | os.PathLike, calibration: PriceCalibration) -> Path:
     """Write ``RUN/calibration.json`` atomically."""
-    path = Path(run_dir) / CALIBRATION_FILE
+    path = RunLayout(run_dir).calibration
     atomic_write_json(path, calibration.to_dict())
     return path
 
 
 def read_calibration(run_dir: str | os.PathLike) -> PriceCalibration | None:
     """``RUN/calibration.json``, or None for a run without one (trained before ranges, or without a val split)."""
-    path = Path(run_dir) / CALIBRATION_FILE
+    path = RunLayout(run_dir).calibration
     if not path.is_file():
         return None
     try:

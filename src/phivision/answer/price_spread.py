@@ -56,7 +56,7 @@ class PriceDistribution:
 
 class PriceSteps:
     """For one ``generate`` call: per batch row, the allowed tokens' probabilities at each step that may write the
-    price. :class:`phivision.evaluate.constrain.ConstrainedLogits` calls :meth:`wants` and :meth:`record`; the
+    price. :class:`phivision.answer.constrain.ConstrainedLogits` calls :meth:`wants` and :meth:`record`; the
     generation loop then asks :meth:`distribution` for each row's finished answer."""
 
     def __init__(self, guide: Any, batch_size: int) -> None:

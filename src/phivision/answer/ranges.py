@@ -14,27 +14,23 @@ from typing import Any
 
 from tqdm.auto import tqdm
 
-from phivision.answer.calibration import DEFAULT_LEVEL, PriceCalibration, PriceRange, calibrate, check_level
+from phivision.answer.calibration import PriceCalibration, PriceRange, calibrate
+from phivision.answer.constrain import AnswerConstraint
+from phivision.answer.generate import answer_image_files
+from phivision.answer.prompt import PromptFormat, parse_answer
+from phivision.args import PRICE_LEVEL
+from phivision.data.layout import load_catalog
 from phivision.errors import PhivisionError
-from phivision.prompt import PromptFormat, parse_answer
-
-
-def check_price_level(level: float) -> float:
-    """``--price-level``: strictly between 0 and 1 (PhivisionError naming the flag otherwise)."""
-    try:
-        return check_level(level, "--price-level")
-    except ValueError as err:
-        raise PhivisionError(str(err)) from None
 
 
 def answer_range(
     completion: Any,
     prompt: PromptFormat,
     calibration: PriceCalibration | None,
-    level: float = DEFAULT_LEVEL,
+    level: float = PRICE_LEVEL,
     plot: bool = False,
 ) -> PriceRange:
-    """The price range of one :class:`phivision.evaluate.generate.Completion` (None, None without a calibration,
+    """The price range of one :class:`phivision.answer.generate.Completion` (None, None without a calibration,
     a price or a recorded price distribution; ``completion`` None for an unreadable image). ``plot``: also the
     ranges at the calibration plot's levels."""
     if calibration is None:
@@ -57,10 +53,6 @@ def calibrate_model(
 ) -> PriceCalibration:
     """Answer the ``split`` of a dataset (its first ``limit`` items) under ``constraint`` (default: the model's
     own) and calibrate the model's price ranges on them. Raises PhivisionError when the split is empty."""
-    from phivision.data.layout import load_catalog
-    from phivision.evaluate.constrain import AnswerConstraint
-    from phivision.evaluate.generate import answer_image_files
-
     data_dir = Path(data_dir)
     catalog = load_catalog(data_dir)
     items = catalog[catalog["split"] == split]

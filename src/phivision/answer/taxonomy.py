@@ -21,8 +21,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from phivision.answer.prompt import PromptFormat
+from phivision.data.layout import load_catalog
 from phivision.errors import PhivisionError
-from phivision.prompt import PromptFormat
 
 CATEGORIES_FIELD = "{categories}"
 SOURCES = ("run", "file", "data", "none")
@@ -85,8 +86,6 @@ def read_categories_file(path: str | os.PathLike) -> tuple[str, ...]:
 
 def train_categories(data_dir: str | os.PathLike) -> tuple[str, ...] | None:
     """The categories of the train split of a dataset directory (None when it has no train rows)."""
-    from phivision.data.layout import load_catalog
-
     catalog = load_catalog(data_dir)
     train = catalog.loc[catalog["split"] == "train", "category"]
     found = sorted({str(c).strip() for c in train if str(c).strip()})

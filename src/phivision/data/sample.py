@@ -24,12 +24,12 @@ from pathlib import Path
 import pandas as pd
 from PIL import Image, ImageChops, ImageDraw, ImageFilter
 
-from phivision.data import defaults
+from phivision.args import SAMPLE_N, SPLIT, SampleArgs, split_ratios
 from phivision.data.layout import CATALOG_FILE, IMAGES_DIR, REPORT_FILE, SPLITS, claim_out, dataset_identity
-from phivision.data.prices import plain
-from phivision.data.split import assign_splits, parse_ratios
-from phivision.errors import PhivisionError
+from phivision.data.like import backdrop_of, products_like, profile_dataset, shape_of
+from phivision.data.split import assign_splits
 from phivision.io import WriteError, atomic_write_json, atomic_write_parquet, atomic_write_text
+from phivision.options import check_option
 
 # category3_code: (category1_code, category2_code, noun in the title, base price in USD)
 CATEGORIES = {
@@ -242,11 +242,11 @@ def sample_products(n: int, seed: int = 0) -> list[dict]:
 
 def write_sample_catalog(
     out: str | Path,
-    n: int = defaults.SAMPLE_N,
-    seed: int = defaults.SAMPLE_SEED,
+    n: int = SAMPLE_N,
+    seed: int = 0,
     split: tuple[float, float, float] = (0.8, 0.1, 0.1),
     urls_out: str | Path | None = None,
-    base_url: str = defaults.BASE_URL,
+    base_url: str = "http://127.0.0.1:8000",
     overwrite: bool = False,
 ) -> Path:
     """Write ``n`` synthetic products to ``out`` in the dataset layout and return ``out``.
@@ -285,15 +285,13 @@ def write_like_catalog(
     out: str | Path,
     like: str | Path,
     n: int | None = None,
-    seed: int = defaults.SAMPLE_SEED,
+    seed: int = 0,
     split: tuple[float, float, float] | None = None,
     overwrite: bool = False,
 ) -> Path:
     """Write a synthetic catalog shaped like the dataset ``like`` (see :mod:`phivision.data.like`): its
     categories and proportions, per-category prices, title patterns, image sizes and split ratios, but not one
     of its titles or images. ``n`` defaults to the size of ``like``, ``split`` to its ratios."""
-    from phivision.data.like import backdrop_of, products_like, profile_dataset, shape_of
-
     profile = profile_dataset(like)
     n = check_count(sum(c.rows for c in profile.categories.values()) if n is None else n)
     ratios = split if split is not None else profile.split_ratios
@@ -327,37 +325,28 @@ def write_like_catalog(
     return out
 
 
-def sample(
-    out: str | Path,
-    *,
-    n: int | None = None,
-    seed: int = defaults.SAMPLE_SEED,
-    split: str | None = None,
-    urls_out: str | Path | None = None,
-    base_url: str = defaults.BASE_URL,
-    like: str | Path | None = None,
-    overwrite: bool = False,
-) -> Path:
-    """``phivision sample``: every keyword is the CLI flag of the same name. ``n`` defaults to 600, or with
-    ``like`` to the size of that dataset; ``split`` to 0.8,0.1,0.1, or with ``like`` to that dataset's ratios."""
-    if like is not None:
-        if urls_out is not None:
-            raise PhivisionError("--urls-out: not available with --like")
-        ratios = parse_ratios(split) if split is not None else None
-        return write_like_catalog(out, like, n=n, seed=seed, split=ratios, overwrite=overwrite)
-    ratios = parse_ratios(split if split is not None else defaults.SPLIT)
-    n = defaults.SAMPLE_N if n is None else n
+def sample(args: SampleArgs) -> Path:
+    """``phivision sample`` (:class:`SampleArgs`, validated). ``n`` defaults to 600, or with ``like`` to the size
+    of that dataset; ``split`` to 0.8,0.1,0.1, or with ``like`` to that dataset's ratios."""
+    if args.like is not None:
+        ratios = split_ratios(args.split) if args.split is not None else None
+        return write_like_catalog(
+            args.out, args.like, n=args.n, seed=args.seed, split=ratios, overwrite=args.overwrite
+        )
     return write_sample_catalog(
-        out, n=n, seed=seed, split=ratios, urls_out=urls_out, base_url=base_url, overwrite=overwrite
+        args.out,
+        n=SAMPLE_N if args.n is None else args.n,
+        seed=args.seed,
+        split=split_ratios(args.split if args.split is not None else SPLIT),
+        urls_out=args.urls_out,
+        base_url=args.base_url,
+        overwrite=args.overwrite,
     )
 
 
 def check_count(n: object) -> int:
-    """``n`` as a plain int, or one ``error:`` line naming ``--n`` (numpy integers are fine, bools are not)."""
-    n = plain(n)
-    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
-        raise PhivisionError(f"--n {n}: must be a whole number of products, at least 1")
-    return n
+    """``n`` as a plain int, checked as ``--n`` is (numpy integers are fine, bools are not)."""
+    return check_option(SampleArgs, "n", n)
 
 
 def _claim(out: str | Path, descriptor: str, overwrite: bool) -> Path:

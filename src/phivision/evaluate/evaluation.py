@@ -15,12 +15,15 @@ from typing import Any
 
 from tqdm.auto import tqdm
 
-from phivision.answer.calibration import DEFAULT_LEVEL, PLOT_LEVELS, PriceCalibration
-from phivision.answer.ranges import answer_range, check_price_level
-from phivision.answer.taxonomy import model_taxonomy, with_taxonomy
-from phivision.data.layout import SPLITS, load_catalog
+from phivision.answer.calibration import PLOT_LEVELS, PriceCalibration
+from phivision.answer.constrain import AnswerConstraint, constraint_name
+from phivision.answer.generate import answer_image_files
+from phivision.answer.prompt import parse_answer
+from phivision.answer.ranges import answer_range, calibrate_model
+from phivision.answer.taxonomy import model_taxonomy, read_categories_file, with_taxonomy
+from phivision.args import EvaluateArgs
+from phivision.data.layout import RunLayout, load_catalog
 from phivision.errors import PhivisionError
-from phivision.evaluate.constrain import AnswerConstraint, constraint_name
 from phivision.evaluate.metrics import (
     HEADLINE,
     SCORING,
@@ -31,25 +34,17 @@ from phivision.evaluate.metrics import (
     summarize,
 )
 from phivision.io import atomic_write_json, atomic_write_text
-from phivision.prompt import parse_answer
+from phivision.runs import load_model
 
-EVAL_DIR = "eval"
-METRICS_FILE = "metrics.json"
-PREDICTIONS_FILE = "predictions.jsonl"
 # Images loaded and answered at a time: bounds memory on large splits (images are decoded at full size).
 IMAGES_PER_CHUNK = 256
-
-
-def eval_dir(run: str | os.PathLike, stage: str) -> Path:
-    """Where a RUN keeps one evaluation: ``RUN/eval/<stage>/`` (stages: ``before``, ``after``)."""
-    return Path(run) / EVAL_DIR / stage
 
 
 def output_paths(out: str | os.PathLike) -> tuple[Path, Path]:
     """``out`` is metrics.json's path (anything ending in .json) or a directory; predictions.jsonl goes beside it."""
     out = Path(out)
-    metrics_path = out if out.suffix == ".json" else out / METRICS_FILE
-    return metrics_path, metrics_path.parent / PREDICTIONS_FILE
+    metrics_path = out if out.suffix == ".json" else out / RunLayout.EVAL_METRICS
+    return metrics_path, metrics_path.parent / RunLayout.EVAL_PREDICTIONS
 
 
 def _answer_all(
@@ -62,8 +57,6 @@ def _answer_all(
     price_spread: bool = False,
 ) -> tuple[list[Any], list[str | None]]:
     """A Completion for every image path (None for an unreadable image), loading images chunk by chunk."""
-    from phivision.evaluate.generate import answer_image_files
-
     completions: list[Any] = []
     problems: list[str | None] = []
     with tqdm(total=len(paths), desc="evaluate", unit="img", disable=not progress) as bar:
@@ -90,58 +83,29 @@ def _calibration(
     catalog_has_val = (load_catalog(data_dir)["split"] == "val").any()
     if not catalog_has_val:
         return None, f"no price ranges: the model has no calibration and {data_dir} has no val split"
-    from phivision.answer.ranges import calibrate_model
-
     return calibrate_model(
         loaded, data_dir, "val", constraint, **answering
     ), "calibrated now on the val split"
 
 
-def evaluate(
-    model: str | os.PathLike | Any,
-    data_dir: str | os.PathLike,
-    split: str = "test",
-    out: str | os.PathLike | None = None,
-    batch_size: int = 8,
-    max_new_tokens: int = 64,
-    limit: int | None = None,
-    progress: bool = True,
-    constrain: bool = True,
-    categories: str | os.PathLike | None = None,
-    question: str | None = None,
-    price_level: float = DEFAULT_LEVEL,
-) -> dict:
+def evaluate(args: EvaluateArgs) -> dict:
     """Score a model's answers on one split of a dataset directory.
 
-    Args:
-        model: a RUN or checkpoint directory (or hub id) for ``phivision.runs.load_model``, or a ``LoadedModel``.
-        data_dir: dataset directory in the phivision layout; its train split gives the baselines.
-        split: train, val or test.
-        out: metrics.json path or a directory (e.g. ``RUN/eval/after``); None writes nothing.
-        batch_size: images per generation batch.
-        max_new_tokens: answer length cap.
-        limit: score only the first ``limit`` items of the split (quick checks).
-        progress: show a progress bar.
-        constrain: force answers into the model's template, with the category one of the taxonomy's
-            (:mod:`phivision.evaluate.constrain`); False: free generation.
-        categories: a file of categories (one per line, or a JSON list) for a model that records none; the
-            taxonomy is the model's recorded labels, else this file, else the train split of ``data_dir``
-            (:mod:`phivision.answer.taxonomy`).
-        question: ask this instead of the model's own question; ``{categories}`` in it is the taxonomy.
-        price_level: the coverage level of the price ranges (the model's calibration, else one made on the val
-            split first; no ranges when answers are not constrained).
+    ``args`` (:class:`EvaluateArgs`, validated): ``model`` a RUN or checkpoint directory (or hub id) for
+    :func:`phivision.runs.load_model` (with ``args.loading``), or a ``LoadedModel``; ``data`` a dataset directory
+    whose train split gives the baselines; ``split``; ``out`` a metrics.json path or a directory (e.g.
+    ``RUN/eval/after``), None writes nothing; ``limit`` scores only the first items; ``generation`` the batch
+    size, answer length and whether answers are constrained to the model's template and taxonomy
+    (:mod:`phivision.answer.constrain`); ``answering`` the file of categories for a model that records none (the
+    taxonomy is the model's labels, else that file, else the train split of ``data``:
+    :mod:`phivision.answer.taxonomy`) and the level of the price ranges; ``question`` asked instead of the
+    model's own, ``{categories}`` in it the taxonomy.
 
     Returns:
         The metrics dict written to metrics.json (flat headline keys, ``per_category``, ``baseline``, ...).
     """
-    if split not in SPLITS:
-        raise PhivisionError(f"--split {split!r}: expected one of {', '.join(SPLITS)}")
-    if batch_size < 1:
-        raise PhivisionError(f"--batch-size {batch_size}: must be at least 1")
-    if limit is not None and limit < 1:
-        raise PhivisionError(f"--limit {limit}: must be at least 1")
-    price_level = check_price_level(price_level)
-    data_dir = Path(data_dir)
+    data_dir, split, limit, generation = args.data, args.split, args.limit, args.generation
+    price_level = args.answering.price_level
     catalog = load_catalog(data_dir)
     items = catalog[catalog["split"] == split].reset_index(drop=True)
     if limit is not None:
@@ -154,21 +118,32 @@ def evaluate(
             f"{data_dir / 'catalog.parquet'}: no train rows (the baselines come from the train split)"
         )
     stats = TrainStats.from_catalog(train)
+    if args.answering.categories is not None:
+        read_categories_file(args.answering.categories)  # a broken file stops before the model loads
 
+    model = args.model
     if isinstance(model, (str, os.PathLike)):
-        from phivision.runs import load_model
-
-        loaded = load_model(model)
+        loaded = load_model(model, device=args.loading.device, dtype=args.loading.dtype)
     else:
         loaded = model
-    taxonomy = model_taxonomy(loaded, categories, data_dir)
-    loaded = with_taxonomy(loaded, taxonomy, question)
+    taxonomy = model_taxonomy(loaded, args.answering.categories, data_dir)
+    loaded = with_taxonomy(loaded, taxonomy, args.question)
     paths = [(data_dir / p).resolve() for p in items["image_path"]]
-    constraint = AnswerConstraint.for_model(loaded) if constrain else None
-    answering = {"batch_size": batch_size, "max_new_tokens": max_new_tokens, "progress": progress}
+    constraint = AnswerConstraint.for_model(loaded) if generation.constrain else None
+    answering = {
+        "batch_size": generation.batch_size,
+        "max_new_tokens": generation.max_new_tokens,
+        "progress": args.progress,
+    }
     calibration, calibrated = _calibration(loaded, data_dir, split, constraint, limit=limit, **answering)
     completions, problems = _answer_all(
-        loaded, paths, batch_size, max_new_tokens, progress, constraint, calibration is not None
+        loaded,
+        paths,
+        generation.batch_size,
+        generation.max_new_tokens,
+        args.progress,
+        constraint,
+        calibration is not None,
     )
     answers = ["" if c is None else c.text for c in completions]
     ranges = None
@@ -192,7 +167,7 @@ def evaluate(
             "model": str(getattr(loaded, "source", model)),
             "data": str(data_dir),
             "split": split,
-            "max_new_tokens": max_new_tokens,
+            "max_new_tokens": generation.max_new_tokens,
             "constraint": constraint_name(constraint),
             "question": loaded.prompt.question,
             "taxonomy": taxonomy.to_dict(),
@@ -201,8 +176,8 @@ def evaluate(
             "scoring": SCORING,
         }
     )
-    if out is not None:
-        metrics_path, predictions_path = output_paths(out)
+    if args.out is not None:
+        metrics_path, predictions_path = output_paths(args.out)
         atomic_write_text(
             predictions_path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records)
         )

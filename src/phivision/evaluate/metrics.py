@@ -33,7 +33,7 @@ import pandas as pd
 from rapidfuzz import fuzz, utils
 
 from phivision.answer.calibration import PLOT_LEVELS, PriceRange
-from phivision.prompt import ParsedAnswer
+from phivision.answer.prompt import ParsedAnswer
 
 MISSING_PRICE_APE = 1.0
 MISSING_PRICE_SAPE = 2.0  # the largest SAPE there is (predicting 0)
@@ -338,6 +338,9 @@ MEAN_OF = {
     "title_similarity": "title_similarity",
 }
 ITEM_SCORES = (*MEAN_OF.values(), "price_log_error")
+# Every corpus metric :func:`aggregate` computes besides ``n`` (which way each improves: LOWER_IS_BETTER);
+# a level accuracy ``category<k>_accuracy`` comes on top for each ``category<k>_code`` column of the catalog.
+CORPUS_METRICS = (*MEAN_OF, "price_median_ape", "price_log_rmse", "category_macro_f1")
 MAX_WEIGHT_CELLS = 2_000_000  # weights handed to aggregate() at once (16 MB of float64)
 
 
@@ -423,6 +426,17 @@ def aggregate(items: ItemScores, weights: np.ndarray) -> dict[str, np.ndarray]:
             for key in (k for k in items.values if k.startswith(COVERAGE_AT)):
                 out[key] = w @ items.values[key] / total
     return out
+
+
+def generation_metric_names(level_columns: Sequence[str] = ()) -> list[str]:
+    """The metrics a scored set of answers reports (:func:`summarize`, less ``n``) for a catalog with these
+    ``category<k>_code`` columns: what training's ``eval.metric`` may name besides ``val_loss``."""
+    return sorted([*CORPUS_METRICS, *(f"{col.removesuffix('_code')}_accuracy" for col in level_columns)])
+
+
+def scalar_metrics(summary: Mapping[str, object]) -> dict[str, float]:
+    """The numbers a training evaluation reports from :func:`summarize` (not ``n``, not the breakdowns)."""
+    return {k: float(v) for k, v in summary.items() if isinstance(v, (int, float)) and k != "n"}
 
 
 def _weighted_median(values: np.ndarray, w: np.ndarray) -> np.ndarray:
@@ -537,8 +551,3 @@ def baseline_metrics(truths: pd.DataFrame, stats: TrainStats, level: float | Non
     if level is not None:
         ranges = [stats.baseline_range(category, level) for category in truths["category"]]
     return summarize(score(truths, [stats.baseline_answer()] * len(truths), stats, ranges))
-
-
-def compute_metrics(truths: pd.DataFrame, parsed: Sequence[ParsedAnswer], stats: TrainStats) -> dict:
-    """All metrics for parsed answers against catalog rows, with the train baselines' headline keys."""
-    return summarize(score(truths, parsed, stats), baseline=baseline_metrics(truths, stats))

@@ -3,7 +3,7 @@
 Prompts are left-padded so every row's next token sits in the last column and the KV cache grows in step. Images
 are sorted by their image-token count before batching, so a batch holds prompts of similar length (little
 padding), and the answers are returned in the caller's order. With a ``constraint`` every answer follows the run's
-template (see :mod:`phivision.evaluate.constrain`).
+template (see :mod:`phivision.answer.constrain`).
 """
 
 from __future__ import annotations
@@ -19,10 +19,11 @@ from tqdm.auto import tqdm
 from transformers import GenerationConfig, LogitsProcessorList
 from transformers.generation.streamers import BaseStreamer
 
+from phivision.answer.constrain import AnswerConstraint, answer_guide, effective_max_new_tokens
 from phivision.answer.price_spread import PriceDistribution, PriceSteps
+from phivision.answer.prompt import PromptFormat, prompt_text
+from phivision.args import Generation
 from phivision.data.images import ImageError, load_image
-from phivision.evaluate.constrain import AnswerConstraint
-from phivision.prompt import PromptFormat, prompt_text
 
 
 def expected_length(processor: Any, image: Image.Image) -> int:
@@ -75,8 +76,8 @@ def generate_answers(
     processor: Any,
     images: Sequence[Image.Image],
     prompt: PromptFormat = PromptFormat(),
-    batch_size: int = 8,
-    max_new_tokens: int = 64,
+    batch_size: int = Generation.batch_size,
+    max_new_tokens: int = Generation.max_new_tokens,
     progress: bool | tqdm = True,
     constraint: AnswerConstraint | None = None,
 ) -> list[str]:
@@ -95,8 +96,8 @@ def generate_completions(
     processor: Any,
     images: Sequence[Image.Image],
     prompt: PromptFormat = PromptFormat(),
-    batch_size: int = 8,
-    max_new_tokens: int = 64,
+    batch_size: int = Generation.batch_size,
+    max_new_tokens: int = Generation.max_new_tokens,
     progress: bool | tqdm = True,
     temperature: float = 0.0,
     top_p: float = 1.0,
@@ -141,8 +142,6 @@ def generate_completions(
     guide = None
     plan_tokens = max_new_tokens  # the budget the grammar plans the answer for
     if constraint is not None:
-        from phivision.evaluate.constrain import answer_guide, effective_max_new_tokens
-
         guide = answer_guide(processor.tokenizer, constraint, model.config.vocab_size, stop_ids[0])
         if exact_length:
             plan_tokens = max(max_new_tokens, guide.min_new_tokens)
@@ -216,8 +215,8 @@ def answer_image_files(
     loaded: Any,
     paths: Sequence[Path],
     chunk_size: int,
-    batch_size: int = 8,
-    max_new_tokens: int = 64,
+    batch_size: int = Generation.batch_size,
+    max_new_tokens: int = Generation.max_new_tokens,
     progress: bool | tqdm = True,
     constraint: AnswerConstraint | None = None,
     price_spread: bool = False,
