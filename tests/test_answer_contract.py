@@ -18,6 +18,7 @@ from phivision.data.layout import RunLayout
 from phivision.errors import PhivisionError
 from phivision.labels import LabelSpace, read_labels, write_labels
 from phivision.runs import load_model
+from phivision.serve.export import export_run
 from phivision.serve.predict import predict_images, prediction_record
 from phivision.train.config import load_config
 from phivision.train.loop import train
@@ -134,8 +135,6 @@ def test_training_evaluation_can_run_unconstrained(tiny_checkpoint, sample_datas
 
 
 def test_an_export_carries_the_label_space(runs, tmp_path) -> None:
-    from phivision.serve.export import export_run
-
     run = runs[TEMPLATES[2]]
     out = export_run(run, tmp_path / "export")
     info = json.loads((out / "phivision.json").read_text())
