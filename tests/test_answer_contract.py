@@ -220,6 +220,23 @@ def test_a_finished_run_is_calibrated_and_every_output_carries_its_range(
     images = sorted((sample_dataset / "images").iterdir())[:3]
     predicted = list(predict_images(loaded, images, max_new_tokens=40, progress=False, price_level=0.5))
     assert all(r["price_low"] < r["price"] < r["price_high"] and r["price_level"] == 0.5 for r in predicted)
+    command = [
+        "predict",
+        str(images[0]),
+        "--model",
+        str(run),
+        "--max-new-tokens",
+        "40",
+        "--price-level",
+        "0.5",
+    ]
+    result = CliRunner().invoke(app, command)
+    assert result.exit_code == 0, result.output
+    printed = json.loads(result.stdout.splitlines()[0])  # the JSON line `phivision predict` prints
+    assert (printed["price_low"], printed["price_high"]) == (
+        predicted[0]["price_low"],
+        predicted[0]["price_high"],
+    )
 
     from phivision.serve.export import export_run
 
