@@ -42,10 +42,13 @@ MAX_NEW_TOKENS = 64  # the longest answer generated (evaluate, predict, serve)
 # Export shards: the official checkpoint's 8.3 GB of bf16 weights come in two files (4.94 and 3.35 GB); a 5 GB
 # bound gives the same two, a 4 GB bound three.
 MAX_SHARD_SIZE = "5GB"
+
+PRICE_LEVEL = 0.8  # the share of new products whose true price lies in an answer's price range
 DTYPES = ("float32", "bfloat16", "float16", "fp32", "bf16", "fp16")
 CONSTRAIN = (
-    "Force every answer into the run's answer template: the category one of the training split's categories "
-    "(when the model records them), the price a positive number. --no-constrain lets the model write freely."
+    "Force every answer into the run's answer template: the category one of the taxonomy's (the model's "
+    "recorded categories, else --categories, else the train split of --data), the price a positive number. "
+    "--no-constrain lets the model write freely."
 )
 MODEL = "Training RUN directory, checkpoint directory or hub id."
 DATASET = "Dataset directory (catalog.parquet + images/)."
@@ -146,6 +149,23 @@ class Generation(Options):
 
 
 @dataclass
+class Answering(Options):
+    """What an answer chooses its category from, and how sure its price range is (evaluate, predict, serve)."""
+
+    categories: Path | None = option(
+        None,
+        "File of categories (one per line, or a JSON list) for a model that records none: the category space "
+        "is the model's recorded categories, else this file, else the train split of --data where there is one.",
+    )
+    price_level: float = option(
+        PRICE_LEVEL,
+        "Level of each answer's price range (price_low to price_high): the share of new products whose price "
+        "lies inside, calibrated on the val split. Needs constrained answers and a calibrated model.",
+        check="in (0, 1)",
+    )
+
+
+@dataclass
 class Columns(Options):
     """Which source column holds each field (prepare). Defaults fit the DBQ ``<Brand>.Product.prices.<Country>``
     datasets."""
@@ -242,7 +262,9 @@ class ServeLimits(Options):
     max_queue: int = option(256, "Most requests waiting for the model (more get 503).", check="> 0")
     max_queue_mb: float = option(512.0, "Most image bytes waiting for the model (more get 503).", check="> 0")
     max_new_tokens: int = option(
-        MAX_NEW_TOKENS, "Longest answer generated, in tokens (the largest max_tokens accepted).", check="> 0"
+        MAX_NEW_TOKENS,
+        "Longest answer generated, in tokens: a chat request's larger max_tokens is capped to it.",
+        check="> 0",
     )
     body_timeout: float = option(
         60.0, "Seconds a client may take to send its request body (then 408).", check="> 0"
@@ -443,7 +465,13 @@ class EvaluateArgs(Options):
     )
     split: str = option("test", "Split to score.", choices=SPLITS)
     limit: int | None = option(None, "Score only the first N items of the split.", check=">= 1")
+    question: str | None = option(
+        None,
+        "Ask this instead of the model's own question (a zero-shot prompt); {categories} in it is replaced by "
+        "the category list, comma-separated.",
+    )
     generation: Generation = group(Generation)
+    answering: Answering = group(Answering)
     loading: ModelLoading = group(ModelLoading)
     progress: bool = progress()
 
@@ -489,6 +517,7 @@ class PredictArgs(Options):
         "JSON-lines file to write (default: stdout; in Python, '-' streams to stdout, None writes nothing).",
     )
     generation: Generation = group(Generation)
+    answering: Answering = group(Answering)
     loading: ModelLoading = group(ModelLoading)
     progress: bool = progress()
 
@@ -504,6 +533,7 @@ class ServeArgs(Options):
         None, "Model id of the OpenAI API (/v1/models). Default: --model as given."
     )
     limits: ServeLimits = group(ServeLimits)
+    answering: Answering = group(Answering)
     allow_remote_images: bool = option(
         False,
         "Let chat requests give http(s) image URLs, fetched by the server (public addresses only; never "

@@ -18,6 +18,7 @@ from typing import Any
 import torch
 import yaml
 
+from phivision.answer.calibration import PriceCalibration, read_calibration
 from phivision.answer.prompt import PromptFormat
 from phivision.data.layout import RunLayout
 from phivision.errors import PhivisionError, first_line
@@ -49,6 +50,8 @@ class LoadedModel:
     source: str  # what was loaded, for logs and /healthz
     categories: tuple[str, ...] | None = None  # the training split's categories (None: not recorded)
     currency: str | None = None  # the catalog's currency, e.g. "USD" (None: not recorded)
+    labels_path: str | None = None  # the file the categories were read from
+    calibration: PriceCalibration | None = None  # price ranges (RUN/calibration.json; None: not calibrated)
     notes: tuple[str, ...] = ()  # how it was loaded where that was not as asked (a CLI prints them)
 
 
@@ -251,11 +254,12 @@ def _load_processor(name: str | Path) -> Any:
         raise PhivisionError(f"cannot load processor from {name}: {first_line(err)}") from err
 
 
-def _export_info(path: Path) -> tuple[PromptFormat, LabelSpace]:
-    """The prompt and label space an export records in phivision.json (defaults for a plain checkpoint)."""
+def _export_info(path: Path) -> tuple[PromptFormat, LabelSpace, PriceCalibration | None]:
+    """The prompt, label space and price calibration an export records in phivision.json (defaults for a plain
+    checkpoint)."""
     info_path = path / EXPORT_INFO_FILE
     if not info_path.is_file():
-        return PromptFormat(), LabelSpace()
+        return PromptFormat(), LabelSpace(), None
     try:
         info = json.loads(read_text_bounded(info_path))
     except (ValueError, UnicodeDecodeError) as err:
@@ -270,7 +274,11 @@ def _export_info(path: Path) -> tuple[PromptFormat, LabelSpace]:
         labels = LabelSpace.from_dict(info["labels"]) if info.get("labels") is not None else LabelSpace()
     except (ValueError, TypeError) as err:
         raise PhivisionError(f"{info_path}: field 'labels': {err}") from err
-    return prompt, labels
+    try:
+        calibration = PriceCalibration.from_dict(info["calibration"]) if info.get("calibration") else None
+    except (ValueError, TypeError) as err:
+        raise PhivisionError(f"{info_path}: field 'calibration': {err}") from err
+    return prompt, labels, calibration
 
 
 def load_model(
@@ -300,10 +308,18 @@ def load_model(
         weights = run.model_dir if run.model_dir.is_dir() else run.base
         return _load_run(run, device, resolve_dtype(dtype, device, checkpoint_dtype(weights)), merge)
     if local.is_dir() and is_checkpoint_dir(local):
-        prompt, labels = _export_info(local)
+        prompt, labels, calibration = _export_info(local)
         model = _load_checkpoint(str(local), device, resolve_dtype(dtype, device, checkpoint_dtype(local)))
+        labels_path = str(local / EXPORT_INFO_FILE) if labels.categories else None
         return LoadedModel(
-            model, _load_processor(local), prompt, str(local), labels.categories, labels.currency
+            model,
+            _load_processor(local),
+            prompt,
+            str(local),
+            labels.categories,
+            labels.currency,
+            labels_path,
+            calibration,
         )
     if local.exists():
         raise PhivisionError(
@@ -321,11 +337,17 @@ def load_model(
 def _load_run(run: RunInfo, device: torch.device, dtype: torch.dtype, merge: bool) -> LoadedModel:
     processor_dir = run.processor_dir if run.processor_dir.is_dir() else None
     labels = read_labels(run.run_dir)
+    recorded = {
+        "categories": labels.categories,
+        "currency": labels.currency,
+        "labels_path": str(RunLayout(run.run_dir).labels) if labels.categories else None,
+        "calibration": read_calibration(run.run_dir),
+    }
     if run.model_dir.is_dir():  # full fine-tuning saved the whole model
         model = _load_checkpoint(str(run.model_dir), device, dtype)
         processor = _load_processor(processor_dir or run.model_dir)
         source = f"{run.run_dir} (full fine-tune)"
-        return LoadedModel(model, processor, run.prompt, source, labels.categories, labels.currency)
+        return LoadedModel(model, processor, run.prompt, source, **recorded)
 
     # QLoRA adapters are applied to the unquantized base: merging into 4-bit weights would lose the update.
     base = _load_checkpoint(run.base, device, dtype)
@@ -338,4 +360,4 @@ def _load_run(run: RunInfo, device: torch.device, dtype: torch.dtype, merge: boo
             notes = (lossy_merge_note(report, "--dtype float32 keeps it"),)
     processor = _load_processor(processor_dir or run.base)
     source = f"{run.run_dir} ({run.method} on {run.base})"
-    return LoadedModel(model, processor, run.prompt, source, labels.categories, labels.currency, notes)
+    return LoadedModel(model, processor, run.prompt, source, **recorded, notes=notes)

@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import pandas as pd
 import torch
 from PIL import Image, ImageDraw
 
+from phivision.answer.generate import Completion
+from phivision.answer.price_spread import PriceDistribution
+from phivision.answer.prompt import parse_answer
 from phivision.io import atomic_write_parquet
 
 CATEGORIES = {  # leaf -> (category1_code, category2_code)
@@ -50,14 +54,30 @@ def write_catalog(directory: Path, n: int = 24) -> Path:
 
 
 def oracle_answers(catalog: pd.DataFrame, quality: str):
-    """A stand-in for generate_answers that reads the item index from pixel (0, 0) and answers from the truth.
+    """A stand-in for generate_completions that reads the item index from pixel (0, 0) and answers from the
+    truth, with a price spread that grows with the answer's error (when the caller asks for one).
 
     ``quality`` "good": mostly right with a few misses of each kind; "poor": many misses (the "before" model).
     """
+    answer_texts = oracle_texts(catalog, quality)
 
-    def generate_answers(
-        model, processor, images, prompt=None, batch_size=8, max_new_tokens=64, progress=True, constraint=None
-    ):
+    def generate_completions(model, processor, images, *args, price_spread=False, **kwargs):
+        completions = []
+        for image, text in zip(images, answer_texts(images), strict=True):
+            row = catalog.iloc[image.getpixel((0, 0))[0]]
+            price = parse_answer(text).price
+            distribution = None
+            if price_spread and price is not None:
+                spread = abs(math.log(price / row.full_price)) + 0.02  # the model is about as unsure as wrong
+                distribution = PriceDistribution(price, (price, price * math.exp(2 * spread)), (0.5, 0.5))
+            completions.append(Completion(text, 10, len(text.split()), True, distribution))
+        return completions
+
+    return generate_completions
+
+
+def oracle_texts(catalog: pd.DataFrame, quality: str):
+    def generate_answers(images):
         answers = []
         for image in images:
             row = catalog.iloc[image.getpixel((0, 0))[0]]

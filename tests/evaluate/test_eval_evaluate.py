@@ -99,7 +99,7 @@ def test_evaluate_on_the_sample_dataset(loaded, sample_dataset, tmp_path) -> Non
 
 def test_scores_follow_the_answers(monkeypatch, catalog_dir, loaded) -> None:
     catalog = pd.read_parquet(catalog_dir / "catalog.parquet")
-    monkeypatch.setattr(generate_module, "generate_answers", oracle_answers(catalog, "good"))
+    monkeypatch.setattr(generate_module, "generate_completions", oracle_answers(catalog, "good"))
     metrics = evaluate(loaded, catalog_dir, progress=False)
     # test items are the odd indices; answer kinds cycle with i % 6 -> 1, 3, 5 repeat four times each
     # kind 1: price +4%, right category; kind 3: price x2.5, wrong category; kind 5: unparseable
@@ -120,7 +120,7 @@ def test_unreadable_image_is_a_failure_not_a_crash(monkeypatch, tmp_path, loaded
     data = write_catalog(tmp_path / "data", n=8)
     (data / "images" / "item003.png").write_bytes(b"not a png")
     catalog = pd.read_parquet(data / "catalog.parquet")
-    monkeypatch.setattr(generate_module, "generate_answers", oracle_answers(catalog, "good"))
+    monkeypatch.setattr(generate_module, "generate_completions", oracle_answers(catalog, "good"))
     metrics = evaluate(loaded, data, out=tmp_path / "out", progress=False)
     assert metrics["n"] == 4 and metrics["image_errors"] == 1
     records = [json.loads(line) for line in (tmp_path / "out" / "predictions.jsonl").read_text().splitlines()]

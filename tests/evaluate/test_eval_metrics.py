@@ -10,6 +10,7 @@ import pandas as pd
 import pytest
 
 import phivision.evaluate.metrics as metrics_module
+from phivision.answer.calibration import PriceRange
 from phivision.answer.prompt import ParsedAnswer, parse_answer
 from phivision.evaluate.metrics import (
     MISSING_PRICE_MIN_LOG_ERROR,
@@ -362,3 +363,44 @@ def test_group_metrics_in_small_chunks(monkeypatch) -> None:
     assert one["n"].tolist() == [10.0, 0.0]
     assert np.isnan(one["price_mape"][1]) and np.isnan(one["price_median_ape"][1])  # an empty group
     assert one["price_mape"][0] == pytest.approx(summarize(records[:10])["price_mape"])
+
+
+# ------------------------------------------------------------------------------------------ price ranges
+
+
+def test_price_ranges_are_scored_by_coverage_and_width() -> None:
+    """Item 1's range holds 100, item 2's misses 1000, item 3 has no range: coverage 1/3, width over two."""
+    stats = TrainStats.from_catalog(TRAIN)
+    parsed = [parse_answer(a) for a in ANSWERS]
+    by_level = ((0.5, 95.0, 105.0), (0.8, 90.0, 120.0))
+    ranges = [
+        PriceRange(90.0, 120.0, 0.8, by_level),
+        PriceRange(400.0, 600.0, 0.8, by_level),
+        PriceRange(None, None, 0.8, ((0.5, None, None), (0.8, None, None))),
+    ]
+    records = score(TEST, parsed, stats, ranges)
+    assert records[0]["parsed"]["price_low"] == 90.0 and records[2]["parsed"]["price_high"] is None
+    assert records[0]["errors"]["price_interval_levels"] == {"50": True, "80": True}
+    metrics = summarize(records)
+    assert metrics["price_interval_coverage"] == pytest.approx(1 / 3)
+    assert metrics["price_interval_width"] == pytest.approx((30 / 100 + 200 / 1000) / 2)
+    assert metrics["price_interval_coverage_50"] == pytest.approx(1 / 3)
+    assert metrics["per_category"]["Coats"]["price_interval_coverage"] == 0.0
+    assert metrics["per_category"]["Scarves"]["price_interval_width"] is None  # no range: no width
+    # bootstrap replicates of the coverage come from the same per-item scores
+    items = ItemScores.from_records(records)
+    twice_first = aggregate(items, np.array([[2.0, 0.0, 1.0]]))
+    assert twice_first["price_interval_coverage"][0] == pytest.approx(2 / 3)
+    assert twice_first["price_interval_width"][0] == pytest.approx(0.3)
+    assert "price_interval_coverage" not in summarize(score(TEST, parsed, stats))  # no ranges, no keys
+
+
+def test_the_baseline_range_is_the_central_share_of_the_category_train_prices() -> None:
+    stats = TrainStats.from_catalog(TRAIN)
+    bags = stats.baseline_range("bags", 0.5)  # train Bags: 100, 200
+    assert (bags.low, bags.high) == (125.0, 175.0)
+    unknown = stats.baseline_range("Scarves", 0.5)  # not in train: every train price
+    expected = np.quantile([100.0, 200.0, 1000.0], [0.25, 0.75])
+    assert (unknown.low, unknown.high) == pytest.approx(tuple(expected))
+    baseline = baseline_metrics(TEST, stats, level=0.8)
+    assert 0 <= baseline["price_interval_coverage"] <= 1 and baseline["price_interval_width"] > 0

@@ -18,6 +18,7 @@ from eval_helpers import oracle_answers, write_catalog
 from typer.testing import CliRunner
 
 import phivision.answer.generate as generate_module
+from phivision.answer.calibration import PLOT_LEVELS, PriceCalibration
 from phivision.api import evaluate
 from phivision.api import report as write_report
 from phivision.cli import app
@@ -60,9 +61,12 @@ def run_dir(tmp_path_factory, tiny_checkpoint, sample_dataset) -> Path:
     data = write_catalog(root / "data", n=80)
     catalog = pd.read_parquet(data / "catalog.parquet")
     loaded = load_model(tiny_checkpoint, device="cpu")
+    loaded.calibration = PriceCalibration(
+        tuple(np.linspace(0.2, 1.2, 30)), source="val split of a stand-in (30 items)"
+    )
     with pytest.MonkeyPatch.context() as patch:
         for stage, quality in (("before", "poor"), ("after", "good")):
-            patch.setattr(generate_module, "generate_answers", oracle_answers(catalog, quality))
+            patch.setattr(generate_module, "generate_completions", oracle_answers(catalog, quality))
             evaluate(loaded, data, out=RunLayout(run).eval_dir(stage), progress=False)
     return run
 
@@ -162,10 +166,27 @@ def test_sections_present(report_path, run_dir) -> None:
         assert f'id="{element_id}"' in html, element_id
     assert "notes" not in re.findall(r'id="(\w+)"', html)  # nothing was damaged
     assert (
-        html.count('src="data:image/png;base64,') == 3 + 3
-    )  # loss, lr, eval curves; scatter, histogram, matrix
+        html.count('src="data:image/png;base64,') == 3 + 4
+    )  # loss, lr, eval curves; scatter, histogram, calibration, matrix
     assert html.count('src="data:image/jpeg;base64,') == 2 * GALLERY_SIZE
     assert "I cannot tell." in html  # the worst gallery shows raw unparseable answers
+
+
+def test_calibration_plot_and_table_follow_the_ranges(report_path, run_dir) -> None:
+    """Observed coverage at each level is the share of the stage's items whose range at that level holds the
+    true price, as predictions.jsonl records them; the stages table names the taxonomy and the calibration."""
+    html = report_path.read_text()
+    assert 'id="ranges"' in html and "observed against nominal coverage" in html
+    rows = table_rows(html, "coverage")
+    assert [row[0] for row in rows] == [format_value(level, "pct") for level in PLOT_LEVELS]
+    for column, stage in enumerate(("before", "after"), start=1):
+        records = read_predictions(RunLayout(run_dir).eval_dir(stage) / "predictions.jsonl")
+        for row, level in zip(rows, PLOT_LEVELS, strict=True):
+            held = [r["errors"]["price_interval_levels"][f"{100 * level:g}"] for r in records]
+            assert row[column].startswith(format_value(sum(held) / len(held), "pct"))
+    stages = table_rows(html, "stages")
+    assert all(f"4 from train split of {run_dir.parent / 'data'}" == row[5] for row in stages)
+    assert all("80%, calibrated on the val split of a stand-in (30 items)" in row[6] for row in stages)
 
 
 def test_training_section_comes_from_the_run(report_path, run_dir) -> None:
@@ -461,7 +482,9 @@ def test_damaged_training_log_is_reported_not_fatal(run_dir, tmp_path, capsys) -
     assert f"line {len(lines) + 1}: not JSON" in notes
     assert "key &#39;loss&#39;: expected a number" in notes
     assert "trainer_state.json: cannot read" in notes
-    assert html.count('src="data:image/png;base64,') == 6  # the curves are still drawn from the good lines
+    assert (
+        html.count('src="data:image/png;base64,') == 7
+    )  # the curves are still drawn from the good lines (and the calibration plot)
     assert len(table_rows(html, "evals")) == TRAIN_STEPS // EVAL_EVERY
     warnings = capsys.readouterr().err.strip().splitlines()
     assert len(warnings) == 2 and all(w.startswith("warning: ") for w in warnings)
@@ -564,7 +587,7 @@ def test_every_section_renders_in_chromium(report_path, run_dir, tmp_path) -> No
                 "Array.from(document.images).map(i => [i.complete && i.naturalWidth > 0, i.naturalWidth,"
                 " i.getBoundingClientRect().width, !!i.closest('figure')])"
             )
-            assert len(images) == 6 + 2 * GALLERY_SIZE and all(ok for ok, *_ in images)
+            assert len(images) == 7 + 2 * GALLERY_SIZE and all(ok for ok, *_ in images)
             for _, natural, shown, is_plot in images:
                 if is_plot:
                     assert shown >= 0.8 * natural, (natural, shown)  # not shrunk into unreadable labels
@@ -587,7 +610,7 @@ def test_every_section_renders_in_chromium(report_path, run_dir, tmp_path) -> No
                 ".map(c => c.textContent)"
             )
             assert clipped == []
-            for table in ("headline", "dataset", "bands", "categories"):  # the evaluations table may scroll
+            for table in ("headline", "dataset", "coverage", "bands", "categories"):  # evaluations may scroll
                 fits = page.evaluate(
                     f"(() => {{ const s = document.getElementById('{table}').closest('.scroll');"
                     " return s.scrollWidth <= s.clientWidth + 1; })()"

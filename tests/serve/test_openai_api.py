@@ -8,6 +8,7 @@ trickles bytes, sends too much).
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import json
 import threading
@@ -22,6 +23,7 @@ import pytest
 from PIL import Image
 from serve_helpers import TAUGHT_ANSWER, ServerThread, data_url, png_bytes, teach_answer
 
+from phivision.answer.calibration import PriceCalibration
 from phivision.netguard import AddressPolicy
 from phivision.runs import LoadedModel, load_model
 from phivision.serve.server import ServeLimits, create_app
@@ -121,7 +123,14 @@ def test_taught_model_answers_in_full(taught_server: ServerThread) -> None:
 def test_json_answers(taught_server: ServerThread) -> None:
     client = client_for(taught_server)
     messages = image_message(data_url(shirt_png()))
-    expected = {"title": "Check Cotton Shirt", "category": "shirts", "price": 890.0, "currency": "USD"}
+    expected = {
+        "title": "Check Cotton Shirt",
+        "category": "shirts",
+        "price": 890.0,
+        "price_low": None,  # this model has no calibration: no range
+        "price_high": None,
+        "currency": "USD",
+    }
 
     reply = client.chat.completions.create(
         model=NAME, messages=messages, response_format={"type": "json_object"}
@@ -160,8 +169,71 @@ def test_json_answer_of_a_random_model_has_null_fields(lora_server: ServerThread
         model=NAME, messages=image_message(data_url(png_bytes())), response_format={"type": "json_object"}
     )
     fields = json.loads(reply.choices[0].message.content)
-    assert set(fields) == {"title", "category", "price", "currency"}
+    assert set(fields) == {"title", "category", "price", "price_low", "price_high", "currency"}
     assert fields["currency"] is None  # this model records no currency
+
+
+def test_a_calibrated_model_answers_with_its_price_range(taught: LoadedModel) -> None:
+    """The chat JSON and /v1/predict carry the same range, around the price, at the server's level."""
+    calibrated = dataclasses.replace(taught, calibration=PriceCalibration((0.5, 1.0, 2.0, 4.0)))
+    with ServerThread(create_app(calibrated, TAUGHT_LIMITS, model_name=NAME, price_level=0.75)) as server:
+        record = httpx.post(
+            f"{server.url}/v1/predict", files={"image": ("s.png", shirt_png(), "image/png")}, timeout=120
+        ).json()
+        client = client_for(server)
+        reply = client.chat.completions.create(
+            model=NAME, messages=image_message(data_url(shirt_png())), response_format={"type": "json_object"}
+        )
+        schema = {"type": "object", "properties": {"price_low": {}, "price_high": {}}}
+        narrow = client.chat.completions.create(
+            model=NAME,
+            messages=image_message(data_url(shirt_png())),
+            response_format={"type": "json_schema", "json_schema": {"name": "range", "schema": schema}},
+        )
+    fields = json.loads(reply.choices[0].message.content)
+    assert fields["price"] == 890.0 and fields["price_low"] < 890.0 < fields["price_high"]
+    assert (fields["price_low"], fields["price_high"]) == (record["price_low"], record["price_high"])
+    assert record["price_level"] == 0.75
+    assert json.loads(narrow.choices[0].message.content) == {
+        "price_low": record["price_low"],
+        "price_high": record["price_high"],
+    }
+
+
+def test_a_large_max_tokens_is_capped_not_refused(taught: LoadedModel, lora_server: ServerThread) -> None:
+    """Clients send max_tokens of 256 to 4096 by habit: the server caps it at its --max-new-tokens, and says
+    "length" when the cap cut the answer."""
+    big = client_for(lora_server).chat.completions.create(
+        model=NAME, messages=image_message(data_url(png_bytes())), max_tokens=4096
+    )
+    capped = client_for(lora_server).chat.completions.create(
+        model=NAME, messages=image_message(data_url(png_bytes())), max_tokens=LIMITS.max_new_tokens
+    )
+    assert big.choices[0].message.content == capped.choices[0].message.content
+    assert big.usage.completion_tokens == capped.usage.completion_tokens <= LIMITS.max_new_tokens
+    assert big.choices[0].finish_reason == capped.choices[0].finish_reason
+
+    short = dataclasses.replace(TAUGHT_LIMITS, max_new_tokens=5)  # the taught answer needs more than 5
+    with ServerThread(create_app(taught, short, model_name=NAME)) as server:
+        client = client_for(server)
+        cut = client.chat.completions.create(
+            model=NAME, messages=image_message(data_url(shirt_png())), max_completion_tokens=100_000
+        )
+        streamed = list(
+            client.chat.completions.create(
+                model=NAME, messages=image_message(data_url(shirt_png())), max_tokens=4096, stream=True
+            )
+        )
+    assert cut.choices[0].finish_reason == "length" and cut.usage.completion_tokens == 5
+    assert TAUGHT_ANSWER.startswith(cut.choices[0].message.content)
+    assert [c.choices[0].finish_reason for c in streamed if c.choices][-1] == "length"
+
+
+def test_a_large_max_tokens_gets_the_whole_answer(taught_server: ServerThread) -> None:
+    reply = client_for(taught_server).chat.completions.create(
+        model=NAME, messages=image_message(data_url(shirt_png())), max_tokens=4096
+    )
+    assert reply.choices[0].message.content == TAUGHT_ANSWER and reply.choices[0].finish_reason == "stop"
 
 
 def test_sampling_with_temperature(taught_server: ServerThread) -> None:
@@ -259,7 +331,6 @@ def test_oversized_body_and_image_are_413(lora_server: ServerThread) -> None:
     ("change", "param", "code"),
     [
         ({"model": "gpt-4o"}, "model", "model_not_found"),
-        ({"max_tokens": 9}, "max_tokens", "max_tokens_too_large"),
         ({"n": 2}, "n", "unsupported_parameter"),
         ({"stop": ["\n"]}, "stop", "unsupported_parameter"),
         ({"seed": 7, "temperature": 0.8}, "seed", "unsupported_parameter"),

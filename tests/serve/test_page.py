@@ -9,6 +9,7 @@ import httpx
 from PIL import Image
 from serve_helpers import ServerThread, png_bytes
 
+from phivision.answer.calibration import PriceCalibration
 from phivision.runs import load_model
 from phivision.serve.server import ServeLimits, create_app
 
@@ -20,9 +21,9 @@ def test_page_uploads_and_shows_the_answer(lora_run: Path, tmp_path: Path) -> No
 
     photo = tmp_path / "bag.png"
     photo.write_bytes(png_bytes(size=(120, 90)))
-    with ServerThread(
-        create_app(load_model(lora_run, device="cpu"), ServeLimits(max_new_tokens=8))
-    ) as server:
+    loaded = load_model(lora_run, device="cpu")
+    loaded.calibration = PriceCalibration((0.5, 1.0, 2.0, 3.0))  # as RUN/calibration.json would give it
+    with ServerThread(create_app(loaded, ServeLimits(max_new_tokens=40))) as server:
         expected = httpx.post(
             f"{server.url}/v1/predict",
             files={"image": ("bag.png", photo.read_bytes(), "image/png")},
@@ -45,6 +46,9 @@ def test_page_uploads_and_shows_the_answer(lora_run: Path, tmp_path: Path) -> No
                 for field in ("title", "category"):
                     shown = page.inner_text(f"#{field}")
                     assert shown == (expected[field] or "not found in the answer")
+                low, high = expected["price_low"], expected["price_high"]
+                assert low < expected["price"] < high  # a constrained answer always has a price
+                assert page.inner_text("#range") == f"{low:,.2f} to {high:,.2f} (80% range)"
                 assert page.evaluate("document.getElementById('preview').naturalWidth") == 120
                 page.screenshot(path=str(tmp_path / "page.png"), full_page=True)
 

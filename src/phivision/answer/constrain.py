@@ -193,10 +193,11 @@ class AnswerGuide:
         return len(self.fields)
 
     def logits_processor(
-        self, batch_size: int, max_new_tokens: int, sampling: bool = False
+        self, batch_size: int, max_new_tokens: int, sampling: bool = False, price_steps: Any = None
     ) -> ConstrainedLogits:
-        """A fresh processor for one ``generate`` call over ``batch_size`` rows."""
-        return ConstrainedLogits(self, batch_size, max_new_tokens, sampling)
+        """A fresh processor for one ``generate`` call over ``batch_size`` rows (``price_steps``: a
+        :class:`phivision.answer.price_spread.PriceSteps` to record the price's distribution in)."""
+        return ConstrainedLogits(self, batch_size, max_new_tokens, sampling, price_steps)
 
 
 @dataclass
@@ -219,9 +220,15 @@ class ConstrainedLogits:
     """
 
     def __init__(
-        self, guide: AnswerGuide, batch_size: int, max_new_tokens: int, sampling: bool = False
+        self,
+        guide: AnswerGuide,
+        batch_size: int,
+        max_new_tokens: int,
+        sampling: bool = False,
+        price_steps: Any = None,
     ) -> None:
         self.guide, self.max_new_tokens, self.sampling = guide, max_new_tokens, sampling
+        self.price_steps = price_steps
         self.rows = [_Row(guide.new_matcher()) for _ in range(batch_size)]
         self.prompt_length: int | None = None
 
@@ -234,13 +241,22 @@ class ConstrainedLogits:
         left = self.max_new_tokens - (input_ids.shape[1] - self.prompt_length)
         width = scores.shape[-1]
         allowed = np.zeros((len(self.rows), max(width, self.guide.vocab_size)), dtype=bool)
+        step = input_ids.shape[1] - self.prompt_length
         for i, (row, best) in enumerate(zip(self.rows, scores.argmax(dim=-1).tolist(), strict=True)):
             forced = self._forced(row, left, int(best))
+            price_step = (
+                self.price_steps is not None and not row.done and self.price_steps.wants(i, row.tokens)
+            )
+            if forced is None or price_step:
+                bits = np.frombuffer(row.matcher.compute_bitmask(), dtype=np.uint8)
+                mask = np.unpackbits(bits, bitorder="little")[: self.guide.vocab_size].astype(bool)
+                if price_step:  # the model's choice among the allowed tokens, whichever token is emitted
+                    grammar = torch.zeros(width, dtype=torch.bool)
+                    grammar[: min(width, mask.size)] = torch.from_numpy(mask[:width])
+                    self.price_steps.record(i, step, scores[i], grammar.to(scores.device))
             if forced is not None:
                 allowed[i, forced] = True
             else:
-                bits = np.frombuffer(row.matcher.compute_bitmask(), dtype=np.uint8)
-                mask = np.unpackbits(bits, bitorder="little")[: self.guide.vocab_size].astype(bool)
                 allowed[i, : mask.size] = mask
         keep = torch.from_numpy(allowed[:, :width]).to(scores.device)
         return scores.masked_fill(~keep, float("-inf"))

@@ -20,6 +20,7 @@ from transformers import GenerationConfig, LogitsProcessorList
 from transformers.generation.streamers import BaseStreamer
 
 from phivision.answer.constrain import AnswerConstraint, answer_guide
+from phivision.answer.price_spread import PriceDistribution, PriceSteps
 from phivision.answer.prompt import PromptFormat, prompt_text
 from phivision.args import Generation
 from phivision.data.images import ImageError, load_image
@@ -46,6 +47,9 @@ class Completion:
     prompt_tokens: int  # prompt length, image tokens included
     completion_tokens: int  # tokens generated, the closing stop token included
     finished: bool  # ended with a stop token (False: cut off at max_new_tokens)
+    price_distribution: PriceDistribution | None = (
+        None  # with price_spread=True (phivision.answer.price_spread)
+    )
 
 
 class _StepTokens(BaseStreamer):
@@ -99,6 +103,7 @@ def generate_completions(
     top_p: float = 1.0,
     on_token: Callable[[int, int], None] | None = None,
     constraint: AnswerConstraint | None = None,
+    price_spread: bool = False,
 ) -> list[Completion]:
     """Answers, one per image, in the order of ``images``: greedy unless ``temperature`` > 0.
 
@@ -119,6 +124,8 @@ def generate_completions(
             ``max_new_tokens`` below what the template's fixed text, longest category and a price can need stays
             the cap: the answer is the first ``max_new_tokens`` tokens of a complete constrained answer (the
             verbs say so first: :func:`phivision.answer.constrain.short_budget_note`).
+        price_spread: with a ``constraint``, also read each answer's price distribution from the scores it was
+            generated from (``Completion.price_distribution``; no extra forward pass).
 
     Returns:
         One :class:`Completion` per image.
@@ -165,9 +172,10 @@ def generate_completions(
             )
             inputs = {k: v.to(device) for k, v in batch.items() if isinstance(v, torch.Tensor)}
             inputs["pixel_values"] = inputs["pixel_values"].to(dtype)
+            price_steps = PriceSteps(guide, len(chunk)) if guide is not None and price_spread else None
             if guide is not None:  # a fresh processor per batch: it holds one grammar state per row
                 inputs["logits_processor"] = LogitsProcessorList(
-                    [guide.logits_processor(len(chunk), plan_tokens, sampling=temperature > 0)]
+                    [guide.logits_processor(len(chunk), plan_tokens, temperature > 0, price_steps)]
                 )
             streamer = _StepTokens(chunk, on_token) if on_token is not None else None
             output = model.generate(
@@ -184,6 +192,11 @@ def generate_completions(
                     prompt_tokens=int(prompt_lengths[row]),
                     completion_tokens=len(kept[row]) + finished,
                     finished=finished,
+                    price_distribution=price_steps.distribution(
+                        row, new_tokens[row][: len(kept[row]) + finished], stops
+                    )
+                    if price_steps is not None
+                    else None,
                 )
             bar.update(len(chunk))
     finally:
@@ -201,12 +214,14 @@ def answer_image_files(
     max_new_tokens: int = Generation.max_new_tokens,
     progress: bool | tqdm = True,
     constraint: AnswerConstraint | None = None,
-) -> Iterator[tuple[Path, str, str | None]]:
-    """``(path, answer, error)`` for every image file, in order: the file loop shared by evaluate and predict.
+    price_spread: bool = False,
+) -> Iterator[tuple[Path, Completion | None, str | None]]:
+    """``(path, completion, error)`` for every image file, in order: the file loop shared by evaluate and predict.
 
     Images are decoded ``chunk_size`` at a time, so memory stays flat on large folders and results stream out.
-    An unreadable file yields ``(path, "", reason)`` instead of stopping the run: one corrupt photo costs that
-    photo only. ``loaded`` is a :class:`phivision.runs.LoadedModel`; ``constraint`` as in :func:`generate_answers`.
+    An unreadable file yields ``(path, None, reason)`` instead of stopping the run: one corrupt photo costs that
+    photo only. ``loaded`` is a :class:`phivision.runs.LoadedModel`; ``constraint`` and ``price_spread`` as in
+    :func:`generate_completions`.
     """
     own_bar = isinstance(progress, bool)
     bar = tqdm(total=len(paths), desc="generate", unit="img", disable=not progress) if own_bar else progress
@@ -223,7 +238,7 @@ def answer_image_files(
                     errors.append(str(err))
             readable = [image for image in images if image is not None]
             answers = iter(
-                generate_answers(
+                generate_completions(
                     loaded.model,
                     loaded.processor,
                     readable,
@@ -232,11 +247,12 @@ def answer_image_files(
                     max_new_tokens=max_new_tokens,
                     progress=bar,
                     constraint=constraint,
+                    price_spread=price_spread,
                 )
             )
             bar.update(len(images) - len(readable))
             for path, image, error in zip(chunk, images, errors, strict=True):
-                yield path, ("" if image is None else next(answers)), error
+                yield path, (None if image is None else next(answers)), error
     finally:
         if own_bar:
             bar.close()

@@ -39,6 +39,7 @@ class RunLayout:
 
         RUN/config.yaml              the resolved training config (what `train --print-config` prints)
         RUN/labels.json              the train split's categories and the catalog's currency (constrained answers)
+        RUN/calibration.json         the price ranges' calibration on the val split (written after training)
         RUN/adapter/  or  RUN/model/ the LoRA/QLoRA adapter (PEFT files), or the full fine-tune's weights
         RUN/processor/               the processor the run trained with
         RUN/trainer_state.json       steps, the best metric and its step, every evaluation
@@ -52,6 +53,7 @@ class RunLayout:
 
     CONFIG = "config.yaml"
     LABELS = "labels.json"
+    CALIBRATION = "calibration.json"
     ADAPTER = "adapter"
     MODEL = "model"
     PROCESSOR = "processor"
@@ -73,6 +75,10 @@ class RunLayout:
     @property
     def labels(self) -> Path:
         return self.root / self.LABELS
+
+    @property
+    def calibration(self) -> Path:
+        return self.root / self.CALIBRATION
 
     @property
     def adapter(self) -> Path:

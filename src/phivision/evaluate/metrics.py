@@ -32,6 +32,7 @@ import numpy as np
 import pandas as pd
 from rapidfuzz import fuzz, utils
 
+from phivision.answer.calibration import PLOT_LEVELS, PriceRange
 from phivision.answer.prompt import ParsedAnswer
 
 MISSING_PRICE_APE = 1.0
@@ -51,6 +52,8 @@ HEADLINE = (
     ("price_within_10pct", "price within 10%", "pct"),
     ("price_log_rmse", "price log RMSE", "num"),
     ("price_mae", "price MAE", "price"),
+    ("price_interval_coverage", "price range coverage", "pct"),
+    ("price_interval_width", "price range width", "pct"),
     ("category_accuracy", "category accuracy", "pct"),
     ("category_macro_f1", "category macro-F1", "num"),
     ("category1_accuracy", "category level 1 accuracy", "pct"),
@@ -62,9 +65,19 @@ HEADLINE = (
 # What training's evaluations add to these (RUN/metrics.jsonl); ranked and formatted by the same rules.
 TRAINING_EVAL = (("val_loss", "validation loss", "num"),)
 LOWER_IS_BETTER = frozenset(
-    {"price_mape", "price_smape", "price_median_ape", "price_log_rmse", "price_mae", "val_loss"}
+    {
+        "price_mape",
+        "price_smape",
+        "price_median_ape",
+        "price_log_rmse",
+        "price_mae",
+        "price_interval_width",
+        "val_loss",
+    }
 )
-UNRANKED = frozenset({"n"})
+# Counts, and coverages (right when they equal the range's level, not when they are high).
+UNRANKED = frozenset({"n", "price_interval_coverage"})
+COVERAGE_AT = "price_interval_coverage_"  # + the level in percent: the calibration plot's coverages
 
 SCORING = {
     "missing_price": "the worse of predicting the train median and a floor: APE max(median APE, 1.0), SAPE 2.0 "
@@ -77,6 +90,9 @@ SCORING = {
     "category_macro_f1": "mean F1 over the true classes and the predicted classes (missing predictions excluded)",
     "category_levels": "the predicted leaf category mapped to its parents by the train split's most common "
     "category<k>_code; unknown predicted categories are wrong at every level",
+    "price_interval": "coverage: share of items whose true price lies in [price_low, price_high] (an answer "
+    "without a range is not covered); width: mean of (price_high - price_low) / true price over the items with a "
+    "range; the baseline's range is the central share of the train prices of the item's category",
 }
 
 
@@ -161,6 +177,7 @@ class TrainStats:
     parents: dict[str, dict[str, str]] = field(
         default_factory=dict
     )  # normalized leaf -> level column -> value
+    category_prices: dict[str, tuple[float, ...]] = field(default_factory=dict)  # normalized leaf -> prices
 
     @classmethod
     def from_catalog(cls, train: pd.DataFrame) -> TrainStats:
@@ -169,9 +186,11 @@ class TrainStats:
             raise ValueError("the train split is empty: baselines need train rows")
         levels = tuple(level_columns(train))
         parents: dict[str, dict[str, str]] = {}
+        category_prices: dict[str, tuple[float, ...]] = {}
         leaves = train["category"].map(normalize_label)
         for leaf, rows in train.groupby(leaves, sort=True):
             parents[leaf] = {}
+            category_prices[leaf] = tuple(sorted(float(p) for p in rows["full_price"]))
             for col in levels:
                 values = [str(v) for v in rows[col] if _present(v)]
                 if values:
@@ -182,11 +201,26 @@ class TrainStats:
             most_common_title=_mode([str(t) for t in train["title"]]),
             levels=levels,
             parents=parents,
+            category_prices=category_prices,
         )
 
     def baseline_answer(self) -> ParsedAnswer:
         """The trivial predictor: most common train title, majority train category, median train price."""
         return ParsedAnswer(self.most_common_title, self.majority_category, self.median_price)
+
+    def baseline_range(self, category: str, level: float) -> PriceRange:
+        """The central ``level`` share of the train prices of ``category`` (all train prices for a category the
+        train split lacks), at ``level`` and at every level of the calibration plot."""
+        prices = self.category_prices.get(normalize_label(category))
+        prices = np.asarray(
+            prices or [p for ps in self.category_prices.values() for p in ps], dtype=np.float64
+        )
+
+        def central(share: float) -> tuple[float, float]:
+            low, high = np.quantile(prices, [(1 - share) / 2, (1 + share) / 2])
+            return float(low), float(high)
+
+        return PriceRange(*central(level), level, tuple((lv, *central(lv)) for lv in PLOT_LEVELS))
 
 
 # ------------------------------------------------------------------------------------------- per item
@@ -246,21 +280,47 @@ def score_item(truth: Mapping, parsed: ParsedAnswer, stats: TrainStats) -> dict:
     return errors
 
 
-def score(truths: pd.DataFrame, parsed: Sequence[ParsedAnswer], stats: TrainStats) -> list[dict]:
-    """One record per item: ``{"truth": {...}, "parsed": {...}, "errors": {...}}``, in input order."""
-    if len(truths) != len(parsed):
-        raise ValueError(f"{len(truths)} truths but {len(parsed)} answers")
+def range_scores(true_price: float, price_range: PriceRange) -> dict:
+    """Whether a price range holds the true price, its width relative to the true price (None without a range),
+    and whether each of its calibration-plot ranges holds it (keyed by the level in percent)."""
+
+    def holds(low: float | None, high: float | None) -> bool:
+        return low is not None and high is not None and low <= true_price <= high
+
+    low, high = price_range.low, price_range.high
+    return {
+        "price_interval_covered": holds(low, high),
+        "price_interval_width": None if low is None or high is None else (high - low) / true_price,
+        "price_interval_levels": {f"{100 * lv:g}": holds(lo, hi) for lv, lo, hi in price_range.by_level},
+    }
+
+
+def score(
+    truths: pd.DataFrame,
+    parsed: Sequence[ParsedAnswer],
+    stats: TrainStats,
+    ranges: Sequence[PriceRange] | None = None,
+) -> list[dict]:
+    """One record per item: ``{"truth": {...}, "parsed": {...}, "errors": {...}}``, in input order.
+
+    With ``ranges`` (one per answer) ``parsed`` also holds ``price_low`` and ``price_high``, and ``errors`` the
+    range's coverage and width (:func:`range_scores`).
+    """
+    if len(truths) != len(parsed) or (ranges is not None and len(ranges) != len(parsed)):
+        raise ValueError(f"{len(truths)} truths but {len(parsed)} answers and {len(ranges or [])} ranges")
     records = []
-    for truth, answer in zip(truths.to_dict("records"), parsed, strict=True):
+    for i, (truth, answer) in enumerate(zip(truths.to_dict("records"), parsed, strict=True)):
         true = {
             "title": str(truth["title"]),
             "category": str(truth["category"]),
             "price": float(truth["full_price"]),
         }
         true.update({col: str(truth[col]) for col in stats.levels if col in truth and _present(truth[col])})
-        records.append(
-            {"truth": true, "parsed": answer.to_dict(), "errors": score_item(truth, answer, stats)}
-        )
+        record = {"truth": true, "parsed": answer.to_dict(), "errors": score_item(truth, answer, stats)}
+        if ranges is not None:
+            record["parsed"].update(price_low=ranges[i].low, price_high=ranges[i].high)
+            record["errors"].update(range_scores(true["price"], ranges[i]))
+        records.append(record)
     return records
 
 
@@ -314,6 +374,21 @@ class ItemScores:
             outcome = [(e.get("levels") or {}).get(col) for e in errors]
             known = np.array([o is not None for o in outcome], dtype=np.float64)
             levels[col] = (known, np.array([o is True for o in outcome], dtype=np.float64))
+        if errors and all("price_interval_covered" in e for e in errors):  # every answer has its range
+            values["price_interval_covered"] = np.array(
+                [bool(e["price_interval_covered"]) for e in errors], float
+            )
+            values["price_interval_width"] = np.array(
+                [
+                    np.nan if e.get("price_interval_width") is None else e["price_interval_width"]
+                    for e in errors
+                ],
+                dtype=np.float64,
+            )
+            shared = set.intersection(*(set(e.get("price_interval_levels") or {}) for e in errors))
+            for level in sorted(shared, key=float):
+                held = [bool(e["price_interval_levels"][level]) for e in errors]
+                values[COVERAGE_AT + level] = np.array(held, dtype=np.float64)
         return cls(values, true_class, pred_class, n_classes, levels)
 
 
@@ -343,6 +418,13 @@ def aggregate(items: ItemScores, weights: np.ndarray) -> dict[str, np.ndarray]:
         out["category_macro_f1"] = _weighted_macro_f1(items.true_class, items.pred_class, items.n_classes, w)
         for col, (known, correct) in items.levels.items():
             out[f"{col.removesuffix('_code')}_accuracy"] = (w @ (known * correct)) / (w @ known)
+        if "price_interval_covered" in items.values:
+            out["price_interval_coverage"] = w @ items.values["price_interval_covered"] / total
+            width = items.values["price_interval_width"]
+            known = np.isfinite(width)
+            out["price_interval_width"] = (w @ np.where(known, width, 0.0)) / (w @ known)
+            for key in (k for k in items.values if k.startswith(COVERAGE_AT)):
+                out[key] = w @ items.values[key] / total
     return out
 
 
@@ -437,24 +519,35 @@ def group_metrics(items: ItemScores, groups: np.ndarray, n_groups: int) -> dict[
 
 
 def per_category(records: Sequence[Mapping]) -> dict[str, dict]:
-    """n, category accuracy, price MAPE and SMAPE for each true category, largest first."""
+    """n, category accuracy, price MAPE and SMAPE (and the price range's coverage and width, when the answers
+    have ranges) for each true category, largest first."""
     names = [r["truth"]["category"] for r in records]
     counts = Counter(names)
     ordered = sorted(counts, key=lambda c: (-counts[c], c))
     index = {category: i for i, category in enumerate(ordered)}
     groups = np.array([index[name] for name in names], dtype=np.int64)
     rows = group_metrics(ItemScores.from_records(records), groups, len(ordered))
+    ranged = [key for key in ("price_interval_coverage", "price_interval_width") if key in rows]
     return {
         category: {
             "n": counts[category],
             "accuracy": float(rows["category_accuracy"][i]),
             "price_mape": float(rows["price_mape"][i]),
             "price_smape": float(rows["price_smape"][i]),
+            **{key: _number_or_none(rows[key][i]) for key in ranged},
         }
         for i, category in enumerate(ordered)
     }
 
 
-def baseline_metrics(truths: pd.DataFrame, stats: TrainStats) -> dict:
-    """The metric dict of the trivial predictor (:meth:`TrainStats.baseline_answer`) on the same items."""
-    return summarize(score(truths, [stats.baseline_answer()] * len(truths), stats))
+def _number_or_none(value: float) -> float | None:
+    return None if math.isnan(value) else float(value)
+
+
+def baseline_metrics(truths: pd.DataFrame, stats: TrainStats, level: float | None = None) -> dict:
+    """The metric dict of the trivial predictor (:meth:`TrainStats.baseline_answer`) on the same items; with a
+    ``level``, also the coverage and width of the train split's price range of each item's category."""
+    ranges = None
+    if level is not None:
+        ranges = [stats.baseline_range(category, level) for category in truths["category"]]
+    return summarize(score(truths, [stats.baseline_answer()] * len(truths), stats, ranges))

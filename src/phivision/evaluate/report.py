@@ -11,6 +11,7 @@ offline, and runs no script.
 
 from __future__ import annotations
 
+import math
 import sys
 from datetime import datetime, timezone
 from pathlib import Path
@@ -24,10 +25,13 @@ from phivision.data.layout import RunLayout
 from phivision.data.pages import thumbnail_uri
 from phivision.errors import PhivisionError
 from phivision.evaluate import bootstrap, report_plots
+from phivision.evaluate.evaluation import range_text, taxonomy_text
 from phivision.evaluate.metrics import (
+    COVERAGE_AT,
     HEADLINE,
     TRAINING_EVAL,
     ItemScores,
+    aggregate,
     best_cells,
     format_value,
     group_metrics,
@@ -76,6 +80,7 @@ RUN_FACTS = (
     ("LoRA rank", "lora.r"),
 )
 KINDS = {key: kind for key, _, kind in (*HEADLINE, *TRAINING_EVAL)}
+HINTS = {"price_interval_coverage": "right when equal to the range's level"}
 LABELS = {key: label for key, label, _ in (*HEADLINE, *TRAINING_EVAL)}
 
 
@@ -192,7 +197,8 @@ def headline_table(
             {
                 "key": key,
                 "label": f"{label} ({currency})" if kind == "price" and currency else label,
-                "hint": {True: "higher is better", False: "lower is better", None: ""}[higher_is_better(key)],
+                "hint": HINTS.get(key)
+                or {True: "higher is better", False: "lower is better", None: ""}[higher_is_better(key)],
                 "cells": cells,
                 "change": change_cell(key, point, change.get(key)) if show_change else None,
             }
@@ -214,9 +220,59 @@ def stage_table(stages: list[Stage]) -> list[dict]:
             "split": str(s.metrics.get("split", "")),
             "items": len(s.records),
             "image_errors": sum(1 for r in s.records if r.get("image_error")),
+            "categories": taxonomy_text(s.metrics.get("taxonomy")),
+            "ranges": range_text(s.metrics.get("price_interval")),
         }
         for s in stages
     ]
+
+
+def coverage_curves(stages: list[Stage], resamples: int, seed: int) -> list[dict]:
+    """Observed coverage at every calibration-plot level, with 95% bootstrap intervals, for each stage whose
+    answers carry price ranges."""
+    curves = []
+    for stage in stages:
+        items = ItemScores.from_records(stage.records)
+        keys = sorted(
+            (k for k in items.values if k.startswith(COVERAGE_AT)), key=lambda k: float(k[len(COVERAGE_AT) :])
+        )
+        if not keys:
+            continue
+        point = aggregate(items, np.ones((1, items.n)))
+        curve = {
+            "name": stage.name,
+            "levels": [float(k[len(COVERAGE_AT) :]) / 100 for k in keys],
+            "observed": [float(point[k][0]) for k in keys],
+            "low": None,
+            "high": None,
+        }
+        if resamples:
+            (replicated,) = bootstrap.replicates([items], resamples, seed)
+            found = [bootstrap.percentile_interval(replicated[k]) or (math.nan, math.nan) for k in keys]
+            curve["low"], curve["high"] = [lo for lo, _ in found], [hi for _, hi in found]
+        curves.append(curve)
+    return curves
+
+
+def ranges_section(stages: list[Stage], resamples: int, seed: int) -> dict | None:
+    """The calibration plot and its table (level by level, every stage with ranges), or None without ranges."""
+    curves = coverage_curves(stages, resamples, seed)
+    if not curves:
+        return None
+    rows = []
+    for i, level in enumerate(curves[0]["levels"]):
+        cells = []
+        for curve in curves:
+            interval = (curve["low"][i], curve["high"][i]) if curve["low"] is not None else None
+            cells.append(
+                {
+                    "text": format_value(curve["observed"][i], "pct"),
+                    "interval": interval_text(interval, "pct"),
+                }
+            )
+        rows.append({"level": format_value(level, "pct"), "cells": cells})
+    plot = report_plots.to_data_uri(report_plots.calibration_plot(curves))
+    return {"plot": plot, "stages": [c["name"] for c in curves], "rows": rows}
 
 
 # ---------------------------------------------------------------------------------------- breakdowns
@@ -440,6 +496,7 @@ def render_report(
             dataset={"source": dataset.source, "currency": dataset.currency, "rows": dataset_rows},
             training=training,
             scatter=report_plots.to_data_uri(report_plots.price_scatter(final.records, dataset.currency)),
+            ranges=ranges_section(stages, resamples, seed),
             histogram=report_plots.to_data_uri(report_plots.error_histogram(final.records)),
             bands=price_band_table(stages, dataset.currency),
             confusion=report_plots.to_data_uri(report_plots.confusion_matrix(final.records)),

@@ -108,6 +108,22 @@ RECORD_KEYS: dict[str, dict[str, tuple[Callable[[Any], bool], str]]] = {
         "complete": (_boolean, "true or false"),
     },
 }
+# A price range (evaluations of a calibrated model): optional, checked when present.
+RANGE_KEYS: dict[str, tuple[Callable[[Any], bool], str]] = {
+    "parsed.price_low": (lambda v: v is None or _non_negative_number(v), "a number >= 0 or null"),
+    "parsed.price_high": (_positive_or_null, "a positive number or null"),
+    "errors.price_interval_covered": (_boolean, "true or false"),
+    "errors.price_interval_width": (
+        lambda v: v is None or _non_negative_number(v),
+        "a number >= 0 or null",
+    ),
+    "errors.price_interval_levels": (
+        lambda v: (
+            isinstance(v, dict) and all(isinstance(k, str) and isinstance(b, bool) for k, b in v.items())
+        ),
+        "an object of true or false",
+    ),
+}
 OPTIONAL_KEYS: dict[str, tuple[Callable[[Any], bool], str]] = {
     "id": (lambda v: isinstance(v, (str, int)) and not isinstance(v, bool), "text"),
     "image": (_text_or_null, "text or null"),
@@ -144,6 +160,12 @@ def check_record(record: Any, where: str) -> dict:
         raise PhivisionError(
             f"{where}: key 'errors.price_sape': expected a number >= 0, got {_describe(errors['price_sape'])}"
         )
+    for key, (valid, expected) in RANGE_KEYS.items():
+        section, name = key.split(".")
+        if name in record[section] and not valid(record[section][name]):
+            raise PhivisionError(
+                f"{where}: key '{key}': expected {expected}, got {_describe(record[section][name])}"
+            )
     # files written before SMAPE existed: the score follows from the two prices alone
     errors.setdefault("price_sape", symmetric_ape(record["truth"]["price"], record["parsed"]["price"]))
     return record

@@ -411,3 +411,50 @@ def eval_curves(evals: Sequence[dict], series: Sequence[tuple[str, str]], last: 
     ax.set_ylabel("percent")
     ax.set_title("validation metrics by step", fontsize=10)
     return fig
+
+
+# ------------------------------------------------------------------------------------------ ranges
+
+
+def calibration_plot(curves: Sequence[dict]) -> Figure:
+    """Observed against nominal coverage of the price ranges, one line per stage with its 95% bootstrap
+    intervals as error bars; the diagonal is perfect calibration, the band around it +-5 points.
+
+    ``curves``: ``{"name", "levels", "observed", "low", "high"}`` with levels and coverages as fractions.
+    """
+    fig = Figure(figsize=(5.4, 4.8))
+    ax = fig.add_subplot()
+    ax.fill_between([0, 1], [-0.05, 0.95], [0.05, 1.05], color=GREEN, alpha=0.12, label="within 5 points")
+    ax.plot([0, 1], [0, 1], color=GREY, lw=1, ls="--", label="coverage = level")
+    for i, (curve, color) in enumerate(zip(curves, (BLUE, ORANGE, RED, GREEN, GREY), strict=False)):
+        dodge = (i - (len(curves) - 1) / 2) * 0.006  # stages side by side, not on top of each other
+        levels, observed = np.asarray(curve["levels"]) + dodge, np.asarray(curve["observed"])
+        errors = None
+        if curve.get("low") is not None:
+            errors = np.abs(
+                np.vstack([observed - np.asarray(curve["low"]), np.asarray(curve["high"]) - observed])
+            )
+        ax.errorbar(
+            levels,
+            observed,
+            yerr=errors,
+            color=color,
+            marker="o",
+            ms=4,
+            lw=1.5,
+            capsize=3,
+            label=curve["name"],
+        )
+    lows = [v for c in curves for v in (c.get("low") or c["observed"]) if np.isfinite(v)]
+    lowest = min([0.4, *(min(c["levels"]) for c in curves), *(min(c["observed"]) for c in curves), *lows])
+    ax.set_xlim(lowest - 0.03, 1.0)
+    ax.set_ylim(lowest - 0.03, 1.02)
+    for axis in (ax.xaxis, ax.yaxis):
+        axis.set_major_locator(ticker.MultipleLocator(0.1))
+        axis.set_major_formatter(ticker.FuncFormatter(lambda v, _: f"{100 * v:.0f}%"))
+    ax.set_xlabel("nominal level of the price range")
+    ax.set_ylabel("observed coverage (true price inside)")
+    ax.set_title("price ranges: observed against nominal coverage", fontsize=10)
+    ax.legend(loc="upper left", frameon=False, fontsize=8)
+    ax.grid(True, alpha=0.3)
+    return fig

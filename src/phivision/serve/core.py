@@ -24,10 +24,12 @@ from fastapi import HTTPException
 from PIL import Image
 from starlette.concurrency import run_in_threadpool
 
+from phivision.answer.calibration import PriceRange
 from phivision.answer.constrain import AnswerConstraint
 from phivision.answer.generate import generate_completions
 from phivision.answer.prompt import PromptFormat, parse_answer
-from phivision.args import ServeLimits
+from phivision.answer.ranges import answer_range
+from phivision.args import PRICE_LEVEL, ServeLimits
 from phivision.data.images import ALLOWED_FORMATS, ImageError, image_size, load_image
 from phivision.netguard import AddressPolicy
 
@@ -305,6 +307,7 @@ def answer_jobs(
     the model fails ``check`` too does this raise (the batch failed; ``/healthz`` reports it).
     """
     constraint = AnswerConstraint.for_model(loaded) if limits.constrain else None
+    ranged = constraint is not None and loaded.calibration is not None
     results: list[Any] = [None] * len(jobs)
     images: dict[int, Image.Image] = {}
     for i, job in enumerate(jobs):
@@ -317,7 +320,12 @@ def answer_jobs(
         groups.setdefault(jobs[i].generation, []).append(i)
     for generation, members in groups.items():
         answers = _answer_group(
-            loaded, constraint, generation, [jobs[i] for i in members], [images.pop(i) for i in members]
+            loaded,
+            constraint,
+            generation,
+            [jobs[i] for i in members],
+            [images.pop(i) for i in members],
+            ranged,
         )
         for i, result in zip(members, answers, strict=True):
             results[i] = result
@@ -329,7 +337,7 @@ def answer_jobs(
 
 
 def _generate(
-    loaded: Any, constraint: Any, generation: Generation, jobs: list[Job], images: list
+    loaded: Any, constraint: Any, generation: Generation, jobs: list[Job], images: list, price_spread: bool
 ) -> list[Any]:
     streams = {k: job.on_token for k, job in enumerate(jobs) if job.on_token is not None}
 
@@ -349,11 +357,12 @@ def _generate(
         top_p=generation.top_p,
         on_token=on_token if streams else None,
         constraint=constraint,
+        price_spread=price_spread,
     )
 
 
 def _answer_group(
-    loaded: Any, constraint: Any, generation: Generation, jobs: list[Job], images: list
+    loaded: Any, constraint: Any, generation: Generation, jobs: list[Job], images: list, price_spread: bool
 ) -> list[Any]:
     """Answer jobs with one setting; on failure, each alone (a job that already streamed tokens is not
     retried: its client has part of an answer). One Completion or RequestFailed per job."""
@@ -371,7 +380,7 @@ def _answer_group(
         for k, job in enumerate(jobs)
     ]
     try:
-        return _generate(loaded, constraint, generation, jobs_watched, images)
+        return _generate(loaded, constraint, generation, jobs_watched, images, price_spread)
     except Exception as err:  # noqa: BLE001  (whatever it is, it is retried or reported per request)
         if len(jobs) == 1:
             log.warning("generation failed for one request: %s: %s", type(err).__name__, err)
@@ -383,7 +392,7 @@ def _answer_group(
             results.append(RequestFailed(first))
             continue
         try:
-            results.append(_generate(loaded, constraint, generation, [job], [image])[0])
+            results.append(_generate(loaded, constraint, generation, [job], [image], price_spread)[0])
         except Exception as err:  # noqa: BLE001
             log.warning("generation failed for one request of a batch: %s: %s", type(err).__name__, err)
             results.append(RequestFailed(err))
@@ -412,6 +421,7 @@ class Serving:
     model_name: str
     remote_images: AddressPolicy | None = None
     created: int = 0  # when the server started (the model's `created` in /v1/models)
+    price_level: float = PRICE_LEVEL  # the level of every answer's price range
     remote_fetches: asyncio.Semaphore = field(
         init=False
     )  # --max-remote-fetches slots (fetches hold no thread)
@@ -422,6 +432,12 @@ class Serving:
     @property
     def question(self) -> str:
         return self.loaded.prompt.question
+
+    def record(self, image: str, completion: Any) -> dict:
+        """The answer's record (:func:`prediction_record`), with its price range at the server's level."""
+        loaded = self.loaded
+        price_range = answer_range(completion, loaded.prompt, loaded.calibration, self.price_level)
+        return prediction_record(image, completion.text, loaded.prompt, loaded.currency, price_range)
 
     async def answer(
         self, data: bytes, generation: Generation, on_token: Callable[[int], None] | None = None
@@ -466,16 +482,25 @@ def failure(
 
 
 def prediction_record(
-    image: str, answer: str, prompt: PromptFormat = PromptFormat(), currency: str | None = None
+    image: str,
+    answer: str,
+    prompt: PromptFormat = PromptFormat(),
+    currency: str | None = None,
+    price_range: PriceRange | None = None,
 ) -> dict:
     """The JSON shape shared by predict and the HTTP API: the fields parsed with the run's ``prompt`` template,
-    the price's ``currency`` (the catalog's, None when the model does not record one) and the raw answer."""
+    the price's ``currency`` (the catalog's, None when the model does not record one), its calibrated range
+    (``price_low``, ``price_high`` at ``price_level``; null without a calibration) and the raw answer."""
     parsed = parse_answer(answer, prompt)
+    has_range = price_range is not None and price_range.low is not None
     return {
         "image": image,
         "title": parsed.title,
         "category": parsed.category,
         "price": parsed.price,
+        "price_low": price_range.low if has_range else None,
+        "price_high": price_range.high if has_range else None,
+        "price_level": price_range.level if has_range else None,
         "currency": currency,
         "answer": answer,
     }

@@ -17,6 +17,7 @@ from typing import Any
 
 import torch
 
+from phivision.answer.calibration import read_calibration
 from phivision.args import MAX_SHARD_SIZE
 from phivision.data.layout import RunLayout
 from phivision.errors import PhivisionError
@@ -88,6 +89,7 @@ def export_info(info: RunInfo, run_dir: Path) -> dict[str, Any]:
     return {
         "prompt": info.prompt.to_dict(),
         "labels": read_labels(run_dir).to_dict(),  # categories and currency, for constrained answers
+        "calibration": calibration.to_dict() if (calibration := read_calibration(run_dir)) else None,
         "run": str(run_dir.resolve()),
         "base": info.base,
         "method": info.method,

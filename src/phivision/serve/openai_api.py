@@ -28,10 +28,10 @@ from fastapi.responses import StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field
 
 from phivision.netguard import BlockedAddress
-from phivision.serve.core import Generation, ServeError, Serving, failure, prediction_record
+from phivision.serve.core import Generation, ServeError, Serving, failure
 from phivision.serve.fetch import FetchError, FetchTooLarge, fetch_image
 
-ANSWER_FIELDS = ("title", "category", "price", "currency")
+ANSWER_FIELDS = ("title", "category", "price", "price_low", "price_high", "currency")
 # Text the tokenizer would read as control tokens (image slots, turn ends): refused in a client's question.
 SPECIAL_TOKEN = re.compile(r"<\|[^|<>]*\|>|</?s>")
 MAX_QUESTION_CHARS = 2000
@@ -210,20 +210,15 @@ def _is_unicode(text: str) -> bool:
 
 
 def read_generation(request: ChatRequest, serving: Serving, question: str | None) -> Generation:
+    """How to answer a chat request. A ``max_tokens`` (or ``max_completion_tokens``) above the server's
+    ``--max-new-tokens`` is capped to it, as vLLM caps it to the context: clients send 256 to 4096 by habit.
+    An answer the cap cuts ends with ``finish_reason: "length"``."""
     limit = serving.limits.max_new_tokens
-    name = "max_completion_tokens" if request.max_completion_tokens is not None else "max_tokens"
     wanted = request.max_completion_tokens or request.max_tokens or limit
-    if wanted > limit:
-        raise invalid(
-            f"{name} is too large: {wanted}; this server answers with at most {limit} tokens "
-            "(its --max-new-tokens)",
-            name,
-            "max_tokens_too_large",
-        )
     temperature = request.temperature or 0.0
     return Generation(
         question=question or serving.question,
-        max_new_tokens=wanted,
+        max_new_tokens=min(wanted, limit),
         temperature=temperature if temperature >= MIN_TEMPERATURE else 0.0,  # tiny: greedy (the limit)
         top_p=request.top_p if request.top_p is not None else 1.0,
     )
@@ -338,12 +333,11 @@ async def read_image(url: str, param: str, serving: Serving) -> bytes:
 # ------------------------------------------------------------------------------------------ answering
 
 
-def message_content(serving: Serving, text: str, fields: tuple[str, ...] | None) -> str:
+def message_content(serving: Serving, completion: Any, fields: tuple[str, ...] | None) -> str:
     """The assistant message: the model's answer, or the JSON object of its fields."""
     if fields is None:
-        return text
-    loaded = serving.loaded
-    record = prediction_record("image_url", text, loaded.prompt, loaded.currency)  # the one record builder
+        return completion.text
+    record = serving.record("image_url", completion)  # the one record builder
     return json.dumps({name: record.get(name) for name in fields}, ensure_ascii=False)
 
 
@@ -446,7 +440,7 @@ async def stream_answer(
             yield writer.chunk({"content": item})
             item = await asyncio.wait_for(pieces.get(), max(0.0, deadline - loop.time()))
         completion = task.result()
-        content = message_content(serving, completion.text, fields)
+        content = message_content(serving, completion, fields)
         rest = content[len(sent) :] if content.startswith(sent) else ""
         if rest:
             yield writer.chunk({"content": rest})
@@ -483,9 +477,7 @@ async def chat_completions(request: ChatRequest, serving: Serving) -> Any:
             completion = await serving.answer(data, generation)
         except Exception as err:
             raise failure(err, serving.limits, 400, "image_url", image_param) from None
-        return completion_body(
-            serving, completion, message_content(serving, completion.text, fields), request_id
-        )
+        return completion_body(serving, completion, message_content(serving, completion, fields), request_id)
 
     loop = asyncio.get_running_loop()
     pieces: asyncio.Queue = asyncio.Queue()

@@ -15,7 +15,9 @@ from tqdm import tqdm
 
 from phivision.answer.constrain import AnswerConstraint, short_budget_note
 from phivision.answer.generate import answer_image_files
-from phivision.args import Generation, PredictArgs
+from phivision.answer.ranges import answer_range
+from phivision.answer.taxonomy import model_taxonomy, read_categories_file, with_taxonomy
+from phivision.args import PRICE_LEVEL, Generation, PredictArgs
 from phivision.errors import PhivisionError
 from phivision.io import atomic_write_text, refuse_overwriting_inputs
 from phivision.runs import LoadedModel, load_model, model_files
@@ -56,44 +58,62 @@ def predict_images(
     max_new_tokens: int = Generation.max_new_tokens,
     progress: bool = True,
     constrain: bool = True,
+    price_level: float = PRICE_LEVEL,
 ) -> Iterator[dict]:
     """Yield one record per path, in order. Images are decoded one batch at a time so memory stays flat.
 
-    ``constrain`` forces every answer into the model's template and recorded categories
-    (:mod:`phivision.answer.constrain`); False lets the model write freely.
+    ``constrain`` forces every answer into the model's template and categories
+    (:mod:`phivision.answer.constrain`; give ``loaded`` a taxonomy with
+    :func:`phivision.answer.taxonomy.with_taxonomy`); False lets the model write freely. A constrained answer of
+    a calibrated model carries its price range at ``price_level``.
     """
     constraint = AnswerConstraint.for_model(loaded) if constrain else None
     budget = short_budget_note(loaded.processor, loaded.model.config.vocab_size, constraint, max_new_tokens)
     for note in (*loaded.notes, *([budget] if budget else [])):
         print(f"warning: {note}", file=sys.stderr)
+
+    ranged = constraint is not None and loaded.calibration is not None
     with tqdm(total=len(paths), desc="predict", unit="img", disable=not progress) as bar:
-        for path, answer, error in answer_image_files(
-            loaded, paths, batch_size, batch_size, max_new_tokens, progress=bar, constraint=constraint
+        for path, completion, error in answer_image_files(
+            loaded, paths, batch_size, batch_size, max_new_tokens, bar, constraint, price_spread=ranged
         ):
             if error:
                 yield {"image": str(path), "error": error}
             else:
-                yield prediction_record(str(path), answer, loaded.prompt, loaded.currency)
+                price_range = answer_range(completion, loaded.prompt, loaded.calibration, price_level)
+                yield prediction_record(
+                    str(path), completion.text, loaded.prompt, loaded.currency, price_range
+                )
 
 
 def predict(args: PredictArgs) -> list[dict]:
     """``phivision predict`` (:class:`PredictArgs`, validated): one record per image, in order; with ``out`` the
     records are also written as JSON lines to that file (atomically), or streamed to stdout as they come
-    (``out="-"``)."""
+    (``out="-"``). The category space is the model's recorded categories, else ``answering.categories``."""
     paths = expand_inputs(args.images)
-    model, loading, generation = args.model, args.loading, args.generation
+    model, loading, generation, answering = args.model, args.loading, args.generation, args.answering
     if args.out is not None and str(args.out) != "-":  # before the model loads: a mistake costs nothing
         inputs = [(f"the image {path}", path) for path in paths] + model_files(model)
         refuse_overwriting_inputs({"--out": args.out}, inputs)
+
+    if answering.categories is not None:
+        read_categories_file(answering.categories)  # a broken file stops before the model loads
     loaded = (
         model
         if isinstance(model, LoadedModel)
         else load_model(model, device=loading.device, dtype=loading.dtype)
     )
+    loaded = with_taxonomy(loaded, model_taxonomy(loaded, answering.categories))
     stream = args.out is not None and str(args.out) == "-"
     records = []
     for record in predict_images(
-        loaded, paths, generation.batch_size, generation.max_new_tokens, args.progress, generation.constrain
+        loaded,
+        paths,
+        generation.batch_size,
+        generation.max_new_tokens,
+        args.progress,
+        generation.constrain,
+        answering.price_level,
     ):
         records.append(record)
         if stream:

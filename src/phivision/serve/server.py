@@ -31,7 +31,8 @@ from fastapi.responses import HTMLResponse, JSONResponse
 from pydantic import BaseModel
 
 from phivision.answer.constrain import AnswerConstraint, short_budget_note
-from phivision.args import ServeArgs, ServeLimits
+from phivision.answer.taxonomy import model_taxonomy, read_categories_file, with_taxonomy
+from phivision.args import PRICE_LEVEL, ServeArgs, ServeLimits
 from phivision.netguard import AddressPolicy
 from phivision.runs import load_model, resolve_device
 from phivision.serve import openai_api
@@ -43,7 +44,6 @@ from phivision.serve.core import (
     Serving,
     answer_jobs,
     failure,
-    prediction_record,
 )
 from phivision.serve.guard import server_config
 from phivision.serve.limits import allowed_hosts, check_bind
@@ -185,6 +185,9 @@ class Prediction(BaseModel):
     title: str | None
     category: str | None
     price: float | None
+    price_low: float | None  # the price's calibrated range at price_level (null: the model is not calibrated)
+    price_high: float | None
+    price_level: float | None
     currency: str | None  # the catalog's currency the price is in (null when the model records none)
     answer: str
 
@@ -241,6 +244,7 @@ def create_app(
     model_name: str | None = None,
     hosts: frozenset[str] | None = None,
     remote_images: AddressPolicy | None = None,
+    price_level: float = PRICE_LEVEL,
 ) -> FastAPI:
     """The FastAPI app for one loaded model (a :class:`phivision.runs.LoadedModel`).
 
@@ -249,6 +253,8 @@ def create_app(
         model_name: the model id of the OpenAI API (``/v1/models``); default: ``loaded.source``.
         hosts: the ``Host`` names answered (see :func:`phivision.serve.limits.allowed_hosts`); None: any.
         remote_images: fetch http(s) ``image_url``s under this address policy; None: data: URLs only.
+        price_level: the level of every answer's price range (a calibrated model's; see
+            :mod:`phivision.answer.ranges`).
     """
     limits = (limits or ServeLimits()).validate()
     constraint = AnswerConstraint.for_model(loaded) if limits.constrain else None
@@ -267,7 +273,13 @@ def create_app(
         max_queue_bytes=limits.max_queue_bytes,
     )
     serving = Serving(
-        loaded, limits, batcher, model_name or loaded.source, remote_images, created=int(time.time())
+        loaded,
+        limits,
+        batcher,
+        model_name or loaded.source,
+        remote_images,
+        created=int(time.time()),
+        price_level=price_level,
     )
     page = render_page(limits, loaded.source)
 
@@ -363,7 +375,7 @@ def create_app(
             completion = await serving.answer(data, generation)
         except Exception as err:
             raise failure(err, limits, 415, name) from None
-        return prediction_record(name, completion.text, serving.loaded.prompt, serving.loaded.currency)
+        return serving.record(name, completion)
 
     openai_api.add_routes(app, serving)
     return app
@@ -376,9 +388,13 @@ def serve(args: ServeArgs) -> None:
     """
     check_bind(args.host, args.port)
     device = resolve_device(args.loading.device)
+    if args.answering.categories is not None:
+        read_categories_file(args.answering.categories)  # a broken file stops before the model loads
     loaded = load_model(args.model, device=device, dtype=args.loading.dtype)
     for note in loaded.notes:
         log.warning(note)
+
+    loaded = with_taxonomy(loaded, model_taxonomy(loaded, args.answering.categories))
     private = args.allow_private_image_hosts
     remote = (
         AddressPolicy(allow_loopback=private, allow_private=private) if args.allow_remote_images else None
@@ -389,5 +405,6 @@ def serve(args: ServeArgs) -> None:
         model_name=args.served_model_name or str(args.model),
         hosts=allowed_hosts(args.host, args.allowed_host or ()),
         remote_images=remote,
+        price_level=args.answering.price_level,
     )
     uvicorn.Server(server_config(app, args.host, args.port, args.limits)).run()

@@ -164,6 +164,11 @@ class EvalConfig(Generation):
     patience: int = option(
         0, "Stop after N evaluations without improvement; 0: never stop early.", check=">= 0"
     )
+    calibrate: bool = option(
+        True,
+        "After training, answer the whole val split with the run's weights and calibrate the price ranges on it "
+        "(RUN/calibration.json; needs eval.constrain); false: no price ranges.",
+    )
 
 
 @dataclass
@@ -194,7 +199,11 @@ class TrackingConfig(Options):
 class PromptConfig(Options):
     """The exchange the model learns; saved with the run so evaluation and serving ask the same question."""
 
-    question: str = option(DEFAULT_QUESTION, "The user's question after the image.")
+    question: str = option(
+        DEFAULT_QUESTION,
+        "The user's question after the image; {categories} in it is replaced by the train split's categories, "
+        "comma-separated.",
+    )
     answer_template: str = option(
         DEFAULT_ANSWER_TEMPLATE, "The answer, with each of {title}, {category} and {full_price} exactly once."
     )

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import gc
 import importlib.util
 import math
 import os
@@ -33,9 +34,12 @@ from accelerate.utils import DistributedDataParallelKwargs, DistributedType, set
 from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
 from tqdm.auto import tqdm
 
+from phivision.answer.calibration import write_calibration
 from phivision.answer.constrain import AnswerConstraint, short_budget_note
 from phivision.answer.generate import generate_answers
 from phivision.answer.prompt import parse_answer
+from phivision.answer.ranges import calibrate_model
+from phivision.answer.taxonomy import fill_question, model_taxonomy, with_taxonomy
 from phivision.data.images import ImageError, image_size
 from phivision.data.layout import RunLayout, load_catalog
 from phivision.errors import PhivisionError, first_line
@@ -44,7 +48,7 @@ from phivision.io import atomic_write_json, atomic_write_text, refuse_overwritin
 from phivision.labels import LabelSpace, write_labels
 from phivision.loading import check_model_type, load_pretrained
 from phivision.model.processing_phi3_v import Phi3VProcessor
-from phivision.runs import checkpoint_dtype, resolve_device, resolve_dtype
+from phivision.runs import checkpoint_dtype, load_model, resolve_device, resolve_dtype
 from phivision.train import checkpoint as ckpt
 from phivision.train.config import TrainConfig, check_eval_metric
 from phivision.train.data import (
@@ -395,7 +399,7 @@ def evaluate_model(
     gen_n = min(len(val), config.eval.gen_samples)
     if gen_n:
         images = [val.image(i) for i in range(gen_n)]
-        fmt = config.prompt.format()
+        fmt = val.fmt  # the run's prompt, {categories} filled with the train split's
         labels = LabelSpace.from_rows(train_rows["category"], train_rows["currency"])
         constraint = AnswerConstraint(fmt, labels.categories) if config.eval.constrain else None
         with generation_model(accelerator, model) as generator, accelerator.autocast():
@@ -488,7 +492,8 @@ class Recipe:
         for param in self.model.parameters():
             if param.requires_grad and param.dtype != torch.float32:
                 param.data = param.data.float()
-        fmt = config.prompt.format()
+        categories = LabelSpace.from_rows(self.train_rows["category"], []).categories
+        fmt = fill_question(config.prompt.format(), categories)
         root = config.data.path
         self.train_set = ProductDataset(
             root, self.train_rows, self.processor, fmt, cache=config.data.cache_examples
@@ -752,4 +757,29 @@ def train(config: TrainConfig, resume: bool = False, progress: bool = True) -> T
     recipe = Recipe(config, resume=resume, progress=progress)
     recipe.setup()
     recipe.fit()
-    return recipe.finish()
+    result = recipe.finish()
+    calibrate = recipe.is_main and config.eval.calibrate and config.eval.constrain and len(recipe.val_set)
+    recipe.accelerator.free_memory()  # the training model goes before the run's weights load
+    del recipe
+    if calibrate:
+        calibrate_run(config, progress)
+    return result
+
+
+def calibrate_run(config: TrainConfig, progress: bool = True) -> Path:
+    """Load the finished run (its best weights) and calibrate its price ranges on the whole val split:
+    ``RUN/calibration.json``, which predict, serve and evaluate then use."""
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+    loaded = load_model(config.out)
+    loaded = with_taxonomy(loaded, model_taxonomy(loaded))
+    calibration = calibrate_model(
+        loaded,
+        config.data.path,
+        "val",
+        batch_size=config.eval.batch_size,
+        max_new_tokens=config.eval.max_new_tokens,
+        progress=progress,
+    )
+    return write_calibration(config.out, calibration)
