@@ -7,16 +7,20 @@ from __future__ import annotations
 
 import csv
 import hashlib
+import json
 import os
 import resource
 import shutil
 import signal
 import subprocess
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import pandas as pd
 import pytest
+from PIL import Image
 
 
 @dataclass(frozen=True)
@@ -28,6 +32,7 @@ class Case:
     names: list[str]
     file_size_limit: int | None = None  # RLIMIT_FSIZE in bytes: a disk that fills up
     env: dict[str, str] = field(default_factory=dict)
+    setup: Callable[[dict[str, str]], None] | None = None  # prepares {tmp} (e.g. a tampered copy of {run})
 
 
 CASES = {
@@ -146,6 +151,196 @@ CASES = {
 }
 
 
+# ------------------------------------------------------------------------------------------ issue 20
+# Tampered run files for `train --resume`: each setup copies the finished run {run} to {tmp}/run and edits it.
+
+
+def _copy_run(values: dict[str, str]) -> Path:
+    run = Path(values["tmp"]) / "run"
+    shutil.copytree(values["run"], run)
+    return run
+
+
+def _edit_json(name: str, edit: Callable[[object], object]) -> Callable[[dict[str, str]], None]:
+    def setup(values: dict[str, str]) -> None:
+        path = _copy_run(values) / "checkpoints" / "step-2" / name
+        path.write_text(json.dumps(edit(json.loads(path.read_text()))))
+
+    return setup
+
+
+def _set(key: str, value: object) -> Callable[[dict], dict]:
+    return lambda data: {**data, key: value}
+
+
+def _negative_second_moments(values: dict[str, str]) -> None:
+    from safetensors.torch import load_file, save_file
+
+    path = _copy_run(values) / "checkpoints" / "step-2" / "optimizer.safetensors"
+    tensors = load_file(str(path))
+    tensors = {k: -t.abs() - 1 if k.endswith("exp_avg_sq") else t for k, t in tensors.items()}
+    save_file(tensors, str(path))
+
+
+def _step_dir_named(name: str) -> Callable[[dict[str, str]], None]:
+    def setup(values: dict[str, str]) -> None:
+        run = _copy_run(values)
+        shutil.copytree(run / "checkpoints" / "step-2", run / "checkpoints" / name)
+
+    return setup
+
+
+def _labels(count: int) -> Callable[[dict[str, str]], None]:
+    """{tmp}/run recording ``count`` categories (long invented names, as a big catalog has)."""
+
+    def setup(values: dict[str, str]) -> None:
+        import random
+
+        rng = random.Random(0)
+        names = {"".join(rng.choice("abcdefghij klmnop") for _ in range(60)).strip() for _ in range(count)}
+        labels = {"categories": sorted(n for n in names if n), "currency": "USD"}
+        (_copy_run(values) / "labels.json").write_text(json.dumps(labels))
+
+    return setup
+
+
+RESUME = ["train", "--resume", "--out", "{tmp}/run", "schedule.max_steps=3"]
+CASES |= {
+    # case 2: --overwrite never destroys a source inside --out
+    "prepare --overwrite from the dataset's own catalog": Case(
+        ["prepare", "--source", "{data}/catalog.parquet", "--out", "{data}", "--overwrite", "--no-progress"],
+        ["{data}/catalog.parquet"],
+    ),
+    "prepare --overwrite from the dataset directory itself": Case(
+        ["prepare", "--source", "{data}", "--out", "{data}", "--overwrite", "--allow-local", "--no-progress"],
+        ["{data}"],
+    ),
+    # case 12: a full disk (RLIMIT_FSIZE: write(2) fails with EFBIG mid-file) during export or a checkpoint
+    "a full disk during export": Case(
+        ["export", "--run", "{run}", "--out", "{tmp}/export"], ["{tmp}/export"], file_size_limit=200_000
+    ),
+    "a full disk during a training checkpoint": Case(
+        [
+            "train",
+            "--out",
+            "{tmp}/run2",
+            "--data",
+            "{data}",
+            "--model",
+            "{ckpt}",
+            "schedule.max_steps=2",
+            "checkpoint.every_steps=1",
+            "eval.max_samples=2",
+            "eval.gen_samples=0",
+        ],
+        ["{tmp}/run2/checkpoints/step-1", "File too large"],
+        file_size_limit=100_000,
+    ),
+    # case 13: tampered checkpoint state on --resume, an empty catalog, a NUL byte, too many categories
+    "train --resume: tampered RNG state": Case(
+        RESUME, ["rng-0.json"], setup=_edit_json("rng-0.json", _set("python", "x"))
+    ),
+    "train --resume: tampered best_metric": Case(
+        RESUME,
+        ["trainer_state.json", "best_metric"],
+        setup=_edit_json("trainer_state.json", _set("best_metric", "x")),
+    ),
+    "train --resume: tampered history": Case(
+        RESUME,
+        ["trainer_state.json", "history"],
+        setup=_edit_json("trainer_state.json", _set("history", [1, 2])),
+    ),
+    "train --resume: tampered scheduler": Case(
+        RESUME, ["scheduler.json", "last_epoch"], setup=_edit_json("scheduler.json", _set("last_epoch", "x"))
+    ),
+    "train --resume: tampered optimizer hyperparameter": Case(
+        RESUME,
+        ["optimizer.json", "lr"],
+        setup=_edit_json(
+            "optimizer.json", lambda d: {**d, "param_groups": [{**g, "lr": "x"} for g in d["param_groups"]]}
+        ),
+    ),
+    "train --resume: negative optimizer second moments": Case(
+        RESUME, ["optimizer.safetensors", "exp_avg_sq"], setup=_negative_second_moments
+    ),
+    # case 14: nonsense checkpoint steps
+    "train --resume: a checkpoint folder named step 10^20": Case(
+        RESUME, ["step-100000000000000000000"], setup=_step_dir_named("step-100000000000000000000")
+    ),
+    "train --resume: a negative checkpoint step": Case(
+        RESUME, ["trainer_state.json", "step"], setup=_edit_json("trainer_state.json", _set("step", -5))
+    ),
+    "sample --like an empty catalog": Case(
+        ["sample", "--like", "{empty_data}", "--out", "{tmp}/s"],
+        ["{empty_data}/catalog.parquet", "no products"],
+    ),
+    "inspect a catalog with a NUL byte in image_path": Case(
+        ["inspect", "{nul_data}", "--out", "{tmp}/inspect.html", "--no-progress"],
+        ["{nul_data}/catalog.parquet", "row 3", "NUL"],
+    ),
+    "predict constrained to more categories than the grammar holds": Case(
+        ["predict", "{image}", "--model", "{tmp}/run", "--constrain"],
+        ["categories", "--no-constrain"],
+        setup=_labels(600_000),
+    ),
+    # case 3: the server's own bounds are flags like any other, checked before the model loads
+    "serve --header-timeout 0": Case(
+        ["serve", "--model", "{ckpt}", "--header-timeout", "0"], ["--header-timeout 0"]
+    ),
+    "serve --max-connections 0": Case(
+        ["serve", "--model", "{ckpt}", "--max-connections", "0"], ["--max-connections 0"]
+    ),
+    # case 7: an output path that is one of the command's inputs (or another of its outputs) is refused
+    "inspect --out the catalog": Case(
+        ["inspect", "{data}", "--out", "{data}/catalog.parquet", "--no-progress"],
+        ["--out {data}/catalog.parquet", "the catalog"],
+    ),
+    "inspect --out an image of the dataset": Case(
+        ["inspect", "{data}", "--out", "{image}", "--no-progress"],
+        ["--out {image}", "the image of catalog row 2"],
+    ),
+    "inspect --out a .json (the page and its JSON one file)": Case(
+        ["inspect", "{data}", "--out", "{tmp}/page.json", "--no-progress"], ["{tmp}/page.json", "also --out"]
+    ),
+    "predict --out the photo it reads": Case(
+        ["predict", "{image}", "--model", "{ckpt}", "--out", "{image}"], ["--out {image}", "the image"]
+    ),
+    "predict --out a file of the model": Case(
+        ["predict", "{image}", "--model", "{ckpt}", "--out", "{ckpt}/config.json"], ["--out", "config.json"]
+    ),
+    "report --predictions P --out P": Case(
+        [
+            "report",
+            "--predictions",
+            "{evaluation}/predictions.jsonl",
+            "--out",
+            "{evaluation}/predictions.jsonl",
+        ],
+        ["--out {evaluation}/predictions.jsonl", "--predictions"],
+    ),
+    "report --out the metrics beside the predictions": Case(
+        ["report", "--predictions", "{evaluation}", "--out", "{evaluation}/metrics.json"],
+        ["--out {evaluation}/metrics.json", "the metrics beside --predictions"],
+    ),
+    "evaluate --out the model's config": Case(
+        ["evaluate", "--model", "{ckpt}", "--data", "{data}", "--out", "{ckpt}/config.json"],
+        ["--out {ckpt}/config.json", "--model"],
+    ),
+    "evaluate --out the catalog's directory as metrics.json beside": Case(
+        ["evaluate", "--model", "{ckpt}", "--data", "{data}", "--out", "{data}/prepare_report.json"],
+        ["--out {data}/prepare_report.json", "the dataset's report"],
+    ),
+    "sample --urls-out the catalog it writes": Case(
+        ["sample", "--out", "{tmp}/s", "--n", "6", "--urls-out", "{tmp}/s/catalog.parquet"],
+        ["--urls-out {tmp}/s/catalog.parquet", "the catalog in --out"],
+    ),
+    "train --out the dataset": Case(
+        ["train", "--out", "{data}", "--data", "{data}", "--model", "{ckpt}", "schedule.max_steps=1"],
+        ["--out {data}", "--data"],
+    ),
+}
+
+
 def snapshot(root: Path) -> dict[str, str]:
     """Every file under ``root`` with the hash of its bytes."""
     return {
@@ -169,14 +364,39 @@ def workspace(tmp_path_factory, tiny_checkpoint, sample_dataset) -> dict[str, Pa
     (root / "bad.yaml").write_text("method: full\noptim:\n  lr: [0.1\n")
     bomb_data = root / "bomb_data"
     shutil.copytree(sample_dataset, bomb_data)
-    import pandas as pd
-    from PIL import Image
-
     catalog = pd.read_parquet(bomb_data / "catalog.parquet")
     bomb_image = catalog.loc[catalog["split"] == "train", "image_path"].iloc[0]
     (bomb_data / bomb_image).unlink()
     Image.new("L", (20_000, 20_000)).save(bomb_data / bomb_image, format="PNG")  # 400 Mpx in a small file
     (root / "predictions.jsonl").write_text('{"image": "a.jpg", "answer": "Product: x"}\n')
+    run = _finished_run(root, ckpt, data)
+    evaluation = root / "evaluation"
+    done = subprocess.run(
+        [
+            _script(),
+            "evaluate",
+            "--model",
+            str(run),
+            "--data",
+            str(data),
+            "--out",
+            str(evaluation),
+            "--limit",
+            "2",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    nul_data, empty_data, hostile_data = root / "nul_data", root / "empty_data", root / "hostile_data"
+    for copy in (nul_data, empty_data, hostile_data):
+        shutil.copytree(sample_dataset, copy)
+    table = pd.read_parquet(nul_data / "catalog.parquet")
+    table.loc[1, "image_path"] = "images/a\x00b.jpg"
+    table.to_parquet(nul_data / "catalog.parquet")
+    pd.read_parquet(empty_data / "catalog.parquet").iloc[:0].to_parquet(empty_data / "catalog.parquet")
+    hostile = _plant_hostile_images(hostile_data)
     images = sorted((data / "images").iterdir())
     with open(root / "table.csv", "w", newline="") as f:
         writer = csv.writer(f)
@@ -197,8 +417,54 @@ def workspace(tmp_path_factory, tiny_checkpoint, sample_dataset) -> dict[str, Pa
         "csv": root / "table.csv",
         "bomb_data": bomb_data,
         "bomb_image": bomb_image,
+        "run": run,
+        "evaluation": evaluation,
+        "nul_data": nul_data,
+        "empty_data": empty_data,
+        "hostile_data": hostile_data,
+        "image": data / catalog["image_path"].iloc[0],
+        **hostile,
         "root": root,
     }
+
+
+def _finished_run(root: Path, ckpt: Path, data: Path) -> Path:
+    """A 2-step LoRA run with a checkpoint per step (absolute paths, so copies of it resume anywhere)."""
+    run = root / "run"
+    args = [
+        "train",
+        "--out",
+        str(run),
+        "--data",
+        str(data),
+        "--model",
+        str(ckpt),
+        "schedule.max_steps=2",
+        "checkpoint.every_steps=1",
+        "eval.max_samples=2",
+        "eval.gen_samples=0",
+        "data.batch_size=2",
+    ]
+    done = subprocess.run([_script(), *args], capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return run
+
+
+def _plant_hostile_images(dataset: Path) -> dict[str, Path]:
+    """Replace four images of ``dataset``: a FIFO, a symlink to /dev/zero, a 400-megapixel PNG (a small file)
+    and an EPS file (Pillow would hand it to Ghostscript)."""
+    paths = [dataset / p for p in pd.read_parquet(dataset / "catalog.parquet")["image_path"].iloc[:4]]
+    for path in paths:
+        path.unlink()
+    os.mkfifo(paths[0])
+    paths[1].symlink_to("/dev/zero")
+    Image.new("L", (20_000, 20_000)).save(paths[2], format="PNG")
+    paths[3].write_bytes(b"%!PS-Adobe-3.0 EPSF-3.0\n%%BoundingBox: 0 0 8 8\n0 0 moveto showpage\n")
+    return {"fifo": paths[0], "zero_link": paths[1], "bomb_400mpx": paths[2], "eps": paths[3]}
+
+
+def _script() -> str:
+    return os.path.join(os.path.dirname(sys.executable), "phivision")
 
 
 def _limit_file_size(limit: int):
@@ -214,8 +480,10 @@ def test_a_mistake_is_one_error_line_and_damages_nothing(name, workspace, tmp_pa
     case = CASES[name]
     values = {key: str(path) for key, path in workspace.items()} | {"tmp": str(tmp_path)}
     args = [arg.format(**values) for arg in case.args]
+    if case.setup is not None:
+        case.setup(values)
     before = snapshot(workspace["root"])
-    script = os.path.join(os.path.dirname(sys.executable), "phivision")
+    script = _script()
     env = {**os.environ, "PYTHONDONTWRITEBYTECODE": "1", **case.env}
     preexec = _limit_file_size(case.file_size_limit) if case.file_size_limit else None
     done = subprocess.run(
@@ -228,5 +496,98 @@ def test_a_mistake_is_one_error_line_and_damages_nothing(name, workspace, tmp_pa
     assert "Traceback" not in done.stderr and "np.float64(" not in done.stderr
     for expected in case.names:
         assert expected.format(**values) in lines[0], lines[0]
+    assert snapshot(workspace["root"]) == before
+    assert not [p for p in tmp_path.rglob("*.tmp")], "a temporary file was left behind"
+
+
+# ------------------------------------------------------------------- hostile input that is not an error
+# Issue 20: input that phivision must answer, not refuse: a cut last line, files that are no image (a FIFO, a
+# link to /dev/zero, a 400-megapixel bomb, EPS), a killed export's leftovers, 100,000 categories. Each run ends
+# in time with the documented exit code and message, no traceback, and nothing of the user's changed.
+
+
+@dataclass(frozen=True)
+class Answered:
+    args: list[str]
+    code: int
+    says: list[str]  # substrings of stdout + stderr (after substitution)
+    setup: Callable[[dict[str, str]], None] | None = None
+    check: Callable[[dict[str, str]], None] | None = None
+
+
+def _cut_metrics_log(values: dict[str, str]) -> None:
+    path = _copy_run(values) / "metrics.jsonl"
+    path.write_bytes(path.read_bytes()[:-15])  # the last record cut mid-line, as by a kill
+
+
+def _killed_export(values: dict[str, str]) -> None:
+    (Path(values["tmp"]) / ".export.0123abcd.tmp" / "part").mkdir(parents=True)
+
+
+def _inspect_reasons(values: dict[str, str]) -> None:
+    found = json.loads((Path(values["tmp"]) / "inspect.json").read_text())
+    reasons = {r["image_path"]: r["reason"] for r in found["outliers"]["unreadable_examples"]}
+    data = Path(values["hostile_data"])
+    expected = {"fifo": "not_a_file", "zero_link": "not_a_file", "bomb_400mpx": "too_many_pixels"}
+    expected["eps"] = "unsupported_format"
+    assert reasons == {str(Path(values[k]).relative_to(data)): v for k, v in expected.items()}
+
+
+def _answer_in_categories(values: dict[str, str]) -> None:
+    labels = json.loads((Path(values["tmp"]) / "run" / "labels.json").read_text())["categories"]
+    answer = json.loads((Path(values["tmp"]) / "answers.jsonl").read_text())
+    assert answer["category"] in set(labels), answer
+
+
+ANSWERED = {
+    "train --resume after a cut last line of metrics.jsonl": Answered(
+        RESUME, 0, ["warning: {tmp}/run/metrics.jsonl line", "cut short"], setup=_cut_metrics_log
+    ),
+    "inspect images that are a FIFO, a link to /dev/zero, a 400-Mpx bomb and EPS": Answered(
+        ["inspect", "{hostile_data}", "--out", "{tmp}/inspect.html", "--no-progress"],
+        0,
+        ["inspected 60 rows"],
+        check=_inspect_reasons,
+    ),
+    "sample --like a dataset with a FIFO and a link to /dev/zero as images": Answered(
+        ["sample", "--like", "{hostile_data}", "--out", "{tmp}/s"], 0, ["wrote 60 synthetic products"]
+    ),
+    "predict an EPS file": Answered(
+        ["predict", "{eps}", "--model", "{run}"], 1, ["unsupported_format", "EPS"]
+    ),
+    "export after a killed export left its temporary folder": Answered(
+        ["export", "--run", "{run}", "--out", "{tmp}/export"],
+        0,
+        ["warning: removed {tmp}/.export.0123abcd.tmp"],
+        setup=_killed_export,
+        check=lambda values: (Path(values["tmp"]) / "export" / "config.json").is_file(),
+    ),
+    "predict constrained to 100,000 categories": Answered(
+        ["predict", "{image}", "--model", "{tmp}/run", "--constrain", "--out", "{tmp}/answers.jsonl"],
+        0,
+        ["wrote 1 line(s)"],
+        setup=_labels(100_000),
+        check=_answer_in_categories,
+    ),
+}
+
+
+@pytest.mark.parametrize("name", list(ANSWERED))
+def test_hostile_input_is_answered_in_time_and_damages_nothing(name, workspace, tmp_path):
+    case = ANSWERED[name]
+    values = {key: str(path) for key, path in workspace.items()} | {"tmp": str(tmp_path)}
+    if case.setup is not None:
+        case.setup(values)
+    before = snapshot(workspace["root"])
+    env = {**os.environ, "PYTHONDONTWRITEBYTECODE": "1"}
+    args = [arg.format(**values) for arg in case.args]
+    done = subprocess.run([_script(), *args], capture_output=True, text=True, env=env, timeout=300)
+    output = done.stdout + done.stderr
+    assert done.returncode == case.code, output[-3000:]
+    assert "Traceback" not in output, output[-3000:]
+    for expected in case.says:
+        assert expected.format(**values) in output, output[-3000:]
+    if case.check is not None:
+        case.check(values)
     assert snapshot(workspace["root"]) == before
     assert not [p for p in tmp_path.rglob("*.tmp")], "a temporary file was left behind"

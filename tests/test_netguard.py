@@ -23,6 +23,22 @@ STRICT = AddressPolicy(allow_loopback=False, allow_private=False)
         ("192.168.0.7", None, "blocked_private"),
         ("93.184.216.34", None, None),
         ("2606:2800:220:1::1", None, None),
+        # shared address space (carrier-grade NAT, cloud-internal services) and other special ranges
+        ("100.64.0.1", None, "blocked_private"),
+        ("::ffff:100.64.0.1", None, "blocked_private"),
+        ("100.127.255.254", None, "blocked_private"),
+        ("192.0.0.8", None, "blocked_private"),
+        ("192.88.99.1", None, "blocked_private"),
+        ("198.18.0.1", None, "blocked_private"),
+        ("fec0::1", None, "blocked_private"),
+        ("240.0.0.1", "blocked_address", "blocked_address"),
+        # IPv6 addresses that carry an IPv4 one are judged by it: NAT64, 6to4, Teredo
+        ("64:ff9b::a9fe:a9fe", "blocked_link_local", "blocked_link_local"),
+        ("64:ff9b::7f00:1", None, "blocked_loopback"),
+        ("64:ff9b::808:808", None, None),
+        ("2002:a9fe:a9fe::1", "blocked_link_local", "blocked_link_local"),
+        ("2002:a00:1::1", None, "blocked_private"),
+        ("2001:0:4136:e378:8000:63bf:5601:5456", "blocked_link_local", "blocked_link_local"),
     ],
 )
 def test_address_policy(address, default, strict):

@@ -37,6 +37,7 @@ SAMPLE_N = 600  # products drawn by `phivision sample` (with --like: as many as 
 SAMPLE_MAX = 1_000_000
 MAX_PRICE = 1_000_000_000.0  # a price above this is a typo or a placeholder (absurd_price), never a product
 MAX_PIXELS = 40_000_000  # the largest image (width x height) any reader decodes: decompression bombs beyond
+MAX_BYTES = 50_000_000  # the largest image file any reader reads (download, local file, dataset image)
 MAX_NEW_TOKENS = 64  # the longest answer generated (evaluate, predict, serve)
 # Export shards: the official checkpoint's 8.3 GB of bf16 weights come in two files (4.94 and 3.35 GB); a 5 GB
 # bound gives the same two, a 4 GB bound three.
@@ -204,7 +205,7 @@ class Download(Options):
     backoff: float = option(0.5, "First retry delay in seconds; doubles, with jitter.", check=">= 0")
     max_wait: float = option(30.0, "Cap in seconds on any backoff or Retry-After wait.", check=">= 0")
     max_bytes: int = option(
-        50_000_000, "Largest image file accepted, downloaded or local, in bytes.", check=">= 1"
+        MAX_BYTES, "Largest image file accepted, downloaded or local, in bytes.", check=">= 1"
     )
     max_pixels: int = option(
         MAX_PIXELS, "Reject images with more pixels (decompression bombs).", check=">= 1"
@@ -251,6 +252,26 @@ class ServeLimits(Options):
     )
     remote_image_timeout: float = option(
         10.0, "Seconds for fetching one http(s) image, redirects included.", check="> 0"
+    )
+    max_remote_fetches: int = option(
+        16,
+        "Most http(s) images fetched at once; more wait for a slot within --remote-image-timeout, then get 503.",
+        check=">= 1",
+    )
+    max_connections: int = option(
+        1000,
+        "Most connections held at once (kept below the open-file limit); one more gets 503 and is closed, "
+        "except a few kept for /healthz.",
+        check=">= 1",
+    )
+    header_timeout: float = option(
+        15.0,
+        "Seconds a client may take to send a request's headers, from connecting or from its previous answer "
+        "(then 408 and the connection is closed).",
+        check="> 0",
+    )
+    keep_alive_timeout: float = option(
+        5.0, "Seconds an idle kept-alive connection stays open between requests.", check="> 0"
     )
     max_redirects: int = option(
         5, "Redirects followed when fetching an http(s) image (Python only).", check=">= 0", cli=False

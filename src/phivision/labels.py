@@ -16,7 +16,7 @@ from typing import Any
 
 from phivision.data.layout import RunLayout
 from phivision.errors import PhivisionError
-from phivision.io import atomic_write_json
+from phivision.io import atomic_write_json, read_text_bounded
 
 
 @dataclass(frozen=True)
@@ -76,6 +76,6 @@ def read_labels(run_dir: str | os.PathLike) -> LabelSpace:
     if not path.is_file():
         return LabelSpace()
     try:
-        return LabelSpace.from_dict(json.loads(path.read_text(encoding="utf-8")))
+        return LabelSpace.from_dict(json.loads(read_text_bounded(path)))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError, ValueError, TypeError) as err:
         raise PhivisionError(f"{path}: {err}") from err

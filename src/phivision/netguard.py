@@ -4,7 +4,9 @@ optional remote image URLs.
 A URL is judged by the addresses its host resolves to (a name can point anywhere), and every redirect is judged
 again. Link-local addresses (169.254.0.0/16, fe80::/10) are refused always: cloud metadata services live there
 (169.254.169.254) and nothing a product catalog links to does. The other well-known metadata endpoints are refused
-too. Loopback and private networks are a policy choice of the caller (a local image server is normal for
+too. IPv6 addresses that carry an IPv4 address (mapped, NAT64, 6to4, Teredo) are judged by it. Every range that
+is not public internet (private, shared address space 100.64.0.0/10, documentation, benchmarking, site-local...)
+counts as private. Loopback and private networks are a policy choice of the caller (a local image server is normal for
 ``prepare``, dangerous for a public ``serve``).
 """
 
@@ -37,18 +39,44 @@ class AddressPolicy:
     allow_private: bool = True
 
 
+# Special-purpose ranges (IANA registries) that no product image is served from, beyond what every Python's
+# ``ipaddress`` flags: shared address space (carrier-grade NAT, also cloud-internal services), IETF protocol
+# assignments, the retired 6to4 relay anycast, deprecated IPv6 site-local, NAT64 local use. They count as private.
+NON_PUBLIC_NETWORKS = tuple(
+    ipaddress.ip_network(n)
+    for n in ("100.64.0.0/10", "192.0.0.0/24", "192.88.99.0/24", "fec0::/10", "64:ff9b:1::/48")
+)
+NAT64 = ipaddress.ip_network("64:ff9b::/96")  # well-known prefix: the last 32 bits are an IPv4 address
+
+
+def embedded_ipv4(ip: ipaddress.IPv6Address) -> ipaddress.IPv4Address | None:
+    """The IPv4 address an IPv6 address carries to the network (mapped, NAT64, 6to4, Teredo client), or None:
+    ``::ffff:169.254.169.254``, ``64:ff9b::a9fe:a9fe`` and ``2002:a9fe:a9fe::`` all reach 169.254.169.254."""
+    if ip.ipv4_mapped is not None:
+        return ip.ipv4_mapped
+    if ip in NAT64:
+        return ipaddress.IPv4Address(int(ip) & 0xFFFFFFFF)
+    if ip.sixtofour is not None:
+        return ip.sixtofour
+    if ip.teredo is not None:
+        return ip.teredo[1]
+    return None
+
+
 def address_problem(address: str, policy: AddressPolicy = AddressPolicy()) -> str | None:
-    """Why ``address`` (an IP literal) may not be fetched, as a report key, or None when it may."""
+    """Why ``address`` (an IP literal) may not be fetched, as a report key, or None when it may. An IPv6 address
+    that carries an IPv4 one is judged by the IPv4 address it reaches."""
     ip = ipaddress.ip_address(address.split("%", 1)[0])  # drop an IPv6 zone id
-    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
-        ip = ip.ipv4_mapped  # ::ffff:169.254.169.254 is 169.254.169.254
+    if isinstance(ip, ipaddress.IPv6Address):
+        ip = embedded_ipv4(ip) or ip
     if ip in METADATA_ADDRESSES or ip.is_link_local:
         return "blocked_link_local"
     if ip.is_loopback:  # before is_reserved: ::1 lies in the reserved ::/8
         return None if policy.allow_loopback else "blocked_loopback"
     if ip.is_unspecified or ip.is_multicast or ip.is_reserved:
         return "blocked_address"
-    if ip.is_private and not policy.allow_private:
+    special = ip.is_private or not ip.is_global or any(ip in net for net in NON_PUBLIC_NETWORKS)
+    if special and not policy.allow_private:
         return "blocked_private"
     return None
 
@@ -60,6 +88,21 @@ def resolve_checked(host: str, port: int, policy: AddressPolicy = AddressPolicy(
         infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
     except (socket.gaierror, UnicodeError, ValueError) as err:
         raise BlockedAddress("dns_error", f"{host}: {err}") from None
+    return _checked(host, infos, policy)
+
+
+async def resolve_checked_async(host: str, port: int, policy: AddressPolicy = AddressPolicy()) -> list[str]:
+    """:func:`resolve_checked` on the event loop's resolver (no worker thread of the caller's is held)."""
+    import asyncio
+
+    try:
+        infos = await asyncio.get_running_loop().getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    except (socket.gaierror, UnicodeError, ValueError) as err:
+        raise BlockedAddress("dns_error", f"{host}: {err}") from None
+    return _checked(host, infos, policy)
+
+
+def _checked(host: str, infos: list, policy: AddressPolicy) -> list[str]:
     addresses = list(dict.fromkeys(info[4][0] for info in infos))
     for address in addresses:
         problem = address_problem(address, policy)
@@ -87,10 +130,9 @@ class GuardedAsyncBackend:
         self.inner = inner if inner is not None else httpcore.AnyIOBackend()
 
     async def connect_tcp(self, host, port, timeout=None, local_address=None, socket_options=None):
-        import anyio
         import httpcore
 
-        addresses = await anyio.to_thread.run_sync(resolve_checked, host, port, self.policy)
+        addresses = await resolve_checked_async(host, port, self.policy)
         error: Exception | None = None
         for address in addresses:  # getaddrinfo's order; every one was checked
             try:

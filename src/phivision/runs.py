@@ -8,6 +8,7 @@ come back with the processor and the prompt format they were trained with.
 from __future__ import annotations
 
 import json
+import os
 import platform
 from collections.abc import Callable, Collection
 from dataclasses import dataclass
@@ -20,6 +21,7 @@ import yaml
 from phivision.answer.prompt import PromptFormat
 from phivision.data.layout import RunLayout
 from phivision.errors import PhivisionError, first_line
+from phivision.io import read_text_bounded
 from phivision.labels import LabelSpace, read_labels
 from phivision.loading import MERGE_TOLERANCE, load_adapter, load_pretrained, lossy_merge_note, merge_adapter
 from phivision.model import Phi3VProcessor
@@ -172,9 +174,28 @@ def is_checkpoint_dir(path: Path) -> bool:
     if not config.is_file():
         return False
     try:
-        return json.loads(config.read_text()).get("model_type") == "phi3_v"
-    except (json.JSONDecodeError, UnicodeDecodeError, AttributeError):
+        return json.loads(read_text_bounded(config)).get("model_type") == "phi3_v"
+    except (ValueError, OSError, AttributeError):
         return False
+
+
+def model_files(model: Any, depth: int = 3, most: int = 10_000) -> list[tuple[str, Path]]:
+    """The files of a model directory (a RUN: config, weights, processor, checkpoints; or a checkpoint), down to
+    ``depth`` levels and at most ``most`` of them, for :func:`phivision.io.refuse_overwriting_inputs`; nothing
+    for a hub id or a loaded model."""
+    if not isinstance(model, (str, os.PathLike)) or not Path(model).is_dir():
+        return []
+    root, found = Path(model), []
+    for folder, dirs, files in os.walk(root):
+        level = len(Path(folder).relative_to(root).parts)
+        if level >= depth:
+            dirs.clear()
+        found += [
+            (f"a file of --model ({Path(folder, f).relative_to(root)})", Path(folder, f)) for f in files
+        ]
+        if len(found) >= most:
+            break
+    return found
 
 
 def read_run(run_dir: str | Path) -> RunInfo:
@@ -182,7 +203,7 @@ def read_run(run_dir: str | Path) -> RunInfo:
     run_dir = Path(run_dir)
     config_path = RunLayout(run_dir).config
     try:
-        config = yaml.safe_load(config_path.read_text())
+        config = yaml.safe_load(read_text_bounded(config_path))
     except OSError as err:
         raise PhivisionError(f"{config_path}: cannot read ({err.strerror})") from err
     except yaml.YAMLError as err:
@@ -236,7 +257,7 @@ def _export_info(path: Path) -> tuple[PromptFormat, LabelSpace]:
     if not info_path.is_file():
         return PromptFormat(), LabelSpace()
     try:
-        info = json.loads(info_path.read_text())
+        info = json.loads(read_text_bounded(info_path))
     except (ValueError, UnicodeDecodeError) as err:
         raise PhivisionError(f"{info_path}: not valid JSON ({err})") from err
     if not isinstance(info, dict):

@@ -98,7 +98,7 @@ def test_findings_are_exact(dataset, inspected):
     assert {o["row"] for o in outliers["price_examples"]} == {36, 40}
     assert outliers["tiny_images"] == 1 and outliers["unreadable"] == 1
     assert outliers["unreadable_examples"] == [
-        {"row": 41, "image_path": "images/broken.jpg", "reason": "corrupt"}
+        {"row": 41, "image_path": "images/broken.jpg", "reason": "truncated"}
     ]
     assert r["images"]["files"] == 36 and r["images"]["readable"] == 35
     assert r["balance"]["shares"] == {"bags": 0.525, "shoes": 0.275, "hats": 0.2}

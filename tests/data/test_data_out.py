@@ -223,3 +223,98 @@ def test_a_killed_sample_is_redone_by_the_same_command(tmp_path):
     assert len(load_catalog(out)) == 6
     with pytest.raises(PhivisionError, match="holds another dataset"):
         write_sample_catalog(out, n=7, seed=0)
+
+
+# ------------------------------------------------------------------------------------ --overwrite
+# --overwrite builds the new dataset beside the old one and swaps it in only when it is complete: a source inside
+# --out is read whole before anything is replaced, and a failed, refused or killed run loses nothing.
+
+
+def test_overwrite_from_a_source_inside_out_reads_it_first(tmp_path):
+    out = tmp_path / "ds"
+    write_sample_catalog(out, n=8, seed=0)
+    # the dataset's own catalog as the product table, its images as local files: prepare over itself
+    catalog = pd.read_parquet(out / CATALOG_FILE)
+    catalog["image_path"] = [str(out / p) for p in catalog["image_path"]]
+    catalog.to_parquet(out / "table.parquet")
+    options = dict(
+        category_col="category", price_col="full_price", image_col="image_path", currency_col="currency"
+    )
+    report = prepare(
+        str(out / "table.parquet"), out, allow_local=True, overwrite=True, progress=False, **options
+    )
+    assert report["counts"]["kept"] == 8
+    assert len(load_catalog(out)) == 8 and len(list((out / "images").iterdir())) == 8
+    assert not (out / ".replacement").exists() and (out / "table.parquet").exists()
+
+
+def test_a_failed_overwrite_leaves_the_old_dataset_whole(tmp_path, capsys):
+    out = tmp_path / "ds"
+    write_sample_catalog(out, n=8, seed=0)
+    before = snapshot(out)
+    # the catalog itself as --source: no image column in it, so prepare fails after the claim
+    code, _, err = run_cli(
+        capsys,
+        "prepare",
+        "--source",
+        str(out / CATALOG_FILE),
+        "--out",
+        str(out),
+        "--overwrite",
+        "--no-progress",
+    )
+    assert code == 2 and err.count("\n") == 1 and "column 'imageurl' not found" in err
+    assert snapshot(out) == before and not (out / ".replacement").exists()
+    # a table whose images all fail: the failure report is kept beside the old dataset, which stays whole
+    table = tmp_path / "t.csv"
+    pd.DataFrame([dbq_row("P1", "Item", "bags", 10, str(tmp_path / "missing.jpg"))]).to_csv(
+        table, index=False
+    )
+    with pytest.raises(
+        PhivisionError, match=r"no product survived .* see .*\.replacement/prepare_report\.json"
+    ):
+        prepare(str(table), out, allow_local=True, overwrite=True, progress=False)
+    assert {k: v for k, v in snapshot(out).items() if not k.startswith(".replacement")} == before
+
+
+def test_a_killed_overwrite_is_resumed_and_a_cut_swap_is_finished(tmp_path):
+    out = tmp_path / "ds"
+    write_sample_catalog(out, n=8, seed=0)
+    before = snapshot(out)
+    source = local_table(tmp_path, 5)
+    # killed while downloading: the replacement holds its marker report and some images; the old dataset is whole
+    staging = out / ".replacement"
+    (staging / "images").mkdir(parents=True)
+    from phivision.data.layout import dataset_identity
+
+    identity = dataset_identity("prepare", [str(source)])
+    (staging / "prepare_report.json").write_text(json.dumps({"dataset": identity, "status": "downloading"}))
+    assert {k: v for k, v in snapshot(out).items() if not k.startswith(".replacement")} == before
+    report = prepare(str(source), out, allow_local=True, overwrite=True, progress=False)
+    assert report["counts"]["kept"] == 5 and len(load_catalog(out)) == 5 and not staging.exists()
+
+    # killed between the renames of the swap: the next run of any command on --out finishes the swap first
+    replacement = tmp_path / "next"
+    write_sample_catalog(replacement, n=3, seed=9)
+    staging.mkdir()
+    shutil.move(out / "images", staging / "old-images")  # the first rename done, the rest not
+    for name in ("images", CATALOG_FILE, "prepare_report.json"):
+        shutil.move(replacement / name, staging / name)
+    (staging / ".complete").write_text("")
+    write_sample_catalog(out, n=3, seed=9)  # the same dataset the swap installs: a rerun, nothing redrawn
+    assert len(load_catalog(out)) == 3 and not staging.exists()
+    assert sorted(p.name for p in (out / "images").iterdir()) == sorted(
+        load_catalog(out)["image_path"].str[7:]
+    )
+
+
+def test_sample_overwrite_swaps_only_when_complete(tmp_path, capsys):
+    out = tmp_path / "ds"
+    write_sample_catalog(out, n=6, seed=0)
+    (out / "notes.txt").write_text("mine")
+    before = snapshot(out)
+    code, _, err = run_cli(capsys, "sample", "--out", str(out), "--n", "5", "--seed", "1")
+    assert code == 2 and snapshot(out) == before  # refused: nothing touched
+    sample(out, n=5, seed=1, overwrite=True)
+    assert len(load_catalog(out)) == 5 and len(list((out / "images").iterdir())) == 5
+    assert (out / "notes.txt").read_text() == "mine" and not (out / ".replacement").exists()

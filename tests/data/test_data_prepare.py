@@ -312,3 +312,22 @@ def test_bad_flags_exit_2(tmp_path, capsys):
         capsys, "prepare", "--source", str(source), "--out", str(tmp_path / "o"), "--concurrency", "0"
     )
     assert code == 2 and "--concurrency 0" in err
+
+
+def test_a_jsonl_source_cut_mid_line_is_read_without_its_last_line(tmp_path, capsys):
+    """Issue 20, case 5: a table whose writer was killed mid-line: the cut line is skipped with a warning, the
+    rows before it are prepared; a broken line anywhere else stays an error naming it."""
+    from fault_server import dbq_row, image_bytes
+
+    rows = []
+    for i in range(3):
+        (tmp_path / f"{i}.jpg").write_bytes(image_bytes((40 * i, 90, 20)))
+        rows.append(dbq_row(f"P{i}", f"Item {i}", "bags", 100 + i, str(tmp_path / f"{i}.jpg")))
+    text = "".join(json.dumps(row) + "\n" for row in rows)
+    (tmp_path / "cut.jsonl").write_text(text[:-25])
+    report = prepare(str(tmp_path / "cut.jsonl"), tmp_path / "out", allow_local=True, progress=False)
+    assert report["counts"]["rows"] == 2 and report["counts"]["kept"] == 2
+    assert f"warning: {tmp_path / 'cut.jsonl'} line 3: cut short" in capsys.readouterr().err
+    (tmp_path / "broken.jsonl").write_text(text[:-25] + "\n" + json.dumps(rows[0]) + "\n")
+    with pytest.raises(PhivisionError, match=r"broken\.jsonl line 3: invalid JSON"):
+        prepare(str(tmp_path / "broken.jsonl"), tmp_path / "out2", allow_local=True, progress=False)

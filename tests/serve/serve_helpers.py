@@ -4,8 +4,15 @@ and test images."""
 from __future__ import annotations
 
 import io
+import os
+import signal
 import socket
+import subprocess
+import sys
 import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -87,6 +94,7 @@ class ServerThread:
     """uvicorn on 127.0.0.1:<free port> in a daemon thread, stopped cleanly at the end."""
 
     def __init__(self, app) -> None:
+        self.app = app
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.server = uvicorn.Server(
@@ -105,6 +113,53 @@ class ServerThread:
     def __exit__(self, *exc) -> None:
         self.server.should_exit = True
         self.thread.join(30)
+
+
+class ServeProcess:
+    """`phivision serve --model MODEL --port <free port> EXTRA...` as users start it (a separate process), ready
+    once /healthz answers 200; stopped with Ctrl-C (SIGINT) at the end."""
+
+    def __init__(self, model: Path | str, *extra: str, env: dict[str, str] | None = None) -> None:
+        import tempfile
+
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.log = tempfile.TemporaryFile()  # noqa: SIM115  (a pipe nobody reads would stall a chatty server)
+        flags = ["--model", str(model), "--port", str(self.port), *extra]
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "phivision.cli", "serve", *flags],
+            stdout=self.log,
+            stderr=subprocess.STDOUT,
+            env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})},
+        )
+
+    def output(self) -> str:
+        self.log.seek(0)
+        return self.log.read().decode(errors="replace")
+
+    def __enter__(self) -> ServeProcess:
+        import httpx
+
+        for _ in range(600):
+            try:
+                if httpx.get(f"{self.url}/healthz", timeout=2).status_code == 200:
+                    return self
+            except httpx.TransportError:
+                pass
+            if self.process.poll() is not None:
+                raise RuntimeError(f"serve exited: {self.output()[-3000:]}")
+            time.sleep(0.2)
+        self.__exit__()
+        raise RuntimeError("serve did not answer /healthz within 120 s")
+
+    def __exit__(self, *exc) -> None:
+        self.process.send_signal(signal.SIGINT)
+        try:
+            self.process.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            self.process.wait()
+        self.log.close()
 
 
 def data_url(data: bytes, mime: str = "image/png") -> str:
@@ -137,3 +192,33 @@ def teach_answer(base: Path, image: Image.Image, answer: str = TAUGHT_ANSWER, st
         optimizer.zero_grad()
     model.eval()
     return LoadedModel(model, processor, prompt, source="taught-tiny")
+
+
+@contextmanager
+def silent_host() -> Iterator[tuple[int, list[socket.socket]]]:
+    """A TCP server on loopback that accepts every connection and never answers (a stalled image host): yields
+    its port and the connections it holds (until the block ends)."""
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(1024)
+    held: list[socket.socket] = []
+    stop = threading.Event()
+
+    def accept() -> None:
+        listener.settimeout(0.2)
+        while not stop.is_set():
+            try:
+                held.append(listener.accept()[0])
+            except OSError:
+                continue
+
+    acceptor = threading.Thread(target=accept, daemon=True)
+    acceptor.start()
+    try:
+        yield listener.getsockname()[1], held
+    finally:
+        stop.set()
+        acceptor.join()
+        for sock in held:
+            sock.close()
+        listener.close()

@@ -295,6 +295,32 @@ def test_oversized_body_and_image_are_413(lora_server: ServerThread) -> None:
             "messages[0].content[0].image_url",
             "invalid_image_url",
         ),
+        # issue 20, case 10: malformed json_schema values are 400s naming the parameter, never a plain 500
+        (
+            {"response_format": {"type": "json_schema", "json_schema": "title"}},
+            "response_format.json_schema",
+            "invalid_request",
+        ),
+        (
+            {"response_format": {"type": "json_schema", "json_schema": {"schema": {"properties": 5}}}},
+            "response_format.json_schema.schema.properties",
+            "invalid_request",
+        ),
+        (
+            {"response_format": {"type": "json_schema", "json_schema": {"schema": {"required": 7}}}},
+            "response_format.json_schema.schema.required",
+            "invalid_request",
+        ),
+        (
+            {"response_format": {"type": "json_schema", "json_schema": {"schema": {"required": [["x"]]}}}},
+            "response_format.json_schema.schema.required",
+            "invalid_request",
+        ),
+        (
+            {"response_format": {"type": "json_schema", "json_schema": {"schema": {"type": ["object"]}}}},
+            "response_format.json_schema.schema",
+            "invalid_request",
+        ),
     ],
 )
 def test_bad_requests_name_the_parameter(
@@ -305,6 +331,41 @@ def test_bad_requests_name_the_parameter(
     with pytest.raises(expected) as err:
         client_for(lora_server).chat.completions.create(**request)
     assert err.value.param == param and err.value.code == code, err.value.message
+
+
+@pytest.mark.parametrize(
+    ("change", "param", "code"),
+    [
+        (  # issue 20, case 1: text no tokenizer can encode is refused up front, alone
+            {"messages": image_message(data_url(png_bytes()), text="\ud800x")},
+            "messages[0].content[1].text",
+            "invalid_request",
+        ),
+        (  # echoed in the message: the error body itself must still encode
+            {
+                "response_format": {
+                    "type": "json_schema",
+                    "json_schema": {"schema": {"properties": {"\ud800": {}}}},
+                }
+            },
+            "response_format.json_schema.schema",
+            "unsupported_schema",
+        ),
+    ],
+)
+def test_lone_surrogates_are_400(lora_server: ServerThread, change: dict, param: str, code: str) -> None:
+    """JSON may carry a lone surrogate as the escape \\ud800 (the official client cannot send one; json.dumps
+    writes it): a 400 naming the parameter, with a body that is valid UTF-8 JSON."""
+    request = {"model": NAME, "messages": image_message(data_url(png_bytes())), **change}
+    response = httpx.post(
+        f"{lora_server.url}/v1/chat/completions",
+        content=json.dumps(request),  # ensure_ascii: the surrogate travels as an escape
+        headers={"content-type": "application/json"},
+        timeout=120,
+    )
+    assert response.status_code == 400, response.text
+    error = json.loads(response.content.decode("utf-8"))["error"]
+    assert error["param"] == param and error["code"] == code, error
 
 
 def test_body_that_is_not_json_is_400(lora_server: ServerThread) -> None:
@@ -428,6 +489,25 @@ def test_huge_remote_image_is_cut_at_the_upload_bound(taught: LoadedModel, image
             model=NAME, messages=image_message(image_server.url + "/huge")
         )
     assert err.value.status_code == 413 and err.value.code == "image_too_large"
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "http://[::1/photo.png",  # an unclosed IPv6 literal
+        "http://127.0.0.1:99999/photo.png",  # a port out of range
+        "http://127.0.0.1:port/photo.png",
+        "http://exa mple.com/photo.png",
+        "http://127.0.0.1/ph\x00oto.png",
+        "http:///photo.png",  # no host
+        "https://bücher.example/photo.png",
+    ],
+)
+def test_malformed_remote_image_urls_are_400(taught_server: ServerThread, url: str) -> None:
+    """Issue 20, case 10: a URL that cannot be fetched as written is an OpenAI-style 400, never a plain 500."""
+    with pytest.raises(openai.BadRequestError) as err:
+        client_for(taught_server).chat.completions.create(model=NAME, messages=image_message(url))
+    assert err.value.code == "invalid_image_url" and err.value.param == "messages[0].content[0].image_url"
 
 
 def test_remote_images_never_reach_loopback_or_metadata_by_default(

@@ -33,6 +33,7 @@ import numpy as np
 import torch
 
 from phivision.answer.prompt import PromptFormat, answer_template_parts, format_answer
+from phivision.errors import PhivisionError
 
 # A positive price as format_price writes it: no leading zeros, at most 9 digits and 2 decimals.
 PRICE_REGEX = r"[1-9][0-9]{0,8}(\.[0-9]{1,2})?|0\.(0[1-9]|[1-9][0-9]?)"
@@ -42,6 +43,9 @@ PRICE_MAX_CHARS = 12
 TEXT_REGEX = r"[^\x00-\x1f\x7f]*[^\x00-\x20\x7f,;|][^\x00-\x1f\x7f]*"
 SPECIAL_TEXT_REGEX = r"(?s:.*)(<\||<\/?s>)(?s:.*)"  # "/" escaped: it sits inside /.../
 FREE_FIELD_MIN_COST = 4  # one character of free text: up to 4 byte tokens
+# The category names one constraint holds, in bytes: about 500,000 typical names. Up to this the grammar compiles
+# in seconds (18 MB: 5 s, 0.1 s per token at most, 2 CPU cores); beyond it a constrained answer is refused.
+MAX_CATEGORY_BYTES = 32 << 20
 SLACK_TOKENS = 4  # room to finish a multi-byte character before a field can be closed
 
 
@@ -60,6 +64,12 @@ class AnswerConstraint:
             categories = tuple(sorted({str(c) for c in self.categories}))
             if not categories or not all(c.strip() and c.isprintable() for c in categories):
                 raise ValueError("categories must be non-empty, printable, one-line text")
+            size = sum(len(c.encode()) for c in categories)
+            if size > MAX_CATEGORY_BYTES:
+                raise PhivisionError(
+                    f"{len(categories):,} categories ({size:,} bytes of names) are more than a constrained answer "
+                    f"holds ({MAX_CATEGORY_BYTES:,} bytes): answer without it (--no-constrain, eval.constrain=false)"
+                )
             object.__setattr__(self, "categories", categories)
 
     @classmethod
@@ -125,9 +135,14 @@ class AnswerGuide:
         parts = answer_template_parts(constraint.prompt.answer_template)
         self.lead = self._answer_lead(tokenizer, constraint.prompt)
         self.grammar = answer_grammar(constraint, self.lead)
-        self._matcher = llguidance.LLMatcher(self.tokenizer, self.grammar, log_level=0)
+        # llguidance bounds the work of building the lexer; a long category list needs more than its default
+        names = sum(len(c.encode()) for c in constraint.categories or ())
+        limits = llguidance.LLParserLimits(
+            initial_lexer_fuel=max(1_000_000, 4 * names), max_lexer_states=max(250_000, 4 * names)
+        )
+        self._matcher = llguidance.LLMatcher(self.tokenizer, self.grammar, log_level=0, limits=limits)
         if self._matcher.is_error():
-            raise ValueError(f"cannot compile the answer grammar: {self._matcher.get_error()}")
+            raise PhivisionError(f"cannot compile the answer grammar: {self._matcher.get_error()}")
 
         def canonical(text: str) -> list[int]:
             return list(self.tokenizer.tokenize_str(text)) if text else []

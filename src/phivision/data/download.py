@@ -22,11 +22,9 @@ import email.utils
 import gc
 import hashlib
 import itertools
-import os
 import random
 import re
 import ssl
-import stat
 import time
 from collections import Counter
 from collections.abc import Callable, Coroutine, Iterator
@@ -41,7 +39,7 @@ from tqdm.auto import tqdm
 
 from phivision.args import Download
 from phivision.data.images import ImageError, check_image
-from phivision.io import WriteError, atomic_write_bytes
+from phivision.io import ReadError, WriteError, atomic_write_bytes, read_bytes_bounded
 from phivision.netguard import BlockedAddress, guarded_async_transport
 
 _HOST = re.compile(r"[A-Za-z0-9._-]+|[0-9A-Fa-f:.]+")  # a host name after IDNA encoding, or an IP address
@@ -341,30 +339,11 @@ def _local_path(url: str) -> Path:
 def _read_local(url: str, max_bytes: int) -> bytes:
     """A local image: a regular file (a symlink to one is fine) of at most ``max_bytes``. Devices, FIFOs and
     directories are refused before they are read, and the file is opened non-blocking, so nothing can hang."""
-    path = _local_path(url)
     try:
-        if not stat.S_ISREG(os.stat(path).st_mode):
-            raise _Failure("not_a_regular_file", f"{path}: not a regular file (a device, FIFO or directory)")
-        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_NOCTTY", 0))
-    except FileNotFoundError:
-        raise _Failure("missing", str(path)) from None
-    except OSError as err:
-        raise _Failure("unreadable", f"{path}: {err.strerror or err}") from None
-    try:
-        info = os.fstat(fd)
-        if not stat.S_ISREG(info.st_mode):  # replaced between the two looks
-            raise _Failure("not_a_regular_file", f"{path}: not a regular file")
-        if info.st_size > max_bytes:
-            raise _Failure("too_large", f"{path}: {info.st_size} bytes, more than {max_bytes}")
-        with os.fdopen(fd, "rb", closefd=False) as f:
-            data = f.read(max_bytes + 1)
-        if len(data) > max_bytes:  # grew while being read
-            raise _Failure("too_large", f"{path}: more than {max_bytes} bytes")
-        return data
-    except OSError as err:
-        raise _Failure("unreadable", f"{path}: {err.strerror or err}") from None
-    finally:
-        os.close(fd)
+        return read_bytes_bounded(_local_path(url), max_bytes)
+    except ReadError as err:
+        reason = {"not_a_file": "not_a_regular_file"}.get(err.reason, err.reason)
+        raise _Failure(reason, str(err)) from None
 
 
 def validate_existing(images_dir: Path, name: str, max_pixels: int | None) -> bool:

@@ -16,7 +16,6 @@ perceptual hash and a flatness check) gives ``inspect.json`` and a self-containe
 from __future__ import annotations
 
 import hashlib
-import io
 import math
 import os
 import time
@@ -30,13 +29,20 @@ import pandas as pd
 from PIL import Image
 from tqdm.auto import tqdm
 
-from phivision.args import MAX_PIXELS, InspectArgs, parse_num_crops
+from phivision.args import MAX_BYTES, MAX_PIXELS, InspectArgs, parse_num_crops
 from phivision.data.duplicates import conflict_groups
+from phivision.data.images import ImageError, open_image
 from phivision.data.inspect_page import SHOWN, render_page
-from phivision.data.layout import INSPECT_FILES, SPLITS, load_catalog, sheet_row
+from phivision.data.layout import INSPECT_FILES, SPLITS, dataset_files, load_catalog, sheet_row
 from phivision.data.prices import PLACEHOLDERS
 from phivision.data.split import group_key
-from phivision.io import atomic_write_json, atomic_write_text
+from phivision.io import (
+    ReadError,
+    atomic_write_json,
+    atomic_write_text,
+    read_bytes_bounded,
+    refuse_overwriting_inputs,
+)
 from phivision.model.image_processing_phi3_v import Phi3VImageProcessor
 
 HASH_SIDE = 32  # thumbnail side for the DCT hash
@@ -71,6 +77,8 @@ def inspect(args: InspectArgs, workers: int | None = None) -> dict:
     data, crop_size, num_img_tokens = args.data, args.crop_size, args.num_img_tokens
     html_path = args.out if args.out is not None else data / INSPECT_FILES[0]
     catalog = load_catalog(data, check_images=False)
+    outputs = {"--out": html_path, "the JSON beside --out": html_path.with_suffix(".json")}
+    refuse_overwriting_inputs(outputs, dataset_files(data, catalog))
     facts = scan_images(data, catalog["image_path"], workers=workers, progress=args.progress)
     frame = _with_facts(catalog, facts)
     scanned = time.perf_counter()
@@ -121,22 +129,23 @@ def scan_images(directory: Path, paths: pd.Series, workers: int | None = None, p
 
 def image_facts(path: Path) -> ImageFacts:
     """Size from the header, SHA-256 of the bytes, and the perceptual hash and grey spread of a 32x32
-    thumbnail (JPEGs decoded at reduced scale). Never raises: a bad file gets ``error``."""
+    thumbnail (JPEGs decoded at reduced scale). Never raises: a bad file gets ``error``, the reason the one
+    image loader gives (``missing``, ``not_a_file``, ``too_large``, ``too_many_pixels``, ``corrupt``...)."""
     try:
-        data = path.read_bytes()
-    except OSError as err:
-        return ImageFacts(error="missing" if isinstance(err, FileNotFoundError) else "unreadable")
+        data = read_bytes_bounded(path, MAX_BYTES)
+    except ReadError as err:
+        return ImageFacts(error=err.reason)
     facts = ImageFacts(sha256=hashlib.sha256(data).hexdigest())
     try:
-        with Image.open(io.BytesIO(data)) as image:
+        with open_image(data, max_pixels=MAX_PIXELS) as image:
             facts.width, facts.height = image.size
-            if facts.width * facts.height > MAX_PIXELS:
-                facts.error = "too_many_pixels"
-                return facts
             image.draft("L", (HASH_SIDE * 2, HASH_SIDE * 2))
             grey = image.convert("L").resize((HASH_SIDE, HASH_SIDE), Image.Resampling.BILINEAR)
-    except Exception as err:  # anything Pillow throws on a broken file
-        facts.error = "not_an_image" if "identify" in str(err) else "corrupt"
+    except ImageError as err:
+        facts.error = err.reason
+        return facts
+    except Exception as err:  # noqa: BLE001  (anything Pillow throws while decoding a broken file)
+        facts.error = "truncated" if "truncat" in str(err).lower() else "corrupt"
         return facts
     pixels = np.asarray(grey, dtype=np.float64)
     facts.phash = perceptual_hash(pixels)

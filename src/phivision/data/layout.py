@@ -18,6 +18,7 @@ import pandas as pd
 from phivision.args import SPLITS
 from phivision.data.prices import plain
 from phivision.errors import PhivisionError
+from phivision.io import ReadError, atomic_write_text, check_regular_file, warn
 
 CATALOG_FILE = "catalog.parquet"
 IMAGES_DIR = "images"
@@ -25,6 +26,10 @@ REPORT_FILE = "prepare_report.json"
 REQUIRED_COLUMNS = ("product_code", "title", "category", "full_price", "currency", "image_path", "split")
 TEXT_COLUMNS = ("product_code", "title", "category", "currency", "image_path", "split")
 INSPECT_FILES = ("inspect.html", "inspect.json")  # written by `phivision inspect` beside the catalog
+MAX_CATALOG_BYTES = 4 << 30
+REPLACEMENT_DIR = ".replacement"  # inside --out: the dataset that --overwrite builds beside the old one
+SWAP_MARKER = ".complete"  # in REPLACEMENT_DIR: the new dataset is whole and being swapped in
+OLD_IMAGES_DIR = "old-images"  # in REPLACEMENT_DIR: the replaced images, until the swap is done  # a catalog of millions of products is a few hundred MB
 
 
 @dataclass(frozen=True)
@@ -123,6 +128,8 @@ def path_problem(rel: object) -> str | None:
     absolute paths and ``..`` are refused, while ``images/`` itself may be a symlink (shared storage, caches)."""
     if not isinstance(rel, str) or not rel.strip():
         return "empty"
+    if "\x00" in rel:  # no file system takes it; Python refuses it with a ValueError
+        return "nul"
     posix, windows = PurePosixPath(rel), PureWindowsPath(rel)
     if posix.is_absolute() or windows.is_absolute() or windows.drive or rel.startswith(("/", "\\")):
         return "absolute"
@@ -139,17 +146,22 @@ def load_catalog(directory: str | os.PathLike, check_images: bool = True) -> pd.
     """
     directory = Path(directory)
     path = directory / CATALOG_FILE
-    if not path.is_file():
+    if not path.exists():
         raise PhivisionError(
             f"{path}: not found (write a dataset with `phivision prepare` or `phivision sample`)"
         )
     try:
+        check_regular_file(path, MAX_CATALOG_BYTES)
         frame = pd.read_parquet(path)
+    except ReadError:
+        raise
     except Exception as err:
         raise PhivisionError(f"{path}: cannot read parquet: {err}") from None
     missing = [c for c in REQUIRED_COLUMNS if c not in frame.columns]
     if missing:
         raise PhivisionError(f"{path}: missing column(s) {', '.join(missing)}")
+    if frame.empty:  # never written by prepare or sample: every verb needs at least one product
+        raise PhivisionError(f"{path}: no products (an empty catalog)")
     for column in TEXT_COLUMNS:
         bad = frame[column].map(lambda v: not isinstance(v, str) or not v.strip())
         if bad.any():
@@ -179,13 +191,26 @@ def load_catalog(directory: str | os.PathLike, check_images: bool = True) -> pd.
     for row, rel in enumerate(frame["image_path"]):
         problem = path_problem(rel)
         if problem:
-            why = "an absolute path" if problem == "absolute" else "leaves the directory (..)"
+            why = {"absolute": "an absolute path", "nul": "a path holding a NUL byte"}.get(
+                problem, "leaves the directory (..)"
+            )
             raise PhivisionError(f"{path} row {sheet_row(row)}: column 'image_path': {rel!r} is {why}")
         if check_images and not (directory / rel).is_file():
             raise PhivisionError(
                 f"{path} row {sheet_row(row)}: column 'image_path': {directory / rel} not found"
             )
     return frame.reset_index(drop=True)
+
+
+def dataset_files(directory: str | os.PathLike, catalog: pd.DataFrame) -> list[tuple[str, Path]]:
+    """What a verb reading the dataset reads, for :func:`phivision.io.refuse_overwriting_inputs`: the catalog,
+    the report and every image, each with how to name it."""
+    directory = Path(directory)
+    files = [("the catalog", directory / CATALOG_FILE), ("the dataset's report", directory / REPORT_FILE)]
+    return files + [
+        (f"the image of catalog row {sheet_row(row)}", directory / rel)
+        for row, rel in enumerate(catalog["image_path"])
+    ]
 
 
 # ------------------------------------------------------------------------------------------- out directory
@@ -201,18 +226,65 @@ def dataset_identity(kind: str, sources: Sequence[str]) -> dict:
     return {"kind": kind, "sources": resolved}
 
 
-def claim_out(out: Path, identity: dict, given_sources: Sequence[str], overwrite: bool) -> None:
+def claim_out(out: Path, identity: dict, given_sources: Sequence[str], overwrite: bool) -> Path:
     """Refuse an ``--out`` that holds another dataset (or images of unknown origin); a rerun of the same command
-    passes (and resumes). With ``overwrite`` the other dataset's files (catalog, report, images) are removed;
-    nothing else in the directory is touched."""
+    passes (and resumes). Returns the directory to build the dataset in.
+
+    That is ``out`` itself, except with ``overwrite`` of another dataset: the new one is then built beside the
+    old, in ``out/.replacement``, and :func:`finish_out` swaps it in only once it is complete. The old dataset
+    (and any source inside ``out``) stays whole until then: a failed, refused or killed run loses nothing, and a
+    rerun with ``--overwrite`` resumes the replacement. Nothing else in the directory is touched."""
     if out.exists() and not out.is_dir():
         raise PhivisionError(f"--out {out}: exists and is not a directory")
+    staging = out / REPLACEMENT_DIR
+    if (staging / SWAP_MARKER).exists():  # a kill interrupted a swap: finish it before anything else
+        _roll_forward(out, staging)
+        warn(f"{out}: finished replacing the dataset, which a stopped run had left half swapped")
     holder = other_dataset(out, identity, given_sources)
     if holder is None:
-        return
+        return out
     if not overwrite:
         raise PhivisionError(f"--out {out}: holds another dataset ({holder}); pass --overwrite to replace it")
-    remove_dataset(out)
+    if staging.is_symlink() or (staging.exists() and not staging.is_dir()):
+        raise PhivisionError(f"{staging}: not a directory phivision wrote; remove it")
+    if staging.exists() and other_dataset(staging, identity, given_sources) is not None:
+        shutil.rmtree(staging)  # an unfinished replacement by another command: start this one afresh
+    return staging  # created by the first file written into it
+
+
+def finish_out(out: Path, build: Path) -> None:
+    """Swap the finished dataset in ``build`` (from :func:`claim_out`) into ``out``; nothing when they are the
+    same. The swap is a few renames; a marker written first lets any later run finish one that a kill cut."""
+    if build == out:
+        return
+    atomic_write_text(build / SWAP_MARKER, "a complete dataset, being moved into the directory above\n")
+    _roll_forward(out, build)
+
+
+def _roll_forward(out: Path, staging: Path) -> None:
+    """Move the dataset in ``staging`` into ``out`` (each step skipped when already done), then delete the old
+    images and ``staging``. Catalog before report: the report names the dataset ``out`` holds."""
+    old_images, new_images, images = staging / OLD_IMAGES_DIR, staging / IMAGES_DIR, out / IMAGES_DIR
+    if new_images.exists():
+        if images.exists() or images.is_symlink():
+            _remove_images(old_images)
+            os.replace(images, old_images)
+        os.replace(new_images, images)
+    for name in INSPECT_FILES:  # they describe the old dataset
+        (out / name).unlink(missing_ok=True)
+    for name in (CATALOG_FILE, REPORT_FILE):
+        if (staging / name).exists():
+            os.replace(staging / name, out / name)
+    _remove_images(old_images)
+    shutil.rmtree(staging)
+
+
+def _remove_images(images: Path) -> None:
+    """Delete an images folder; a symlinked one is unlinked, its target left alone."""
+    if images.is_symlink() or images.is_file():
+        images.unlink()
+    elif images.is_dir():
+        shutil.rmtree(images)
 
 
 def other_dataset(out: Path, identity: dict, given_sources: Sequence[str]) -> str | None:
@@ -235,14 +307,3 @@ def other_dataset(out: Path, identity: dict, given_sources: Sequence[str]) -> st
     kind = (recorded or {}).get("kind", "a dataset")
     names = (recorded or {}).get("sources") or listed
     return f"{kind} of {', '.join(map(str, names)) or 'unknown sources'}"
-
-
-def remove_dataset(out: Path) -> None:
-    """Delete the layout's files in ``out`` (a symlinked ``images/`` is unlinked, its target left alone)."""
-    images = out / IMAGES_DIR
-    if images.is_symlink() or images.is_file():
-        images.unlink()
-    elif images.is_dir():
-        shutil.rmtree(images)
-    for name in (CATALOG_FILE, REPORT_FILE, *INSPECT_FILES):
-        (out / name).unlink(missing_ok=True)

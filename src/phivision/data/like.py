@@ -27,8 +27,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-from PIL import Image
 
+from phivision.data.images import ImageError, image_size
 from phivision.data.layout import SPLITS, load_catalog
 from phivision.data.split import group_key
 from phivision.errors import PhivisionError
@@ -119,12 +119,12 @@ def price_step(prices: np.ndarray) -> float:
 
 
 def _image_sizes(directory: Path, paths) -> list[tuple[int, int]]:
+    """Sizes from the headers (no pixels decoded); a file that is not a readable image is skipped."""
     sizes = []
     for rel in paths:
         try:
-            with Image.open(directory / rel) as image:  # the header only: no pixels are decoded
-                sizes.append(image.size)
-        except Exception:
+            sizes.append(image_size(directory / rel))
+        except ImageError:
             continue
     return sizes
 

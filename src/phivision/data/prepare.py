@@ -4,8 +4,8 @@ Reads and checks every source first (a broken table fails before anything is dow
 dropped row keeps its reason; prices through :mod:`phivision.data.prices`), resolves conflicting duplicates
 (:mod:`phivision.data.duplicates`), downloads the images (:mod:`phivision.data.download`: one failed URL never
 stops the run), splits by category without leaking title-sharing variants, and writes ``catalog.parquet`` and
-``prepare_report.json`` atomically. An ``--out`` holding another dataset is refused (``--overwrite`` replaces it);
-a rerun of the same command resumes.
+``prepare_report.json`` atomically. An ``--out`` holding another dataset is refused (``--overwrite`` builds the new
+one beside it and swaps it in once complete); a rerun of the same command resumes.
 
 Row numbers in messages and in the report count as a spreadsheet shows a table: the header is row 1, the first
 product row 2 (JSON Lines sources: line numbers).
@@ -36,11 +36,12 @@ from phivision.data.layout import (
     SPLITS,
     claim_out,
     dataset_identity,
+    finish_out,
 )
 from phivision.data.prices import PLACEHOLDERS, Price, decide_convention, plain, read_price
 from phivision.data.split import assign_splits
 from phivision.errors import PhivisionError
-from phivision.io import atomic_write_json, atomic_write_parquet
+from phivision.io import atomic_write_json, atomic_write_parquet, read_text_bounded, warn
 from phivision.options import flag_name
 
 TABLE_SUFFIXES = (".csv", ".tsv", ".parquet", ".pq", ".jsonl", ".ndjson", ".json")
@@ -104,12 +105,7 @@ def _read_csv(path: Path, sep: str) -> pd.DataFrame:
 
 
 def _read_jsonl(path: Path) -> pd.DataFrame:
-    try:
-        text = path.read_text(encoding="utf-8")
-    except UnicodeDecodeError as err:
-        raise PhivisionError(
-            f"{path}: not UTF-8 text (byte 0x{err.object[err.start]:02x} at offset {err.start})"
-        ) from None
+    text = read_text_bounded(path)  # a regular file of at most 1 GB, UTF-8 (else one line naming the byte)
     lines: list[int] | None = None
     if text.lstrip().startswith("["):  # a .json file holding one array of objects
         try:
@@ -120,11 +116,15 @@ def _read_jsonl(path: Path) -> pd.DataFrame:
             raise PhivisionError(f"{path}: expected one JSON array of objects")
     else:
         records, lines = [], []
-        for lineno, line in enumerate(text.splitlines(), start=1):
+        numbered = list(enumerate(text.splitlines(), start=1))
+        for lineno, line in numbered:
             if line.strip():
                 try:
                     records.append(json.loads(line))
                 except json.JSONDecodeError as err:
+                    if lineno == len(numbered) and not text.endswith("\n"):  # cut by a killed writer
+                        warn(f"{path} line {lineno}: cut short (no newline, not JSON); skipped")
+                        continue
                     raise PhivisionError(f"{path} line {lineno}: invalid JSON ({err.msg})") from None
                 lines.append(lineno)
     bad = next((i for i, r in enumerate(records) if not isinstance(r, dict)), None)
@@ -359,22 +359,24 @@ def prepare(args: PrepareArgs) -> dict:
     sources, out, download, prices = [str(s) for s in args.source], args.out, args.download, args.prices
     ratios = split_ratios(args.split)
     identity = dataset_identity("prepare", sources)
-    claim_out(out, identity, sources, args.overwrite)
+    build = claim_out(
+        out, identity, sources, args.overwrite
+    )  # out, or beside it when replacing another dataset
 
     rows, dropped, per_source, price_report = read_sources(sources, args)
     rows, duplicate_drops, conflicts = drop_duplicates(rows)
     dropped += duplicate_drops
     # the tables are good: mark the directory as this dataset's before the first image lands in it
-    if not (out / REPORT_FILE).exists():
+    if not (build / REPORT_FILE).exists():
         atomic_write_json(
-            out / REPORT_FILE, {"dataset": identity, "status": "downloading", "sources": per_source}
+            build / REPORT_FILE, {"dataset": identity, "status": "downloading", "sources": per_source}
         )
 
     # one download per unique URL, named after the first product that uses it
     jobs: dict[str, str] = {}
     for code, url in zip(rows["product_code"], rows["_url"], strict=True):
         jobs.setdefault(url, file_stem(code, url))
-    fetched, stats = download_images(jobs, out / IMAGES_DIR, download, progress=args.progress)
+    fetched, stats = download_images(jobs, build / IMAGES_DIR, download, progress=args.progress)
     ok = pd.Series([fetched[u].status != "failed" for u in rows["_url"]], index=rows.index, dtype=bool)
     for _, row in rows[~ok].iterrows():
         result = fetched[row["_url"]]
@@ -400,8 +402,8 @@ def prepare(args: PrepareArgs) -> dict:
     }
     if catalog.empty:
         report["seconds"] = round(time.perf_counter() - start, 3)
-        atomic_write_json(out / REPORT_FILE, report)
-        raise PhivisionError(f"no product survived cleaning and download; see {out / REPORT_FILE}")
+        atomic_write_json(build / REPORT_FILE, report)
+        raise PhivisionError(f"no product survived cleaning and download; see {build / REPORT_FILE}")
 
     catalog.insert(6, "split", assign_splits(catalog, ratios, seed=args.seed))
     kept_counts = catalog["_source"].value_counts()
@@ -413,8 +415,9 @@ def prepare(args: PrepareArgs) -> dict:
         str(k): int(v) for k, v in catalog["category"].value_counts().sort_index().items()
     }
     report["seconds"] = round(time.perf_counter() - start, 3)
-    atomic_write_parquet(out / CATALOG_FILE, catalog)
-    atomic_write_json(out / REPORT_FILE, report)
+    atomic_write_parquet(build / CATALOG_FILE, catalog)
+    atomic_write_json(build / REPORT_FILE, report)
+    finish_out(out, build)
     return report
 
 

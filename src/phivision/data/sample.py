@@ -25,10 +25,24 @@ import pandas as pd
 from PIL import Image, ImageChops, ImageDraw, ImageFilter
 
 from phivision.args import SAMPLE_N, SPLIT, SampleArgs, split_ratios
-from phivision.data.layout import CATALOG_FILE, IMAGES_DIR, REPORT_FILE, SPLITS, claim_out, dataset_identity
+from phivision.data.layout import (
+    CATALOG_FILE,
+    IMAGES_DIR,
+    REPORT_FILE,
+    SPLITS,
+    claim_out,
+    dataset_identity,
+    finish_out,
+)
 from phivision.data.like import backdrop_of, products_like, profile_dataset, shape_of
 from phivision.data.split import assign_splits
-from phivision.io import WriteError, atomic_write_json, atomic_write_parquet, atomic_write_text
+from phivision.io import (
+    WriteError,
+    atomic_write_json,
+    atomic_write_parquet,
+    atomic_write_text,
+    refuse_overwriting_inputs,
+)
 from phivision.options import check_option
 
 # category3_code: (category1_code, category2_code, noun in the title, base price in USD)
@@ -258,19 +272,25 @@ def write_sample_catalog(
     ``out`` holding another dataset (another n or seed, or a prepared one) is refused unless ``overwrite``.
     """
     n = check_count(n)
+    if urls_out is not None:
+        written = {
+            "the catalog in --out": Path(out) / CATALOG_FILE,
+            "the report in --out": Path(out) / REPORT_FILE,
+        }
+        refuse_overwriting_inputs({**written, "--urls-out": urls_out}, [])
     descriptor = f"sample(n={n}, seed={seed})"
-    out = _claim(out, descriptor, overwrite)
+    out, build = _claim(out, descriptor, overwrite)
     rows = []
     for product in sample_products(n, seed):
         canvas, draw_seed = product.pop("canvas"), product.pop("draw_seed")
         attributes = [product[k] for k in ("category", "color", "pattern", "material", "size")]
         image = draw_product(*attributes, canvas=canvas, rng=random.Random(draw_seed))
-        product["image_path"] = _save_image(out, product["product_code"], image)
+        product["image_path"] = _save_image(build, product["product_code"], image)
         rows.append(product)
     catalog = pd.DataFrame(rows)
     catalog.insert(5, "image_path", catalog.pop("image_path"))
     catalog.insert(6, "split", assign_splits(catalog, split, seed=seed))
-    _write_dataset(out, catalog, descriptor)
+    _write_dataset(out, build, catalog, descriptor)
     if urls_out is not None:
         table = catalog.drop(columns=["category", "currency", "image_path", "split"]).assign(
             currency_code="USD",
@@ -296,7 +316,7 @@ def write_like_catalog(
     n = check_count(sum(c.rows for c in profile.categories.values()) if n is None else n)
     ratios = split if split is not None else profile.split_ratios
     descriptor = f"sample(n={n}, seed={seed}, like={Path(like).resolve()})"
-    out = _claim(out, descriptor, overwrite)
+    out, build = _claim(out, descriptor, overwrite)
     rng = random.Random(seed)
     names, shapes = list(profile.categories), list(SHAPES)
     rows = []
@@ -315,13 +335,13 @@ def write_like_catalog(
             random.Random(rng.getrandbits(32)),
         )
         code = f"L{seed}-{i:05d}"
-        rows.append({"product_code": code, **product, "image_path": _save_image(out, code, image)})
+        rows.append({"product_code": code, **product, "image_path": _save_image(build, code, image)})
     catalog = pd.DataFrame(rows)[
         ["product_code", "title", "category", "full_price", "currency", "image_path"]
     ]
     catalog.insert(6, "split", assign_splits(catalog, ratios, seed=seed))
     catalog["brand"] = "Synthetic"
-    _write_dataset(out, catalog, descriptor, {"like": profile.as_dict()})
+    _write_dataset(out, build, catalog, descriptor, {"like": profile.as_dict()})
     return out
 
 
@@ -349,18 +369,20 @@ def check_count(n: object) -> int:
     return check_option(SampleArgs, "n", n)
 
 
-def _claim(out: str | Path, descriptor: str, overwrite: bool) -> Path:
-    """Refuse another dataset in ``out``, then mark ``out`` as this one before the first image is drawn, so a
-    killed run is recognised (and redone) by the same command."""
+def _claim(out: str | Path, descriptor: str, overwrite: bool) -> tuple[Path, Path]:
+    """Refuse another dataset in ``out``, then mark the directory the dataset is built in (``out``, or beside
+    the dataset ``overwrite`` replaces) as this one before the first image is drawn, so a killed run is
+    recognised (and redone) by the same command. Returns ``out`` and that directory."""
     out = Path(out)
     identity = dataset_identity("sample", [descriptor])
-    claim_out(out, identity, [descriptor], overwrite)
-    if not (out / REPORT_FILE).exists():
+    build = claim_out(out, identity, [descriptor], overwrite)
+    if not (build / REPORT_FILE).exists():
         atomic_write_json(
-            out / REPORT_FILE, {"dataset": identity, "status": "drawing", "sources": [{"source": descriptor}]}
+            build / REPORT_FILE,
+            {"dataset": identity, "status": "drawing", "sources": [{"source": descriptor}]},
         )
-    (out / IMAGES_DIR).mkdir(parents=True, exist_ok=True)
-    return out
+    (build / IMAGES_DIR).mkdir(parents=True, exist_ok=True)
+    return out, build
 
 
 def _save_image(out: Path, code: str, image: Image.Image) -> str:
@@ -376,8 +398,11 @@ def _save_image(out: Path, code: str, image: Image.Image) -> str:
     return rel
 
 
-def _write_dataset(out: Path, catalog: pd.DataFrame, descriptor: str, extra: dict | None = None) -> None:
-    atomic_write_parquet(out / CATALOG_FILE, catalog)
+def _write_dataset(
+    out: Path, build: Path, catalog: pd.DataFrame, descriptor: str, extra: dict | None = None
+) -> None:
+    """Catalog and report into ``build``, then the finished dataset swapped into ``out``."""
+    atomic_write_parquet(build / CATALOG_FILE, catalog)
     n = len(catalog)
     report = {
         "dataset": dataset_identity("sample", [descriptor]),
@@ -391,4 +416,5 @@ def _write_dataset(out: Path, catalog: pd.DataFrame, descriptor: str, extra: dic
         "categories": {str(k): int(v) for k, v in catalog["category"].value_counts().sort_index().items()},
         **(extra or {}),
     }
-    atomic_write_json(out / REPORT_FILE, report)
+    atomic_write_json(build / REPORT_FILE, report)
+    finish_out(out, build)

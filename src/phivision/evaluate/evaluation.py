@@ -19,7 +19,7 @@ from phivision.answer.constrain import AnswerConstraint, constraint_name, short_
 from phivision.answer.generate import answer_image_files
 from phivision.answer.prompt import parse_answer
 from phivision.args import SPLITS, EvaluateArgs
-from phivision.data.layout import RunLayout, load_catalog
+from phivision.data.layout import RunLayout, dataset_files, load_catalog
 from phivision.errors import PhivisionError
 from phivision.evaluate.metrics import (
     HEADLINE,
@@ -30,8 +30,8 @@ from phivision.evaluate.metrics import (
     score,
     summarize,
 )
-from phivision.io import atomic_write_json, atomic_write_text
-from phivision.runs import load_model
+from phivision.io import atomic_write_json, atomic_write_text, refuse_overwriting_inputs
+from phivision.runs import load_model, model_files
 
 # Images loaded and answered at a time: bounds memory on large splits (images are decoded at full size).
 IMAGES_PER_CHUNK = 256
@@ -94,8 +94,13 @@ def evaluate(args: EvaluateArgs) -> dict:
             f"{data_dir / 'catalog.parquet'}: no train rows (the baselines come from the train split)"
         )
     stats = TrainStats.from_catalog(train)
-
     model = args.model
+    if args.out is not None:  # before the model loads: a mistake costs nothing
+        metrics_path, predictions_path = output_paths(args.out)
+        refuse_overwriting_inputs(
+            {"--out": metrics_path, "the predictions beside --out": predictions_path},
+            dataset_files(data_dir, catalog) + model_files(model),
+        )
     if isinstance(model, (str, os.PathLike)):
         loaded = load_model(model, device=args.loading.device, dtype=args.loading.dtype)
         for note in loaded.notes:

@@ -42,7 +42,7 @@ from phivision.evaluate.report_inputs import (
     read_training_log,
     summarize_dataset,
 )
-from phivision.io import atomic_write_text
+from phivision.io import atomic_write_text, refuse_overwriting_inputs
 
 __all__ = ["GALLERY_SIZE", "Stage", "load_run", "load_stage", "render_report", "write_report"]
 
@@ -459,6 +459,26 @@ def _data_dir(stages: list[Stage], log: TrainingLog | None) -> str | None:
     return None
 
 
+def _files_read(run: Any, predictions: Any, stages: list) -> list[tuple[str, Path]]:
+    """What the report reads: the RUN's files (or the predictions and the metrics beside them) and the photos."""
+    if run is not None:
+        layout = RunLayout(run)
+        names = (layout.CONFIG, layout.LABELS, layout.TRAINER_STATE, layout.METRICS_LOG)
+        files = [(f"the run's {name}", layout.root / name) for name in names]
+        for stage in stages:
+            for name in (layout.EVAL_PREDICTIONS, layout.EVAL_METRICS):
+                files.append((f"the {stage.name} stage's {name}", layout.evals / stage.name / name))
+    else:
+        path = Path(predictions)
+        path = path / RunLayout.EVAL_PREDICTIONS if path.is_dir() else path
+        files = [
+            ("--predictions", path),
+            ("the metrics beside --predictions", path.parent / RunLayout.EVAL_METRICS),
+        ]
+    shown = {str(r["image"]) for stage in stages for r in stage.records if r.get("image")}
+    return files + [(f"the photo {image}", Path(image)) for image in sorted(shown)]
+
+
 def write_report(args: ReportArgs) -> Path:
     """Render the report for a RUN (all its eval stages and its training log) or one predictions file, and write
     it atomically. What could not be read from the training log is printed as a warning and shown in the report.
@@ -485,6 +505,7 @@ def write_report(args: ReportArgs) -> Path:
         title = f"phivision report: {where.resolve().name}"
     if out.is_dir():
         raise PhivisionError(f"--out {out}: is a directory (give the HTML file to write)")
+    refuse_overwriting_inputs({"--out": out}, _files_read(run, predictions, stages))
     html = render_report(stages, title, log, _data_dir(stages, log), notes, resamples, seed)
     for note in notes:
         print(f"warning: {note}", file=sys.stderr)

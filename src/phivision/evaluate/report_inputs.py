@@ -23,6 +23,7 @@ import yaml
 from phivision.data.layout import CATALOG_FILE, SPLITS, RunLayout, load_catalog
 from phivision.errors import PhivisionError
 from phivision.evaluate.metrics import HEADLINE, summarize, symmetric_ape
+from phivision.io import MAX_TEXT_BYTES, read_bytes_bounded, read_text_bounded
 
 STAGE_ORDER = ("before", "after")
 
@@ -148,26 +149,28 @@ def check_record(record: Any, where: str) -> dict:
     return record
 
 
-def read_predictions(path: Path) -> list[dict]:
-    """Read predictions.jsonl strictly: a broken line, a missing key or a wrong type names the file and line."""
+def read_predictions(path: Path, notes: list[str] | None = None) -> list[dict]:
+    """Read predictions.jsonl strictly: a broken line, a missing key or a wrong type names the file and line.
+    Only a last line cut short (no newline at its end, not JSON: a killed writer) is skipped, with a note."""
+    data = read_bytes_bounded(path, MAX_TEXT_BYTES)  # a regular file, bounded: never a FIFO or /dev/zero
+    lines = data.split(b"\n")
     records = []
-    try:
-        with open(path, "rb") as f:
-            for number, raw in enumerate(f, start=1):
-                where = f"{path} line {number}"
-                try:
-                    line = raw.decode("utf-8")
-                except UnicodeDecodeError:
-                    raise PhivisionError(f"{where}: not UTF-8 text") from None
-                if not line.strip():
-                    continue
-                try:
-                    record = json.loads(line)
-                except json.JSONDecodeError as err:
-                    raise PhivisionError(f"{where}: not JSON ({err.msg})") from None
-                records.append(check_record(record, where))
-    except OSError as err:
-        raise PhivisionError(f"{path}: cannot read ({err.strerror})") from None
+    for number, raw in enumerate(lines, start=1):
+        where = f"{path} line {number}"
+        try:
+            line = raw.decode("utf-8")
+        except UnicodeDecodeError:
+            raise PhivisionError(f"{where}: not UTF-8 text") from None
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as err:
+            if number == len(lines):  # the file does not end with a newline: this line was cut
+                (notes if notes is not None else []).append(f"{where}: cut short (a killed writer?); skipped")
+                continue
+            raise PhivisionError(f"{where}: not JSON ({err.msg})") from None
+        records.append(check_record(record, where))
     if not records:
         raise PhivisionError(f"{path}: no predictions")
     return records
@@ -176,7 +179,7 @@ def read_predictions(path: Path) -> list[dict]:
 def read_saved_metrics(path: Path) -> dict:
     """metrics.json beside the predictions: an object whose headline values (and baseline's) are numbers."""
     try:
-        saved = json.loads(path.read_text(encoding="utf-8"))
+        saved = json.loads(read_text_bounded(path))
     except json.JSONDecodeError as err:
         raise PhivisionError(f"{path} line {err.lineno}: not JSON ({err.msg})") from None
     except UnicodeDecodeError:
@@ -216,7 +219,7 @@ def load_stage(
         path = path / RunLayout.EVAL_PREDICTIONS
     if not path.is_file():
         raise PhivisionError(f"{path}: not found")
-    records = read_predictions(path)
+    records = read_predictions(path, notes)
     metrics = summarize(records)
     metrics_path = path.parent / RunLayout.EVAL_METRICS
     if metrics_path.is_file():
@@ -272,7 +275,7 @@ def _read_metrics_lines(path: Path, log: TrainingLog, notes: list[str]) -> None:
         return
     skipped: list[str] = []
     try:
-        lines = path.read_bytes().splitlines()
+        lines = read_bytes_bounded(path, MAX_TEXT_BYTES).splitlines()
     except OSError as err:
         notes.append(f"{path}: cannot read ({err.strerror}), so no training curves")
         return
@@ -323,7 +326,7 @@ def _read_trainer_state(path: Path, log: TrainingLog, notes: list[str]) -> None:
         log.missing.append(path.name)
         return
     try:
-        state = json.loads(path.read_text(encoding="utf-8"))
+        state = json.loads(read_text_bounded(path))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
         notes.append(f"{path}: cannot read ({getattr(err, 'msg', None) or err.__class__.__name__}), left out")
         return
@@ -343,7 +346,7 @@ def _read_config(path: Path, log: TrainingLog, notes: list[str]) -> None:
         log.missing.append(path.name)
         return
     try:
-        text = path.read_text(encoding="utf-8")
+        text = read_text_bounded(path)
         config = yaml.safe_load(text)
     except (OSError, UnicodeDecodeError) as err:
         notes.append(f"{path}: cannot read ({err.__class__.__name__}), left out")

@@ -12,13 +12,12 @@ free to accept uploads and answer ``/healthz`` while a batch runs.
 from __future__ import annotations
 
 import asyncio
-import io
 import logging
-import warnings
+import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import suppress
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from fastapi import HTTPException
@@ -29,7 +28,7 @@ from phivision.answer.constrain import AnswerConstraint
 from phivision.answer.generate import generate_completions
 from phivision.answer.prompt import PromptFormat, parse_answer
 from phivision.args import ServeLimits
-from phivision.data.images import ImageError, load_image
+from phivision.data.images import ALLOWED_FORMATS, ImageError, image_size, load_image
 from phivision.netguard import AddressPolicy
 
 log = logging.getLogger("phivision.serve")
@@ -254,27 +253,56 @@ class Job:
 
 
 def image_pixels(data: bytes, max_pixels: int) -> int:
-    """The image's pixel count from its header, without decoding it. Raises :class:`ImageError` for an image
-    over ``max_pixels`` or a file without a readable header (the reason comes from the one image loader)."""
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            with Image.open(io.BytesIO(data)) as image:
-                pixels = image.width * image.height
-    except Exception:
-        # Let the one image loader say why (not_an_image, empty, truncated, too_many_pixels...); it fails too.
-        load_image(data, max_pixels)
-        raise ImageError("corrupt", "no readable image header") from None
-    if pixels > max_pixels:
-        raise ImageError("too_many_pixels", f"{pixels:,} pixels")
-    return pixels
+    """The image's pixel count from its header, without decoding it, checked by the one image loader (format
+    allowlist, pixel bound). Raises :class:`ImageError`."""
+    width, height = image_size(data, max_pixels)
+    return width * height
 
 
-def answer_jobs(loaded: Any, limits: ServeLimits, jobs: list[Job]) -> list[Any]:
-    """Decode the batch's images and answer them (on the model thread): one Completion or ImageError per job.
+class RequestFailed(Exception):
+    """Generation failed for this request alone: its own inputs, since the rest of its batch was answered, or
+    the model still answers a known-good request. It gets a 500; the server stays healthy."""
+
+    def __init__(self, err: Exception) -> None:
+        super().__init__(f"{type(err).__name__}: {err}")
+        self.cause = err
+
+
+class ModelCheck:
+    """Whether the model still answers: one greedy token for a small known-good photo, asked when a batch
+    failed as a whole, at most every ``every_s`` seconds (a flood of bad requests costs one check, not one
+    each). A failure then belongs to the requests, and ``/healthz`` stays ok; only a model that fails the check
+    turns it to 503."""
+
+    def __init__(self, every_s: float = 10.0) -> None:
+        self.every_s = every_s
+        self.checked_at = -float("inf")
+        self.ok = True
+
+    def model_answers(self, loaded: Any) -> bool:
+        now = time.monotonic()
+        if now - self.checked_at < self.every_s:
+            return self.ok
+        photo = Image.new("RGB", (64, 48), (200, 40, 40))
+        try:
+            generate_completions(loaded.model, loaded.processor, [photo], loaded.prompt, 1, 1, progress=False)
+            self.ok = True
+        except Exception:  # noqa: BLE001  (whatever stops the model stops it for everyone)
+            self.ok = False
+        self.checked_at = time.monotonic()
+        return self.ok
+
+
+def answer_jobs(
+    loaded: Any, limits: ServeLimits, jobs: list[Job], check: ModelCheck | None = None
+) -> list[Any]:
+    """Decode the batch's images and answer them (on the model thread): one Completion or error per job.
 
     Decoding happens here, one batch at a time, so decoded pixels exist only for the batch being answered.
-    Jobs with different generation settings are answered by one generate call per setting.
+    Jobs with different generation settings are answered by one generate call per setting. A call that fails
+    is retried one request at a time, so a request whose own inputs fail generation gets its own
+    :class:`RequestFailed` and the others are answered. Only when nothing in the batch could be answered and
+    the model fails ``check`` too does this raise (the batch failed; ``/healthz`` reports it).
     """
     constraint = AnswerConstraint.for_model(loaded) if limits.constrain else None
     results: list[Any] = [None] * len(jobs)
@@ -288,27 +316,77 @@ def answer_jobs(loaded: Any, limits: ServeLimits, jobs: list[Job]) -> list[Any]:
     for i in images:
         groups.setdefault(jobs[i].generation, []).append(i)
     for generation, members in groups.items():
-        streams = {k: jobs[i].on_token for k, i in enumerate(members) if jobs[i].on_token is not None}
-
-        def on_token(k: int, token: int, streams: dict = streams) -> None:
-            if k in streams:
-                streams[k](token)
-
-        completions = generate_completions(
-            loaded.model,
-            loaded.processor,
-            [images.pop(i) for i in members],
-            prompt=PromptFormat(generation.question, loaded.prompt.answer_template),
-            batch_size=len(members),
-            max_new_tokens=generation.max_new_tokens,
-            progress=False,
-            temperature=generation.temperature,
-            top_p=generation.top_p,
-            on_token=on_token if streams else None,
-            constraint=constraint,
+        answers = _answer_group(
+            loaded, constraint, generation, [jobs[i] for i in members], [images.pop(i) for i in members]
         )
-        for i, completion in zip(members, completions, strict=True):
-            results[i] = completion
+        for i, result in zip(members, answers, strict=True):
+            results[i] = result
+    failed = [r for r in results if isinstance(r, RequestFailed)]
+    answered = any(not isinstance(r, Exception) for r in results)
+    if failed and not answered and check is not None and not check.model_answers(loaded):
+        raise failed[0].cause
+    return results
+
+
+def _generate(
+    loaded: Any, constraint: Any, generation: Generation, jobs: list[Job], images: list
+) -> list[Any]:
+    streams = {k: job.on_token for k, job in enumerate(jobs) if job.on_token is not None}
+
+    def on_token(k: int, token: int) -> None:
+        if k in streams:
+            streams[k](token)
+
+    return generate_completions(
+        loaded.model,
+        loaded.processor,
+        images,
+        prompt=PromptFormat(generation.question, loaded.prompt.answer_template),
+        batch_size=len(images),
+        max_new_tokens=generation.max_new_tokens,
+        progress=False,
+        temperature=generation.temperature,
+        top_p=generation.top_p,
+        on_token=on_token if streams else None,
+        constraint=constraint,
+    )
+
+
+def _answer_group(
+    loaded: Any, constraint: Any, generation: Generation, jobs: list[Job], images: list
+) -> list[Any]:
+    """Answer jobs with one setting; on failure, each alone (a job that already streamed tokens is not
+    retried: its client has part of an answer). One Completion or RequestFailed per job."""
+    streamed: set[int] = set()
+
+    def watched(k: int, stream: Callable[[int], None]) -> Callable[[int], None]:
+        def on_token(token: int) -> None:
+            streamed.add(k)
+            stream(token)
+
+        return on_token
+
+    jobs_watched = [
+        Job(job.data, job.generation, watched(k, job.on_token)) if job.on_token is not None else job
+        for k, job in enumerate(jobs)
+    ]
+    try:
+        return _generate(loaded, constraint, generation, jobs_watched, images)
+    except Exception as err:  # noqa: BLE001  (whatever it is, it is retried or reported per request)
+        if len(jobs) == 1:
+            log.warning("generation failed for one request: %s: %s", type(err).__name__, err)
+            return [RequestFailed(err)]
+        first = err
+    results: list[Any] = []
+    for k, (job, image) in enumerate(zip(jobs, images, strict=True)):
+        if k in streamed:
+            results.append(RequestFailed(first))
+            continue
+        try:
+            results.append(_generate(loaded, constraint, generation, [job], [image])[0])
+        except Exception as err:  # noqa: BLE001
+            log.warning("generation failed for one request of a batch: %s: %s", type(err).__name__, err)
+            results.append(RequestFailed(err))
     return results
 
 
@@ -334,6 +412,12 @@ class Serving:
     model_name: str
     remote_images: AddressPolicy | None = None
     created: int = 0  # when the server started (the model's `created` in /v1/models)
+    remote_fetches: asyncio.Semaphore = field(
+        init=False
+    )  # --max-remote-fetches slots (fetches hold no thread)
+
+    def __post_init__(self) -> None:
+        self.remote_fetches = asyncio.Semaphore(self.limits.max_remote_fetches)
 
     @property
     def question(self) -> str:
@@ -361,6 +445,11 @@ def failure(
         if err.reason == "too_many_pixels":
             message = f"{label}: too_many_pixels (the limit is {limits.max_pixels:,} pixels)"
             return ServeError(413, message, "image_too_large", param)
+        if err.found is not None:  # the client's own format, named (the allowlist is no secret)
+            message = (
+                f"{label}: unsupported_format: a {err.found} image; accepted: {', '.join(ALLOWED_FORMATS)}"
+            )
+            return ServeError(bad_image, message, "invalid_image", param)
         return ServeError(bad_image, f"{label}: {err.reason}", "invalid_image", param)
     if isinstance(err, QueueFull):
         return ServeError(503, "server busy: too many requests queued", "queue_full", **{"Retry-After": "1"})
@@ -368,6 +457,10 @@ def failure(
         return ServeError(503, f"the model worker is not running: {err}", "worker_stopped")
     if isinstance(err, asyncio.TimeoutError):
         return ServeError(504, "no answer within the request timeout", "timeout")
+    if isinstance(err, RequestFailed):  # this request's own failure, logged where it happened
+        return ServeError(
+            500, f"generation failed for this request: {type(err.cause).__name__}", "generation_failed"
+        )
     log.error("answering failed: %s: %s", type(err).__name__, err)
     return ServeError(500, f"generation failed: {type(err).__name__}", "generation_failed")
 

@@ -26,7 +26,6 @@ from fastapi import FastAPI
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field
-from starlette.concurrency import run_in_threadpool
 
 from phivision.netguard import BlockedAddress
 from phivision.serve.core import Generation, ServeError, Serving, failure, prediction_record
@@ -36,6 +35,9 @@ ANSWER_FIELDS = ("title", "category", "price", "currency")
 # Text the tokenizer would read as control tokens (image slots, turn ends): refused in a client's question.
 SPECIAL_TOKEN = re.compile(r"<\|[^|<>]*\|>|</?s>")
 MAX_QUESTION_CHARS = 2000
+# A temperature below this samples like greedy decoding but overflows the logits (1e-300 makes every logit
+# infinite): it is answered greedily, as vLLM does.
+MIN_TEMPERATURE = 1e-5
 # Parameters that change nothing when left at these values; any other value is refused rather than ignored.
 NEUTRAL = {"n": 1, "logprobs": False, "presence_penalty": 0, "frequency_penalty": 0, "top_logprobs": 0}
 # Parameters that only label the request for the client's own bookkeeping.
@@ -67,7 +69,9 @@ class ChatRequest(BaseModel):
     messages: list[ChatMessage] = Field(min_length=1)
     max_tokens: int | None = Field(None, ge=1)
     max_completion_tokens: int | None = Field(None, ge=1)
-    temperature: float | None = Field(None, ge=0, le=2, description="0 (the default here): greedy decoding.")
+    temperature: float | None = Field(
+        None, ge=0, le=2, description="0 (the default here), or below 1e-5: greedy decoding."
+    )
     top_p: float | None = Field(None, gt=0, le=1)
     response_format: dict[str, Any] | None = None
     stream: bool | None = False
@@ -169,6 +173,11 @@ def read_message(request: ChatRequest) -> tuple[str, str, str | None]:
         if kind == "text":
             if not isinstance(part.get("text"), str):
                 raise invalid("a text part needs its text as a string", f"{param}.text")
+            if not _is_unicode(part["text"]):
+                raise invalid(
+                    "the text is not valid Unicode (it holds a lone surrogate such as \\ud800)",
+                    f"{param}.text",
+                )
             texts.append(part["text"])
         elif kind == "image_url":
             image_url = part.get("image_url")
@@ -191,6 +200,15 @@ def read_message(request: ChatRequest) -> tuple[str, str, str | None]:
     return url, param, text or None
 
 
+def _is_unicode(text: str) -> bool:
+    """False for text holding a lone surrogate (JSON lets ``\\ud800`` through; no tokenizer can encode it)."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
 def read_generation(request: ChatRequest, serving: Serving, question: str | None) -> Generation:
     limit = serving.limits.max_new_tokens
     name = "max_completion_tokens" if request.max_completion_tokens is not None else "max_tokens"
@@ -202,10 +220,11 @@ def read_generation(request: ChatRequest, serving: Serving, question: str | None
             name,
             "max_tokens_too_large",
         )
+    temperature = request.temperature or 0.0
     return Generation(
         question=question or serving.question,
         max_new_tokens=wanted,
-        temperature=request.temperature or 0.0,
+        temperature=temperature if temperature >= MIN_TEMPERATURE else 0.0,  # tiny: greedy (the limit)
         top_p=request.top_p if request.top_p is not None else 1.0,
     )
 
@@ -225,14 +244,21 @@ def read_response_format(response_format: dict[str, Any] | None) -> tuple[str, .
             "response_format.type",
         )
     spec = response_format.get("json_schema")
-    schema = spec.get("schema") if isinstance(spec, dict) else None
+    if spec is not None and not isinstance(spec, dict):
+        raise invalid("response_format.json_schema must be an object", "response_format.json_schema")
+    schema = (spec or {}).get("schema")
     if schema is None:
         return ANSWER_FIELDS
     param = "response_format.json_schema.schema"
     if not isinstance(schema, dict) or schema.get("type", "object") != "object":
         raise invalid("the schema must describe a JSON object", param)
     properties = schema.get("properties") or {}
-    named = list(properties) + [k for k in schema.get("required") or [] if k not in properties]
+    required = schema.get("required") or []
+    if not isinstance(properties, dict):
+        raise invalid("the schema's properties must be an object", f"{param}.properties")
+    if not isinstance(required, list) or not all(isinstance(k, str) for k in required):
+        raise invalid("the schema's required must be a list of property names", f"{param}.required")
+    named = list(properties) + [k for k in required if k not in properties]
     unknown = [name for name in named if name not in ANSWER_FIELDS]
     if unknown:
         raise invalid(
@@ -280,9 +306,21 @@ async def read_image(url: str, param: str, serving: Serving) -> bytes:
             "remote_images_disabled",
         )
     limits = serving.limits
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + limits.remote_image_timeout
     try:
-        return await run_in_threadpool(
-            fetch_image, url, serving.remote_images, limit, limits.remote_image_timeout, limits.max_redirects
+        await asyncio.wait_for(serving.remote_fetches.acquire(), limits.remote_image_timeout)
+    except asyncio.TimeoutError:
+        raise ServeError(
+            503,
+            "too many remote images are being fetched; try again shortly",
+            "remote_fetches_busy",
+            param,
+            **{"Retry-After": "1"},
+        ) from None
+    try:
+        return await fetch_image(
+            url, serving.remote_images, limit, max(0.001, deadline - loop.time()), limits.max_redirects
         )
     except BlockedAddress as err:
         raise invalid(
@@ -291,9 +329,10 @@ async def read_image(url: str, param: str, serving: Serving) -> bytes:
     except FetchTooLarge:
         raise ServeError(413, too_large, "image_too_large", param) from None
     except FetchError as err:
-        raise invalid(
-            f"{param}: could not fetch the image: {err} ({err.reason})", param, "image_url_unreachable"
-        ) from None
+        code = "invalid_image_url" if err.reason in ("bad_url", "bad_redirect") else "image_url_unreachable"
+        raise invalid(f"{param}: could not fetch the image: {err} ({err.reason})", param, code) from None
+    finally:
+        serving.remote_fetches.release()
 
 
 # ------------------------------------------------------------------------------------------ answering

@@ -17,8 +17,8 @@ from phivision.answer.constrain import AnswerConstraint, short_budget_note
 from phivision.answer.generate import answer_image_files
 from phivision.args import Generation, PredictArgs
 from phivision.errors import PhivisionError
-from phivision.io import atomic_write_text
-from phivision.runs import LoadedModel, load_model
+from phivision.io import atomic_write_text, refuse_overwriting_inputs
+from phivision.runs import LoadedModel, load_model, model_files
 from phivision.serve.core import prediction_record
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
@@ -82,6 +82,9 @@ def predict(args: PredictArgs) -> list[dict]:
     (``out="-"``)."""
     paths = expand_inputs(args.images)
     model, loading, generation = args.model, args.loading, args.generation
+    if args.out is not None and str(args.out) != "-":  # before the model loads: a mistake costs nothing
+        inputs = [(f"the image {path}", path) for path in paths] + model_files(model)
+        refuse_overwriting_inputs({"--out": args.out}, inputs)
     loaded = (
         model
         if isinstance(model, LoadedModel)

@@ -38,12 +38,14 @@ from phivision.serve import openai_api
 from phivision.serve.core import (
     Generation,
     MicroBatcher,
+    ModelCheck,
     ServeError,
     Serving,
     answer_jobs,
     failure,
     prediction_record,
 )
+from phivision.serve.guard import server_config
 from phivision.serve.limits import allowed_hosts, check_bind
 
 __all__ = ["ServeLimits", "create_app", "serve"]
@@ -65,7 +67,9 @@ OPENAI_PATHS = ("/v1/chat/completions", "/v1/models")
 def error_body(
     path: str, status: int, message: str, code: str | None = None, param: str | None = None
 ) -> dict:
-    """The error shape of ``path``: OpenAI's on the OpenAI routes, FastAPI's ``{"detail"}`` elsewhere."""
+    """The error shape of ``path``: OpenAI's on the OpenAI routes, FastAPI's ``{"detail"}`` elsewhere. A message
+    echoing a client's text keeps its lone surrogates as ``\\ud800`` escapes, so the body always encodes."""
+    message = message.encode("utf-8", "backslashreplace").decode("utf-8")
     if path.startswith(OPENAI_PATHS):
         kind = "invalid_request_error" if status < 500 else "server_error"
         return {"error": {"message": message, "type": kind, "param": param, "code": code}}
@@ -253,8 +257,9 @@ def create_app(
     )
     if note:
         log.warning(note)
+    check = ModelCheck()
     batcher = MicroBatcher(
-        lambda jobs: answer_jobs(loaded, limits, jobs),
+        lambda jobs: answer_jobs(loaded, limits, jobs, check),
         max_batch_size=limits.max_batch_size,
         max_wait_s=limits.max_wait_ms / 1000,
         max_queue=limits.max_queue,
@@ -280,6 +285,7 @@ def create_app(
         docs_url=None,  # FastAPI's pages load their scripts from a CDN; /docs below is self-contained
         redoc_url=None,
     )
+    app.state.serving = serving  # for an embedding program (and tests) to reach the batcher and limits
     too_large = f"request body too large: images up to {limits.max_upload_mb:g} MB are accepted"
     body_limits = {
         "/v1/predict": (limits.max_upload_bytes + MULTIPART_OVERHEAD, too_large),
@@ -384,4 +390,4 @@ def serve(args: ServeArgs) -> None:
         hosts=allowed_hosts(args.host, args.allowed_host or ()),
         remote_images=remote,
     )
-    uvicorn.run(app, host=args.host, port=args.port, log_level="info")
+    uvicorn.Server(server_config(app, args.host, args.port, args.limits)).run()

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import os
 import pickle
 import random
@@ -34,7 +35,7 @@ import torch
 
 from phivision.data.layout import RunLayout
 from phivision.errors import PhivisionError, first_line
-from phivision.io import atomic_write_json
+from phivision.io import WriteError, atomic_write_json, disk_errors, read_text_bounded
 from phivision.loading import check_tensors
 
 _STEP_DIR = re.compile(r"^step-(\d+)$")
@@ -162,7 +163,7 @@ def load_tree(stem: Path) -> Any:
 
     json_file, tensor_file = stem.with_suffix(".json"), stem.with_suffix(".safetensors")
     try:
-        data = json.loads(json_file.read_text(encoding="utf-8"))
+        data = json.loads(read_text_bounded(json_file))
         tensors = load_file(str(tensor_file)) if tensor_file.exists() else {}
         return _decode(data, tensors)
     except FileNotFoundError:
@@ -225,10 +226,15 @@ def save_weights(accelerator: Any, model: torch.nn.Module, out: Path) -> None:
         tmp = out.with_name(f".{out.name}.tmp")
         if tmp.exists():
             shutil.rmtree(tmp)
-        accelerator.unwrap_model(model).save_pretrained(
-            str(tmp), state_dict=state_dict, safe_serialization=True
-        )
-        replace_dir(tmp, out)
+        try:
+            with disk_errors(out):
+                accelerator.unwrap_model(model).save_pretrained(
+                    str(tmp), state_dict=state_dict, safe_serialization=True
+                )
+                replace_dir(tmp, out)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
     accelerator.wait_for_everyone()
 
 
@@ -295,16 +301,48 @@ def save_checkpoint(
     method: str,
     keep_last: int,
 ) -> Path:
-    """Write ``checkpoints/step-N`` atomically from all ranks (each saves its RNG state), then prune old ones."""
+    """Write ``checkpoints/step-N`` atomically from all ranks (each saves its RNG state), then prune old ones.
+
+    A full disk is one :class:`~phivision.io.WriteError` naming the checkpoint; the partial ``.step-N.tmp`` is
+    removed and the previous checkpoints stay as they were, so ``--resume`` continues from the last one."""
     step = state["step"]
     final = RunLayout(run_dir).checkpoint(step)
     tmp = final.with_name(f".{final.name}.tmp")
-    is_main, rank = accelerator.is_main_process, accelerator.process_index
+    is_main = accelerator.is_main_process
     if is_main:
         if tmp.exists():
             shutil.rmtree(tmp)
         tmp.mkdir(parents=True)
     accelerator.wait_for_everyone()
+    try:
+        with disk_errors(final):
+            _fill_checkpoint(accelerator, model, optimizer, scheduler, state, tmp, run_dir, method)
+            if is_main:
+                replace_dir(tmp, final)
+    except BaseException as err:
+        if is_main:
+            shutil.rmtree(tmp, ignore_errors=True)
+        if isinstance(err, WriteError):  # name the checkpoint, not a file of the removed temporary folder
+            raise err.at(final) from None
+        raise
+    if is_main:
+        for _, old in list_checkpoints(run_dir)[:-keep_last]:
+            shutil.rmtree(old)
+    accelerator.wait_for_everyone()
+    return final
+
+
+def _fill_checkpoint(
+    accelerator: Any,
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    scheduler: Any,
+    state: dict[str, Any],
+    tmp: Path,
+    run_dir: Path,
+    method: str,
+) -> None:
+    is_main, rank = accelerator.is_main_process, accelerator.process_index
     save_tree(rng_state(), tmp / f"rng-{rank}")
     save_weights(accelerator, model, tmp / weights_dirname(method))
     if _engine(accelerator) != "plain":
@@ -322,28 +360,108 @@ def save_checkpoint(
             _link_tree(best, tmp / BEST_DIR)
         atomic_write_json(tmp / RunLayout.TRAINER_STATE, state)
     accelerator.wait_for_everyone()
-    if is_main:
-        replace_dir(tmp, final)
-        for _, old in list_checkpoints(run_dir)[:-keep_last]:
-            shutil.rmtree(old)
-    accelerator.wait_for_everyone()
-    return final
 
 
 # ------------------------------------------------------------------------------------------ load
 
 
 def _read_state(ckpt: Path) -> dict[str, Any]:
+    """``trainer_state.json``, every field of the type the trainer wrote, its step the one in the folder name."""
     path = ckpt / RunLayout.TRAINER_STATE
     try:
-        state = json.loads(path.read_text(encoding="utf-8"))
+        state = json.loads(read_text_bounded(path))
     except FileNotFoundError:
         raise PhivisionError(f"{path}: missing from the checkpoint") from None
     except (OSError, ValueError) as err:
         raise PhivisionError(f"{path}: not readable JSON ({err})") from None
-    if not isinstance(state, dict) or not isinstance(state.get("step"), int):
-        raise PhivisionError(f"{path}: no integer 'step'; not a phivision checkpoint")
+    if not isinstance(state, dict) or not _is_count(state.get("step")):
+        raise PhivisionError(f"{path}: no whole-number 'step' >= 0; not a phivision checkpoint")
+    problem = _state_problem(state)
+    if problem:
+        raise PhivisionError(f"{path}: {problem}; the checkpoint was damaged or edited")
+    named = _STEP_DIR.match(ckpt.name)
+    if named and int(named.group(1)) != state["step"]:
+        raise PhivisionError(
+            f"{ckpt}: named step {named.group(1)} but holds step {state['step']}; rename or remove the folder"
+        )
     return state
+
+
+def _is_count(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
+def _is_number(value: Any) -> bool:  # NaN included: an evaluation over no answers scores NaN
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _is_finite(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _state_problem(state: dict[str, Any]) -> str | None:
+    """What is wrong with a trainer state read from disk (the fields of ``TrainerState``), or None."""
+    checks = {
+        "total_steps": _is_count,
+        "metric": lambda v: isinstance(v, str) and bool(v),
+        "best_metric": lambda v: v is None or _is_number(v),
+        "best_step": lambda v: v is None or (_is_count(v) and v <= state["step"]),
+        "evals_without_improvement": _is_count,
+        "history": lambda v: isinstance(v, list) and all(_is_eval_record(r, state["step"]) for r in v),
+        "tracker_run_id": lambda v: v is None or isinstance(v, str),
+        "done": lambda v: isinstance(v, bool),
+        "stopped_early": lambda v: isinstance(v, bool),
+    }
+    for key, valid in checks.items():
+        if key in state and not valid(state[key]):
+            return f"field '{key}' holds {json.dumps(state[key])[:60]}, not what training writes there"
+    if state.get("total_steps") is not None and state["step"] > state["total_steps"]:
+        return f"step {state['step']} is past the run's {state['total_steps']} steps"
+    return None
+
+
+def _is_eval_record(record: Any, step: int) -> bool:
+    return (
+        isinstance(record, dict)
+        and _is_count(record.get("step"))
+        and record["step"] <= step
+        and all(v is None or _is_number(v) for k, v in record.items() if k not in ("type", "step"))
+    )
+
+
+def check_like(saved: Any, live: Any, where: str) -> None:
+    """``saved`` (read from a checkpoint) has the structure of ``live`` (this run's own state object): the same
+    keys (those both have), lengths and kinds of value, every number finite, every tensor of the same shape and
+    kind. A damaged or edited file stops here with one line naming the key, not steps later inside torch."""
+
+    def fail(what: str) -> None:
+        raise PhivisionError(f"{where}: {what}; the checkpoint was damaged or edited")
+
+    if isinstance(live, dict):
+        if not isinstance(saved, dict):
+            fail(f"expected a mapping, found {type(saved).__name__}")
+        for key in live.keys() & saved.keys():
+            check_like(saved[key], live[key], f"{where} key {key!r}")
+    elif isinstance(live, (list, tuple)):
+        if not isinstance(saved, (list, tuple)) or len(saved) != len(live):
+            fail(f"expected a list of {len(live)}, found {json.dumps(saved, default=str)[:60]}")
+        for i, (a, b) in enumerate(zip(saved, live, strict=True)):
+            check_like(a, b, f"{where}[{i}]")
+    elif isinstance(live, torch.Tensor):
+        if not isinstance(saved, torch.Tensor) or saved.shape != live.shape:
+            fail(f"expected a tensor of shape {tuple(live.shape)}")
+        if saved.is_floating_point() != live.is_floating_point() or (
+            saved.is_floating_point() and not bool(torch.isfinite(saved).all())
+        ):
+            fail("a tensor of another kind, or with non-finite values")
+    elif isinstance(live, bool) or live is None or isinstance(live, str):
+        if type(saved) is not type(live):
+            fail(f"expected {type(live).__name__}, found {json.dumps(saved, default=str)[:60]}")
+    elif isinstance(live, int):
+        if not (isinstance(saved, int) and not isinstance(saved, bool)):
+            fail(f"expected a whole number, found {json.dumps(saved, default=str)[:60]}")
+    elif isinstance(live, float) and not _is_finite(saved):
+        fail(f"expected a finite number, found {json.dumps(saved, default=str)[:60]}")
 
 
 def _load_engine_state(accelerator: Any, model: Any, optimizer: Any, folder: Path) -> None:
@@ -408,39 +526,83 @@ def load_checkpoint(
                 raise PhivisionError(
                     f"{ckpt / ENGINE_DIR}: refused to unpickle ({first_line(err)})"
                 ) from None
-    scheduler.load_state_dict(load_tree(ckpt / "scheduler"))
+    saved_schedule = load_tree(ckpt / "scheduler")
+    check_like(saved_schedule, scheduler.state_dict(), str(ckpt / "scheduler.json"))
+    scheduler.load_state_dict(saved_schedule)
     if accelerator.scaler is not None:
         if not (ckpt / "scaler.json").exists():
             raise PhivisionError(
                 f"{ckpt}: no gradient scaler state (was the run trained with another precision?)"
             )
         accelerator.scaler.load_state_dict(load_tree(ckpt / "scaler"))
-    set_rng_state(load_tree(rng_stem))
+    try:
+        set_rng_state(load_tree(rng_stem))
+    except (TypeError, ValueError, IndexError, KeyError, RuntimeError) as err:
+        raise PhivisionError(
+            f"{rng_stem.with_suffix('.json')}: not a random generator state ({first_line(err)}); the checkpoint "
+            "was damaged or edited"
+        ) from None
     if accelerator.is_main_process:
         restore_best(ckpt, ckpt.parent.parent, method)  # RUN/checkpoints/step-N -> RUN
     accelerator.wait_for_everyone()
     return state
 
 
+ADAMW_MOMENTS = ("exp_avg", "exp_avg_sq", "max_exp_avg_sq")
+
+
 def _load_optimizer(optimizer: torch.optim.Optimizer, ckpt: Path) -> None:
-    """AdamW's state, checked against the live parameters (a mis-shaped moment would fail steps later)."""
+    """AdamW's state, checked against the live optimizer: hyperparameters of the same kinds and in range,
+    moments of the parameters' shapes, finite, second moments >= 0 (a bad value would fail, or turn the loss
+    into NaN, steps later)."""
     saved = load_tree(ckpt / "optimizer")
+    where = ckpt / "optimizer.json"
+    live = optimizer.state_dict()
+    check_like(saved, {"param_groups": live["param_groups"]}, str(where))
+    if not isinstance(saved.get("state", {}), dict):
+        raise PhivisionError(f"{where}: key 'state' is not a mapping; the checkpoint was damaged or edited")
+    for group in saved["param_groups"]:
+        bad = _hyperparameter_problem(group)
+        if bad:
+            raise PhivisionError(f"{where}: {bad}; the checkpoint was damaged or edited")
     params = [p for group in optimizer.param_groups for p in group["params"]]
-    moments = saved.get("state", {}) if isinstance(saved, dict) else {}
-    bad = [
-        f"parameter {i} {name} {tuple(value.shape)} vs {tuple(params[i].shape)}"
-        for i, entry in moments.items()
-        if isinstance(i, int) and i < len(params)
-        for name, value in entry.items()
-        if isinstance(value, torch.Tensor) and value.ndim and value.shape != params[i].shape
-    ]
-    if bad:
-        raise PhivisionError(
-            f"{ckpt / 'optimizer.safetensors'}: mis-shaped optimizer state: {', '.join(bad[:3])}"
-        )
+    for i, entry in saved.get("state", {}).items():
+        problem = _moment_problem(i, entry, params)
+        if problem:
+            raise PhivisionError(f"{ckpt / 'optimizer.safetensors'}: {problem}")
     try:
         optimizer.load_state_dict(saved)
     except (ValueError, KeyError, TypeError, RuntimeError) as err:
-        raise PhivisionError(
-            f"{ckpt / 'optimizer.json'}: does not fit this run's optimizer ({first_line(err)})"
-        ) from None
+        raise PhivisionError(f"{where}: does not fit this run's optimizer ({first_line(err)})") from None
+
+
+def _hyperparameter_problem(group: dict[str, Any]) -> str | None:
+    ranges = {
+        "lr": lambda v: v >= 0,
+        "initial_lr": lambda v: v >= 0,
+        "eps": lambda v: v > 0,
+        "weight_decay": lambda v: v >= 0,
+        "betas": lambda v: all(0 <= b < 1 for b in v),
+    }
+    for key, valid in ranges.items():
+        if key in group and not valid(group[key]):
+            return f"param_groups key {key!r} is {group[key]}, out of range"
+    return None
+
+
+def _moment_problem(index: Any, entry: Any, params: list[torch.Tensor]) -> str | None:
+    """Why one parameter's saved AdamW state cannot be used, or None."""
+    if not (_is_count(index) and index < len(params)) or not isinstance(entry, dict):
+        return f"state for parameter {index!r}: not one of this run's {len(params)} parameters"
+    for name, value in entry.items():
+        if name != "step" and name not in ADAMW_MOMENTS:
+            return f"parameter {index}: unknown state {name!r}"
+        if not isinstance(value, torch.Tensor) or not value.is_floating_point():
+            return f"parameter {index} {name}: not a floating-point tensor"
+        if name != "step" and value.shape != params[index].shape:
+            return f"mis-shaped optimizer state: parameter {index} {name} {tuple(value.shape)} vs {tuple(params[index].shape)}"
+        if name == "step" and value.numel() != 1:
+            return f"mis-shaped optimizer state: parameter {index} step {tuple(value.shape)} is not a scalar"
+        if not bool(torch.isfinite(value).all()) or (name != "exp_avg" and bool((value < 0).any())):
+            return f"parameter {index} {name}: holds non-finite or negative values"
+    return None

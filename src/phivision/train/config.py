@@ -26,6 +26,7 @@ from phivision.args import SEED, Generation, TrainArgs
 from phivision.data.layout import RunLayout
 from phivision.errors import PhivisionError, first_line
 from phivision.evaluate.metrics import generation_metric_names
+from phivision.io import ReadError, read_text_bounded
 from phivision.options import (
     CONFIG,
     ConfigError,
@@ -439,9 +440,11 @@ def read_yaml_with_lines(path: str | os.PathLike) -> tuple[dict[str, Any], dict[
     if not path.is_file():
         raise PhivisionError(f"{path}: config file not found")
     try:
-        text = path.read_text(encoding="utf-8")
-    except UnicodeDecodeError:
-        raise PhivisionError(f"{path}: not a UTF-8 text file") from None
+        text = read_text_bounded(path)
+    except ReadError as err:
+        if err.reason == "not_text":
+            raise PhivisionError(f"{path}: not a UTF-8 text file") from None
+        raise PhivisionError(f"{path}: cannot read ({err.detail})") from None
     except OSError as err:
         raise PhivisionError(f"{path}: cannot read ({err.strerror})") from None
     try:

@@ -24,14 +24,12 @@ import torch
 from PIL import Image
 
 from phivision.answer.prompt import PromptFormat, format_answer, prompt_text
-from phivision.data.images import load_image
+from phivision.data.images import ImageError, image_size, load_image
 from phivision.errors import PhivisionError
 from phivision.model.processing_phi3_v import stack_images
 from phivision.train.config import DataConfig
 
 IGNORE_INDEX = -100
-EXIF_ORIENTATION = 0x0112
-ROTATED = (5, 6, 7, 8)  # EXIF orientations that swap width and height
 
 
 def split_rows(catalog: pd.DataFrame, split: str, limit: int = 0) -> pd.DataFrame:
@@ -107,11 +105,8 @@ class ProductDataset(torch.utils.data.Dataset):
         if count is None:
             return 0
         try:
-            with Image.open(self.root / self.rows.at[i, "image_path"]) as im:
-                width, height = im.size
-                if im.getexif().get(EXIF_ORIENTATION) in ROTATED:
-                    width, height = height, width
-        except (OSError, ValueError, SyntaxError):
+            width, height = image_size(self.root / self.rows.at[i, "image_path"], upright=True)
+        except ImageError:
             return 0
         return int(count(width, height))
 

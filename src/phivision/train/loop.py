@@ -20,7 +20,6 @@ import os
 import re
 import sys
 import time
-import warnings
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
@@ -31,18 +30,17 @@ import torch.nn.functional as F
 from accelerate import Accelerator
 from accelerate.state import AcceleratorState, GradientState
 from accelerate.utils import DistributedDataParallelKwargs, DistributedType, set_seed
-from PIL import Image
 from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
 from tqdm.auto import tqdm
 
 from phivision.answer.constrain import AnswerConstraint, short_budget_note
 from phivision.answer.generate import generate_answers
 from phivision.answer.prompt import parse_answer
-from phivision.data.images import DEFAULT_MAX_PIXELS
+from phivision.data.images import ImageError, image_size
 from phivision.data.layout import RunLayout, load_catalog
 from phivision.errors import PhivisionError, first_line
 from phivision.evaluate.metrics import TrainStats, level_columns, scalar_metrics, score, summarize
-from phivision.io import atomic_write_json, atomic_write_text
+from phivision.io import atomic_write_json, atomic_write_text, refuse_overwriting_inputs
 from phivision.labels import LabelSpace, write_labels
 from phivision.loading import check_model_type, load_pretrained
 from phivision.model.processing_phi3_v import Phi3VProcessor
@@ -167,20 +165,13 @@ def check_images(root: Path, catalog: Any, positions: Iterable[int]) -> None:
         path = root / catalog.at[pos, "image_path"]
         where = f"{path}: catalog.parquet row {pos + 1} ('{catalog.at[pos, 'product_code']}')"
         try:
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-                with Image.open(path) as image:
-                    width, height = image.size
-        except Image.DecompressionBombError as err:
-            raise PhivisionError(f"{where}: too many pixels ({err})") from None
-        except Exception as err:  # noqa: BLE001  (PIL raises many types for a broken header)
-            reason = first_line(err)
-            raise PhivisionError(f"{where}: not a readable image ({reason})") from None
-        if width * height > DEFAULT_MAX_PIXELS:
-            raise PhivisionError(
-                f"{where}: {width}x{height} pixels, more than the image loader's limit of {DEFAULT_MAX_PIXELS:,} "
-                "(a decompression bomb?)"
-            )
+            image_size(path)
+        except ImageError as err:
+            if err.reason == "too_many_pixels":
+                raise PhivisionError(
+                    f"{where}: too many pixels, a decompression bomb? ({err.detail})"
+                ) from None
+            raise PhivisionError(f"{where}: not a readable image ({err})") from None
 
 
 _EXCEPTION_PREFIX = re.compile(r"^[\w.]+: ")
@@ -467,6 +458,9 @@ class Recipe:
             if not value:
                 raise PhivisionError(f"config key '{key}' is required")
         check_run_dir(self.run_dir, self.resume)
+        refuse_overwriting_inputs(
+            {"--out": self.run_dir}, [("--data", config.data.path), ("--model", config.model)]
+        )
         require_backend(config.tracking.backend)
         require_liger(config.use_liger_kernel)
 

@@ -17,7 +17,7 @@ from PIL import Image
 
 from phivision.data.layout import RunLayout
 from phivision.errors import PhivisionError
-from phivision.io import atomic_write_text
+from phivision.io import atomic_write_text, read_json_lines, warn
 from phivision.train.config import TrainConfig
 
 
@@ -34,20 +34,43 @@ class MetricsFile:
             os.fsync(f.fileno())
 
     def truncate_after(self, step: int) -> None:
-        """Drop records logged after ``step`` (by a run killed after its last checkpoint) before resuming."""
+        """Drop records logged after ``step`` (by a run killed after its last checkpoint) before resuming; a line
+        a killed writer cut short, or any other line that is not a JSON record, is dropped with a warning."""
         if not self.path.exists():
             return
-        kept = [line for line in self.path.read_text(encoding="utf-8").splitlines() if line.strip()]
-        kept = [line for line in kept if json.loads(line).get("step", 0) <= step]
-        atomic_write_text(self.path, "".join(line + "\n" for line in kept))
+        kept = [text for _, (text, record) in _records(self.path, warn) if record.get("step", 0) <= step]
+        atomic_write_text(self.path, "".join(text + "\n" for text in kept))
+
+
+def _records(path: Path, note) -> list[tuple[int, tuple[str, dict[str, Any]]]]:
+    """``(line number, (text, record))`` for every readable record of a metrics file; ``note`` hears of the rest."""
+    lines, cut = read_json_lines(path)
+    if cut:
+        note(cut)
+    records, bad = [], []
+    for number, text in lines:
+        try:
+            record = json.loads(text)
+        except ValueError:
+            record = None
+        if isinstance(record, dict) and isinstance(record.get("step", 0), int):
+            records.append((number, (text, record)))
+        else:
+            bad.append(number)
+    if bad:
+        note(
+            f"{path}: line(s) {', '.join(map(str, bad[:5]))}{' ...' if len(bad) > 5 else ''} not a record; skipped"
+        )
+    return records
 
 
 def read_metrics(run_dir: str | Path, kind: str | None = None) -> list[dict[str, Any]]:
-    """The records of ``RUN/metrics.jsonl``, optionally only those of one ``type`` ("train" or "eval")."""
+    """The records of ``RUN/metrics.jsonl``, optionally only those of one ``type`` ("train" or "eval"); lines
+    that cannot be read are skipped with a warning."""
     path = RunLayout(run_dir).metrics_log
     if not path.exists():
         raise PhivisionError(f"{path}: no metrics logged (is {run_dir} a training run?)")
-    records = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    records = [record for _, (_, record) in _records(path, warn)]
     return [r for r in records if kind is None or r.get("type") == kind]
 
 
