@@ -264,7 +264,7 @@ def test_layout_checks_image_paths(sample_dataset, tmp_path):
         ([first, "images/nope.jpg"], "row 2: column 'image_paths' item 2: .*nope.jpg not found"),
         ([first, "../x.jpg"], r"row 2: column 'image_paths' item 2: '../x.jpg' leaves the directory"),
         ([], "row 2: column 'image_paths': expected a non-empty list"),
-        (["images/other.jpg"], "row 2: column 'image_path' .* is not the first of 'image_paths'"),
+        (["images/other.jpg"], "row 2: column 'image_path': .* is not the first photo of 'image_paths'"),
     ]
     for paths, message in cases:
         broken = frame.copy()

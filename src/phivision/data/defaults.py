@@ -4,6 +4,7 @@ them. Plain constants, no imports, so the CLI can read them without loading the 
 # ----------------------------------------------------------------------------------------------- sample
 SAMPLE_N = 600  # products drawn by `phivision sample` (with --like: as many as the dataset it copies)
 SAMPLE_SEED = 0
+SAMPLE_VIEWS = 1  # the most photos per product `phivision sample` draws (1 to 4)
 SPLIT = "0.8,0.1,0.1"  # train,val,test ratios (sample and prepare)
 BASE_URL = "http://127.0.0.1:8000"
 

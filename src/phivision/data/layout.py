@@ -103,8 +103,8 @@ def load_catalog(directory: str | os.PathLike, check_images: bool = True) -> pd.
             )
             problem = path_problem(rel)
             if problem:
-                why = "an absolute path" if problem == "absolute" else "leaves the directory (..)"
-                raise PhivisionError(f"{where}: {rel!r} is {why}")
+                why = "is an absolute path" if problem == "absolute" else "leaves the directory (..)"
+                raise PhivisionError(f"{where}: {rel!r} {why}")
             if check_images and not (directory / rel).is_file():
                 raise PhivisionError(f"{where}: {directory / rel} not found")
     return frame.reset_index(drop=True)
@@ -135,7 +135,7 @@ def _with_image_columns(frame: pd.DataFrame, path: Path) -> pd.DataFrame:
     for row, (first, items) in enumerate(zip(frame["image_path"], lists, strict=True)):
         if first != items[0]:
             raise PhivisionError(
-                f"{path} row {sheet_row(row)}: column 'image_path' ({plain(first)!r}) is not the first of "
+                f"{path} row {sheet_row(row)}: column 'image_path': {plain(first)!r} is not the first photo of "
                 f"'{IMAGE_PATHS}' ({items[0]!r})"
             )
     return frame
