@@ -42,6 +42,7 @@ class LoadedModel:
     source: str  # what was loaded, for logs and /healthz
     categories: tuple[str, ...] | None = None  # the training split's categories (None: not recorded)
     currency: str | None = None  # the catalog's currency, e.g. "USD" (None: not recorded)
+    max_images: int = 1  # photos per prompt the model was trained with (data.max_images)
 
 
 @dataclass(frozen=True)
@@ -52,6 +53,7 @@ class RunInfo:
     base: str  # base checkpoint: a local directory or a hub id
     method: str  # "lora", "qlora" or "full"
     prompt: PromptFormat
+    max_images: int = 1  # data.max_images: photos per prompt in training
 
     @property
     def adapter_dir(self) -> Path:
@@ -119,8 +121,21 @@ def read_run(run_dir: str | Path) -> RunInfo:
     except (ValueError, TypeError) as err:
         raise PhivisionError(f"{config_path}: field 'prompt': {err}") from err
     return RunInfo(
-        run_dir=run_dir, base=_resolve_base(str(config["model"]), run_dir), method=method, prompt=prompt
+        run_dir=run_dir,
+        base=_resolve_base(str(config["model"]), run_dir),
+        method=method,
+        prompt=prompt,
+        max_images=_max_images(
+            (config.get("data") or {}).get("max_images", 1), f"{config_path}: field 'data.max_images'"
+        ),
     )
+
+
+def _max_images(value: object, where: str) -> int:
+    """A recorded ``max_images`` (photos per prompt): a whole number, at least 1."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise PhivisionError(f"{where}: expected a whole number of photos, at least 1, got {value!r}")
+    return value
 
 
 def _resolve_base(base: str, run_dir: Path) -> str:
@@ -162,11 +177,12 @@ def _load_processor(name: str | Path) -> Any:
         raise PhivisionError(f"cannot load processor from {name}: {_first_line(err)}") from err
 
 
-def _export_info(path: Path) -> tuple[PromptFormat, LabelSpace]:
-    """The prompt and label space an export records in phivision.json (defaults for a plain checkpoint)."""
+def _export_info(path: Path) -> tuple[PromptFormat, LabelSpace, int]:
+    """The prompt, label space and photos per prompt an export records in phivision.json (defaults for a plain
+    checkpoint)."""
     info_path = path / EXPORT_INFO_FILE
     if not info_path.is_file():
-        return PromptFormat(), LabelSpace()
+        return PromptFormat(), LabelSpace(), 1
     try:
         info = json.loads(info_path.read_text())
     except (ValueError, UnicodeDecodeError) as err:
@@ -181,7 +197,7 @@ def _export_info(path: Path) -> tuple[PromptFormat, LabelSpace]:
         labels = LabelSpace.from_dict(info["labels"]) if info.get("labels") is not None else LabelSpace()
     except (ValueError, TypeError) as err:
         raise PhivisionError(f"{info_path}: field 'labels': {err}") from err
-    return prompt, labels
+    return prompt, labels, _max_images(info.get("max_images", 1), f"{info_path}: field 'max_images'")
 
 
 def load_model(
@@ -205,10 +221,10 @@ def load_model(
     if local.is_dir() and is_run_dir(local):
         return _load_run(read_run(local), device, dtype, merge)
     if local.is_dir() and is_checkpoint_dir(local):
-        prompt, labels = _export_info(local)
+        prompt, labels, max_images = _export_info(local)
         model = _load_checkpoint(str(local), device, dtype)
         return LoadedModel(
-            model, _load_processor(local), prompt, str(local), labels.categories, labels.currency
+            model, _load_processor(local), prompt, str(local), labels.categories, labels.currency, max_images
         )
     if local.exists():
         raise PhivisionError(
@@ -230,7 +246,9 @@ def _load_run(run: RunInfo, device: torch.device, dtype: torch.dtype, merge: boo
         model = _load_checkpoint(str(run.model_dir), device, dtype)
         processor = _load_processor(processor_dir or run.model_dir)
         source = f"{run.run_dir} (full fine-tune)"
-        return LoadedModel(model, processor, run.prompt, source, labels.categories, labels.currency)
+        return LoadedModel(
+            model, processor, run.prompt, source, labels.categories, labels.currency, run.max_images
+        )
 
     from phivision.loading import load_adapter
 
@@ -242,4 +260,6 @@ def _load_run(run: RunInfo, device: torch.device, dtype: torch.dtype, merge: boo
         model = model.merge_and_unload()
     processor = _load_processor(processor_dir or run.base)
     source = f"{run.run_dir} ({run.method} on {run.base})"
-    return LoadedModel(model, processor, run.prompt, source, labels.categories, labels.currency)
+    return LoadedModel(
+        model, processor, run.prompt, source, labels.categories, labels.currency, run.max_images
+    )

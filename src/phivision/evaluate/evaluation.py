@@ -50,13 +50,14 @@ def output_paths(out: str | os.PathLike) -> tuple[Path, Path]:
 
 def _answer_all(
     loaded: Any,
-    paths: list[Path],
+    paths: list[list[Path]],
     batch_size: int,
     max_new_tokens: int,
     progress: bool,
     constraint: AnswerConstraint | None = None,
 ) -> tuple[list[str], list[str | None]]:
-    """Raw answers for every image path, loading images chunk by chunk; unreadable images answer ""."""
+    """Raw answers for every item (a product's photo paths), loading images chunk by chunk; an item without a
+    readable photo answers ""."""
     from phivision.evaluate.generate import answer_image_files
 
     answers: list[str] = []
@@ -80,6 +81,7 @@ def evaluate(
     limit: int | None = None,
     progress: bool = True,
     constrain: bool = True,
+    max_images: int | None = None,
 ) -> dict:
     """Score a model's answers on one split of a dataset directory.
 
@@ -94,6 +96,8 @@ def evaluate(
         progress: show a progress bar.
         constrain: force answers into the model's template, with the category one of its training categories
             when the model records them (:mod:`phivision.evaluate.constrain`); False: free generation.
+        max_images: how many of a product's photos go into its prompt, in order; None: as many as the model was
+            trained with (``LoadedModel.max_images``: the run's ``data.max_images``, 1 when not recorded).
 
     Returns:
         The metrics dict written to metrics.json (flat headline keys, ``per_category``, ``baseline``, ...).
@@ -104,6 +108,8 @@ def evaluate(
         raise PhivisionError(f"--batch-size {batch_size}: must be at least 1")
     if limit is not None and limit < 1:
         raise PhivisionError(f"--limit {limit}: must be at least 1")
+    if max_images is not None and max_images < 1:
+        raise PhivisionError(f"--max-images {max_images}: must be at least 1")
     data_dir = Path(data_dir)
     catalog = load_catalog(data_dir)
     items = catalog[catalog["split"] == split].reset_index(drop=True)
@@ -124,7 +130,8 @@ def evaluate(
         loaded = load_model(model)
     else:
         loaded = model
-    paths = [(data_dir / p).resolve() for p in items["image_path"]]
+    max_images = max_images or getattr(loaded, "max_images", 1)
+    paths = [[(data_dir / p).resolve() for p in photos[:max_images]] for photos in items["image_paths"]]
     constraint = AnswerConstraint.for_model(loaded) if constrain else None
     answers, problems = _answer_all(loaded, paths, batch_size, max_new_tokens, progress, constraint)
 
@@ -133,7 +140,8 @@ def evaluate(
     for record, product, path, answer, problem in zip(
         scored, items["product_code"], paths, answers, problems, strict=True
     ):
-        records.append({"id": str(product), "image": str(path), "answer": answer, **record})
+        image = {"image": str(path[0]), "images": [str(p) for p in path]}
+        records.append({"id": str(product), **image, "answer": answer, **record})
         if problem is not None:
             records[-1]["image_error"] = problem
     baseline = baseline_metrics(items, stats)
@@ -145,6 +153,7 @@ def evaluate(
             "data": str(data_dir),
             "split": split,
             "max_new_tokens": max_new_tokens,
+            "max_images": max_images,
             "constraint": constraint_name(constraint),
             "baseline": baseline,
             "scoring": SCORING,

@@ -77,6 +77,15 @@ class DataConfig:
             "no compute spent on padding. batch_size then only sets the default budget."
         },
     )
+    max_images: int = field(
+        default=1,
+        metadata={
+            "help": "Photos of a product per prompt: its first N, in order, as <|image_1|> ... <|image_N|> "
+            "(a product with fewer uses all it has). Every photo costs its image tokens (see `phivision inspect`: "
+            "tokens per sample for each max_images); evaluate, predict and serve use as many as training did.",
+            "check": ">= 1",
+        },
+    )
     max_tokens: int = field(
         default=0,
         metadata={
