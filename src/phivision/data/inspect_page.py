@@ -17,7 +17,9 @@ from phivision.data.layout import SPLITS
 SPLIT_COLORS = {"train": "#2563eb", "val": "#f59e0b", "test": "#10b981"}
 
 
-def render_page(result: dict, frame: pd.DataFrame, directory: Path) -> str:
+def render_page(
+    result: dict, frame: pd.DataFrame, directory: Path, photos: pd.DataFrame | None = None
+) -> str:
     import jinja2
 
     environment = jinja2.Environment(
@@ -30,7 +32,7 @@ def render_page(result: dict, frame: pd.DataFrame, directory: Path) -> str:
         r=result,
         splits=SPLITS,
         generated=datetime.datetime.now().strftime("%Y-%m-%d %H:%M"),
-        plots=_plots(result, frame),
+        plots=_plots(result, frame, frame if photos is None else photos),
         pairs=_pair_thumbnails(result, frame, directory),
         shared=_shared_thumbnails(result, directory),
         shown=SHOWN,
@@ -49,12 +51,12 @@ def _png(figure) -> str:
     return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode("ascii")
 
 
-def _plots(result: dict, frame: pd.DataFrame) -> dict:
+def _plots(result: dict, frame: pd.DataFrame, photos: pd.DataFrame) -> dict:
     import matplotlib
 
     matplotlib.use("Agg", force=False)
     plots = {"splits": _split_plot(result), "prices": _price_plots(frame)}
-    good = frame[frame["_ok"]]
+    good = photos[photos["_ok"]].drop_duplicates("image_path")
     if len(good):
         plots["sizes"] = _size_plot(good)
     return plots
