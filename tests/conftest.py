@@ -10,7 +10,18 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("WANDB_MODE", "offline")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
+from pathlib import Path  # noqa: E402
+
 import pytest  # noqa: E402
+
+# The real Phi-3-Vision checkpoint's small files (config, tokenizer, shard index; no weights): tests/reference/.
+REFERENCE_DIR = Path(__file__).parent / "reference" / "phi-3-vision-128k-instruct"
+
+
+@pytest.fixture(scope="session")
+def reference_dir() -> Path:
+    """The real checkpoint's config, tokenizer, preprocessor config and shard index (MIT, copied unchanged)."""
+    return REFERENCE_DIR
 
 
 @pytest.fixture(scope="session")
