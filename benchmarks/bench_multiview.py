@@ -11,8 +11,9 @@ items, the same resamples).
 
 Cost: tokens per training sample (the exact lengths the batch planner uses: prompt text, every photo's image
 tokens, answer) and training samples/s, measured in ``--rounds`` interleaved rounds of ``--steps`` steps per
-setting (a short run each, timed by the training loop itself: ``elapsed_s`` of its last step), so a machine whose
-load drifts slows both alike; tokens/s = samples/s x tokens per sample.
+setting (a short run each, timed by the training loop itself: ``elapsed_s`` in metrics.jsonl, the first
+``--warmup`` steps left out because the first epoch fills the example cache), so a machine whose load drifts
+slows both alike; tokens/s = samples/s x tokens per sample.
 
     python benchmarks/bench_multiview.py                       # 600 products, 30 epochs, 1 thread
     python benchmarks/bench_multiview.py --n 300 --epochs 10   # a quicker look
@@ -98,7 +99,8 @@ def tokens_per_sample(data: Path, base: Path, max_images: int) -> float:
 
 
 def samples_per_second(data: Path, base: Path, out: Path, max_images: int, args) -> float:
-    """``--steps`` training steps of the recipe, timed by the loop (model loading and imports excluded)."""
+    """Training samples/s of the recipe after its first ``--warmup`` steps (the first epoch fills the example
+    cache), timed by the loop itself (model loading and imports excluded)."""
     from phivision.train.loop import train
     from phivision.train.tracking import read_metrics
 
@@ -107,8 +109,13 @@ def samples_per_second(data: Path, base: Path, out: Path, max_images: int, args)
     cfg.eval.gen_samples = 0
     cfg.eval.max_samples = 1
     train(cfg, progress=False)
-    last = read_metrics(run, "train")[-1]
-    return last["step"] * cfg.data.batch_size / last["elapsed_s"]
+    logs = read_metrics(run, "train")
+    start = next(r for r in logs if r["step"] >= args.warmup)
+    return (
+        (logs[-1]["step"] - start["step"])
+        * cfg.data.batch_size
+        / (logs[-1]["elapsed_s"] - start["elapsed_s"])
+    )
 
 
 def load() -> str:
@@ -127,8 +134,14 @@ def main() -> None:
     parser.add_argument(
         "--threads", type=int, default=1, help="torch CPU threads (the demo's 1 on a shared box)"
     )
-    parser.add_argument("--steps", type=int, default=30, help="steps per timing run")
-    parser.add_argument("--rounds", type=int, default=3, help="interleaved timing rounds")
+    parser.add_argument("--steps", type=int, default=90, help="steps per timing run")
+    parser.add_argument(
+        "--warmup",
+        type=int,
+        default=30,
+        help="steps of a timing run left untimed (the first epoch: 480 rows / 16)",
+    )
+    parser.add_argument("--rounds", type=int, default=5, help="interleaved timing rounds")
     parser.add_argument("--resamples", type=int, default=1000, help="bootstrap resamples")
     args = parser.parse_args()
 
@@ -199,7 +212,22 @@ def main() -> None:
     print(
         "\nsamples/s per round: "
         + "; ".join(f"max_images={k}: {', '.join(f'{v:.1f}' for v in speed[k])}" for k in arms)
+        + "; ratio per round: "
+        + ", ".join(f"x{b / a:.2f}" for a, b in zip(speed[1], speed[args.max_images], strict=True))
     )
+    print(
+        "\nby the photos a test product has (the every-photo run sees them all, the first-photo run one):\n"
+    )
+    print("| photos | items | first photo: category accuracy, MAPE | every photo: category accuracy, MAPE |")
+    print("|---|---:|---:|---:|")
+    for label, members in (("1", [n == 1 for n in photos]), ("2 to 4", [n > 1 for n in photos])):
+        cells = []
+        for k in arms:
+            chosen = [r for r, keep in zip(records[k], members, strict=True) if keep]
+            accuracy = statistics.fmean(r["errors"]["category_correct"] for r in chosen)
+            mape = statistics.fmean(r["errors"]["price_ape"] for r in chosen)
+            cells.append(f"{accuracy * 100:.1f}%, {mape * 100:.1f}%")
+        print(f"| {label} | {sum(members)} | " + " | ".join(cells) + " |")
 
 
 if __name__ == "__main__":
