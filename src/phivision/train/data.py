@@ -40,13 +40,12 @@ def split_rows(catalog: pd.DataFrame, split: str, limit: int = 0) -> pd.DataFram
     return rows.head(limit) if limit > 0 else rows
 
 
-def photo_paths(row: Any, max_images: int) -> list[str]:
-    """The first ``max_images`` photos of a catalog row, in order (``image_path`` alone where the rows carry no
+def photo_paths(rows: pd.DataFrame, max_images: int) -> list[list[str]]:
+    """The first ``max_images`` photos of every row, in order (``image_path`` alone where the rows carry no
     ``image_paths``, e.g. a frame built by hand)."""
-    paths = row.get("image_paths") if hasattr(row, "get") else None
-    if paths is None or (isinstance(paths, float) and math.isnan(paths)):
-        paths = [row["image_path"]]
-    return list(paths)[:max_images]
+    if "image_paths" not in rows.columns:
+        return [[path] for path in rows["image_path"]]
+    return [list(paths)[:max_images] for paths in rows["image_paths"]]
 
 
 class ProductDataset(torch.utils.data.Dataset):
@@ -69,7 +68,7 @@ class ProductDataset(torch.utils.data.Dataset):
         self.processor = processor
         self.fmt = fmt
         self.max_images = max_images
-        self.paths = [photo_paths(row, max_images) for _, row in self.rows.iterrows()]
+        self.paths = photo_paths(self.rows, max_images)
         self.cache: dict[int, dict[str, torch.Tensor]] | None = {} if cache else None
 
     def __len__(self) -> int:

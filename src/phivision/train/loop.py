@@ -150,7 +150,12 @@ def check_images(root: Path, catalog: Any, positions: Iterable[int], max_images:
 
     from phivision.data.images import DEFAULT_MAX_PIXELS
 
-    photos = [(pos, rel) for pos in positions for rel in photo_paths(catalog.loc[pos], max_images)]
+    positions = list(positions)
+    photos = [
+        (pos, rel)
+        for pos, paths in zip(positions, photo_paths(catalog.loc[positions], max_images), strict=True)
+        for rel in paths
+    ]
     for pos, rel in photos:
         path = root / rel
         where = f"{path}: catalog.parquet row {pos + 1} ('{catalog.at[pos, 'product_code']}')"
