@@ -283,6 +283,7 @@ def photo_summary(photos: pd.DataFrame) -> dict:
     return {
         "per_product": {str(k): int(v) for k, v in per_product.items()},
         "mean": round(float(len(photos) / max(1, photos["_product"].nunique())), 2),
+        "most": int(per_product.index.max()) if len(per_product) else 0,
         "photos": len(photos),
         "unreadable": len(bad),
         "unreadable_examples": [
