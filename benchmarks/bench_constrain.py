@@ -34,11 +34,11 @@ from pathlib import Path
 
 import torch
 
+from phivision.answer.constrain import AnswerConstraint, ConstrainedLogits, answer_guide
+from phivision.answer.generate import generate_answers
+from phivision.api import evaluate
 from phivision.data.images import load_image
 from phivision.data.layout import load_catalog
-from phivision.evaluate.constrain import AnswerConstraint, ConstrainedLogits, answer_guide
-from phivision.evaluate.evaluation import evaluate
-from phivision.evaluate.generate import generate_answers
 from phivision.evaluate.metrics import format_value
 from phivision.runs import load_model
 

@@ -112,7 +112,7 @@ def prepare_inputs(work: Path) -> tuple[Path, Path]:
         code = (
             "from phivision.data.sample import write_sample_catalog\n"
             "from phivision.data.layout import load_catalog\n"
-            "from phivision.model.tiny import write_tiny_checkpoint\n"
+            "from phivision.tiny import write_tiny_checkpoint\n"
             f"write_sample_catalog({str(data)!r}, n=600, seed=0)\n"
             f"c = load_catalog({str(data)!r})\n"
             f"write_tiny_checkpoint({str(base)!r}, seed=0, corpus=[*c.title.astype(str), *c.category.astype(str)])\n"

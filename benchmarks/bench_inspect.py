@@ -27,7 +27,7 @@ import numpy as np
 import pandas as pd
 from PIL import Image
 
-from phivision.data.inspection import inspect
+from phivision.api import inspect
 from phivision.data.sample import write_sample_catalog
 from phivision.io import atomic_write_parquet
 

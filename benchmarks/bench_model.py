@@ -18,12 +18,12 @@ Model. ``--size full`` (the default) is the official Phi-3-Vision-128K-Instruct 
 official ``config.json`` kept in ``tests/model/data/`` (4,146,621,440 parameters, CLIP ViT-L/14-336 tower), built
 with random weights by ``AutoModelForCausalLM.from_config`` directly on ``--device`` in ``--dtype``: no weights
 are downloaded, so speed and memory are the real model's, the answers are noise. ``--size tiny`` uses
-``phivision.model.tiny``'s config (2 layers, 56 px tiles), for smoke runs on CPU.
+``phivision.tiny``'s config (2 layers, 56 px tiles), for smoke runs on CPU.
 
 Inputs. Synthetic noise photos of 8 sizes and aspect ratios (so the HD crop grids, and the image-token counts,
 differ between rows) go through the real processor: ``build_example`` (prompt, image, an answer of the trained
 format) and ``collate`` (right padding) for training, the processor's ``__call__`` (left padding) for generation.
-Both sizes use the tiny tokenizer of ``phivision.model.tokenizer`` (the real one cannot be fetched offline); its
+Both sizes use the tiny tokenizer of ``phivision.tiny_tokenizer`` (the real one cannot be fetched offline); its
 ids are below 1,024, inside the official 32,064-token vocabulary. Text is a small share of a sample (an image at
 16 crops is 1,900 to 2,500 image tokens, the text about 30), so token counts are close to the real tokenizer's.
 Batch ``i`` takes images ``i*b .. i*b+b-1`` of the 8 (cyclically); inputs are moved to the device before timing.
@@ -51,7 +51,7 @@ attention's own FLOPs (quadratic in the sequence); that LoRA computes no weight 
 ``(used crops + 1) * 577`` patch tokens per image, not on the image's 1,900 to 2,500 language-model tokens, and with
 LoRA on the language model only, gets no backward pass at all.
 
-Generation (``generate``). ``phivision.evaluate.generate.generate_answers`` (processor, left padding, KV cache,
+Generation (``generate``). ``phivision.answer.generate.generate_answers`` (processor, left padding, KV cache,
 greedy) on ``--images`` photos, after one untimed warm-up batch. With random weights the model would stop at a
 random step, so every answer is forced to exactly ``--max-new-tokens`` tokens: ``model.generate`` is wrapped to
 pass ``min_new_tokens=max_new_tokens`` (stop tokens are masked until then, and ``max_new_tokens`` stops it there),
@@ -85,12 +85,12 @@ from PIL import Image
 from transformers import AutoModelForCausalLM
 
 import phivision.model  # noqa: F401  (registers phi3_v with the Auto* classes)
+from phivision.answer.prompt import PromptFormat, format_answer, prompt_text
 from phivision.errors import PhivisionError
 from phivision.model import Phi3VConfig, Phi3VForCausalLM, Phi3VImageProcessor, Phi3VProcessor
 from phivision.model.image_processing_phi3_v import hd_geometry
-from phivision.model.tiny import tiny_config
-from phivision.model.tokenizer import build_tiny_tokenizer
-from phivision.prompt import PromptFormat, format_answer, prompt_text
+from phivision.tiny import tiny_config
+from phivision.tiny_tokenizer import build_tiny_tokenizer
 from phivision.train.config import LoraConfig, TrainConfig
 from phivision.train.data import pack_examples
 from phivision.train.kernels import apply_liger, require_liger
@@ -371,7 +371,7 @@ def dry_run(args: argparse.Namespace) -> None:
     peak = args.peak_tflops or H100_BF16_TFLOPS
     flops = 6 * n * mean_tokens
     print(f"## Dry run: `{args.command} --size {args.size}` on the meta device\n")
-    print(f"config: {OFFICIAL_CONFIG.relative_to(ROOT) if args.size == 'full' else 'phivision.model.tiny'}\n")
+    print(f"config: {OFFICIAL_CONFIG.relative_to(ROOT) if args.size == 'full' else 'phivision.tiny'}\n")
     print(markdown_table(["parameters", "count"], counts))
     print(f"\n### Tokens per sample at num_crops {args.num_crops} (the synthetic photos)\n")
     headers = ["image (w x h)", "image tokens", "text tokens", "sample tokens", "CLIP tokens"]
@@ -532,7 +532,7 @@ def run_generate(args: argparse.Namespace) -> None:
     """Evaluation throughput: greedy answers with the project's generation loop, fixed answer length."""
     # Imported here: phivision.evaluate needs rapidfuzz, which the GPU machine's image lacks (the other
     # subcommands run without it).
-    from phivision.evaluate.generate import generate_answers
+    from phivision.answer.generate import generate_answers
 
     setup = build_setup(args.size, args.num_crops)
     print(f"## Batched greedy generation, `--size {args.size}`\n\n{environment(args.device)}\n")

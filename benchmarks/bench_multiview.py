@@ -43,7 +43,7 @@ def build(out: Path, n: int, seed: int, views: int) -> tuple[Path, Path]:
     """The multi-view catalog and the tiny checkpoint (its tokenizer knows the catalog's words, as the demo's)."""
     from phivision.data.layout import load_catalog
     from phivision.data.sample import write_sample_catalog
-    from phivision.model.tiny import write_tiny_checkpoint
+    from phivision.tiny import write_tiny_checkpoint
 
     data, base = out / "data", out / "base"
     if not (data / "catalog.parquet").is_file():
@@ -66,7 +66,7 @@ def config(data: Path, base: Path, run: Path, max_images: int, seed: int, thread
 
 def train_and_evaluate(data: Path, base: Path, run: Path, max_images: int, args) -> list[dict]:
     """Train one arm (reused when finished) and score its test split; returns predictions.jsonl's records."""
-    from phivision.evaluate.evaluation import evaluate
+    from phivision.api import evaluate
     from phivision.train.loop import train
 
     extra = [f"schedule.epochs={args.epochs}"]
@@ -81,14 +81,14 @@ def train_and_evaluate(data: Path, base: Path, run: Path, max_images: int, args)
         print(f"  trained max_images={max_images} in {time.perf_counter() - started:.0f} s", flush=True)
     stage = run / "eval" / "test"
     if not (stage / "metrics.json").is_file():
-        evaluate(run, data, "test", out=stage, progress=False)
+        evaluate(run, data, stage, split="test", progress=False)
     return [json.loads(line) for line in (stage / "predictions.jsonl").read_text().splitlines()]
 
 
 def tokens_per_sample(data: Path, base: Path, max_images: int) -> float:
+    from phivision.answer.prompt import PromptFormat
     from phivision.data.layout import load_catalog
     from phivision.model.processing_phi3_v import Phi3VProcessor
-    from phivision.prompt import PromptFormat
     from phivision.train.data import ProductDataset, split_rows
 
     rows = split_rows(load_catalog(data), "train")

@@ -28,8 +28,8 @@ import pandas as pd
 import requests
 from PIL import Image
 
-from phivision.data import defaults
-from phivision.data.prepare import prepare
+from phivision.api import prepare
+from phivision.args import Download
 from phivision.data.sample import write_sample_catalog
 
 
@@ -89,8 +89,8 @@ def main() -> None:
     )
     parser.add_argument("--n", type=int, default=500, help="images")
     parser.add_argument("--latency", type=float, default=0.05, help="seconds added to every request")
-    parser.add_argument("--concurrency", type=int, default=defaults.CONCURRENCY, help="prepare's setting")
-    parser.add_argument("--per-host", type=int, default=defaults.PER_HOST, help="prepare's setting")
+    parser.add_argument("--concurrency", type=int, default=Download.concurrency, help="prepare's setting")
+    parser.add_argument("--per-host", type=int, default=Download.per_host, help="prepare's setting")
     parser.add_argument("--repeat", type=int, default=3, help="prepare runs; the median is reported")
     parser.add_argument("--skip-baseline", action="store_true", help="time only prepare")
     args = parser.parse_args()

@@ -17,9 +17,9 @@ import time
 import numpy as np
 import pandas as pd
 
+from phivision.answer.prompt import ParsedAnswer
 from phivision.evaluate.bootstrap import RESAMPLES, bootstrap_intervals, resample_counts
 from phivision.evaluate.metrics import TrainStats, score, summarize
-from phivision.prompt import ParsedAnswer
 
 
 def scored(n: int, n_categories: int = 50, seed: int = 0) -> list[dict]:

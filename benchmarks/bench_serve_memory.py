@@ -136,7 +136,7 @@ def main() -> None:
     parser.add_argument("--compare", metavar="REV", help="also measure the server at this git revision")
     args = parser.parse_args()
 
-    from phivision.model.tiny import write_tiny_checkpoint
+    from phivision.tiny import write_tiny_checkpoint
 
     image = big_png(args.side)
     with tempfile.TemporaryDirectory() as tmp:

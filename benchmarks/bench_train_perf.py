@@ -39,11 +39,11 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import bench_model as bm  # noqa: E402  (the benchmarks' shared model/processor builders)
 
+from phivision.answer.prompt import PromptFormat  # noqa: E402
 from phivision.data import load_catalog  # noqa: E402
 from phivision.data.sample import write_sample_catalog  # noqa: E402
 from phivision.model import modeling_phi3_v  # noqa: E402
 from phivision.model.modeling_phi3_v import Phi3ImageEmbedding  # noqa: E402
-from phivision.prompt import PromptFormat  # noqa: E402
 from phivision.train.data import BatchPlan, ProductDataset, pack_examples, split_rows  # noqa: E402
 from phivision.train.loop import answer_loss  # noqa: E402
 from phivision.train.methods import apply_method  # noqa: E402

@@ -47,7 +47,7 @@ def write_full_run(run: Path, size: str, dtype: str, device: str, num_crops: int
     from bench_model import DTYPES as TORCH_DTYPES
     from bench_model import build_model, build_setup
 
-    from phivision.prompt import PromptFormat
+    from phivision.answer.prompt import PromptFormat
 
     setup = build_setup(size, num_crops)
     model = build_model(setup, TORCH_DTYPES[dtype], device, "sdpa")

@@ -92,9 +92,9 @@ def run_arm(base: Path, data: Path, out: Path, max_images: int, args) -> dict:
 
 
 def tokens_per_sample(base: Path, data: Path, max_images: int, num_crops: int) -> float:
+    from phivision.answer.prompt import PromptFormat
     from phivision.data.layout import load_catalog
     from phivision.model.processing_phi3_v import Phi3VProcessor
-    from phivision.prompt import PromptFormat
     from phivision.train.data import ProductDataset, split_rows
 
     processor = Phi3VProcessor.from_pretrained(base, num_crops=num_crops)

@@ -19,5 +19,8 @@ echo "== ruff"
 "$PY" -m ruff check src tests benchmarks
 "$PY" -m ruff format --check src tests benchmarks
 
+echo "== import-linter (the layers in pyproject.toml)"
+"$PY" -c "import sys; from importlinter.cli import lint_imports_command; sys.exit(lint_imports_command())"
+
 echo "== pytest"
 "$PY" -m pytest -n 2 --timeout 900 "$@"

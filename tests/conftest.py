@@ -27,7 +27,7 @@ def reference_dir() -> Path:
 @pytest.fixture(scope="session")
 def tiny_checkpoint(tmp_path_factory: pytest.TempPathFactory):
     """A tiny random Phi-3-Vision checkpoint in the official layout, written once per test session."""
-    from phivision.model.tiny import write_tiny_checkpoint
+    from phivision.tiny import write_tiny_checkpoint
 
     return write_tiny_checkpoint(tmp_path_factory.mktemp("tiny") / "ckpt", seed=0)
 

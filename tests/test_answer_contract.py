@@ -10,11 +10,12 @@ import pandas as pd
 import pytest
 from typer.testing import CliRunner
 
+from phivision.answer.prompt import PromptFormat, parse_answer
+from phivision.api import evaluate
 from phivision.cli import app
+from phivision.data.layout import RunLayout
 from phivision.errors import PhivisionError
-from phivision.evaluate.evaluation import evaluate
-from phivision.labels import LABELS_FILE, LabelSpace, read_labels, write_labels
-from phivision.prompt import PromptFormat, parse_answer
+from phivision.labels import LabelSpace, read_labels, write_labels
 from phivision.runs import load_model
 from phivision.serve.predict import predict_images, prediction_record
 from phivision.train.config import load_config
@@ -76,7 +77,7 @@ def test_a_custom_template_trains_evaluates_and_predicts_with_every_answer_parse
     loaded = load_model(run, device="cpu")
     assert loaded.prompt == fmt and loaded.categories == labels.categories and loaded.currency == "USD"
     metrics = evaluate(
-        loaded, sample_dataset, "test", out=tmp_path / "eval", max_new_tokens=8, progress=False
+        loaded, sample_dataset, split="test", out=tmp_path / "eval", max_new_tokens=8, progress=False
     )
     assert metrics["parse_rate"] == 1.0 and metrics["constraint"] == "categories"
     for line in (tmp_path / "eval" / "predictions.jsonl").read_text().splitlines():
@@ -166,8 +167,8 @@ def test_label_space_from_rows_and_round_trip(tmp_path) -> None:
     "content", ["{", "[]", '{"categories": "bags"}', '{"categories": [], "currency": "USD"}', '{"color": 1}']
 )
 def test_a_broken_labels_file_names_the_file(tmp_path, content) -> None:
-    (tmp_path / LABELS_FILE).write_text(content)
-    with pytest.raises(PhivisionError, match=LABELS_FILE):
+    (tmp_path / RunLayout.LABELS).write_text(content)
+    with pytest.raises(PhivisionError, match=RunLayout.LABELS):
         read_labels(tmp_path)
 
 

@@ -93,6 +93,51 @@ CASES = {
     "an unknown verb": Case(["trian", "--out", "{tmp}/run"], ["trian"]),
     "demo --out a folder it did not write": Case(["demo", "--out", "{dir}"], ["{dir}", "keep.txt"]),
     "demo --n 0": Case(["demo", "--out", "{tmp}/demo", "--n", "0"], ["--n 0"]),
+    # values no range of the old flags caught (tracebacks, or silently accepted): one line naming the flag
+    "sample --seed -1": Case(["sample", "--out", "{tmp}/s", "--n", "6", "--seed", "-1"], ["--seed -1"]),
+    "prepare --seed -1": Case(
+        ["prepare", "--source", "{csv}", "--out", "{tmp}/p", "--seed", "-1", "--allow-local"], ["--seed -1"]
+    ),
+    "report --seed -1": Case(["report", "--predictions", "{predictions}", "--seed", "-1"], ["--seed -1"]),
+    "sample --n 1000000000000": Case(
+        ["sample", "--out", "{tmp}/s", "--n", "1000000000000"], ["--n 1000000000000", "at most"]
+    ),
+    "export --max-shard-size abc": Case(
+        ["export", "--run", "{dir}", "--out", "{tmp}/e", "--max-shard-size", "abc"],
+        ["--max-shard-size 'abc'"],
+    ),
+    "export --max-shard-size 0": Case(
+        ["export", "--run", "{dir}", "--out", "{tmp}/e", "--max-shard-size", "0"], ["--max-shard-size '0'"]
+    ),
+    "export --max-shard-size 1B": Case(
+        ["export", "--run", "{dir}", "--out", "{tmp}/e", "--max-shard-size", "1B"], ["--max-shard-size '1B'"]
+    ),
+    "export --max-shard-size -1GB": Case(
+        ["export", "--run", "{dir}", "--out", "{tmp}/e", "--max-shard-size=-1GB"], ["--max-shard-size '-1GB'"]
+    ),
+    "serve --max-upload-mb 1e-9": Case(
+        ["serve", "--model", "{ckpt}", "--max-upload-mb", "1e-9"], ["--max-upload-mb 1e-09", "at least 0.01"]
+    ),
+    "sample --out ''": Case(["sample", "--out", "", "--n", "6"], ["--out ''"]),
+    "inspect --out ''": Case(["inspect", "{data}", "--out", ""], ["--out ''"]),
+    "inspect --num-img-tokens 7": Case(
+        ["inspect", "{data}", "--num-img-tokens", "7"], ["--num-img-tokens 7"]
+    ),
+    "predict --device bogus": Case(
+        ["predict", "{data}/images", "--model", "{ckpt}", "--device", "bogus"], ["--device 'bogus'"]
+    ),
+    "predict --device cuda without CUDA": Case(
+        ["predict", "{data}/images", "--model", "{ckpt}", "--device", "cuda"],
+        ["--device cuda", "no CUDA device"],
+        env={"CUDA_VISIBLE_DEVICES": ""},
+    ),
+    "sample split ratios that do not sum to 1": Case(
+        ["sample", "--out", "{tmp}/s", "--n", "6", "--split", "0.8,0.1,0.5"], ["--split '0.8,0.1,0.5'", "sum"]
+    ),
+    "prepare split ratios that do not sum to 1": Case(
+        ["prepare", "--source", "{csv}", "--out", "{tmp}/p", "--split", "0.5,0.5,0.5", "--allow-local"],
+        ["--split '0.5,0.5,0.5'", "sum"],
+    ),
     "a full disk during prepare": Case(
         ["prepare", "--source", "{csv}", "--out", "{tmp}/prepared", "--allow-local", "--no-progress"],
         ["{tmp}/prepared"],  # the file that could not be written

@@ -13,8 +13,8 @@ import sys
 import pytest
 
 import phivision
+from phivision.api import demo as run_demo
 from phivision.data.layout import load_catalog
-from phivision.demo import run_demo
 from phivision.errors import PhivisionError
 from phivision.evaluate.metrics import HEADLINE
 

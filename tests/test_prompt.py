@@ -2,7 +2,7 @@ import re
 
 import pytest
 
-from phivision.prompt import (
+from phivision.answer.prompt import (
     ParsedAnswer,
     PromptFormat,
     answer_template_parts,

@@ -8,9 +8,9 @@ One import gives the whole API, one function per CLI verb (:mod:`phivision.api`)
 Importing the package is light: no torch, transformers or pandas load until a function is called. The native
 Phi-3-Vision classes register with transformers' Auto* classes when :mod:`phivision.model` is first imported.
 
-Four names are both an API function and a submodule: ``phivision.train``, ``phivision.evaluate``,
-``phivision.serve`` (subpackages) and ``phivision.demo``. The attribute is always the function; it also leads to
-the submodule's contents, so ``import phivision.train.loop as loop``, ``from phivision.train.loop import train``
+Five names are both an API function and a submodule: ``phivision.train``, ``phivision.evaluate``,
+``phivision.serve`` (subpackages), ``phivision.demo`` and ``phivision.tiny``. The attribute is always the function;
+it also leads to the submodule's contents, so ``import phivision.train.loop as loop``, ``from phivision.train.loop import train``
 and ``mock.patch("phivision.train.loop.train")`` keep working (see :class:`VerbAndPackage`).
 """
 
@@ -39,8 +39,7 @@ from phivision.api import (
     train,
 )
 from phivision.errors import PhivisionError
-
-__version__ = "0.1.0"  # the package version (pyproject.toml reads it from here)
+from phivision.version import __version__
 
 
 class VerbAndPackage:
@@ -76,7 +75,8 @@ train = VerbAndPackage(train, "phivision.train")  # noqa: F811
 evaluate = VerbAndPackage(evaluate, "phivision.evaluate")  # noqa: F811
 serve = VerbAndPackage(serve, "phivision.serve")  # noqa: F811
 demo = VerbAndPackage(demo, "phivision.demo")  # noqa: F811
-VERB_PACKAGES = {"train": train, "evaluate": evaluate, "serve": serve, "demo": demo}
+tiny = VerbAndPackage(tiny, "phivision.tiny")  # noqa: F811
+VERB_PACKAGES = {"train": train, "evaluate": evaluate, "serve": serve, "demo": demo, "tiny": tiny}
 
 
 class _PhivisionModule(types.ModuleType):
@@ -96,6 +96,7 @@ sys.modules[__name__].__class__ = _PhivisionModule
 
 __all__ = [
     "PhivisionError",
+    "__version__",
     "api",
     "demo",
     "evaluate",

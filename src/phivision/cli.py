@@ -1,25 +1,32 @@
-"""The ``phivision`` command line: thin wrappers that parse flags and call one :mod:`phivision.api` function each.
+"""The ``phivision`` command line: each verb's flags are made from its option group (:mod:`phivision.args`), each
+command calls its :mod:`phivision.api` function and prints what it did.
 
-Every flag's default is read from the API function's signature (defined once, in the library). Nothing heavy is
-imported at the top, so ``phivision --help`` answers at once; each verb imports its implementation when it runs.
+A flag is an option's declaration rendered for typer: its help with the allowed range or choices, its default,
+``--x/--no-x`` for a boolean. Values are checked by the API call (one checker, the same messages in Python and on
+the command line). Nothing heavy is imported at the top, so ``phivision --help`` answers at once; each verb imports
+what it prints with when it runs.
 """
 
 from __future__ import annotations
 
 import errno
+import inspect as pyinspect
 import json
 import os
 import sys
+import types
+import typing
 from collections.abc import Callable
-from inspect import signature
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Any
 
 import typer
 
 from phivision import api
-from phivision.data import defaults
+from phivision.args import TrainArgs
 from phivision.errors import PhivisionError
+from phivision.options import REQUIRED, build, constraint, field_default, leaves
+from phivision.version import __version__
 
 try:  # typer >= 0.27 vendors click
     from typer._click.exceptions import NoArgsIsHelpError, UsageError
@@ -45,72 +52,80 @@ app = typer.Typer(
 )
 
 
-def default(function: Callable[..., Any], name: str) -> Any:
-    """The default of parameter ``name`` of an API function: the one place defaults are defined."""
-    return signature(function).parameters[name].default
-
-
 def _print_version(value: bool) -> None:
     if value:
-        import phivision
-
-        typer.echo(f"phivision {phivision.__version__}")
+        typer.echo(f"phivision {__version__}")
         raise typer.Exit()
 
 
 @app.callback()
 def _root(
-    version: Annotated[
-        bool,
-        typer.Option("--version", callback=_print_version, is_eager=True, help="Print the version and exit."),
-    ] = False,
+    version: bool = typer.Option(
+        False, "--version", callback=_print_version, is_eager=True, help="Print the version and exit."
+    ),
 ) -> None:
     pass
+
+
+# ------------------------------------------------------------------------------------- flags from groups
+
+
+def _cli_type(tp: Any) -> Any:
+    """The type typer parses: the first of a union's types (``str | LoadedModel``: str); paths as text, so
+    that an empty path reaches the API's check instead of becoming ``.``."""
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        return _cli_type(next(a for a in typing.get_args(tp) if a is not type(None)))
+    if origin is list:
+        return list[_cli_type(typing.get_args(tp)[0])]
+    return str if tp is Path else tp
+
+
+def parameter(field: Any, tp: Any) -> pyinspect.Parameter:
+    """One typer parameter from one option's declaration."""
+    spec = field.metadata
+    default = field_default(field)
+    required = default is REQUIRED if spec.get("cli_required") is None else spec["cli_required"]
+    default = ... if required else (None if default is REQUIRED else default)
+    default = str(default) if isinstance(default, Path) else default
+    words = constraint(spec)
+    help_text = spec.get("help", "") + (f"  [{words}]" if words else "")
+    path = Path in (tp, *typing.get_args(tp), *[a for t in typing.get_args(tp) for a in typing.get_args(t)])
+    extra = {"metavar": "<path>"} if path and not spec.get("argument") else {}
+    if spec.get("argument"):
+        info: Any = typer.Argument(default, help=help_text, show_default=default is not None)
+    else:
+        info = typer.Option(
+            default, *spec.get("flags", ()), help=help_text, show_default=default is not None, **extra
+        )
+    return pyinspect.Parameter(
+        field.name, pyinspect.Parameter.KEYWORD_ONLY, default=info, annotation=_cli_type(tp)
+    )
+
+
+def command(function: Callable[..., Any], name: str | None = None) -> Callable[[Callable], Callable]:
+    """Register ``phivision NAME``: its flags are the options of ``function.__options__`` (a :mod:`phivision.api`
+    function); the decorated ``show(values)`` runs it and prints, and its docstring is the verb's help."""
+
+    def register(show: Callable[[dict[str, Any]], None]) -> Callable:
+        params = [parameter(f, tp) for f, tp in leaves(function.__options__) if f.metadata.get("cli", True)]
+
+        def callback(**values: Any) -> None:
+            show(values)
+
+        callback.__signature__ = pyinspect.Signature(params)  # type: ignore[attr-defined]
+        callback.__doc__ = show.__doc__
+        app.command(name or function.__name__)(callback)
+        return show
+
+    return register
 
 
 # ----------------------------------------------------------------------------------------------- data
 
 
-@app.command()
-def sample(
-    out: Annotated[
-        Path, typer.Option(help="Dataset directory to write (rerun the same command to redo it).")
-    ],
-    n: Annotated[
-        int | None,
-        typer.Option(
-            help=f"Number of products [default: {defaults.SAMPLE_N}; with --like: as many as that dataset]."
-        ),
-    ] = None,
-    seed: Annotated[
-        int, typer.Option(help="Random seed (attributes, prices, drawings and split).")
-    ] = default(api.sample, "seed"),
-    split: Annotated[
-        str | None,
-        typer.Option(
-            help=f"Train,val,test ratios [default: {defaults.SPLIT}; with --like: that dataset's ratios]."
-        ),
-    ] = None,
-    like: Annotated[
-        Path | None,
-        typer.Option(
-            help="Copy the structure of this dataset (categories and proportions, per-category prices, title "
-            "patterns, image sizes, split ratios) without any of its titles or images."
-        ),
-    ] = None,
-    urls_out: Annotated[
-        Path | None,
-        typer.Option(
-            help="Also write a CSV of image URLs in the DBQ schema, to try `prepare` against a server."
-        ),
-    ] = None,
-    base_url: Annotated[
-        str, typer.Option(help="URL at which --out is served (e.g. `python -m http.server -d OUT 8000`).")
-    ] = default(api.sample, "base_url"),
-    overwrite: Annotated[
-        bool, typer.Option(help="Replace another dataset found in --out (default: refuse).")
-    ] = False,
-) -> None:
+@command(api.sample)
+def sample(values: dict[str, Any]) -> None:
     """Draw a synthetic catalog in the dataset layout: the shape shows the category; colour, pattern, trim
     (material) and size are visible and decide the price (+-5% noise), so a small model can learn both.
 
@@ -119,120 +134,17 @@ def sample(
 
     Example: phivision sample --out data/sample --n 600 --urls-out data/urls.csv
     """
-    path = api.sample(
-        out, n=n, seed=seed, split=split, urls_out=urls_out, base_url=base_url, like=like, overwrite=overwrite
-    )
+    path = api.sample(**values)
     from phivision.data.layout import load_catalog
 
     rows = len(load_catalog(path, check_images=False))
-    shaped = f" shaped like {like}" if like else ""
-    typer.echo(
-        f"wrote {rows} synthetic products{shaped} to {path}"
-        + (f" and image URLs to {urls_out}" if urls_out else "")
-    )
+    shaped = f" shaped like {values['like']}" if values["like"] else ""
+    urls = f" and image URLs to {values['urls_out']}" if values["urls_out"] else ""
+    typer.echo(f"wrote {rows} synthetic products{shaped} to {path}{urls}")
 
 
-@app.command()
-def prepare(
-    source: Annotated[
-        list[str],
-        typer.Option(
-            help="Product table: a hub dataset id (e.g. DBQ/Burberry.Product.prices.United.States), a local "
-            "dataset directory, or a .csv/.tsv/.parquet/.jsonl file. Repeat to combine several sources."
-        ),
-    ],
-    out: Annotated[Path, typer.Option(help="Dataset directory to write (rerun the same command to resume).")],
-    title_col: Annotated[str, typer.Option(help="Column with the product name.")] = default(
-        api.prepare, "title_col"
-    ),
-    category_col: Annotated[str, typer.Option(help="Column with the category.")] = default(
-        api.prepare, "category_col"
-    ),
-    price_col: Annotated[
-        str, typer.Option(help="Column with the full price ($1,290.00, 1.290,00 EUR, 1290, USD 1290.5).")
-    ] = default(api.prepare, "price_col"),
-    image_col: Annotated[str, typer.Option(help="Column with the image URL.")] = default(
-        api.prepare, "image_col"
-    ),
-    code_col: Annotated[str, typer.Option(help="Column with the product code.")] = default(
-        api.prepare, "code_col"
-    ),
-    currency_col: Annotated[str, typer.Option(help="Column with the currency code.")] = default(
-        api.prepare, "currency_col"
-    ),
-    currency: Annotated[
-        str | None, typer.Option(help="One currency for every row (then --currency-col is not needed).")
-    ] = None,
-    decimal_comma: Annotated[
-        bool | None,
-        typer.Option(
-            "--decimal-comma/--decimal-point",
-            help="The prices' decimal mark, for numbers that read two ways (1.290 is 1290 or 1.29). Default: "
-            "each price column's majority of unambiguous values (stated in the report); none: such rows are "
-            "dropped as ambiguous_price.",
-            show_default=False,
-        ),
-    ] = None,
-    max_price: Annotated[
-        float, typer.Option(help="Drop prices above this as absurd_price (typos, placeholders).")
-    ] = default(api.prepare, "max_price"),
-    hub_split: Annotated[str, typer.Option(help="Split of a hub or local dataset to read.")] = default(
-        api.prepare, "hub_split"
-    ),
-    hub_config: Annotated[
-        str | None, typer.Option(help="Configuration (subset) name of a hub dataset.")
-    ] = None,
-    revision: Annotated[
-        str | None, typer.Option(help="Hub dataset revision (branch, tag or commit).")
-    ] = None,
-    split: Annotated[str, typer.Option(help="Train,val,test ratios, stratified by category.")] = default(
-        api.prepare, "split"
-    ),
-    seed: Annotated[int, typer.Option(help="Seed of the split.")] = default(api.prepare, "seed"),
-    limit: Annotated[int | None, typer.Option(help="Use only the first N rows of each source.")] = None,
-    concurrency: Annotated[int, typer.Option(help="Downloads in flight overall.")] = default(
-        api.prepare, "concurrency"
-    ),
-    per_host: Annotated[int, typer.Option(help="Downloads in flight per host.")] = default(
-        api.prepare, "per_host"
-    ),
-    connect_timeout: Annotated[float, typer.Option(help="Seconds to wait for a connection.")] = default(
-        api.prepare, "connect_timeout"
-    ),
-    read_timeout: Annotated[float, typer.Option(help="Seconds to wait for the next bytes.")] = default(
-        api.prepare, "read_timeout"
-    ),
-    download_timeout: Annotated[
-        float,
-        typer.Option(help="Seconds one download attempt may take in all (ends slow-drip responses)."),
-    ] = default(api.prepare, "download_timeout"),
-    retries: Annotated[
-        int, typer.Option(help="Retries after connection errors, timeouts, 5xx and 429 (never other 4xx).")
-    ] = default(api.prepare, "retries"),
-    backoff: Annotated[
-        float, typer.Option(help="First retry delay in seconds; doubles, with jitter.")
-    ] = default(api.prepare, "backoff"),
-    max_wait: Annotated[
-        float, typer.Option(help="Cap in seconds on any backoff or Retry-After wait.")
-    ] = default(api.prepare, "max_wait"),
-    max_bytes: Annotated[
-        int, typer.Option(help="Largest image file accepted, downloaded or local, in bytes.")
-    ] = default(api.prepare, "max_bytes"),
-    max_pixels: Annotated[
-        int, typer.Option(help="Reject images with more pixels (decompression bombs).")
-    ] = default(api.prepare, "max_pixels"),
-    allow_local: Annotated[
-        bool,
-        typer.Option(
-            help="Accept file:// URLs and local paths in the image column (regular files only; default: "
-            "http(s) only)."
-        ),
-    ] = False,
-    overwrite: Annotated[
-        bool, typer.Option(help="Replace another dataset found in --out (default: refuse).")
-    ] = False,
-    progress: Annotated[bool, typer.Option(help="Show a progress bar.")] = True,
-) -> None:
+@command(api.prepare)
+def prepare(values: dict[str, Any]) -> None:
     """Build a dataset (catalog.parquet, images/, prepare_report.json) from product tables with image URLs.
 
     Downloads run concurrently with retries and a deadline each; every image is fully decoded before it counts;
@@ -243,80 +155,21 @@ def prepare(
 
     Example: phivision prepare --source DBQ/Burberry.Product.prices.United.States --out data/burberry
     """
-    report = api.prepare(
-        source,
-        out,
-        title_col=title_col,
-        category_col=category_col,
-        price_col=price_col,
-        image_col=image_col,
-        code_col=code_col,
-        currency_col=currency_col,
-        currency=currency,
-        decimal_comma=decimal_comma,
-        max_price=max_price,
-        hub_split=hub_split,
-        hub_config=hub_config,
-        revision=revision,
-        split=split,
-        seed=seed,
-        limit=limit,
-        concurrency=concurrency,
-        per_host=per_host,
-        connect_timeout=connect_timeout,
-        read_timeout=read_timeout,
-        download_timeout=download_timeout,
-        retries=retries,
-        backoff=backoff,
-        max_wait=max_wait,
-        max_bytes=max_bytes,
-        max_pixels=max_pixels,
-        allow_local=allow_local,
-        overwrite=overwrite,
-        progress=progress,
-    )
+    report = api.prepare(**values)
     from phivision.data.prepare import summary
 
     typer.echo(summary(report))
 
 
-@app.command()
-def inspect(
-    data: Annotated[Path, typer.Argument(help="Dataset directory (catalog.parquet + images/).")],
-    out: Annotated[
-        Path | None,
-        typer.Option(help="HTML file to write [default: DATA/inspect.html]; the JSON goes beside it."),
-    ] = None,
-    num_crops: Annotated[
-        str, typer.Option(help="num_crops values to cost in image tokens, comma-separated.")
-    ] = default(api.inspect, "num_crops"),
-    crop_size: Annotated[
-        int, typer.Option(help="Tile side in pixels (official Phi-3-Vision: 336).")
-    ] = default(api.inspect, "crop_size"),
-    num_img_tokens: Annotated[int, typer.Option(help="Image tokens per tile (official: 144).")] = default(
-        api.inspect, "num_img_tokens"
-    ),
-    near_duplicate_bits: Annotated[
-        int,
-        typer.Option(help="Images at most this many perceptual-hash bits apart (of 64) are near-duplicates."),
-    ] = default(api.inspect, "near_duplicate_bits"),
-    progress: Annotated[bool, typer.Option(help="Show a progress bar.")] = True,
-) -> None:
+@command(api.inspect)
+def inspect(values: dict[str, Any]) -> None:
     """Look at a dataset before training: one offline HTML page (and a JSON beside it) with rows per split and
     category, prices per category, image sizes, image tokens per sample and per epoch for each num_crops,
     near-duplicate images across splits, colour variants, conflicting duplicates, placeholders and outliers.
 
     Example: phivision inspect data/burberry
     """
-    result = api.inspect(
-        data,
-        out=out,
-        num_crops=num_crops,
-        crop_size=crop_size,
-        num_img_tokens=num_img_tokens,
-        near_duplicate_bits=near_duplicate_bits,
-        progress=progress,
-    )
+    result = api.inspect(**values)
     near, conflicts = result["near_duplicates"]["pairs"], result["conflicts"]["groups"]
     typer.echo(
         f"inspected {result['rows']} rows: {near} near-duplicate pair(s) across splits, {conflicts} conflicting "
@@ -327,125 +180,55 @@ def inspect(
 # ---------------------------------------------------------------------------------------------- model
 
 
-@app.command()
-def tiny(
-    out: Annotated[Path, typer.Option(help="Checkpoint directory to write.")],
-    seed: Annotated[int, typer.Option(help="Random seed for the weights.")] = default(api.tiny, "seed"),
-    num_crops: Annotated[int, typer.Option(help="Most image tiles per image the processor makes.")] = default(
-        api.tiny, "num_crops"
-    ),
-) -> None:
+@command(api.tiny)
+def tiny(values: dict[str, Any]) -> None:
     """Write a tiny, randomly initialised Phi-3-Vision checkpoint in the official layout (for tests and demos).
 
     It has config.json, model.safetensors, tokenizer files, preprocessor_config.json and the model code, and
     loads like the real checkpoint (AutoModelForCausalLM / AutoProcessor, with trust_remote_code=True where
     phivision is not installed). OUT must not exist or be empty.
     """
-    path = api.tiny(out, seed=seed, num_crops=num_crops)
-    typer.echo(f"wrote tiny checkpoint to {path}")
+    typer.echo(f"wrote tiny checkpoint to {api.tiny(**values)}")
 
 
 # ---------------------------------------------------------------------------------------------- train
 
 
-@app.command()
-def train(
-    out: Annotated[
-        Path | None,
-        typer.Option(help="Run directory to write (weights, processor, config, metrics, checkpoints)."),
-    ] = None,
-    data: Annotated[Path | None, typer.Option(help="Dataset directory (catalog.parquet + images/).")] = None,
-    model: Annotated[str | None, typer.Option(help="Base checkpoint: a local directory or a hub id.")] = None,
-    config: Annotated[
-        Path | None, typer.Option(help="Training YAML (e.g. configs/lora.yaml); default: built-in defaults.")
-    ] = None,
-    resume: Annotated[
-        bool,
-        typer.Option(
-            help="Continue the run in --out from its newest checkpoint (same data order, RNG, optimizer)."
-        ),
-    ] = default(api.train, "resume"),
-    print_config: Annotated[
-        bool,
-        typer.Option(
-            "--print-config",
-            help="Print the resolved config as YAML (defaults, then --config, then --data/--model/--out, "
-            "then overrides), checked, and exit without training.",
-        ),
-    ] = False,
-    overrides: Annotated[
-        list[str] | None,
-        typer.Argument(
-            help="Config overrides as dotted key=value, e.g. method=full optim.lr=1e-4 lora.r=32 "
-            "(every key: docs/config.md)."
-        ),
-    ] = None,
-) -> None:
+@command(api.train)
+def train(values: dict[str, Any]) -> None:
     """Fine-tune Phi-3-Vision (LoRA, QLoRA or full) on a dataset; multi-GPU via `accelerate launch` or `torchrun`.
 
     Every config value is checked before anything loads; a bad one stops with one line naming the key.
 
     Example: phivision train --config configs/lora.yaml --data DATA --model microsoft/Phi-3-vision-128k-instruct --out runs/lora
     """
-    if print_config:
-        from phivision.train.config import cli_config
+    if values.pop("print_config"):
+        from phivision.train.config import resolve_config
 
-        cfg = cli_config(out, data=data, model=model, config=config, resume=resume, overrides=overrides or [])
-        typer.echo(cfg.to_yaml(), nl=False)
+        typer.echo(resolve_config(build(TrainArgs, values).validate()).to_yaml(), nl=False)
         return
-    if out is None:
+    if values["out"] is None:
         raise PhivisionError("--out is required: the run directory to write")
-    result = api.train(out, data=data, model=model, config=config, resume=resume, overrides=overrides)
-    metric = json.loads((result.out / "trainer_state.json").read_text())["metric"] if result.best_step else ""
-    best = f", best {metric} {result.best_metric:.4f} at step {result.best_step}" if result.best_step else ""
+    result = api.train(**values)
+    if result.best_step:
+        from phivision.data.layout import RunLayout
+
+        metric = json.loads(RunLayout(result.out).trainer_state.read_text())["metric"]
+        best = f", best {metric} {result.best_metric:.4f} at step {result.best_step}"
+    else:
+        best = ""
     if os.environ.get("RANK", "0") == "0":  # one summary line under torchrun/accelerate, not one per process
         typer.echo(f"trained {result.steps} steps{best}; run written to {result.out}")
 
 
 # ------------------------------------------------------------------------------------------- evaluate
 
-CONSTRAIN_HELP = (
-    "Force every answer into the run's answer template: the category one of the training split's categories "
-    "(when the model records them), the price a positive number. --no-constrain lets the model write freely."
-)
 
-
-@app.command()
-def evaluate(
-    model: Annotated[str, typer.Option(help="Training RUN directory, checkpoint directory or hub id.")],
-    data: Annotated[Path, typer.Option(help="Dataset directory (catalog.parquet + images/).")],
-    out: Annotated[
-        Path,
-        typer.Option(
-            help="metrics.json path, or a directory (e.g. RUN/eval/after); predictions.jsonl goes beside it."
-        ),
-    ],
-    split: Annotated[str, typer.Option(help="Split to score: train, val or test.")] = default(
-        api.evaluate, "split"
-    ),
-    batch_size: Annotated[int, typer.Option(help="Images per generation batch.")] = default(
-        api.evaluate, "batch_size"
-    ),
-    max_new_tokens: Annotated[int, typer.Option(help="Longest answer generated, in tokens.")] = default(
-        api.evaluate, "max_new_tokens"
-    ),
-    limit: Annotated[int | None, typer.Option(help="Score only the first N items of the split.")] = None,
-    constrain: Annotated[bool, typer.Option("--constrain/--no-constrain", help=CONSTRAIN_HELP)] = default(
-        api.evaluate, "constrain"
-    ),
-) -> None:
+@command(api.evaluate)
+def evaluate(values: dict[str, Any]) -> None:
     """Answer every photo of a split with greedy decoding and score price, category and title against the truth
     and the train-split baselines (median price, majority category)."""
-    metrics = api.evaluate(
-        model,
-        data,
-        out,
-        split=split,
-        batch_size=batch_size,
-        max_new_tokens=max_new_tokens,
-        limit=limit,
-        constrain=constrain,
-    )
+    metrics = api.evaluate(**values)
     from phivision.evaluate.evaluation import output_paths, summary_table
 
     typer.echo(summary_table(metrics))
@@ -453,237 +236,72 @@ def evaluate(
         typer.echo(
             f"warning: {metrics['image_errors']} unreadable image(s) were scored as failures", err=True
         )
-    metrics_path, predictions_path = output_paths(out)
+    metrics_path, predictions_path = output_paths(values["out"])
     typer.echo(f"wrote {metrics_path} and {predictions_path}")
 
 
-@app.command()
-def report(
-    run: Annotated[
-        Path | None, typer.Option(help="Training RUN whose eval/<stage>/ outputs to report.")
-    ] = None,
-    predictions: Annotated[
-        Path | None, typer.Option(help="One predictions.jsonl (instead of --run).")
-    ] = None,
-    out: Annotated[
-        Path | None,
-        typer.Option(
-            help="HTML file to write (default: RUN/report.html, or report.html beside the predictions)."
-        ),
-    ] = None,
-    resamples: Annotated[
-        int, typer.Option(help="Bootstrap resamples for the 95% intervals, 0 for none.")
-    ] = default(api.report, "resamples"),
-    seed: Annotated[
-        int, typer.Option(help="Bootstrap seed: the same inputs give the same intervals.")
-    ] = default(api.report, "seed"),
-) -> None:
+@command(api.report)
+def report(values: dict[str, Any]) -> None:
     """Write one self-contained HTML report (opens offline, runs no script): headline metrics with bootstrap
     95% intervals and the paired change from before to after, the dataset and the run's config, training curves,
     price plots, breakdowns by price band and by category (stages side by side), and the best and worst answers
     with their photos. A damaged training log is reported as a warning; a damaged predictions file is an error."""
-    path = api.report(run=run, predictions=predictions, out=out, resamples=resamples, seed=seed)
-    typer.echo(f"wrote {path}")
+    typer.echo(f"wrote {api.report(**values)}")
 
 
 # ---------------------------------------------------------------------------------------------- serve
 
 
-@app.command()
-def predict(
-    images: Annotated[
-        list[Path], typer.Argument(help="Image files and/or directories of images (not recursive).")
-    ],
-    model: Annotated[str, typer.Option(help="Training RUN directory, checkpoint directory or hub id.")],
-    out: Annotated[Path | None, typer.Option(help="JSON-lines file to write (default: stdout).")] = None,
-    batch_size: Annotated[int, typer.Option(help="Images per generation batch.")] = default(
-        api.predict, "batch_size"
-    ),
-    max_new_tokens: Annotated[int, typer.Option(help="Longest answer generated, in tokens.")] = default(
-        api.predict, "max_new_tokens"
-    ),
-    device: Annotated[
-        str | None, typer.Option(help="cuda, cpu, cuda:1... (default: cuda if available)")
-    ] = None,
-    constrain: Annotated[bool, typer.Option("--constrain/--no-constrain", help=CONSTRAIN_HELP)] = default(
-        api.predict, "constrain"
-    ),
-) -> None:
+@command(api.predict)
+def predict(values: dict[str, Any]) -> None:
     """Answer for each photo: one JSON line with image, title, category, price, currency and the raw answer.
 
     An unreadable image gets a line with an "error" field and the others go on. Exit code 0 when at least one
     image was answered, 1 when none could be read, 2 for a bad flag or path.
     """
-    records = api.predict(
-        images,
-        model,
-        out=out or "-",
-        batch_size=batch_size,
-        max_new_tokens=max_new_tokens,
-        device=device,
-        constrain=constrain,
-    )
+    out = values["out"]
+    records = api.predict(**{**values, "out": out or "-"})
     failed = sum("error" in record for record in records)
-    answered = len(records) - failed
     if out is not None:
-        typer.echo(f"wrote {answered + failed} line(s) to {out}", err=True)
+        typer.echo(f"wrote {len(records)} line(s) to {out}", err=True)
     if failed:
         typer.echo(f"warning: {failed} image(s) could not be read (see their 'error' field)", err=True)
-    if answered == 0:
+    if failed == len(records):
         raise typer.Exit(code=1)
 
 
-@app.command()
-def serve(
-    model: Annotated[str, typer.Option(help="Training RUN directory, checkpoint directory or hub id.")],
-    host: Annotated[str, typer.Option(help="Interface to bind (0.0.0.0: every interface).")] = default(
-        api.serve, "host"
-    ),
-    port: Annotated[int, typer.Option(help="TCP port (1-65535).")] = default(api.serve, "port"),
-    served_model_name: Annotated[
-        str | None, typer.Option(help="Model id of the OpenAI API (/v1/models). Default: --model as given.")
-    ] = None,
-    max_batch_size: Annotated[
-        int, typer.Option(help="Most concurrent requests answered in one batch.")
-    ] = default(api.serve, "max_batch_size"),
-    max_wait_ms: Annotated[
-        float, typer.Option(help="How long a batch waits for more requests to join.")
-    ] = default(api.serve, "max_wait_ms"),
-    max_batch_pixels: Annotated[
-        int, typer.Option(help="Decoded pixels one batch may hold (bounds memory; one image always fits).")
-    ] = default(api.serve, "max_batch_pixels"),
-    max_upload_mb: Annotated[
-        float, typer.Option(help="Largest image file accepted (bigger ones get 413).")
-    ] = default(api.serve, "max_upload_mb"),
-    max_pixels: Annotated[
-        int, typer.Option(help="Largest image in pixels (bigger ones, e.g. decompression bombs, get 413).")
-    ] = default(api.serve, "max_pixels"),
-    max_queue: Annotated[
-        int, typer.Option(help="Most requests waiting for the model (more get 503).")
-    ] = default(api.serve, "max_queue"),
-    max_queue_mb: Annotated[
-        float, typer.Option(help="Most image bytes waiting for the model (more get 503).")
-    ] = default(api.serve, "max_queue_mb"),
-    max_new_tokens: Annotated[
-        int, typer.Option(help="Longest answer generated, in tokens (the largest max_tokens accepted).")
-    ] = default(api.serve, "max_new_tokens"),
-    body_timeout: Annotated[
-        float, typer.Option(help="Seconds a client may take to send its request body (then 408).")
-    ] = default(api.serve, "body_timeout"),
-    answer_timeout: Annotated[
-        float, typer.Option(help="Seconds a request may wait for its answer (then 504).")
-    ] = default(api.serve, "answer_timeout"),
-    allow_remote_images: Annotated[
-        bool,
-        typer.Option(
-            help="Let chat requests give http(s) image URLs, fetched by the server (public addresses only; "
-            "never link-local or cloud metadata addresses)."
-        ),
-    ] = False,
-    allow_private_image_hosts: Annotated[
-        bool,
-        typer.Option(help="With --allow-remote-images: also fetch from loopback and private networks."),
-    ] = False,
-    remote_image_timeout: Annotated[
-        float, typer.Option(help="Seconds for fetching one http(s) image, redirects included.")
-    ] = default(api.serve, "remote_image_timeout"),
-    constrain: Annotated[bool, typer.Option("--constrain/--no-constrain", help=CONSTRAIN_HELP)] = default(
-        api.serve, "constrain"
-    ),
-    allowed_host: Annotated[
-        list[str] | None,
-        typer.Option(
-            help="A Host name to answer besides the loopback names (repeatable), e.g. the name a reverse "
-            "proxy forwards. Bound to loopback, other names are refused (DNS rebinding)."
-        ),
-    ] = None,
-    device: Annotated[
-        str | None, typer.Option(help="cuda, cpu, cuda:1... (default: cuda if available)")
-    ] = None,
-    dtype: Annotated[
-        str | None, typer.Option(help="float32, bfloat16 or float16 (default: bf16 on cuda, fp32 on cpu).")
-    ] = None,
-) -> None:
+@command(api.serve)
+def serve(values: dict[str, Any]) -> None:
     """Serve the model over HTTP: the OpenAI-compatible POST /v1/chat/completions and GET /v1/models,
     POST /v1/predict (multipart field "image"), an upload page at /, /healthz, and the API reference at /docs
     (schema: /openapi.json). Every flag is checked before the model loads. See docs/serving.md."""
-    api.serve(
-        model,
-        host=host,
-        port=port,
-        served_model_name=served_model_name,
-        max_batch_size=max_batch_size,
-        max_wait_ms=max_wait_ms,
-        max_batch_pixels=max_batch_pixels,
-        max_upload_mb=max_upload_mb,
-        max_pixels=max_pixels,
-        max_queue=max_queue,
-        max_queue_mb=max_queue_mb,
-        max_new_tokens=max_new_tokens,
-        body_timeout=body_timeout,
-        answer_timeout=answer_timeout,
-        allow_remote_images=allow_remote_images,
-        allow_private_image_hosts=allow_private_image_hosts,
-        remote_image_timeout=remote_image_timeout,
-        constrain=constrain,
-        allowed_host=allowed_host,
-        device=device,
-        dtype=dtype,
-    )
+    api.serve(**values)
 
 
-@app.command()
-def export(
-    run: Annotated[Path, typer.Option(help="Training RUN directory (LoRA, QLoRA or full fine-tune).")],
-    out: Annotated[Path, typer.Option(help="Checkpoint directory to create (must not exist or be empty).")],
-    dtype: Annotated[
-        str | None, typer.Option(help="float32, bfloat16 or float16 (default: the base checkpoint's dtype).")
-    ] = None,
-    max_shard_size: Annotated[
-        str, typer.Option(help="Largest safetensors shard, e.g. 4GB or 500MB.")
-    ] = default(api.export, "max_shard_size"),
-) -> None:
+@command(api.export)
+def export(values: dict[str, Any]) -> None:
     """Merge the run's LoRA adapter into its base (or re-save a full fine-tune) into a standalone checkpoint.
 
     The official Phi-3-Vision layout plus phivision's model code and its auto_map: it loads with phivision, with
     plain transformers (trust_remote_code=True, phivision not needed) and with vLLM (see docs/serving.md).
     """
-    path = api.export(run, out, dtype=dtype, max_shard_size=max_shard_size)
-    typer.echo(f"wrote {path}")
+    typer.echo(f"wrote {api.export(**values)}")
 
 
 # ----------------------------------------------------------------------------------------------- demo
 
 
-# ----------------------------------------------------------------------------------------------- demo
-
-
-@app.command()
-def demo(
-    out: Annotated[
-        Path, typer.Option(help="Output directory (dataset, tiny checkpoint, run, report).")
-    ] = default(api.demo, "out"),
-    n: Annotated[int, typer.Option(help="Products in the synthetic catalog.")] = default(api.demo, "n"),
-    seed: Annotated[int, typer.Option(help="Seeds the catalog, the tiny weights and training.")] = default(
-        api.demo, "seed"
-    ),
-    config: Annotated[
-        Path | None, typer.Option(help="Training YAML to use instead of the packaged demo recipe.")
-    ] = None,
-    fresh: Annotated[
-        bool, typer.Option(help="Delete --out first instead of reusing finished steps.")
-    ] = default(api.demo, "fresh"),
-    overrides: Annotated[
-        list[str] | None, typer.Argument(help="Training overrides as key=value, e.g. schedule.epochs=2.")
-    ] = None,
-) -> None:
+@command(api.demo)
+def demo(values: dict[str, Any]) -> None:
     """The main job: synthetic catalog -> tiny Phi-3-Vision -> evaluate -> fine-tune -> evaluate -> report.
 
     Finishes in a few minutes on 2 CPU cores and writes OUT/metrics.json ({"before", "after", "baseline"})
     and OUT/report.html. Rerunning reuses what is already done.
     """
-    api.demo(out, n=n, seed=seed, config=config, overrides=overrides, fresh=fresh)
+    api.demo(**values)
 
+
+# ------------------------------------------------------------------------------------------ the error net
 
 # OSErrors that are about the machine, never about phivision's code: one line wherever they happen.
 ENVIRONMENT_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS})
@@ -749,8 +367,8 @@ def main(args: list[str] | None = None) -> None:
         typer.echo(err.format_message())
         sys.exit(0)
     except UsageError as err:
-        command = err.ctx.command_path if err.ctx is not None else "phivision"
-        _fail(f"{err.format_message()} (see '{command} --help')", code=err.exit_code)
+        command_path = err.ctx.command_path if err.ctx is not None else "phivision"
+        _fail(f"{err.format_message()} (see '{command_path} --help')", code=err.exit_code)
     except typer.Abort:
         _fail("aborted", code=130)
     except OSError as err:

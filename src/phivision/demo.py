@@ -19,9 +19,7 @@ again, and so is everything downstream of it. An interrupted training run with t
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import sys
 import time
 import uuid
 from collections.abc import Callable
@@ -30,12 +28,26 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
+import torch
+
+from phivision.args import DemoArgs, EvaluateArgs, Generation, ReportArgs
+from phivision.data.layout import RunLayout, load_catalog
+from phivision.data.sample import write_sample_catalog
 from phivision.errors import PhivisionError
+from phivision.evaluate.evaluation import evaluate
+from phivision.evaluate.metrics import HEADLINE, format_value
+from phivision.evaluate.report import write_report
 from phivision.io import atomic_write_json
+from phivision.threads import quiet_openmp_waits
+from phivision.tiny import write_tiny_checkpoint
+from phivision.train.config import load_config
+from phivision.train.loop import train
+from phivision.version import __version__
 
 DEMO_CONFIG = "demo.yaml"
 STATE_FILE = "demo.json"
-DEMO_ENTRIES = {"data", "base", "run", "report.html", "metrics.json", STATE_FILE}
+REPORT, METRICS = "report.html", "metrics.json"
+DEMO_ENTRIES = {"data", "base", "run", REPORT, METRICS, STATE_FILE}
 
 
 def demo_config_path() -> Path:
@@ -45,15 +57,11 @@ def demo_config_path() -> Path:
 
 def headline(metrics: dict[str, Any]) -> dict[str, Any]:
     """The flat metric keys of the evaluation issue, in their usual order."""
-    from phivision.evaluate.metrics import HEADLINE
-
     return {key: metrics[key] for key, _, _ in HEADLINE if key in metrics}
 
 
 def comparison_table(before: dict, after: dict, baseline: dict) -> str:
     """An aligned before/after/baseline table of the headline metrics."""
-    from phivision.evaluate.metrics import HEADLINE, format_value
-
     rows = [f"{'metric':<28}{'before':>12}{'after':>12}{'baseline':>12}"]
     for key, label, kind in HEADLINE:
         if key not in after:
@@ -165,30 +173,9 @@ def check_out_dir(out: Path, fresh: bool) -> None:
 # ----------------------------------------------------------------------------------------------- threads
 
 
-WAIT_SETTINGS = ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT", "KMP_BLOCKTIME")  # OpenMP, libgomp, LLVM/Intel libomp
-
-
-def quiet_openmp_waits() -> str | None:
-    """Ask torch's OpenMP threads to sleep while they wait (``OMP_WAIT_POLICY=PASSIVE``) instead of spinning, and
-    return the wait setting in force (``"OMP_WAIT_POLICY=PASSIVE"``), or None when threads spin by default.
-
-    OpenMP reads the setting once, when torch loads, so it is set only before ``import torch`` (``phivision demo``
-    never imports torch first) and never over a wait setting of the user's. Why: the tiny model's operations
-    are small, so its threads meet at a barrier every few microseconds; a thread spinning there holds a core that
-    the thread it waits for, or another process, needs: beside other busy processes the demo's training ran 10
-    to 50 times slower (benchmarks/RESULTS.md).
-    """
-    if "torch" not in sys.modules and not any(name in os.environ for name in WAIT_SETTINGS):
-        os.environ["OMP_WAIT_POLICY"] = "PASSIVE"
-    chosen = [f"{name}={os.environ[name]}" for name in WAIT_SETTINGS if name in os.environ]
-    return ", ".join(chosen) or None
-
-
 def choose_threads(num_threads: int, wait_setting: str | None) -> tuple[int, str]:
     """The demo's torch CPU threads and why: the config's ``num_threads``; else torch's default when a wait setting
     is in force; else one thread (torch was loaded earlier with spinning threads: one thread never waits)."""
-    import torch
-
     if num_threads:
         torch.set_num_threads(num_threads)
         return num_threads, "num_threads"
@@ -204,37 +191,22 @@ def choose_threads(num_threads: int, wait_setting: str | None) -> tuple[int, str
 # -------------------------------------------------------------------------------------------------- demo
 
 
-def run_demo(
-    out: str | os.PathLike = "phivision-demo",
-    n: int = 600,
-    seed: int = 0,
-    config: str | os.PathLike | None = None,
-    overrides: list[str] | None = None,
-    fresh: bool = False,
-    progress: bool = True,
-) -> dict[str, dict]:
+def run_demo(args: DemoArgs) -> dict[str, dict]:
     """Sample, build a tiny model, evaluate, fine-tune, evaluate, report. Returns the metrics.json content.
 
-    Args:
-        out: output directory. A rerun reuses each finished step whose inputs are unchanged (see the module doc).
-        n: products in the synthetic catalog.
-        seed: seeds the catalog, the tiny weights and training.
-        config: a training YAML replacing the packaged demo recipe.
-        overrides: ``key=value`` training overrides (e.g. ``schedule.epochs=2``).
-        fresh: delete what an earlier demo wrote in ``out`` first.
-        progress: show progress bars.
+    ``args`` (:class:`DemoArgs`, validated): ``out`` the output directory (a rerun reuses each finished step
+    whose inputs are unchanged, see the module doc); ``n`` products in the synthetic catalog; ``seed`` seeds
+    the catalog, the tiny weights and training; ``config`` a training YAML replacing the packaged demo recipe;
+    ``overrides`` ``key=value`` training overrides (e.g. ``schedule.epochs=2``); ``fresh`` deletes what an
+    earlier demo wrote in ``out`` first; ``progress`` shows progress bars.
     """
-    import phivision
-
-    wait_setting = quiet_openmp_waits()  # before anything imports torch
-    out = Path(out)
-    check_out_dir(out, fresh)
+    out, n, seed, config, overrides = args.out, args.n, args.seed, args.config, list(args.overrides or [])
+    wait_setting = quiet_openmp_waits()  # set by phivision.api.demo before torch loaded; this reads it
+    check_out_dir(out, args.fresh)
     started = time.perf_counter()
 
     def log(message: str) -> None:
         print(f"[{time.perf_counter() - started:6.1f}s] {message}", flush=True)
-
-    from phivision.train.config import load_config
 
     data_dir, base_dir, run_dir = out / "data", out / "base", out / "run"
     train_config = load_config(
@@ -249,8 +221,8 @@ def run_demo(
     log(f"torch CPU threads: {threads} ({reason})")
     out.mkdir(parents=True, exist_ok=True)
     record = StepRecord(out)
-    version = phivision.__version__
-    steps = DemoSteps(out, record, log, progress)
+    version = __version__
+    steps = DemoSteps(out, record, log, args.progress)
 
     steps.run(
         Step("data", [data_dir], data_dir / "catalog.parquet", {"n": n, "seed": seed, "phivision": version}),
@@ -271,7 +243,7 @@ def run_demo(
     evaluation = {
         "batch_size": train_config.eval.batch_size,
         "max_new_tokens": train_config.eval.max_new_tokens,
-    }
+    }  # as recorded in demo.json (a changed value recomputes the evaluations)
     resolved = train_config.to_dict()
     for key in (
         "model",
@@ -283,18 +255,18 @@ def run_demo(
     training = Step(
         "train",
         [],
-        run_dir / "trainer_state.json",
+        RunLayout(run_dir).trainer_state,
         {"config": resolved, "phivision": version, "upstream": upstream},
     )
     if record.state(training) == "stale":
         _remove(run_dir)
 
-    before_dir, after_dir = run_dir / "eval" / "before", run_dir / "eval" / "after"
+    before_dir, after_dir = RunLayout(run_dir).eval_dir("before"), RunLayout(run_dir).eval_dir("after")
     before = steps.run(
         Step(
             "before",
             [before_dir],
-            before_dir / "metrics.json",
+            before_dir / RunLayout.EVAL_METRICS,
             {"eval": evaluation, "phivision": version, "upstream": upstream},
         ),
         "evaluating the base model on the test split",
@@ -308,7 +280,7 @@ def run_demo(
         Step(
             "after",
             [after_dir],
-            after_dir / "metrics.json",
+            after_dir / RunLayout.EVAL_METRICS,
             {"eval": evaluation, "phivision": version, "upstream": {**upstream, "train": record.id("train")}},
         ),
         "evaluating the fine-tuned model on the test split",
@@ -349,48 +321,39 @@ class DemoSteps:
         return result
 
     def sample(self, data_dir: Path, n: int, seed: int) -> None:
-        from phivision.data.sample import write_sample_catalog
-
         write_sample_catalog(data_dir, n=n, seed=seed)
 
     def tiny(self, base_dir: Path, data_dir: Path, seed: int) -> None:
-        from phivision.data.layout import load_catalog
-        from phivision.model.tiny import write_tiny_checkpoint
-
         catalog = load_catalog(data_dir)
         corpus = [*catalog["title"].astype(str), *catalog["category"].astype(str)]
         write_tiny_checkpoint(base_dir, seed=seed, corpus=corpus)
 
     def evaluate(self, model: Path, data_dir: Path, out: Path, evaluation: dict) -> dict:
-        from phivision.evaluate.evaluation import evaluate
-
-        return evaluate(model, data_dir, "test", out=out, progress=self.progress, **evaluation)
+        generation = Generation(**evaluation)
+        args = EvaluateArgs(model, data_dir, out, split="test", generation=generation, progress=self.progress)
+        return evaluate(args.validate())
 
     def read_metrics(self, stage_dir: Path) -> dict:
-        return json.loads((stage_dir / "metrics.json").read_text(encoding="utf-8"))
+        return json.loads((stage_dir / RunLayout.EVAL_METRICS).read_text(encoding="utf-8"))
 
     def train(self, config: Any) -> None:
-        from phivision.train.loop import train
-
         result = train(config, resume=True, progress=self.progress)
         loss = "" if result.train_loss is None else f", final train loss {result.train_loss:.4f}"
         self.log(f"trained {result.steps} steps{loss}")
 
     def finish(self, before: dict, after: dict) -> dict[str, dict]:
         """The report, OUT/metrics.json and the before/after table (always rewritten: they are cheap)."""
-        from phivision.evaluate.report import write_report
-
-        report = write_report(run=self.out / "run", out=self.out / "report.html")
+        report = write_report(ReportArgs(run=self.out / "run", out=self.out / REPORT).validate())
         baseline = after.get("baseline") or {}
         metrics = {"before": headline(before), "after": headline(after), "baseline": headline(baseline)}
-        atomic_write_json(self.out / "metrics.json", metrics)
+        atomic_write_json(self.out / METRICS, metrics)
         print()
         print(comparison_table(metrics["before"], metrics["after"], metrics["baseline"]))
         print()
         self.log(f"report: {report}")
-        self.log(f"metrics: {self.out / 'metrics.json'}")
+        self.log(f"metrics: {self.out / METRICS}")
         if not metrics["after"]:
             raise PhivisionError(
-                f"{self.out / 'metrics.json'}: the evaluation after fine-tuning produced no metrics"
+                f"{self.out / METRICS}: the evaluation after fine-tuning produced no metrics"
             )
         return metrics

@@ -14,10 +14,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from phivision.data.layout import RunLayout
 from phivision.errors import PhivisionError
 from phivision.io import atomic_write_json
-
-LABELS_FILE = "labels.json"
 
 
 @dataclass(frozen=True)
@@ -66,14 +65,14 @@ class LabelSpace:
 
 def write_labels(run_dir: str | os.PathLike, labels: LabelSpace) -> Path:
     """Write ``RUN/labels.json`` atomically."""
-    path = Path(run_dir) / LABELS_FILE
+    path = RunLayout(run_dir).labels
     atomic_write_json(path, labels.to_dict())
     return path
 
 
 def read_labels(run_dir: str | os.PathLike) -> LabelSpace:
     """``RUN/labels.json``, or an empty LabelSpace for a run trained before labels were recorded."""
-    path = Path(run_dir) / LABELS_FILE
+    path = RunLayout(run_dir).labels
     if not path.is_file():
         return LabelSpace()
     try:

@@ -15,7 +15,13 @@ from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
-from phivision.errors import PhivisionError
+from peft import PeftModel, get_peft_model_state_dict
+from safetensors import safe_open
+from transformers import PretrainedConfig
+from transformers.utils import logging
+
+from phivision.errors import PhivisionError, first_line
+from phivision.model.modeling_phi3_v import Phi3VForCausalLM
 
 MODEL_TYPE = "phi3_v"
 
@@ -66,12 +72,10 @@ def check_tensors(source: str | Path, expected: Mapping[str, tuple], found: Mapp
 
 def check_model_type(name: str) -> None:
     """The checkpoint's config.json must declare ``model_type: phi3_v``; anything else is another model."""
-    from transformers import PretrainedConfig
-
     try:
         config, _ = PretrainedConfig.get_config_dict(name)
     except (OSError, ValueError) as err:
-        raise PhivisionError(f"cannot load checkpoint {name!r}: {_first_line(err)}") from None
+        raise PhivisionError(f"cannot load checkpoint {name!r}: {first_line(err)}") from None
     found = config.get("model_type")
     if found != MODEL_TYPE:
         raise PhivisionError(
@@ -83,8 +87,6 @@ def check_model_type(name: str) -> None:
 @contextlib.contextmanager
 def _quiet_load_report() -> Iterator[None]:
     """transformers prints a multi-line load report (PEFT a warning) for any difference; we raise one line."""
-    from transformers.utils import logging
-
     level = logging.get_verbosity()
     logging.set_verbosity_error()
     try:
@@ -98,8 +100,6 @@ def _quiet_load_report() -> Iterator[None]:
 def load_pretrained(name: str, **kwargs: Any) -> Any:
     """``Phi3VForCausalLM.from_pretrained(name, **kwargs)``, refusing another ``model_type`` and any missing,
     unexpected (beyond :data:`TOLERATED_EXTRA`) or mis-shaped tensor with one line naming them."""
-    from phivision.model.modeling_phi3_v import Phi3VForCausalLM
-
     check_model_type(name)
     try:
         with _quiet_load_report():
@@ -107,7 +107,7 @@ def load_pretrained(name: str, **kwargs: Any) -> Any:
                 name, output_loading_info=True, ignore_mismatched_sizes=True, **kwargs
             )
     except (OSError, ValueError) as err:
-        raise PhivisionError(f"cannot load checkpoint {name!r}: {_first_line(err)}") from None
+        raise PhivisionError(f"cannot load checkpoint {name!r}: {first_line(err)}") from None
     misshaped = {}
     for item in info.get("mismatched_keys") or ():
         if isinstance(item, (tuple, list)) and len(item) == 3:
@@ -122,8 +122,6 @@ def load_pretrained(name: str, **kwargs: Any) -> Any:
 
 def adapter_shapes(adapter_dir: Path) -> dict[str, tuple]:
     """Tensor name -> shape of a PEFT adapter's safetensors files, read from their headers only."""
-    from safetensors import safe_open
-
     files = sorted(adapter_dir.glob("*.safetensors"))
     if not files:
         raise PhivisionError(f"{adapter_dir}: no adapter_model.safetensors")
@@ -140,8 +138,6 @@ def adapter_shapes(adapter_dir: Path) -> dict[str, tuple]:
 
 def check_adapter(model: Any, adapter_dir: Path) -> None:
     """The adapter files must hold exactly the LoRA tensors ``model`` (a PeftModel) expects, shapes included."""
-    from peft import get_peft_model_state_dict
-
     expected = {k: tuple(v.shape) for k, v in get_peft_model_state_dict(model).items()}
     check_tensors(adapter_dir, expected, adapter_shapes(adapter_dir))
 
@@ -154,8 +150,6 @@ _SIZE_MISMATCH = re.compile(
 
 def load_adapter(base: Any, adapter_dir: Path, is_trainable: bool = False) -> Any:
     """``PeftModel.from_pretrained`` with the tensors checked: PEFT itself only warns about missing ones."""
-    from peft import PeftModel
-
     adapter_dir = Path(adapter_dir)
     adapter_shapes(adapter_dir)  # readable safetensors, before PEFT builds anything
     try:
@@ -164,21 +158,16 @@ def load_adapter(base: Any, adapter_dir: Path, is_trainable: bool = False) -> An
     except RuntimeError as err:  # torch's size-mismatch report: name the tensors on one line
         shapes = {m.group(1): (m.group(2), m.group(3)) for m in _SIZE_MISMATCH.finditer(str(err))}
         if not shapes:
-            raise PhivisionError(f"{adapter_dir}: cannot load the PEFT adapter: {_first_line(err)}") from None
+            raise PhivisionError(f"{adapter_dir}: cannot load the PEFT adapter: {first_line(err)}") from None
         misshaped = {k: (_shape(a), _shape(b)) for k, (a, b) in shapes.items()}
         raise PhivisionError(
             f"{adapter_dir}: does not match the model: {describe_mismatch((), (), misshaped)}"
         ) from None
     except (OSError, ValueError, TypeError) as err:
-        raise PhivisionError(f"{adapter_dir}: cannot load the PEFT adapter: {_first_line(err)}") from None
+        raise PhivisionError(f"{adapter_dir}: cannot load the PEFT adapter: {first_line(err)}") from None
     check_adapter(model, adapter_dir)
     return model
 
 
 def _shape(text: str) -> tuple[int, ...]:
     return tuple(int(x) for x in text.split(",") if x.strip())
-
-
-def _first_line(err: Exception) -> str:
-    lines = str(err).strip().splitlines()
-    return lines[0] if lines else type(err).__name__

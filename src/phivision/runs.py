@@ -15,9 +15,12 @@ from typing import Any
 import torch
 import yaml
 
-from phivision.errors import PhivisionError
+from phivision.answer.prompt import PromptFormat
+from phivision.data.layout import RunLayout
+from phivision.errors import PhivisionError, first_line
 from phivision.labels import LabelSpace, read_labels
-from phivision.prompt import PromptFormat
+from phivision.loading import load_adapter, load_pretrained
+from phivision.model import Phi3VProcessor
 
 # Written by `phivision export` beside the official files: the prompt the weights were trained with.
 EXPORT_INFO_FILE = "phivision.json"
@@ -57,22 +60,33 @@ class RunInfo:
 
     @property
     def adapter_dir(self) -> Path:
-        return self.run_dir / "adapter"
+        return RunLayout(self.run_dir).adapter
 
     @property
     def model_dir(self) -> Path:
-        return self.run_dir / "model"
+        return RunLayout(self.run_dir).model
 
     @property
     def processor_dir(self) -> Path:
-        return self.run_dir / "processor"
+        return RunLayout(self.run_dir).processor
 
 
 def resolve_device(device: str | torch.device | None) -> torch.device:
-    """cuda when available, else cpu."""
+    """cuda when available, else cpu; a ``--device`` torch does not know, or a CUDA device this machine does not
+    have, is one line naming the flag."""
     if device is None:
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
+    try:
+        resolved = torch.device(device)
+    except (RuntimeError, ValueError) as err:
+        raise PhivisionError(f"--device {device!r}: not a device ({first_line(err)})") from None
+    if resolved.type == "cuda" and not torch.cuda.is_available():
+        raise PhivisionError(f"--device {device}: no CUDA device is available on this machine")
+    if resolved.type == "cuda" and resolved.index is not None and resolved.index >= torch.cuda.device_count():
+        raise PhivisionError(
+            f"--device {device}: this machine has {torch.cuda.device_count()} CUDA device(s)"
+        )
+    return resolved
 
 
 def resolve_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torch.dtype:
@@ -84,10 +98,6 @@ def resolve_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torc
     if dtype not in _DTYPES:
         raise PhivisionError(f"--dtype {dtype!r}: expected one of {sorted(_DTYPES)}")
     return _DTYPES[dtype]
-
-
-def is_run_dir(path: Path) -> bool:
-    return (path / "config.yaml").is_file() and ((path / "adapter").is_dir() or (path / "model").is_dir())
 
 
 def is_checkpoint_dir(path: Path) -> bool:
@@ -104,7 +114,7 @@ def is_checkpoint_dir(path: Path) -> bool:
 def read_run(run_dir: str | Path) -> RunInfo:
     """Read RUN/config.yaml: the base model, the method and the prompt format."""
     run_dir = Path(run_dir)
-    config_path = run_dir / "config.yaml"
+    config_path = RunLayout(run_dir).config
     try:
         config = yaml.safe_load(config_path.read_text())
     except OSError as err:
@@ -155,26 +165,16 @@ def _looks_like_hub_id(name: str) -> bool:
     return len(parts) == 2 and all(parts) and not name.startswith((".", "~")) and "\\" not in name
 
 
-def _first_line(err: Exception) -> str:
-    """Library errors span several lines; a PhivisionError is one."""
-    lines = str(err).strip().splitlines()
-    return lines[0] if lines else type(err).__name__
-
-
 def _load_checkpoint(name: str, device: torch.device, dtype: torch.dtype) -> Any:
-    from phivision.loading import load_pretrained
-
     # strict: another model_type or a missing, unexpected or mis-shaped tensor is one error line
     return load_pretrained(name, dtype=dtype).to(device).eval()
 
 
 def _load_processor(name: str | Path) -> Any:
-    from phivision.model import Phi3VProcessor
-
     try:
         return Phi3VProcessor.from_pretrained(str(name))
     except OSError as err:
-        raise PhivisionError(f"cannot load processor from {name}: {_first_line(err)}") from err
+        raise PhivisionError(f"cannot load processor from {name}: {first_line(err)}") from err
 
 
 def _export_info(path: Path) -> tuple[PromptFormat, LabelSpace, int]:
@@ -218,7 +218,7 @@ def load_model(
     dtype = resolve_dtype(dtype, device)
     local = Path(str(path)).expanduser()
 
-    if local.is_dir() and is_run_dir(local):
+    if local.is_dir() and RunLayout(local).is_run():
         return _load_run(read_run(local), device, dtype, merge)
     if local.is_dir() and is_checkpoint_dir(local):
         prompt, labels, max_images = _export_info(local)
@@ -249,8 +249,6 @@ def _load_run(run: RunInfo, device: torch.device, dtype: torch.dtype, merge: boo
         return LoadedModel(
             model, processor, run.prompt, source, labels.categories, labels.currency, run.max_images
         )
-
-    from phivision.loading import load_adapter
 
     # QLoRA adapters are applied to the unquantized base: merging into 4-bit weights would lose the update.
     base = _load_checkpoint(run.base, device, dtype)

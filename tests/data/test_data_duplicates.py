@@ -5,9 +5,9 @@ from __future__ import annotations
 import pandas as pd
 from fault_server import dbq_row, image_bytes
 
+from phivision.api import prepare
 from phivision.data import load_catalog
 from phivision.data.duplicates import conflict_groups
-from phivision.data.prepare import prepare
 
 
 def test_conflicting_duplicates_follow_the_majority_rule(tmp_path):

@@ -12,7 +12,8 @@ from catalog_helpers import jpeg, photo
 from PIL import Image, ImageStat
 
 from cli_helpers import run_cli
-from phivision.data.inspection import inspect, perceptual_hash
+from phivision.api import inspect
+from phivision.data.inspection import perceptual_hash
 from phivision.errors import PhivisionError
 from phivision.io import atomic_write_parquet
 
@@ -208,12 +209,12 @@ def test_inspect_rejects_bad_arguments(dataset):
 def test_photos_per_product_and_tokens_for_each_max_images(tmp_path):
     """A multi-view catalog: the photo counts, an unreadable later photo, and image tokens per sample for each
     max_images that equal what training counts for the same photos."""
+    from phivision.answer.prompt import PromptFormat
     from phivision.data import load_catalog
     from phivision.data.sample import write_sample_catalog
     from phivision.model.image_processing_phi3_v import Phi3VImageProcessor
     from phivision.model.processing_phi3_v import Phi3VProcessor
-    from phivision.model.tokenizer import build_tiny_tokenizer
-    from phivision.prompt import PromptFormat
+    from phivision.tiny_tokenizer import build_tiny_tokenizer
     from phivision.train.data import ProductDataset, split_rows
 
     data = write_sample_catalog(tmp_path / "views", n=30, seed=1, views=4)

@@ -9,10 +9,9 @@ import numpy as np
 import pytest
 from catalog_helpers import write_real_like_table
 
+from phivision.api import prepare, sample
 from phivision.data import load_catalog
 from phivision.data.inspection import hamming, image_facts
-from phivision.data.prepare import prepare
-from phivision.data.sample import sample
 from phivision.data.split import group_key
 from phivision.errors import PhivisionError
 
@@ -105,7 +104,7 @@ def test_sample_like_with_its_own_size_and_split(prepared, tmp_path):
         ({"like": "/nowhere"}, "/nowhere/catalog.parquet: not found"),
         ({"like": ".", "urls_out": "u.csv"}, "--urls-out: not available with --like"),
         ({"like": ".", "views": 3}, "--views: not available with --like"),
-        ({"views": 0}, "--views 0: must be a whole number from 1 to 4"),
+        ({"views": 0}, "--views 0: must be a whole number of photos, at least 1"),
     ],
 )
 def test_bad_sample_arguments(tmp_path, kwargs, message):

@@ -18,9 +18,9 @@ import pytest
 from fault_server import dbq_row, image_bytes
 
 from cli_helpers import run_cli
+from phivision.api import prepare, sample
 from phivision.data import CATALOG_FILE, load_catalog
-from phivision.data.prepare import prepare
-from phivision.data.sample import sample, write_sample_catalog
+from phivision.data.sample import write_sample_catalog
 from phivision.errors import PhivisionError
 from phivision.io import atomic_write_bytes
 

@@ -12,9 +12,10 @@ import pandas as pd
 import pytest
 from fault_server import FaultServer, dbq_row, image_bytes
 
+from phivision.api import prepare
 from phivision.data import load_catalog, to_hf_dataset
 from phivision.data.photos import cell_urls
-from phivision.data.prepare import prepare, summary
+from phivision.data.prepare import summary
 from phivision.errors import PhivisionError
 
 COLOURS = {

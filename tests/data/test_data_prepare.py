@@ -15,9 +15,10 @@ import pytest
 from fault_server import FaultServer, bomb_bytes, dbq_row, image_bytes
 
 from cli_helpers import run_cli
+from phivision.api import prepare
 from phivision.data import load_catalog, load_image
 from phivision.data.download import file_stem, url_hash
-from phivision.data.prepare import prepare, summary
+from phivision.data.prepare import summary
 from phivision.errors import PhivisionError
 
 

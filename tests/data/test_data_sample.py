@@ -11,8 +11,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
+from phivision.api import prepare
 from phivision.data import load_catalog, load_image
-from phivision.data.prepare import prepare
 from phivision.data.sample import (
     CATEGORIES,
     COLORS,
@@ -136,5 +136,5 @@ def test_views_spread_the_cues_over_a_products_photos(tmp_path):
     # the dataset names its views: another --views is another dataset
     with pytest.raises(PhivisionError, match="holds another dataset"):
         write_sample_catalog(tmp_path / "many", n=48, seed=3, views=2)
-    with pytest.raises(PhivisionError, match="--views 5: must be a whole number from 1 to 4"):
+    with pytest.raises(PhivisionError, match="--views 5: must be a whole number of photos, at most 4"):
         write_sample_catalog(tmp_path / "bad", n=4, views=5)

@@ -5,7 +5,8 @@ from __future__ import annotations
 import pandas as pd
 import pytest
 
-from phivision.data.split import assign_splits, group_key, parse_ratios
+from phivision.args import parse_ratios
+from phivision.data.split import assign_splits, group_key
 from phivision.errors import PhivisionError
 
 

@@ -12,9 +12,9 @@ import pandas as pd
 import pytest
 from fault_server import dbq_row, image_bytes
 
+from phivision.api import prepare
 from phivision.data import load_catalog
 from phivision.data.download import url_problem
-from phivision.data.prepare import prepare
 from phivision.netguard import AddressPolicy
 
 

@@ -9,9 +9,9 @@ import pytest
 from eval_helpers import ScriptedHead
 from PIL import Image
 
-from phivision.evaluate.constrain import AnswerConstraint, AnswerGuide, answer_grammar, constraint_name
-from phivision.evaluate.generate import generate_answers
-from phivision.prompt import PromptFormat, format_answer, parse_answer
+from phivision.answer.constrain import AnswerConstraint, AnswerGuide, answer_grammar, constraint_name
+from phivision.answer.generate import generate_answers
+from phivision.answer.prompt import PromptFormat, format_answer, parse_answer
 from phivision.runs import load_model
 
 TEMPLATES = [

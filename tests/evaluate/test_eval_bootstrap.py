@@ -8,13 +8,13 @@ import pytest
 
 import phivision.evaluate.bootstrap as bootstrap_module
 import phivision.evaluate.metrics as metrics_module
+from phivision.answer.prompt import ParsedAnswer
 from phivision.evaluate.bootstrap import (
     bootstrap_intervals,
     paired_difference_intervals,
     resample_counts,
 )
 from phivision.evaluate.metrics import TrainStats, score, summarize
-from phivision.prompt import ParsedAnswer
 
 CATEGORIES = ["Bags", "Coats", "Scarves", "Shirts", "Hats"]
 

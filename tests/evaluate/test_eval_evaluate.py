@@ -11,10 +11,11 @@ import pytest
 from eval_helpers import oracle_answers, write_catalog
 from typer.testing import CliRunner
 
-import phivision.evaluate.generate as generate_module
+import phivision.answer.generate as generate_module
+from phivision.api import evaluate
 from phivision.cli import app, main
+from phivision.data.layout import RunLayout
 from phivision.errors import PhivisionError
-from phivision.evaluate import eval_dir, evaluate
 from phivision.evaluate.metrics import HEADLINE, format_value
 from phivision.runs import load_model
 
@@ -140,7 +141,7 @@ def test_user_errors(loaded, catalog_dir, tmp_path) -> None:
 
 
 def test_eval_dir_layout(tmp_path) -> None:
-    assert eval_dir(tmp_path, "after") == tmp_path / "eval" / "after"
+    assert RunLayout(tmp_path).eval_dir("after") == tmp_path / "eval" / "after"
 
 
 def test_cli_evaluate(tiny_checkpoint, catalog_dir, tmp_path) -> None:

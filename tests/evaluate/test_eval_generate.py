@@ -6,7 +6,7 @@ import pytest
 from eval_helpers import ScriptedHead
 from PIL import Image
 
-from phivision.evaluate.generate import generate_answers
+from phivision.answer.generate import generate_answers
 from phivision.runs import load_model
 
 # Different sizes give different image-token counts, so batches mix prompt lengths and get left padding.

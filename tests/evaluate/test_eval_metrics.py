@@ -10,6 +10,7 @@ import pandas as pd
 import pytest
 
 import phivision.evaluate.metrics as metrics_module
+from phivision.answer.prompt import ParsedAnswer, parse_answer
 from phivision.evaluate.metrics import (
     MISSING_PRICE_MIN_LOG_ERROR,
     ItemScores,
@@ -17,7 +18,6 @@ from phivision.evaluate.metrics import (
     aggregate,
     baseline_metrics,
     best_cells,
-    compute_metrics,
     group_metrics,
     macro_f1,
     per_category,
@@ -25,7 +25,11 @@ from phivision.evaluate.metrics import (
     summarize,
     symmetric_ape,
 )
-from phivision.prompt import ParsedAnswer, parse_answer
+
+
+def compute_metrics(truths, parsed, stats):
+    """All metrics for parsed answers against catalog rows, with the train baselines' headline keys."""
+    return summarize(score(truths, parsed, stats), baseline=baseline_metrics(truths, stats))
 
 
 def frame(rows: list[tuple]) -> pd.DataFrame:

@@ -17,13 +17,15 @@ import pytest
 from eval_helpers import oracle_answers, write_catalog
 from typer.testing import CliRunner
 
-import phivision.evaluate.generate as generate_module
+import phivision.answer.generate as generate_module
+from phivision.api import evaluate
+from phivision.api import report as write_report
 from phivision.cli import app
+from phivision.data.layout import RunLayout
 from phivision.errors import PhivisionError
-from phivision.evaluate import eval_dir, evaluate
 from phivision.evaluate.bootstrap import bootstrap_intervals
 from phivision.evaluate.metrics import HEADLINE, best_cells, format_value, summarize
-from phivision.evaluate.report import GALLERY_SIZE, load_run, write_report
+from phivision.evaluate.report import GALLERY_SIZE, load_run
 from phivision.evaluate.report_inputs import read_predictions
 from phivision.runs import load_model
 from phivision.train.config import load_config
@@ -61,7 +63,7 @@ def run_dir(tmp_path_factory, tiny_checkpoint, sample_dataset) -> Path:
     with pytest.MonkeyPatch.context() as patch:
         for stage, quality in (("before", "poor"), ("after", "good")):
             patch.setattr(generate_module, "generate_answers", oracle_answers(catalog, quality))
-            evaluate(loaded, data, out=eval_dir(run, stage), progress=False)
+            evaluate(loaded, data, out=RunLayout(run).eval_dir(stage), progress=False)
     return run
 
 

@@ -12,7 +12,7 @@ from transformers import AutoModelForCausalLM
 
 import phivision.model  # noqa: F401  (registers phi3_v with the Auto* classes)
 from phivision.model import Phi3VConfig, Phi3VForCausalLM
-from phivision.model.tiny import tiny_config
+from phivision.tiny import tiny_config
 
 DATA = Path(__file__).parent / "data"
 OFFICIAL = ["phi-3-vision-128k-instruct", "phi-3.5-vision-instruct"]

@@ -9,10 +9,10 @@ import pytest
 import torch
 from PIL import Image
 
+from phivision.answer.prompt import PromptFormat, format_answer, prompt_text
 from phivision.model.image_processing_phi3_v import Phi3VImageProcessor
 from phivision.model.processing_phi3_v import Phi3VProcessor
-from phivision.model.tokenizer import build_tiny_tokenizer
-from phivision.prompt import PromptFormat, format_answer, prompt_text
+from phivision.tiny_tokenizer import build_tiny_tokenizer
 
 PROMPT = prompt_text()  # "<|user|>\n<|image_1|>What is shown in this image?<|end|><|assistant|>\n"
 

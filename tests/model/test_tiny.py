@@ -15,6 +15,7 @@ from transformers.models.auto.image_processing_auto import AutoImageProcessor  #
 from typer.testing import CliRunner
 
 import phivision.model  # noqa: F401  (registers phi3_v with the Auto* classes)
+from phivision.answer.prompt import prompt_text
 from phivision.cli import app
 from phivision.errors import PhivisionError
 from phivision.model import (
@@ -25,8 +26,7 @@ from phivision.model import (
     Phi3VImageProcessor,
     Phi3VProcessor,
 )
-from phivision.model.tiny import write_tiny_checkpoint
-from phivision.prompt import prompt_text
+from phivision.tiny import write_tiny_checkpoint
 
 DATA = Path(__file__).parent / "data"
 

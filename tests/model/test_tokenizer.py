@@ -7,7 +7,7 @@ import random
 import pytest
 from transformers import AutoTokenizer
 
-from phivision.model.tokenizer import CHAT_TEMPLATE, PHI3_SPECIAL_TOKENS, build_tiny_tokenizer
+from phivision.tiny_tokenizer import CHAT_TEMPLATE, PHI3_SPECIAL_TOKENS, build_tiny_tokenizer
 
 
 @pytest.fixture(scope="module")

@@ -13,7 +13,7 @@ import uvicorn
 import yaml
 from PIL import Image
 
-from phivision.prompt import PromptFormat
+from phivision.answer.prompt import PromptFormat
 
 # A question other than the default, so tests can see the run's prompt travel through load_model and export.
 RUN_PROMPT = PromptFormat(question="Which product is this?")
@@ -70,7 +70,7 @@ def png_bytes(size: tuple[int, int] = (64, 48), color: tuple[int, int, int] = (2
 
 def forward_logits(model, processor, prompt: PromptFormat, image: Image.Image) -> torch.Tensor:
     """Logits of one prompt + image forward pass (float32), to compare two loadings of the same weights."""
-    from phivision.prompt import prompt_text
+    from phivision.answer.prompt import prompt_text
 
     batch = processor(text=prompt_text(prompt), images=[image], return_tensors="pt")
     with torch.no_grad():
@@ -119,8 +119,8 @@ TAUGHT_ANSWER = "Product: Check Cotton Shirt, Category: shirts, Full Price: 890.
 def teach_answer(base: Path, image: Image.Image, answer: str = TAUGHT_ANSWER, steps: int = 60):
     """A tiny model trained for a few steps on one photo until greedy decoding says ``answer`` for it: a short run
     whose answers parse, so structured answers have real fields to carry. Returns a LoadedModel."""
+    from phivision.answer.prompt import PromptFormat, prompt_text
     from phivision.model import Phi3VForCausalLM, Phi3VProcessor
-    from phivision.prompt import PromptFormat, prompt_text
     from phivision.runs import LoadedModel
 
     torch.manual_seed(0)

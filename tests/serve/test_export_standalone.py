@@ -22,8 +22,8 @@ from safetensors import safe_open
 from standalone_env import CleanEnv, build_once, clean_env
 
 import phivision.model
+from phivision.answer.prompt import prompt_text
 from phivision.model import AUTO_MAP, MODEL_CODE_FILES, Phi3VConfig, Phi3VForCausalLM, Phi3VImageProcessor
-from phivision.prompt import prompt_text
 from phivision.runs import load_model
 from phivision.serve.export import export_run
 
@@ -129,7 +129,7 @@ def phivision_side(short_lora_run: Path, photos: list[Path], shared_dir: Path) -
     """What phivision itself says for the same inputs: the RUN loaded by load_model (adapter merged in-process)."""
     from standalone_check import digest
 
-    from phivision.evaluate.generate import generate_answers
+    from phivision.answer.generate import generate_answers
 
     def build(out: Path) -> None:
         loaded = load_model(short_lora_run, device="cpu", dtype="float32")
@@ -480,7 +480,7 @@ def test_full_size_tensor_names_map_onto_vllm() -> None:
 def test_image_token_arithmetic_at_the_official_size() -> None:
     """At 336 px / 16 crops (vLLM profiles with a 50 x 8000 image): arithmetic == positions the processor writes."""
     from phivision.model import Phi3VProcessor
-    from phivision.model.tokenizer import build_tiny_tokenizer
+    from phivision.tiny_tokenizer import build_tiny_tokenizer
 
     processor = Phi3VProcessor(Phi3VImageProcessor(num_crops=16), build_tiny_tokenizer())
     for width, height in SIZES:

@@ -9,9 +9,10 @@ import pytest
 from serve_helpers import png_bytes
 from typer.testing import CliRunner
 
+from phivision.api import predict
 from phivision.cli import app
 from phivision.errors import PhivisionError
-from phivision.serve.predict import expand_inputs, run_predict
+from phivision.serve.predict import expand_inputs
 
 
 @pytest.fixture()
@@ -56,15 +57,17 @@ def test_predict_cli_writes_json_lines(lora_run: Path, photos: Path, tmp_path: P
 
 def test_predict_to_file_matches_stdout(lora_run: Path, photos: Path, tmp_path: Path) -> None:
     out = tmp_path / "predictions.jsonl"
-    answered, failed = run_predict(lora_run, [photos], out=out, batch_size=3, max_new_tokens=8, device="cpu")
-    assert (answered, failed) == (2, 1)
-    records = [json.loads(line) for line in out.read_text().splitlines()]
-    assert len(records) == 3
-    # Batch size does not change greedy answers.
-    answered_again, _ = run_predict(
-        lora_run, [photos], out=tmp_path / "again.jsonl", batch_size=1, max_new_tokens=8, device="cpu"
+    returned = predict(
+        [photos], lora_run, out=out, batch_size=3, max_new_tokens=8, device="cpu", progress=False
     )
-    assert answered_again == 2
+    assert [("error" in r) for r in returned] == [False, False, True]  # a.png, b.png, broken.png
+    records = [json.loads(line) for line in out.read_text().splitlines()]
+    assert records == returned
+    # Batch size does not change greedy answers.
+    again = predict(
+        [photos], lora_run, out=tmp_path / "again.jsonl", batch_size=1, max_new_tokens=8, device="cpu"
+    )
+    assert sum("error" not in r for r in again) == 2
     assert [json.loads(x) for x in (tmp_path / "again.jsonl").read_text().splitlines()] == records
 
 
@@ -83,4 +86,4 @@ def test_bad_inputs_raise_before_loading(tmp_path: Path) -> None:
     with pytest.raises(PhivisionError, match="no image files"):
         expand_inputs([tmp_path / "empty"])
     with pytest.raises(PhivisionError, match="--batch-size"):
-        run_predict("unused", [tmp_path], batch_size=0)
+        predict([tmp_path], "unused", batch_size=0)

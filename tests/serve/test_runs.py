@@ -10,9 +10,9 @@ import torch
 from PIL import Image
 from serve_helpers import RUN_PROMPT, forward_logits, make_lora_run, write_config
 
+from phivision.answer.prompt import PromptFormat
 from phivision.errors import PhivisionError
 from phivision.model import Phi3VForCausalLM
-from phivision.prompt import PromptFormat
 from phivision.runs import load_model, read_run
 
 IMAGE = Image.new("RGB", (90, 60), (120, 30, 200))

@@ -16,10 +16,11 @@ import pytest
 from serve_helpers import free_port
 
 from cli_helpers import run_cli
+from phivision.args import MAX_PIXELS as SERVE_MAX_PIXELS
+from phivision.args import ServeLimits
 from phivision.data.images import DEFAULT_MAX_PIXELS
 from phivision.errors import PhivisionError
-from phivision.serve.limits import DEFAULT_MAX_PIXELS as SERVE_MAX_PIXELS
-from phivision.serve.limits import ServeLimits, allowed_hosts, check_bind
+from phivision.serve.limits import allowed_hosts, check_bind
 
 
 @pytest.mark.parametrize(

@@ -17,7 +17,7 @@ import pytest
 from serve_helpers import ServerThread, png_bytes
 
 from phivision.runs import LoadedModel, load_model
-from phivision.serve.batcher import MicroBatcher, QueueFull, WorkerStopped
+from phivision.serve.core import MicroBatcher, QueueFull, WorkerStopped
 from phivision.serve.limits import allowed_hosts
 from phivision.serve.server import ServeLimits, create_app
 

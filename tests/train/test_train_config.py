@@ -301,19 +301,21 @@ DOCS = Path(__file__).resolve().parents[2] / "docs" / "config.md"
 
 
 def test_every_config_key_has_a_meaning():
-    from phivision.train.config import TrainConfig, walk_fields
+    from phivision.options import walk_fields
+    from phivision.train.config import TrainConfig
 
     missing = [key for key, _, spec in walk_fields(TrainConfig()) if not spec.get("help")]
     assert not missing, f"config keys without metadata={{'help': ...}}: {missing}"
 
 
 def test_docs_config_md_is_up_to_date():
-    from phivision.train.config import TrainConfig, walk_fields
-    from phivision.train.config_docs import config_reference
+    from phivision.options import walk_fields
+    from phivision.reference import config_reference
+    from phivision.train.config import TrainConfig
 
     expected = config_reference()
     assert DOCS.read_text(encoding="utf-8") == expected, (
-        "docs/config.md is stale: regenerate it with `python scripts/config_docs.py`"
+        "docs/config.md is stale: regenerate it with `python scripts/docs.py`"
     )
     for key, _, _ in walk_fields(TrainConfig()):
         assert f"| `{key}` |" in expected

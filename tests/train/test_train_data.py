@@ -5,10 +5,10 @@ from __future__ import annotations
 import pytest
 import torch
 
+from phivision.answer.prompt import PromptFormat, parse_answer
 from phivision.data import load_catalog
 from phivision.errors import PhivisionError
 from phivision.model.processing_phi3_v import Phi3VProcessor
-from phivision.prompt import PromptFormat, parse_answer
 from phivision.train.data import BatchPlan, ProductDataset, RankBatches, split_rows
 
 

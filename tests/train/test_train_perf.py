@@ -15,11 +15,11 @@ import pytest
 import torch
 from PIL import Image
 
+from phivision.answer.prompt import PromptFormat
 from phivision.data import load_catalog
 from phivision.errors import PhivisionError
 from phivision.model import Phi3VForCausalLM, modeling_phi3_v
 from phivision.model.processing_phi3_v import Phi3VProcessor
-from phivision.prompt import PromptFormat
 from phivision.train import train
 from phivision.train.config import LoraConfig, TrainConfig
 from phivision.train.data import BatchPlan, ProductDataset, make_plan, pack_examples, split_rows

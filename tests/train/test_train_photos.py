@@ -9,13 +9,13 @@ import pytest
 import torch
 import yaml
 
+from phivision.answer.generate import generate_completions
+from phivision.answer.prompt import PromptFormat, prompt_text
+from phivision.api import evaluate
 from phivision.data import load_catalog
 from phivision.data.sample import write_sample_catalog
-from phivision.evaluate import evaluate
-from phivision.evaluate.generate import generate_completions
 from phivision.model import Phi3VForCausalLM
 from phivision.model.processing_phi3_v import Phi3VProcessor
-from phivision.prompt import PromptFormat, prompt_text
 from phivision.runs import load_model
 from phivision.serve.export import export_run
 from phivision.train import train

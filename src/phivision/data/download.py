@@ -37,11 +37,12 @@ from urllib.parse import unquote, urlsplit
 
 import certifi
 import httpx
+from tqdm.auto import tqdm
 
-from phivision.data import defaults
+from phivision.args import Download
 from phivision.data.images import ImageError, check_image
 from phivision.io import WriteError, atomic_write_bytes
-from phivision.netguard import AddressPolicy, BlockedAddress, guarded_async_transport
+from phivision.netguard import BlockedAddress, guarded_async_transport
 
 _HOST = re.compile(r"[A-Za-z0-9._-]+|[0-9A-Fa-f:.]+")  # a host name after IDNA encoding, or an IP address
 USER_AGENT = "phivision-prepare/0.1 (+https://github.com/phivision)"
@@ -54,28 +55,6 @@ SIGNATURES = [
     (b"II*\x00", ".tif"),
     (b"MM\x00*", ".tif"),
 ]
-
-
-@dataclass
-class DownloadConfig:
-    """How politely and how persistently to fetch. Defaults (:mod:`phivision.data.defaults`) suit a CDN."""
-
-    concurrency: int = defaults.CONCURRENCY  # requests in flight overall
-    per_host: int = defaults.PER_HOST  # requests in flight per host
-    connect_timeout: float = defaults.CONNECT_TIMEOUT
-    read_timeout: float = defaults.READ_TIMEOUT  # longest wait for the next bytes
-    download_timeout: float = defaults.DOWNLOAD_TIMEOUT  # deadline of one attempt, first byte to last
-    retries: int = defaults.RETRIES  # extra attempts after the first
-    backoff: float = defaults.BACKOFF  # first retry waits about this long, then doubles (with jitter)
-    max_wait: float = defaults.MAX_WAIT  # cap on any backoff or Retry-After wait
-    max_bytes: int = defaults.MAX_BYTES  # largest file accepted, downloaded or local
-    max_pixels: int | None = defaults.MAX_PIXELS
-    allow_local: bool = False  # accept file:// URLs and local paths (regular files only)
-    policy: AddressPolicy = AddressPolicy()  # which addresses besides the public internet may be fetched
-
-    def __post_init__(self) -> None:
-        if self.concurrency < 1 or self.per_host < 1:
-            raise ValueError("concurrency and per_host must be >= 1")
 
 
 @dataclass
@@ -199,9 +178,7 @@ def _retry_after(response: httpx.Response) -> float | None:
 class Downloader:
     """Fetch ``{url: stem}`` into ``images_dir``. One instance per run; see :func:`download_images`."""
 
-    def __init__(
-        self, images_dir: Path, config: DownloadConfig, on_done: Callable[[Fetched], None] | None = None
-    ):
+    def __init__(self, images_dir: Path, config: Download, on_done: Callable[[Fetched], None] | None = None):
         self.images_dir = images_dir
         self.config = config
         self.on_done = on_done
@@ -403,7 +380,7 @@ def validate_existing(images_dir: Path, name: str, max_pixels: int | None) -> bo
 def download_images(
     jobs: dict[str, str],
     images_dir: str | Path,
-    config: DownloadConfig | None = None,
+    config: Download | None = None,
     progress: bool = True,
 ) -> tuple[dict[str, Fetched], DownloadStats]:
     """Make sure every URL in ``jobs`` (url -> file stem from :func:`file_stem`) has a valid file in
@@ -411,9 +388,7 @@ def download_images(
 
     Returns one :class:`Fetched` per URL and the run's statistics.
     """
-    from tqdm.auto import tqdm
-
-    config = config or DownloadConfig()
+    config = config or Download()
     images_dir = Path(images_dir)
     images_dir.mkdir(parents=True, exist_ok=True)
     on_disk = existing_files(images_dir)

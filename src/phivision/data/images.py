@@ -16,11 +16,12 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
+from phivision.args import MAX_PIXELS
 from phivision.errors import PhivisionError
 
 # 40 megapixels: far above any product photo (and the 336 px crops the model sees), far below a decompression
 # bomb that would exhaust memory.
-DEFAULT_MAX_PIXELS = 40_000_000
+DEFAULT_MAX_PIXELS = MAX_PIXELS
 
 
 class ImageError(PhivisionError):

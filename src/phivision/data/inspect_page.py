@@ -3,25 +3,27 @@ self-contained HTML file with no script and no outside request."""
 
 from __future__ import annotations
 
-import base64
 import datetime
-import io
 from pathlib import Path
 
+import jinja2
+import matplotlib
 import numpy as np
 import pandas as pd
+from matplotlib.figure import Figure
+from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
 
-from phivision.data.inspection import SHOWN, thumbnail
 from phivision.data.layout import SPLITS
+from phivision.data.pages import figure_uri, thumbnail_uri
 
 SPLIT_COLORS = {"train": "#2563eb", "val": "#f59e0b", "test": "#10b981"}
+SHOWN = 24  # examples listed in the HTML per finding (the JSON has counts and more examples)
+THUMBNAIL_PX = 96
 
 
 def render_page(
     result: dict, frame: pd.DataFrame, directory: Path, photos: pd.DataFrame | None = None
 ) -> str:
-    import jinja2
-
     environment = jinja2.Environment(
         loader=jinja2.PackageLoader("phivision.data", "templates"),
         autoescape=True,
@@ -42,19 +44,7 @@ def render_page(
 # ------------------------------------------------------------------------------------------------ plots
 
 
-def _png(figure) -> str:
-    import matplotlib.pyplot as plt
-
-    buffer = io.BytesIO()
-    figure.savefig(buffer, format="png", dpi=100, bbox_inches="tight")
-    plt.close(figure)
-    return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode("ascii")
-
-
 def _plots(result: dict, frame: pd.DataFrame, photos: pd.DataFrame) -> dict:
-    import matplotlib
-
-    matplotlib.use("Agg", force=False)
     plots = {"splits": _split_plot(result), "prices": _price_plots(frame)}
     good = photos[photos["_ok"]].drop_duplicates("image_path")
     if len(good):
@@ -63,12 +53,11 @@ def _plots(result: dict, frame: pd.DataFrame, photos: pd.DataFrame) -> dict:
 
 
 def _split_plot(result: dict) -> str:
-    import matplotlib.pyplot as plt
-
     table = result["splits"]["by_category"]
     names = sorted(table, key=lambda c: sum(table[c].values()))
     height = max(2.5, 0.32 * len(names) + 1.2)
-    figure, axis = plt.subplots(figsize=(7.5, min(height, 40)))
+    figure = Figure(figsize=(7.5, min(height, 40)))
+    axis = figure.subplots()
     left = np.zeros(len(names))
     for split in SPLITS:
         values = np.array([table[c][split] for c in names])
@@ -78,14 +67,11 @@ def _split_plot(result: dict) -> str:
     axis.set_title("rows per category and split")
     axis.legend(loc="lower right")
     axis.tick_params(axis="y", labelsize=8 if len(names) > 20 else 10)
-    return _png(figure)
+    return figure_uri(figure)
 
 
 def _price_plots(frame: pd.DataFrame) -> list[dict]:
     """One box plot per currency: the price distribution of each category, on a log axis."""
-    import matplotlib
-    import matplotlib.pyplot as plt
-
     major, minor = (int(v) for v in matplotlib.__version__.split(".")[:2])
     sideways = {"orientation": "horizontal"} if (major, minor) >= (3, 10) else {"vert": False}
     plots = []
@@ -93,7 +79,8 @@ def _price_plots(frame: pd.DataFrame) -> list[dict]:
         groups = rows.groupby("category")["full_price"]
         names = sorted(groups.groups, key=lambda c: groups.get_group(c).median())
         height = max(2.5, 0.32 * len(names) + 1.2)
-        figure, axis = plt.subplots(figsize=(7.5, min(height, 40)))
+        figure = Figure(figsize=(7.5, min(height, 40)))
+        axis = figure.subplots()
         axis.boxplot(
             [groups.get_group(c).to_numpy() for c in names],
             showfliers=True,
@@ -106,23 +93,20 @@ def _price_plots(frame: pd.DataFrame) -> list[dict]:
         axis.set_xlabel(f"full price ({currency}, log scale)")
         axis.set_title(f"price per category, {currency}")
         axis.tick_params(axis="y", labelsize=8 if len(names) > 20 else 10)
-        plots.append({"currency": str(currency), "src": _png(figure)})
+        plots.append({"currency": str(currency), "src": figure_uri(figure)})
     return plots
 
 
 def _price_ticks(axis) -> None:
     """Plain numbers (1, 2, 5 per decade) and no minor labels, so tick labels never run into each other."""
-    from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
-
     axis.set_major_locator(LogLocator(base=10, subs=(1.0, 2.0, 5.0)))
     axis.set_major_formatter(FuncFormatter(lambda value, _: f"{value:,.10g}"))
     axis.set_minor_formatter(NullFormatter())
 
 
 def _size_plot(good: pd.DataFrame) -> str:
-    import matplotlib.pyplot as plt
-
-    figure, (sizes, aspects) = plt.subplots(1, 2, figsize=(11, 4))
+    figure = Figure(figsize=(11, 4))
+    sizes, aspects = figure.subplots(1, 2)
     files = good.drop_duplicates("image_path")
     for split in SPLITS:
         part = files[files["split"] == split]
@@ -138,7 +122,7 @@ def _size_plot(good: pd.DataFrame) -> str:
     aspects.set_xlabel("aspect ratio, width / height (log scale)")
     aspects.set_ylabel("images")
     aspects.set_title("aspect ratios")
-    return _png(figure)
+    return figure_uri(figure)
 
 
 # ------------------------------------------------------------------------------------------------ thumbnails
@@ -155,7 +139,7 @@ def _pair_thumbnails(result: dict, frame: pd.DataFrame, directory: Path) -> list
                     "row": row,
                     "split": item["split"],
                     "title": item["title"],
-                    "src": thumbnail(directory / item["image_path"]),
+                    "src": thumbnail_uri(directory / item["image_path"], THUMBNAIL_PX),
                 }
             )
         pairs.append({"bits": example["bits"], "same_file": example["same_file"], "sides": sides})
@@ -164,6 +148,6 @@ def _pair_thumbnails(result: dict, frame: pd.DataFrame, directory: Path) -> list
 
 def _shared_thumbnails(result: dict, directory: Path) -> list[dict]:
     return [
-        {**item, "src": thumbnail(directory / item["image_path"])}
+        {**item, "src": thumbnail_uri(directory / item["image_path"], THUMBNAIL_PX)}
         for item in result["placeholders"]["shared_examples"][:SHOWN]
     ]

@@ -17,7 +17,6 @@ perceptual hash and a flatness check) gives ``inspect.json`` and a self-containe
 
 from __future__ import annotations
 
-import base64
 import hashlib
 import io
 import math
@@ -31,14 +30,16 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 from PIL import Image
+from tqdm.auto import tqdm
 
-from phivision.data import defaults
+from phivision.args import MAX_PIXELS, InspectArgs, parse_num_crops
 from phivision.data.duplicates import conflict_groups
+from phivision.data.inspect_page import SHOWN, render_page
 from phivision.data.layout import INSPECT_FILES, SPLITS, load_catalog, sheet_row
-from phivision.data.prices import PLACEHOLDERS, plain
+from phivision.data.prices import PLACEHOLDERS
 from phivision.data.split import group_key
-from phivision.errors import PhivisionError
 from phivision.io import atomic_write_json, atomic_write_text
+from phivision.model.image_processing_phi3_v import Phi3VImageProcessor
 
 HASH_SIDE = 32  # thumbnail side for the DCT hash
 FLAT_STD = 3.0  # a thumbnail whose grey levels vary less than this is a flat (blank) image
@@ -46,7 +47,6 @@ TINY_SIDE = 64  # images smaller than this on a side are outliers
 EXTREME_ASPECT = 4.0  # and so are images longer than this times their width (or the reverse)
 PRICE_OUTLIER_MADS = 4.0  # prices this many robust deviations from the category's median (log scale)
 PLACEHOLDER_ROWS = 3  # one image file shared by at least this many rows with different titles
-SHOWN = 24  # examples listed in the HTML per finding (the JSON has counts and more examples)
 
 
 @dataclass
@@ -64,31 +64,17 @@ class ImageFacts:
 # ------------------------------------------------------------------------------------------------ entry
 
 
-def inspect(
-    data: str | os.PathLike,
-    *,
-    out: str | os.PathLike | None = None,
-    num_crops: str | list[int] = defaults.NUM_CROPS,
-    crop_size: int = defaults.CROP_SIZE,
-    num_img_tokens: int = defaults.NUM_IMG_TOKENS,
-    near_duplicate_bits: int = defaults.NEAR_DUPLICATE_BITS,
-    workers: int | None = None,
-    progress: bool = True,
-) -> dict:
-    """Inspect the dataset ``data``; write ``inspect.html`` (``out``, default ``DATA/inspect.html``) and
-    ``inspect.json`` beside it, and return the JSON's content. Every keyword is the CLI flag of the same name."""
+def inspect(args: InspectArgs, workers: int | None = None) -> dict:
+    """Inspect the dataset ``args.data``; write ``inspect.html`` (``args.out``, default ``DATA/inspect.html``) and
+    ``inspect.json`` beside it, and return the JSON's content. ``args``: every flag of ``phivision inspect``
+    (:class:`InspectArgs`, validated); ``workers``: image-reading threads (default: cores + 1, at most 4)."""
     started = time.perf_counter()
-    crops = parse_num_crops(num_crops)
-    for flag, value in (("--crop-size", crop_size), ("--num-img-tokens", num_img_tokens)):
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise PhivisionError(f"{flag} {plain(value)}: must be a whole number, at least 1")
-    if not isinstance(near_duplicate_bits, int) or not 0 <= near_duplicate_bits <= 32:
-        raise PhivisionError(f"--near-duplicate-bits {plain(near_duplicate_bits)}: must be 0 to 32")
-    data = Path(data)
-    html_path = Path(out) if out is not None else data / INSPECT_FILES[0]
+    crops = parse_num_crops(args.num_crops)
+    data, crop_size, num_img_tokens = args.data, args.crop_size, args.num_img_tokens
+    html_path = args.out if args.out is not None else data / INSPECT_FILES[0]
     catalog = load_catalog(data, check_images=False)
     every_photo = pd.Series([p for paths in catalog["image_paths"] for p in paths], dtype=object)
-    facts = scan_images(data, every_photo, workers=workers, progress=progress)
+    facts = scan_images(data, every_photo, workers=workers, progress=args.progress)
     frame = _with_facts(catalog, facts)
     photos = photo_frame(catalog, facts)
     scanned = time.perf_counter()
@@ -101,14 +87,12 @@ def inspect(
         "photos": photo_summary(photos),
         "images": image_summary(photos),
         "tokens": token_costs(frame, crops, crop_size, num_img_tokens, photos),
-        "near_duplicates": near_duplicates(frame, near_duplicate_bits),
+        "near_duplicates": near_duplicates(frame, args.near_duplicate_bits),
         "variants": variant_groups(frame),
         "conflicts": conflicts(frame),
         "placeholders": placeholders(frame),
         "outliers": outliers(frame),
     }
-    from phivision.data.inspect_page import render_page
-
     found = time.perf_counter()
     result["seconds"] = round(found - started, 3)  # updated below, once the page is written
     page = render_page(result, frame, data, photos)
@@ -126,25 +110,12 @@ def inspect(
     return result
 
 
-def parse_num_crops(value: str | list[int]) -> list[int]:
-    """``"1,4,8,16"`` -> ``[1, 4, 8, 16]``; one ``error:`` line naming ``--num-crops`` otherwise."""
-    try:
-        crops = [int(v) for v in (value.split(",") if isinstance(value, str) else value)]
-    except (TypeError, ValueError):
-        raise PhivisionError(f"--num-crops {value!r}: expected whole numbers such as 1,4,16") from None
-    if not crops or any(c < 1 for c in crops):
-        raise PhivisionError(f"--num-crops {value!r}: every value must be at least 1")
-    return sorted(set(crops))
-
-
 # ------------------------------------------------------------------------------------------------ images
 
 
 def scan_images(directory: Path, paths: pd.Series, workers: int | None = None, progress: bool = True) -> dict:
     """``{image_path: ImageFacts}`` for every distinct path, read by a few threads (Pillow decodes outside
     the GIL)."""
-    from tqdm.auto import tqdm
-
     unique = list(dict.fromkeys(paths))
     workers = workers or min(4, (os.cpu_count() or 2) + 1)
     with ThreadPoolExecutor(max_workers=workers) as pool:
@@ -164,7 +135,7 @@ def image_facts(path: Path) -> ImageFacts:
     try:
         with Image.open(io.BytesIO(data)) as image:
             facts.width, facts.height = image.size
-            if facts.width * facts.height > defaults.MAX_PIXELS:
+            if facts.width * facts.height > MAX_PIXELS:
                 facts.error = "too_many_pixels"
                 return facts
             image.draft("L", (HASH_SIDE * 2, HASH_SIDE * 2))
@@ -332,8 +303,6 @@ def token_costs(
     """Image tokens per sample for each ``num_crops`` with the model's own geometry, and the image tokens of
     one epoch over the train split (what a training run pays per epoch, before the text): ``by_num_crops`` for
     the first photo, ``by_max_images`` for a product's first N photos in one prompt (``data.max_images``)."""
-    from phivision.model.image_processing_phi3_v import Phi3VImageProcessor  # torch: only here
-
     processors = {
         n: Phi3VImageProcessor(num_crops=n, crop_size=crop_size, num_img_tokens=num_img_tokens) for n in crops
     }
@@ -535,17 +504,3 @@ def outliers(frame: pd.DataFrame) -> dict:
             for i, r in bad.head(SHOWN).iterrows()
         ],
     }
-
-
-def thumbnail(path: Path, side: int = 96) -> str | None:
-    """A small JPEG of ``path`` as a data URI (None when unreadable)."""
-    try:
-        with Image.open(path) as image:
-            image.draft("RGB", (side * 2, side * 2))
-            image = image.convert("RGB")
-            image.thumbnail((side, side))
-            buffer = io.BytesIO()
-            image.save(buffer, format="JPEG", quality=80)
-    except Exception:
-        return None
-    return "data:image/jpeg;base64," + base64.b64encode(buffer.getvalue()).decode("ascii")

@@ -1,4 +1,5 @@
-"""The dataset layout every part reads: ``DIR/catalog.parquet``, ``DIR/images/``, ``DIR/prepare_report.json``.
+"""The two directory layouts every part reads and writes: a dataset (``DIR/catalog.parquet``, ``DIR/images/``,
+``DIR/prepare_report.json``) and a training run (:class:`RunLayout`).
 
 A product has one or more photos, in order: ``image_paths`` (a list column) holds them all and ``image_path`` the
 first, so a reader that knows one photo per product reads every dataset, and a dataset written before
@@ -13,22 +14,109 @@ import json
 import os
 import shutil
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path, PurePosixPath, PureWindowsPath
 
 import numpy as np
 import pandas as pd
 
+from phivision.args import SPLITS
 from phivision.data.prices import plain
 from phivision.errors import PhivisionError
 
 CATALOG_FILE = "catalog.parquet"
 IMAGES_DIR = "images"
 REPORT_FILE = "prepare_report.json"
-SPLITS = ("train", "val", "test")
 REQUIRED_COLUMNS = ("product_code", "title", "category", "full_price", "currency", "image_path", "split")
 TEXT_COLUMNS = ("product_code", "title", "category", "currency", "image_path", "split")
 IMAGE_PATHS = "image_paths"  # every photo of the product, in order (optional: absent = [image_path])
 INSPECT_FILES = ("inspect.html", "inspect.json")  # written by `phivision inspect` beside the catalog
+
+
+@dataclass(frozen=True)
+class RunLayout:
+    """Every file of a training RUN directory, named once: ``train`` writes them; ``evaluate``, ``report``,
+    ``predict``, ``serve``, ``export`` and the demo read them::
+
+        RUN/config.yaml              the resolved training config (what `train --print-config` prints)
+        RUN/labels.json              the train split's categories and the catalog's currency (constrained answers)
+        RUN/adapter/  or  RUN/model/ the LoRA/QLoRA adapter (PEFT files), or the full fine-tune's weights
+        RUN/processor/               the processor the run trained with
+        RUN/trainer_state.json       steps, the best metric and its step, every evaluation
+        RUN/metrics.jsonl            one line per logged training step and per evaluation
+        RUN/checkpoints/step-N/      resumable checkpoints (each with its own trainer_state.json)
+        RUN/eval/<stage>/            one evaluation (before, after, ...): metrics.json + predictions.jsonl
+        RUN/report.html              `phivision report --run RUN`
+    """
+
+    root: Path
+
+    CONFIG = "config.yaml"
+    LABELS = "labels.json"
+    ADAPTER = "adapter"
+    MODEL = "model"
+    PROCESSOR = "processor"
+    TRAINER_STATE = "trainer_state.json"
+    METRICS_LOG = "metrics.jsonl"
+    CHECKPOINTS = "checkpoints"
+    EVAL = "eval"
+    EVAL_METRICS = "metrics.json"
+    EVAL_PREDICTIONS = "predictions.jsonl"
+    REPORT = "report.html"
+
+    def __init__(self, root: str | os.PathLike) -> None:
+        object.__setattr__(self, "root", Path(root))
+
+    @property
+    def config(self) -> Path:
+        return self.root / self.CONFIG
+
+    @property
+    def labels(self) -> Path:
+        return self.root / self.LABELS
+
+    @property
+    def adapter(self) -> Path:
+        return self.root / self.ADAPTER
+
+    @property
+    def model(self) -> Path:
+        return self.root / self.MODEL
+
+    @property
+    def processor(self) -> Path:
+        return self.root / self.PROCESSOR
+
+    @property
+    def trainer_state(self) -> Path:
+        return self.root / self.TRAINER_STATE
+
+    @property
+    def metrics_log(self) -> Path:
+        return self.root / self.METRICS_LOG
+
+    @property
+    def checkpoints(self) -> Path:
+        return self.root / self.CHECKPOINTS
+
+    @property
+    def evals(self) -> Path:
+        return self.root / self.EVAL
+
+    @property
+    def report(self) -> Path:
+        return self.root / self.REPORT
+
+    def checkpoint(self, step: int) -> Path:
+        return self.checkpoints / f"step-{step}"
+
+    def eval_dir(self, stage: str) -> Path:
+        """Where one evaluation lives: ``RUN/eval/<stage>/`` (stages: ``before``, ``after``)."""
+        return self.evals / stage
+
+    def is_run(self) -> bool:
+        """A finished (or checkpointed) training run: its config and its weights, adapter or full model."""
+        return self.config.is_file() and (self.adapter.is_dir() or self.model.is_dir())
 
 
 def sheet_row(index: int) -> int:

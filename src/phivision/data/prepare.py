@@ -13,19 +13,20 @@ product row 2 (JSON Lines sources: line numbers).
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import re
 import time
 from collections import Counter
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
 
 import pandas as pd
 
-from phivision.data import defaults
-from phivision.data.download import DownloadConfig, download_images, file_stem
+from phivision.args import Columns, PrepareArgs, split_ratios
+from phivision.data.download import download_images, file_stem
 from phivision.data.duplicates import resolve_conflicts
 from phivision.data.layout import (
     CATALOG_FILE,
@@ -46,10 +47,10 @@ from phivision.data.photos import (
     row_photos,
 )
 from phivision.data.prices import Price, cell_text, decide_convention, plain, read_price
-from phivision.data.split import assign_splits, parse_ratios
+from phivision.data.split import assign_splits
 from phivision.errors import PhivisionError
 from phivision.io import atomic_write_json, atomic_write_parquet
-from phivision.netguard import AddressPolicy
+from phivision.options import flag_name
 
 TABLE_SUFFIXES = (".csv", ".tsv", ".parquet", ".pq", ".jsonl", ".ndjson", ".json")
 CONFLICT_KEYS = ("product_code", "image_url")
@@ -63,34 +64,6 @@ INTERNAL_COLUMNS = ("_source", "_row", "_order", "_url", "_photos", "_problems",
 ROW_NUMBERS = (
     "as a spreadsheet shows the table: the header is row 1, the first product row 2 (JSON Lines: line)"
 )
-
-
-@dataclass(frozen=True)
-class Columns:
-    """Which source column holds each field. Defaults fit the DBQ ``<Brand>.Product.prices.<Country>`` sets.
-    ``image_url`` may name several columns: a product's photos are their URLs in column order."""
-
-    title: str = defaults.TITLE_COL
-    category: str = defaults.CATEGORY_COL
-    price: str = defaults.PRICE_COL
-    image_url: str | tuple[str, ...] = defaults.IMAGE_COL
-    product_code: str = defaults.CODE_COL
-    currency: str = defaults.CURRENCY_COL
-
-    @property
-    def image_columns(self) -> tuple[str, ...]:
-        return (self.image_url,) if isinstance(self.image_url, str) else tuple(self.image_url)
-
-    def flags(self) -> dict[str, str]:
-        """field -> the CLI flag that maps it (for error messages)."""
-        return {
-            "title": "--title-col",
-            "category": "--category-col",
-            "price": "--price-col",
-            "image_url": "--image-col",
-            "product_code": "--code-col",
-            "currency": "--currency-col",
-        }
 
 
 # ------------------------------------------------------------------------------------------------- reading
@@ -249,13 +222,16 @@ def check_table(frame: pd.DataFrame, label: str, columns: Columns, currency: str
     """Whole-table mistakes that no row-by-row cleaning can fix: raise a one-line PhivisionError."""
     if len(frame) == 0:
         raise PhivisionError(f"{label}: empty table (no rows)")
-    fields = [(f, c) for f, c in asdict(columns).items() if f != "image_url"]
-    fields += [("image_url", c) for c in columns.image_columns]
+    fields = columns.by_field()
+    # field -> option: the column options come first in the group, in by_field's order
+    names = [f.name for f in dataclasses.fields(columns)][: len(fields)]
+    options = dict(zip(fields, names, strict=True))
     if currency is not None:
-        fields = [(f, c) for f, c in fields if f != "currency"]
-    for field, column in fields:
+        fields.pop("currency")
+    pairs = [(f, c) for f, named in fields.items() for c in ([named] if isinstance(named, str) else named)]
+    for field, column in pairs:
         if column not in frame.columns:
-            flag = columns.flags()[field]
+            flag = flag_name(options[field])
             hint = " or pass --currency" if field == "currency" else ""
             raise PhivisionError(
                 f"{label}: column '{column}' not found (set {flag}{hint}); columns: {', '.join(map(str, frame.columns))}"
@@ -304,37 +280,38 @@ def clean_rows(
     columns: Columns,
     currency: str | None,
     allow_local: bool,
-    decimal_comma: bool | None = None,
-    max_price: float = defaults.MAX_PRICE,
-    image_sep: str | None = None,
-    group_by_code: bool = False,
+    decimal_comma: bool | None,
+    max_price: float,
 ) -> tuple[pd.DataFrame, list[dict], dict, pd.DataFrame, list[dict]]:
     """Map and clean one source's rows. Returns the usable rows (with ``_source``, ``_row``, ``_url``, and
     ``_photos``/``_problems``: the row's usable photos and the photos refused, see :mod:`phivision.data.photos`),
     one dict per dropped row with its reason, the source's price-reading summary, the image rows (with
-    ``group_by_code``: rows holding only a product code and photos, which join their product) and the photos
-    of dropped rows that were refused.
+    ``columns.group_by_code``: rows holding only a product code and photos, which join their product) and the
+    photos of dropped rows that were refused.
 
     A row without a usable photo is dropped here, unless ``group_by_code`` (another row of its code may have one).
     """
+    group_by_code = columns.group_by_code
     check_table(frame, label, columns, currency)
     _, numbers = row_numbers(frame)
     frame = frame.reset_index(drop=True)
-    cells = list(frame[list(columns.image_columns)].itertuples(index=False, name=None))
-    text_columns = [c for f, c in asdict(columns).items() if f not in ("price", "image_url")]
+    cells = list(frame[list(columns.image_col)].itertuples(index=False, name=None))
+    text_columns = [c for f, c in columns.by_field().items() if f not in ("price", "image_url")]
     frame = normalise_types(frame, text_columns)
-    currencies = pd.Series(currency, index=frame.index) if currency is not None else frame[columns.currency]
-    prices, price_entry = read_prices(frame, label, columns.price, currencies, decimal_comma, max_price)
+    currencies = (
+        pd.Series(currency, index=frame.index) if currency is not None else frame[columns.currency_col]
+    )
+    prices, price_entry = read_prices(frame, label, columns.price_col, currencies, decimal_comma, max_price)
     out = frame.drop(columns=[c for c in REQUIRED_COLUMNS if c in frame.columns], errors="ignore")
-    out.insert(0, "product_code", frame[columns.product_code])
-    out.insert(1, "title", frame[columns.title])
-    out.insert(2, "category", frame[columns.category])
+    out.insert(0, "product_code", frame[columns.code_col])
+    out.insert(1, "title", frame[columns.title_col])
+    out.insert(2, "category", frame[columns.category_col])
     out.insert(3, "full_price", pd.Series([p.value for p in prices], index=frame.index, dtype="float64"))
     out.insert(4, "currency", currencies)
     out["_source"] = label
     out["_row"] = numbers
     found = [
-        row_photos(row_cells, number, code, label, image_sep, allow_local)
+        row_photos(row_cells, number, code, label, columns.image_sep, allow_local)
         for row_cells, number, code in zip(cells, numbers, out["product_code"], strict=True)
     ]
     out["_photos"] = pd.Series([f.photos for f in found], index=out.index, dtype=object)
@@ -411,122 +388,33 @@ def _dropped_product(product: pd.Series, reason: str, detail: str) -> list[dict]
     ]
 
 
-def image_columns(image_col: str | Sequence[str]) -> str | tuple[str, ...]:
-    """``--image-col`` given once (a name) or repeated (names, each once): one line naming the flag otherwise."""
-    names = [image_col] if isinstance(image_col, str) else list(image_col)
-    if not names or any(not isinstance(n, str) or not n.strip() for n in names):
-        raise PhivisionError(f"--image-col {image_col!r}: give one or more column names")
-    repeated = sorted({n for n in names if names.count(n) > 1})
-    if repeated:
-        raise PhivisionError(f"--image-col {', '.join(repeated)}: named more than once")
-    return names[0] if len(names) == 1 else tuple(names)
-
-
 # ------------------------------------------------------------------------------------------------ pipeline
 
 
-def prepare(
-    source: str | Sequence[str],
-    out: str | Path,
-    *,
-    title_col: str = defaults.TITLE_COL,
-    category_col: str = defaults.CATEGORY_COL,
-    price_col: str = defaults.PRICE_COL,
-    image_col: str | Sequence[str] = defaults.IMAGE_COL,
-    code_col: str = defaults.CODE_COL,
-    currency_col: str = defaults.CURRENCY_COL,
-    currency: str | None = None,
-    decimal_comma: bool | None = None,
-    max_price: float = defaults.MAX_PRICE,
-    image_sep: str | None = None,
-    group_by_code: bool = False,
-    hub_split: str | None = defaults.HUB_SPLIT,
-    hub_config: str | None = None,
-    revision: str | None = None,
-    split: str | Sequence[float] = defaults.SPLIT,
-    seed: int = defaults.PREPARE_SEED,
-    limit: int | None = None,
-    concurrency: int = defaults.CONCURRENCY,
-    per_host: int = defaults.PER_HOST,
-    connect_timeout: float = defaults.CONNECT_TIMEOUT,
-    read_timeout: float = defaults.READ_TIMEOUT,
-    download_timeout: float = defaults.DOWNLOAD_TIMEOUT,
-    retries: int = defaults.RETRIES,
-    backoff: float = defaults.BACKOFF,
-    max_wait: float = defaults.MAX_WAIT,
-    max_bytes: int = defaults.MAX_BYTES,
-    max_pixels: int = defaults.MAX_PIXELS,
-    allow_local: bool = False,
-    overwrite: bool = False,
-    progress: bool = True,
-    policy: AddressPolicy | None = None,
-) -> dict:
-    """Build the dataset in ``out`` from one or more product tables and return the report (also written to
-    ``out/prepare_report.json``). Every keyword is the CLI flag of the same name (``phivision prepare --help``).
+def prepare(args: PrepareArgs) -> dict:
+    """Build the dataset in ``args.out`` from one or more product tables and return the report (also written to
+    ``out/prepare_report.json``). ``args`` holds every flag of ``phivision prepare`` (:class:`PrepareArgs`),
+    validated.
 
     Rerunning with the same sources resumes: every image already downloaded is re-validated and reused. An
-    ``out`` holding another dataset is refused unless ``overwrite``. ``decimal_comma`` True/False fixes the
-    price columns' decimal mark (None: each column's majority decides).
+    ``out`` holding another dataset is refused unless ``overwrite``. ``prices.decimal_comma`` True/False fixes the
+    price columns' decimal mark (None: each column's majority decides). ``download.policy`` (Python only) sets
+    which addresses besides the public internet may be fetched (default: loopback and private networks yes,
+    link-local and cloud metadata never).
 
-    Several photos per product: ``image_col`` may name several columns (their URLs in column order); a cell may
-    hold a list (a JSON array, a parquet list, or text split on ``image_sep``); with ``group_by_code`` the rows
-    of one product code are one product, their photos in row order (a row with only a code and photos adds its
-    photos to its code's product). Every photo is downloaded and checked; a product keeps its valid photos in
-    source order and is dropped only when none is valid; the report lists every photo left out.
-
-    ``policy`` (Python only) sets which addresses besides the public internet may be fetched (default: loopback
-    and private networks yes, link-local and cloud metadata never).
-
-    Raises PhivisionError for a bad flag, a table that cannot be used, a disk that cannot be written, or when
-    no row survives (after writing the report).
+    Raises PhivisionError for a table that cannot be used, a disk that cannot be written, or when no row
+    survives (after writing the report).
     """
     start = time.perf_counter()
-    sources = [source] if isinstance(source, (str, Path)) else list(source)
-    sources = [str(s) for s in sources]
-    if not sources:
-        raise PhivisionError("--source: give at least one table or hub dataset")
-    ratios = parse_ratios(split)
-    download = download_config(
-        concurrency=concurrency,
-        per_host=per_host,
-        connect_timeout=connect_timeout,
-        read_timeout=read_timeout,
-        download_timeout=download_timeout,
-        retries=retries,
-        backoff=backoff,
-        max_wait=max_wait,
-        max_bytes=max_bytes,
-        max_pixels=max_pixels,
-        allow_local=allow_local,
-        policy=policy,
-    )
-    check_positive("--max-price", max_price)
-    if limit is not None and limit < 1:
-        raise PhivisionError(f"--limit {limit}: must be at least 1")
-    columns = Columns(title_col, category_col, price_col, image_columns(image_col), code_col, currency_col)
-    if image_sep is not None and (not isinstance(image_sep, str) or not image_sep):
-        raise PhivisionError(f"--image-sep {image_sep!r}: must be a non-empty separator such as '|'")
-    out = Path(out)
+    sources, out, download, prices = [str(s) for s in args.source], args.out, args.download, args.prices
+    ratios = split_ratios(args.split)
     identity = dataset_identity("prepare", sources)
-    claim_out(out, identity, sources, overwrite)
+    claim_out(out, identity, sources, args.overwrite)
 
-    rows, dropped, per_source, price_report, image_rows, refused = read_sources(
-        sources,
-        columns,
-        currency,
-        hub_split,
-        hub_config,
-        revision,
-        limit,
-        download.allow_local,
-        decimal_comma,
-        max_price,
-        image_sep,
-        group_by_code,
-    )
+    rows, dropped, per_source, price_report, image_rows, refused = read_sources(sources, args)
     rows, duplicate_drops, conflicts = drop_duplicates(rows)
     dropped += duplicate_drops
-    if group_by_code:
+    if args.columns.group_by_code:
         rows, more_drops, more_refused = merge_products(rows, image_rows)
         dropped += more_drops
         refused += more_refused
@@ -541,7 +429,7 @@ def prepare(
     for code, photos in zip(rows["product_code"], rows["_photos"], strict=True):
         for photo in photos:
             jobs.setdefault(photo.url, file_stem(code, photo.url))
-    fetched, stats = download_images(jobs, out / IMAGES_DIR, download, progress=progress)
+    fetched, stats = download_images(jobs, out / IMAGES_DIR, download, progress=args.progress)
     outcome = keep_valid_photos(rows, fetched, IMAGES_DIR)
     refused += outcome.dropped_photos
     for position, (why, detail) in outcome.product_reasons.items():
@@ -560,15 +448,13 @@ def prepare(
     report["images"] = {**_image_report(jobs, fetched, stats), **photos_report(kept_paths, refused)}
     report["dropped_images"] = refused
     report["options"] = {
-        "columns": asdict(columns),
-        "currency": currency,
-        "decimal_comma": decimal_comma,
-        "max_price": max_price,
-        "image_sep": image_sep,
-        "group_by_code": group_by_code,
+        "columns": args.columns.by_field(),
+        "currency": prices.currency,
+        "decimal_comma": prices.decimal_comma,
+        "max_price": prices.max_price,
         "split": list(ratios),
-        "seed": seed,
-        "limit": limit,
+        "seed": args.seed,
+        "limit": args.limit,
         "download": {k: v for k, v in asdict(download).items() if k != "policy"},
         "address_policy": asdict(download.policy),
     }
@@ -577,7 +463,7 @@ def prepare(
         atomic_write_json(out / REPORT_FILE, report)
         raise PhivisionError(f"no product survived cleaning and download; see {out / REPORT_FILE}")
 
-    catalog.insert(6, "split", assign_splits(catalog, ratios, seed=seed))
+    catalog.insert(6, "split", assign_splits(catalog, ratios, seed=args.seed))
     catalog.insert(7, IMAGE_PATHS, pd.Series(kept_paths, dtype=object))
     dropped_counts = Counter(d["source"] for d in dropped)
     for entry in per_source:
@@ -594,53 +480,29 @@ def prepare(
     return report
 
 
-def check_positive(flag: str, value: float, minimum: float = 0.0, at_least: bool = False) -> None:
-    """One ``error:`` line for a numeric flag out of range (plain values, never a numpy repr)."""
-    value = plain(value)
-    bad = (value < minimum) if at_least else not (value > minimum)
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or bad or value != value:
-        bound = f"at least {minimum:g}" if at_least else f"greater than {minimum:g}"
-        raise PhivisionError(f"{flag} {value}: must be {bound}")
-
-
-def download_config(policy: AddressPolicy | None = None, **options) -> DownloadConfig:
-    """A :class:`DownloadConfig` from flag values, each checked with a one-line error naming its flag."""
-    for name in ("concurrency", "per_host", "max_bytes", "max_pixels"):
-        check_positive(f"--{name.replace('_', '-')}", options[name], 1, at_least=True)
-    for name in ("connect_timeout", "read_timeout", "download_timeout"):
-        check_positive(f"--{name.replace('_', '-')}", options[name])
-    for name in ("retries", "backoff", "max_wait"):
-        check_positive(f"--{name.replace('_', '-')}", options[name], 0, at_least=True)
-    return DownloadConfig(**options, policy=policy or AddressPolicy())
-
-
 def read_sources(
-    sources: Sequence[str],
-    columns: Columns,
-    currency: str | None,
-    hub_split: str | None,
-    hub_config: str | None,
-    revision: str | None,
-    limit: int | None,
-    allow_local: bool,
-    decimal_comma: bool | None,
-    max_price: float,
-    image_sep: str | None = None,
-    group_by_code: bool = False,
+    sources: Sequence[str], args: PrepareArgs
 ) -> tuple[pd.DataFrame, list[dict], list[dict], dict, pd.DataFrame, list[dict]]:
     """Read, check and clean every source (all of them before any download). Returns the usable rows, the
     dropped rows, the per-source counts, the per-source price reading, the image rows (``group_by_code``) and
     the photos refused in dropped rows (see :func:`clean_rows`)."""
     kept, dropped, per_source, prices, image_rows, refused = [], [], [], {}, [], []
+    limit, price = args.limit, args.prices
     for order, source in enumerate(sources):
-        frame = read_source(source, hub_split, hub_config, revision)
+        frame = read_source(source, args.hub_split, args.hub_config, args.revision)
         if limit is not None:
             lines = frame.attrs.get("line_numbers")
             frame = frame.head(limit)
             if lines is not None:
                 frame.attrs["line_numbers"] = lines[:limit]
         good, bad, price_entry, extra, bad_photos = clean_rows(
-            frame, source, columns, currency, allow_local, decimal_comma, max_price, image_sep, group_by_code
+            frame,
+            source,
+            args.columns,
+            price.currency,
+            args.download.allow_local,
+            price.decimal_comma,
+            price.max_price,
         )
         kept.append(good.assign(_order=order))
         image_rows.append(extra.assign(_order=order))

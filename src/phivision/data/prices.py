@@ -1,6 +1,6 @@
 """THE catalog price parser: the prices of a product table, read right or dropped with a reason.
 
-Separate from the answer parser (:func:`phivision.prompt.parse_price`), which reads a model's answer and may be
+Separate from the answer parser (:func:`phivision.answer.prompt.parse_price`), which reads a model's answer and may be
 lenient. A catalog price becomes a training label, so this parser never guesses and never changes a magnitude:
 
 * currency symbols and codes may stand on either side (``$1,290.00``, ``1.290,00 €``, ``USD 1290``, ``R$ 10``);
@@ -27,7 +27,8 @@ import unicodedata
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
-from phivision.data.defaults import MAX_PRICE
+from phivision.args import MAX_PRICE
+from phivision.options import plain
 
 # values that catalogs put where a field is unknown
 PLACEHOLDERS = frozenset(
@@ -229,17 +230,6 @@ class Convention:
             "decided_by": self.decided_by,
             "evidence": {"comma": self.comma, "point": self.point},
         }
-
-
-def plain(value: object) -> object:
-    """A cell as a plain Python value for messages and JSON: ``np.float64(-3.0)`` -> ``-3.0``."""
-    item = getattr(value, "item", None)
-    if callable(item) and not isinstance(value, (str, bytes)):
-        try:
-            return item()
-        except (TypeError, ValueError):
-            return value
-    return value
 
 
 def cell_text(value: object) -> str | None:

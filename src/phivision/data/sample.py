@@ -37,12 +37,12 @@ from pathlib import Path
 import pandas as pd
 from PIL import Image, ImageChops, ImageDraw, ImageFilter, ImageOps
 
-from phivision.data import defaults
+from phivision.args import SAMPLE_N, SAMPLE_VIEWS_MAX, SPLIT, SampleArgs, split_ratios
 from phivision.data.layout import CATALOG_FILE, IMAGES_DIR, REPORT_FILE, SPLITS, claim_out, dataset_identity
-from phivision.data.prices import plain
-from phivision.data.split import assign_splits, parse_ratios
-from phivision.errors import PhivisionError
+from phivision.data.like import backdrop_of, products_like, profile_dataset, shape_of
+from phivision.data.split import assign_splits
 from phivision.io import WriteError, atomic_write_json, atomic_write_parquet, atomic_write_text
+from phivision.options import check_option
 
 # category3_code: (category1_code, category2_code, noun in the title, base price in USD)
 CATEGORIES = {
@@ -74,7 +74,7 @@ BACKDROPS = {
     "watches": (196, 188, 226),
 }
 PATTERN_INK = (250, 250, 250)
-MAX_VIEWS = 4  # front, detail, back, packshot
+MAX_VIEWS = SAMPLE_VIEWS_MAX  # front, detail, back, packshot
 # The front view's silhouette: two departments share each one, so the front alone leaves the category open.
 FRONT_SHAPES = {
     "bags": "bags",
@@ -329,13 +329,13 @@ def sample_products(n: int, seed: int = 0, views: int = 1) -> list[dict]:
 
 def write_sample_catalog(
     out: str | Path,
-    n: int = defaults.SAMPLE_N,
-    seed: int = defaults.SAMPLE_SEED,
+    n: int = SAMPLE_N,
+    seed: int = 0,
     split: tuple[float, float, float] = (0.8, 0.1, 0.1),
     urls_out: str | Path | None = None,
-    base_url: str = defaults.BASE_URL,
+    base_url: str = "http://127.0.0.1:8000",
     overwrite: bool = False,
-    views: int = defaults.SAMPLE_VIEWS,
+    views: int = 1,
 ) -> Path:
     """Write ``n`` synthetic products to ``out`` in the dataset layout and return ``out``. With ``views`` > 1 each
     product has 1 to ``views`` photos (front, detail, back, packshot; see the module docstring).
@@ -379,7 +379,7 @@ def write_like_catalog(
     out: str | Path,
     like: str | Path,
     n: int | None = None,
-    seed: int = defaults.SAMPLE_SEED,
+    seed: int = 0,
     split: tuple[float, float, float] | None = None,
     overwrite: bool = False,
 ) -> Path:
@@ -387,8 +387,6 @@ def write_like_catalog(
     categories and proportions, per-category prices, title patterns, photos per product, image sizes and split
     ratios, but not one of its titles or images. ``n`` defaults to the size of ``like``, ``split`` to its
     ratios."""
-    from phivision.data.like import backdrop_of, products_like, profile_dataset, shape_of
-
     profile = profile_dataset(like)
     n = check_count(sum(c.rows for c in profile.categories.values()) if n is None else n)
     ratios = split if split is not None else profile.split_ratios
@@ -424,56 +422,35 @@ def write_like_catalog(
     return out
 
 
-def sample(
-    out: str | Path,
-    *,
-    n: int | None = None,
-    seed: int = defaults.SAMPLE_SEED,
-    split: str | None = None,
-    urls_out: str | Path | None = None,
-    base_url: str = defaults.BASE_URL,
-    like: str | Path | None = None,
-    overwrite: bool = False,
-    views: int = defaults.SAMPLE_VIEWS,
-) -> Path:
-    """``phivision sample``: every keyword is the CLI flag of the same name. ``n`` defaults to 600, or with
-    ``like`` to the size of that dataset; ``split`` to 0.8,0.1,0.1, or with ``like`` to that dataset's ratios.
-    ``views``: the most photos per product (1 to 4; with ``like``, the photos per product are that dataset's)."""
-    if like is not None:
-        if urls_out is not None:
-            raise PhivisionError("--urls-out: not available with --like")
-        if views != defaults.SAMPLE_VIEWS:
-            raise PhivisionError("--views: not available with --like (the photos per product are copied)")
-        ratios = parse_ratios(split) if split is not None else None
-        return write_like_catalog(out, like, n=n, seed=seed, split=ratios, overwrite=overwrite)
-    ratios = parse_ratios(split if split is not None else defaults.SPLIT)
-    n = defaults.SAMPLE_N if n is None else n
+def sample(args: SampleArgs) -> Path:
+    """``phivision sample`` (:class:`SampleArgs`, validated). ``n`` defaults to 600, or with ``like`` to the size
+    of that dataset; ``split`` to 0.8,0.1,0.1, or with ``like`` to that dataset's ratios; ``views``: the most
+    photos per product (with ``like``, the photos per product are that dataset's)."""
+    if args.like is not None:
+        ratios = split_ratios(args.split) if args.split is not None else None
+        return write_like_catalog(
+            args.out, args.like, n=args.n, seed=args.seed, split=ratios, overwrite=args.overwrite
+        )
     return write_sample_catalog(
-        out,
-        n=n,
-        seed=seed,
-        split=ratios,
-        urls_out=urls_out,
-        base_url=base_url,
-        overwrite=overwrite,
-        views=views,
+        args.out,
+        n=SAMPLE_N if args.n is None else args.n,
+        seed=args.seed,
+        split=split_ratios(args.split if args.split is not None else SPLIT),
+        urls_out=args.urls_out,
+        base_url=args.base_url,
+        overwrite=args.overwrite,
+        views=args.views,
     )
 
 
 def check_count(n: object) -> int:
-    """``n`` as a plain int, or one ``error:`` line naming ``--n`` (numpy integers are fine, bools are not)."""
-    n = plain(n)
-    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
-        raise PhivisionError(f"--n {n}: must be a whole number of products, at least 1")
-    return n
+    """``n`` as a plain int, checked as ``--n`` is (numpy integers are fine, bools are not)."""
+    return check_option(SampleArgs, "n", n)
 
 
 def check_views(views: object) -> int:
-    """``views`` as a plain int from 1 to :data:`MAX_VIEWS`, or one ``error:`` line naming ``--views``."""
-    views = plain(views)
-    if isinstance(views, bool) or not isinstance(views, int) or not 1 <= views <= MAX_VIEWS:
-        raise PhivisionError(f"--views {views}: must be a whole number from 1 to {MAX_VIEWS}")
-    return views
+    """``views`` as a plain int, checked as ``--views`` is (1 to :data:`MAX_VIEWS`)."""
+    return check_option(SampleArgs, "views", views)
 
 
 def _claim(out: str | Path, descriptor: str, overwrite: bool) -> Path:

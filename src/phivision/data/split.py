@@ -14,27 +14,8 @@ from collections.abc import Sequence
 import numpy as np
 import pandas as pd
 
+from phivision.args import parse_ratios
 from phivision.data.layout import SPLITS
-from phivision.data.prices import plain
-from phivision.errors import PhivisionError
-
-
-def parse_ratios(text: str | Sequence[float]) -> tuple[float, float, float]:
-    """``"0.8,0.1,0.1"`` (or ``"80,10,10"``) -> train/val/test fractions that sum to 1."""
-    shown = text if isinstance(text, str) else ",".join(str(plain(v)) for v in text)  # never np.float64(...)
-    try:
-        values = [float(v) for v in (text.split(",") if isinstance(text, str) else text)]
-    except (TypeError, ValueError):
-        raise PhivisionError(f"--split {shown!r}: expected three numbers such as 0.8,0.1,0.1") from None
-    if (
-        len(values) != 3
-        or any(not v >= 0 for v in values)
-        or not 0 < sum(values) < float("inf")
-        or values[0] == 0
-    ):
-        raise PhivisionError(f"--split {shown!r}: expected three non-negative numbers with train > 0")
-    total = sum(values)
-    return (values[0] / total, values[1] / total, values[2] / total)
 
 
 def group_key(title: str) -> str:

@@ -1,5 +1,2 @@
-"""Evaluation: batched generation, metrics, ``evaluate`` (metrics.json + predictions.jsonl) and the HTML report."""
-
-from phivision.evaluate.evaluation import eval_dir, evaluate
-
-__all__ = ["eval_dir", "evaluate"]
+"""Evaluation: ``evaluate`` (metrics.json + predictions.jsonl), the metrics and their bootstrap intervals, and the
+HTML report. Answers come from :mod:`phivision.answer`."""

@@ -13,10 +13,10 @@ from collections.abc import Iterator, Mapping, Sequence
 
 import numpy as np
 
+from phivision.args import ReportArgs
 from phivision.evaluate.metrics import MAX_WEIGHT_CELLS, ItemScores, aggregate
 
-RESAMPLES = 1000
-SEED = 0
+RESAMPLES, SEED = ReportArgs.resamples, ReportArgs.seed  # `phivision report`'s defaults, declared once there
 CONFIDENCE = 0.95
 
 

@@ -14,9 +14,12 @@ from typing import Any
 
 from tqdm.auto import tqdm
 
-from phivision.data.layout import SPLITS, load_catalog
+from phivision.answer.constrain import AnswerConstraint, constraint_name
+from phivision.answer.generate import answer_image_files
+from phivision.answer.prompt import parse_answer
+from phivision.args import EvaluateArgs
+from phivision.data.layout import RunLayout, load_catalog
 from phivision.errors import PhivisionError
-from phivision.evaluate.constrain import AnswerConstraint, constraint_name
 from phivision.evaluate.metrics import (
     HEADLINE,
     SCORING,
@@ -27,25 +30,17 @@ from phivision.evaluate.metrics import (
     summarize,
 )
 from phivision.io import atomic_write_json, atomic_write_text
-from phivision.prompt import parse_answer
+from phivision.runs import load_model
 
-EVAL_DIR = "eval"
-METRICS_FILE = "metrics.json"
-PREDICTIONS_FILE = "predictions.jsonl"
 # Images loaded and answered at a time: bounds memory on large splits (images are decoded at full size).
 IMAGES_PER_CHUNK = 256
-
-
-def eval_dir(run: str | os.PathLike, stage: str) -> Path:
-    """Where a RUN keeps one evaluation: ``RUN/eval/<stage>/`` (stages: ``before``, ``after``)."""
-    return Path(run) / EVAL_DIR / stage
 
 
 def output_paths(out: str | os.PathLike) -> tuple[Path, Path]:
     """``out`` is metrics.json's path (anything ending in .json) or a directory; predictions.jsonl goes beside it."""
     out = Path(out)
-    metrics_path = out if out.suffix == ".json" else out / METRICS_FILE
-    return metrics_path, metrics_path.parent / PREDICTIONS_FILE
+    metrics_path = out if out.suffix == ".json" else out / RunLayout.EVAL_METRICS
+    return metrics_path, metrics_path.parent / RunLayout.EVAL_PREDICTIONS
 
 
 def _answer_all(
@@ -58,8 +53,6 @@ def _answer_all(
 ) -> tuple[list[str], list[str | None]]:
     """Raw answers for every item (a product's photo paths), loading images chunk by chunk; an item without a
     readable photo answers ""."""
-    from phivision.evaluate.generate import answer_image_files
-
     answers: list[str] = []
     problems: list[str | None] = []
     with tqdm(total=len(paths), desc="evaluate", unit="img", disable=not progress) as bar:
@@ -71,46 +64,21 @@ def _answer_all(
     return answers, problems
 
 
-def evaluate(
-    model: str | os.PathLike | Any,
-    data_dir: str | os.PathLike,
-    split: str = "test",
-    out: str | os.PathLike | None = None,
-    batch_size: int = 8,
-    max_new_tokens: int = 64,
-    limit: int | None = None,
-    progress: bool = True,
-    constrain: bool = True,
-    max_images: int | None = None,
-) -> dict:
+def evaluate(args: EvaluateArgs) -> dict:
     """Score a model's answers on one split of a dataset directory.
 
-    Args:
-        model: a RUN or checkpoint directory (or hub id) for ``phivision.runs.load_model``, or a ``LoadedModel``.
-        data_dir: dataset directory in the phivision layout; its train split gives the baselines.
-        split: train, val or test.
-        out: metrics.json path or a directory (e.g. ``RUN/eval/after``); None writes nothing.
-        batch_size: images per generation batch.
-        max_new_tokens: answer length cap.
-        limit: score only the first ``limit`` items of the split (quick checks).
-        progress: show a progress bar.
-        constrain: force answers into the model's template, with the category one of its training categories
-            when the model records them (:mod:`phivision.evaluate.constrain`); False: free generation.
-        max_images: how many of a product's photos go into its prompt, in order; None: as many as the model was
-            trained with (``LoadedModel.max_images``: the run's ``data.max_images``, 1 when not recorded).
+    ``args`` (:class:`EvaluateArgs`, validated): ``model`` a RUN or checkpoint directory (or hub id) for
+    :func:`phivision.runs.load_model` (with ``args.loading``), or a ``LoadedModel``; ``data`` a dataset directory
+    whose train split gives the baselines; ``split``; ``out`` a metrics.json path or a directory (e.g.
+    ``RUN/eval/after``), None writes nothing; ``limit`` scores only the first items; ``max_images`` the photos of
+    a product in its prompt (None: as many as the model was trained with, ``LoadedModel.max_images``);
+    ``generation`` the batch size, answer length and whether answers are constrained to the model's template and
+    training categories (:mod:`phivision.answer.constrain`).
 
     Returns:
         The metrics dict written to metrics.json (flat headline keys, ``per_category``, ``baseline``, ...).
     """
-    if split not in SPLITS:
-        raise PhivisionError(f"--split {split!r}: expected one of {', '.join(SPLITS)}")
-    if batch_size < 1:
-        raise PhivisionError(f"--batch-size {batch_size}: must be at least 1")
-    if limit is not None and limit < 1:
-        raise PhivisionError(f"--limit {limit}: must be at least 1")
-    if max_images is not None and max_images < 1:
-        raise PhivisionError(f"--max-images {max_images}: must be at least 1")
-    data_dir = Path(data_dir)
+    data_dir, split, limit, generation = args.data, args.split, args.limit, args.generation
     catalog = load_catalog(data_dir)
     items = catalog[catalog["split"] == split].reset_index(drop=True)
     if limit is not None:
@@ -124,16 +92,17 @@ def evaluate(
         )
     stats = TrainStats.from_catalog(train)
 
+    model = args.model
     if isinstance(model, (str, os.PathLike)):
-        from phivision.runs import load_model
-
-        loaded = load_model(model)
+        loaded = load_model(model, device=args.loading.device, dtype=args.loading.dtype)
     else:
         loaded = model
-    max_images = max_images or getattr(loaded, "max_images", 1)
+    max_images = args.max_images or loaded.max_images
     paths = [[(data_dir / p).resolve() for p in photos[:max_images]] for photos in items["image_paths"]]
-    constraint = AnswerConstraint.for_model(loaded) if constrain else None
-    answers, problems = _answer_all(loaded, paths, batch_size, max_new_tokens, progress, constraint)
+    constraint = AnswerConstraint.for_model(loaded) if generation.constrain else None
+    answers, problems = _answer_all(
+        loaded, paths, generation.batch_size, generation.max_new_tokens, args.progress, constraint
+    )
 
     scored = score(items, [parse_answer(a, loaded.prompt) for a in answers], stats)
     records = []
@@ -152,15 +121,15 @@ def evaluate(
             "model": str(getattr(loaded, "source", model)),
             "data": str(data_dir),
             "split": split,
-            "max_new_tokens": max_new_tokens,
+            "max_new_tokens": generation.max_new_tokens,
             "max_images": max_images,
             "constraint": constraint_name(constraint),
             "baseline": baseline,
             "scoring": SCORING,
         }
     )
-    if out is not None:
-        metrics_path, predictions_path = output_paths(out)
+    if args.out is not None:
+        metrics_path, predictions_path = output_paths(args.out)
         atomic_write_text(
             predictions_path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records)
         )

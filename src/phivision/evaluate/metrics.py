@@ -32,7 +32,7 @@ import numpy as np
 import pandas as pd
 from rapidfuzz import fuzz, utils
 
-from phivision.prompt import ParsedAnswer
+from phivision.answer.prompt import ParsedAnswer
 
 MISSING_PRICE_APE = 1.0
 MISSING_PRICE_SAPE = 2.0  # the largest SAPE there is (predicting 0)
@@ -278,6 +278,9 @@ MEAN_OF = {
     "title_similarity": "title_similarity",
 }
 ITEM_SCORES = (*MEAN_OF.values(), "price_log_error")
+# Every corpus metric :func:`aggregate` computes besides ``n`` (which way each improves: LOWER_IS_BETTER);
+# a level accuracy ``category<k>_accuracy`` comes on top for each ``category<k>_code`` column of the catalog.
+CORPUS_METRICS = (*MEAN_OF, "price_median_ape", "price_log_rmse", "category_macro_f1")
 MAX_WEIGHT_CELLS = 2_000_000  # weights handed to aggregate() at once (16 MB of float64)
 
 
@@ -341,6 +344,17 @@ def aggregate(items: ItemScores, weights: np.ndarray) -> dict[str, np.ndarray]:
         for col, (known, correct) in items.levels.items():
             out[f"{col.removesuffix('_code')}_accuracy"] = (w @ (known * correct)) / (w @ known)
     return out
+
+
+def generation_metric_names(level_columns: Sequence[str] = ()) -> list[str]:
+    """The metrics a scored set of answers reports (:func:`summarize`, less ``n``) for a catalog with these
+    ``category<k>_code`` columns: what training's ``eval.metric`` may name besides ``val_loss``."""
+    return sorted([*CORPUS_METRICS, *(f"{col.removesuffix('_code')}_accuracy" for col in level_columns)])
+
+
+def scalar_metrics(summary: Mapping[str, object]) -> dict[str, float]:
+    """The numbers a training evaluation reports from :func:`summarize` (not ``n``, not the breakdowns)."""
+    return {k: float(v) for k, v in summary.items() if isinstance(v, (int, float)) and k != "n"}
 
 
 def _weighted_median(values: np.ndarray, w: np.ndarray) -> np.ndarray:
@@ -444,8 +458,3 @@ def per_category(records: Sequence[Mapping]) -> dict[str, dict]:
 def baseline_metrics(truths: pd.DataFrame, stats: TrainStats) -> dict:
     """The metric dict of the trivial predictor (:meth:`TrainStats.baseline_answer`) on the same items."""
     return summarize(score(truths, [stats.baseline_answer()] * len(truths), stats))
-
-
-def compute_metrics(truths: pd.DataFrame, parsed: Sequence[ParsedAnswer], stats: TrainStats) -> dict:
-    """All metrics for parsed answers against catalog rows, with the train baselines' headline keys."""
-    return summarize(score(truths, parsed, stats), baseline=baseline_metrics(truths, stats))

@@ -11,9 +11,6 @@ offline, and runs no script.
 
 from __future__ import annotations
 
-import base64
-import io
-import os
 import sys
 from datetime import datetime, timezone
 from pathlib import Path
@@ -22,6 +19,9 @@ from typing import Any
 import jinja2
 import numpy as np
 
+from phivision.args import ReportArgs
+from phivision.data.layout import RunLayout
+from phivision.data.pages import thumbnail_uri
 from phivision.errors import PhivisionError
 from phivision.evaluate import bootstrap, report_plots
 from phivision.evaluate.metrics import (
@@ -364,22 +364,6 @@ def item_loss(record: dict) -> float:
     )
 
 
-def thumbnail(path: str | None) -> str | None:
-    """A small base64 JPEG of the item's image, or None when the file is gone or unreadable."""
-    from phivision.data.images import ImageError, load_image
-
-    if not path or not Path(path).is_file():
-        return None
-    try:
-        image = load_image(path)
-    except ImageError:
-        return None
-    image.thumbnail((THUMBNAIL_PX, THUMBNAIL_PX))
-    buffer = io.BytesIO()
-    image.save(buffer, format="JPEG", quality=80)
-    return "data:image/jpeg;base64," + base64.b64encode(buffer.getvalue()).decode("ascii")
-
-
 def gallery(records: list[dict], best: bool, dataset: DatasetSummary) -> list[dict]:
     """The GALLERY_SIZE best or worst items as template-ready cards."""
     ranked = sorted(range(len(records)), key=lambda i: (item_loss(records[i]), i), reverse=not best)
@@ -392,7 +376,7 @@ def gallery(records: list[dict], best: bool, dataset: DatasetSummary) -> list[di
         cards.append(
             {
                 "id": item_id,
-                "image": thumbnail(r.get("image")),
+                "image": thumbnail_uri(r.get("image"), THUMBNAIL_PX),
                 "truth": r["truth"],
                 "parsed": r["parsed"],
                 "answer": r.get("answer") or "",
@@ -475,40 +459,29 @@ def _data_dir(stages: list[Stage], log: TrainingLog | None) -> str | None:
     return None
 
 
-def write_report(
-    run: str | os.PathLike | None = None,
-    predictions: str | os.PathLike | None = None,
-    out: str | os.PathLike | None = None,
-    resamples: int = bootstrap.RESAMPLES,
-    seed: int = bootstrap.SEED,
-) -> Path:
+def write_report(args: ReportArgs) -> Path:
     """Render the report for a RUN (all its eval stages and its training log) or one predictions file, and write
     it atomically. What could not be read from the training log is printed as a warning and shown in the report.
 
-    Args:
-        run: a training RUN directory with ``eval/<stage>/predictions.jsonl``.
-        predictions: one predictions.jsonl (or the directory holding it), instead of ``run``.
-        out: the HTML file; default ``RUN/report.html``, or ``report.html`` beside the predictions.
-        resamples: bootstrap resamples for the 95% intervals (0: no intervals).
-        seed: seeds the bootstrap, so the same inputs give the same intervals.
+    ``args`` (:class:`ReportArgs`, validated): ``run`` a training RUN directory with
+    ``eval/<stage>/predictions.jsonl``, or ``predictions`` one predictions.jsonl (or the directory holding it);
+    ``out`` the HTML file (default ``RUN/report.html``, or ``report.html`` beside the predictions); ``resamples``
+    bootstrap resamples for the 95% intervals (0: none), drawn with ``seed`` (same inputs, same intervals).
     """
-    if (run is None) == (predictions is None):
-        raise PhivisionError("give exactly one of --run or --predictions")
-    if not 0 <= resamples <= 100_000:
-        raise PhivisionError(f"--resamples {resamples}: expected 0 (no intervals) to 100000")
+    run, predictions, out, resamples, seed = args.run, args.predictions, args.out, args.resamples, args.seed
     notes: list[str] = []
     log = None
     if run is not None:
         stages = load_run(run, notes)
         log = read_training_log(Path(run), notes)
-        out = Path(out) if out is not None else Path(run) / "report.html"
+        out = Path(out) if out is not None else RunLayout(run).report
         title = f"phivision report: {Path(run).resolve().name}"
     else:
         stage = load_stage(predictions, notes=notes)
         stages = [stage]
         where = Path(predictions)
         where = where if where.is_dir() else where.parent
-        out = Path(out) if out is not None else where / "report.html"
+        out = Path(out) if out is not None else where / RunLayout.REPORT
         title = f"phivision report: {where.resolve().name}"
     if out.is_dir():
         raise PhivisionError(f"--out {out}: is a directory (give the HTML file to write)")

@@ -20,14 +20,11 @@ from typing import Any
 import numpy as np
 import yaml
 
+from phivision.data.layout import CATALOG_FILE, SPLITS, RunLayout, load_catalog
 from phivision.errors import PhivisionError
-from phivision.evaluate.evaluation import EVAL_DIR, METRICS_FILE, PREDICTIONS_FILE
 from phivision.evaluate.metrics import HEADLINE, summarize, symmetric_ape
 
 STAGE_ORDER = ("before", "after")
-TRAINING_LOG = "metrics.jsonl"
-TRAINER_STATE = "trainer_state.json"
-RUN_CONFIG = "config.yaml"
 
 
 @dataclass
@@ -216,12 +213,12 @@ def load_stage(
     """
     path = Path(predictions)
     if path.is_dir():
-        path = path / PREDICTIONS_FILE
+        path = path / RunLayout.EVAL_PREDICTIONS
     if not path.is_file():
         raise PhivisionError(f"{path}: not found")
     records = read_predictions(path)
     metrics = summarize(records)
-    metrics_path = path.parent / METRICS_FILE
+    metrics_path = path.parent / RunLayout.EVAL_METRICS
     if metrics_path.is_file():
         saved = read_saved_metrics(metrics_path)
         for key, _, _ in HEADLINE:
@@ -242,15 +239,17 @@ def load_run(run: str | os.PathLike, notes: list[str] | None = None) -> list[Sta
     run = Path(run)
     if not run.is_dir():
         raise PhivisionError(f"--run {run}: not a directory")
-    root = run / EVAL_DIR
-    found = sorted(p.parent.name for p in root.glob(f"*/{PREDICTIONS_FILE}")) if root.is_dir() else []
+    root = RunLayout(run).evals
+    found = (
+        sorted(p.parent.name for p in root.glob(f"*/{RunLayout.EVAL_PREDICTIONS}")) if root.is_dir() else []
+    )
     if not found:
         raise PhivisionError(
             f"{root}: no evaluation found (write one with `phivision evaluate --model {run} --data DIR "
-            f"--out {root}/after/{METRICS_FILE}`)"
+            f"--out {root}/after/{RunLayout.EVAL_METRICS}`)"
         )
     ordered = [s for s in STAGE_ORDER if s in found] + [s for s in found if s not in STAGE_ORDER]
-    return [load_stage(root / s / PREDICTIONS_FILE, s, notes) for s in ordered]
+    return [load_stage(root / s / RunLayout.EVAL_PREDICTIONS, s, notes) for s in ordered]
 
 
 # --------------------------------------------------------------------------------------- training run
@@ -260,9 +259,10 @@ def read_training_log(run: Path, notes: list[str]) -> TrainingLog:
     """RUN/metrics.jsonl, RUN/trainer_state.json and RUN/config.yaml. A missing file is listed in ``missing``
     (a RUN may hold evaluations only); a damaged one becomes a note, and what could be read is kept."""
     log = TrainingLog()
-    _read_metrics_lines(run / TRAINING_LOG, log, notes)
-    _read_trainer_state(run / TRAINER_STATE, log, notes)
-    _read_config(run / RUN_CONFIG, log, notes)
+    layout = RunLayout(run)
+    _read_metrics_lines(layout.metrics_log, log, notes)
+    _read_trainer_state(layout.trainer_state, log, notes)
+    _read_config(layout.config, log, notes)
     return log
 
 
@@ -387,8 +387,6 @@ def _summary_row(split: str, categories: list[str], prices: np.ndarray) -> dict:
 
 def summarize_dataset(data_dir: str | None, final: Stage, notes: list[str]) -> DatasetSummary:
     """The catalog behind ``data_dir`` split by split; the evaluated items alone when it cannot be read."""
-    from phivision.data.layout import CATALOG_FILE, SPLITS, load_catalog
-
     if data_dir:
         try:
             catalog = load_catalog(data_dir, check_images=False)

@@ -9,8 +9,6 @@ tests check the figures with the corner rule alone, without thinning).
 
 from __future__ import annotations
 
-import base64
-import io
 import math
 from collections import Counter
 from collections.abc import Sequence
@@ -22,6 +20,7 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from matplotlib.text import Text
 
+from phivision.data.pages import figure_uri
 from phivision.evaluate.metrics import normalize_label
 
 CONFUSION_MAX = 15  # categories shown in the confusion matrix; the rest are pooled in "(other)"
@@ -148,10 +147,7 @@ def _overlap(a: np.ndarray, b: np.ndarray, tolerance: float = 0.5) -> bool:
 def to_data_uri(fig: Figure) -> str:
     """The figure as a PNG data URI, its labels tidied first (:func:`tidy_labels`)."""
     tidy_labels(fig)
-    buffer = io.BytesIO()
-    FigureCanvasAgg(fig)
-    fig.savefig(buffer, format="png", dpi=DPI, bbox_inches="tight", pad_inches=0.1)
-    return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode("ascii")
+    return figure_uri(fig, dpi=DPI)
 
 
 # ------------------------------------------------------------------------------------------- axes

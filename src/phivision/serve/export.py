@@ -15,11 +15,14 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from transformers import AutoConfig
 
+from phivision.data.layout import RunLayout
 from phivision.errors import PhivisionError
 from phivision.io import atomic_directory, atomic_write_json, require_empty_dir
 from phivision.labels import read_labels
-from phivision.runs import EXPORT_INFO_FILE, RunInfo, is_run_dir, load_model, read_run, resolve_dtype
+from phivision.model import save_checkpoint  # importing phivision.model registers phi3_v with AutoConfig
+from phivision.runs import EXPORT_INFO_FILE, RunInfo, load_model, read_run, resolve_dtype
 
 
 def export_run(
@@ -40,7 +43,7 @@ def export_run(
         device: where to merge; cpu needs about 4 bytes of RAM per parameter (17 GB for the 4.2B model).
     """
     run_dir, out = Path(run), Path(out)
-    if not run_dir.is_dir() or not is_run_dir(run_dir):
+    if not run_dir.is_dir() or not RunLayout(run_dir).is_run():
         raise PhivisionError(f"--run {run_dir}: not a training run (config.yaml with adapter/ or model/)")
     require_empty_dir(out)  # before the merge; atomic_directory checks again at the end
     info = read_run(run_dir)
@@ -54,8 +57,6 @@ def export_run(
     # The official generation_config stops on </s> only, which Phi-3-V never emits at the end of a turn.
     model.generation_config.eos_token_id = [int(t) for t in loaded.processor.stop_token_ids]
     model.generation_config.pad_token_id = loaded.processor.pad_token_id
-
-    from phivision.model import save_checkpoint
 
     with atomic_directory(out) as tmp:
         save_checkpoint(model, loaded.processor, tmp, max_shard_size=max_shard_size)
@@ -87,10 +88,6 @@ def _default_permissions(directory: Path) -> None:
 
 def _stored_dtype(checkpoint: str) -> torch.dtype:
     """The dtype a checkpoint's config.json records (``torch_dtype``, or ``dtype`` in newer files)."""
-    from transformers import AutoConfig
-
-    import phivision.model  # noqa: F401  (registers phi3_v with AutoConfig)
-
     config = AutoConfig.from_pretrained(checkpoint)
     stored = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None) or torch.float32
     return getattr(torch, stored) if isinstance(stored, str) else stored

@@ -29,8 +29,8 @@ from pydantic import BaseModel, ConfigDict, Field
 from starlette.concurrency import run_in_threadpool
 
 from phivision.netguard import BlockedAddress
-from phivision.serve.predict import prediction_record
-from phivision.serve.server import Generation, ServeError, Serving, failure
+from phivision.serve.core import Generation, ServeError, Serving, failure, prediction_record
+from phivision.serve.fetch import FetchError, FetchTooLarge, fetch_image
 
 ANSWER_FIELDS = ("title", "category", "price", "currency")
 # Text the tokenizer would read as control tokens (image slots, turn ends): refused in a client's question.
@@ -279,8 +279,6 @@ async def read_image(url: str, param: str, serving: Serving) -> bytes:
             param,
             "remote_images_disabled",
         )
-    from phivision.serve.fetch import FetchError, FetchTooLarge, fetch_image
-
     limits = serving.limits
     try:
         return await run_in_threadpool(

@@ -10,14 +10,16 @@ import json
 import sys
 from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import TextIO
 
 from tqdm import tqdm
 
+from phivision.answer.constrain import AnswerConstraint
+from phivision.answer.generate import answer_image_files
+from phivision.args import Generation, PredictArgs
 from phivision.errors import PhivisionError
 from phivision.io import atomic_write_text
-from phivision.prompt import PromptFormat, parse_answer
-from phivision.runs import LoadedModel
+from phivision.runs import LoadedModel, load_model
+from phivision.serve.core import prediction_record
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
 
@@ -47,38 +49,19 @@ def expand_inputs(inputs: Sequence[str | Path]) -> list[Path]:
     return paths
 
 
-def prediction_record(
-    image: str, answer: str, prompt: PromptFormat = PromptFormat(), currency: str | None = None
-) -> dict:
-    """The JSON shape shared by predict and the HTTP API: the fields parsed with the run's ``prompt`` template,
-    the price's ``currency`` (the catalog's, None when the model does not record one) and the raw answer."""
-    parsed = parse_answer(answer, prompt)
-    return {
-        "image": image,
-        "title": parsed.title,
-        "category": parsed.category,
-        "price": parsed.price,
-        "currency": currency,
-        "answer": answer,
-    }
-
-
 def predict_images(
     loaded: LoadedModel,
     paths: Sequence[Path],
-    batch_size: int = 8,
-    max_new_tokens: int = 64,
+    batch_size: int = Generation.batch_size,
+    max_new_tokens: int = Generation.max_new_tokens,
     progress: bool = True,
     constrain: bool = True,
 ) -> Iterator[dict]:
     """Yield one record per path, in order. Images are decoded one batch at a time so memory stays flat.
 
     ``constrain`` forces every answer into the model's template and recorded categories
-    (:mod:`phivision.evaluate.constrain`); False lets the model write freely.
+    (:mod:`phivision.answer.constrain`); False lets the model write freely.
     """
-    from phivision.evaluate.constrain import AnswerConstraint
-    from phivision.evaluate.generate import answer_image_files
-
     constraint = AnswerConstraint.for_model(loaded) if constrain else None
     with tqdm(total=len(paths), desc="predict", unit="img", disable=not progress) as bar:
         for path, answer, error in answer_image_files(
@@ -90,42 +73,26 @@ def predict_images(
                 yield prediction_record(str(path), answer, loaded.prompt, loaded.currency)
 
 
-def run_predict(
-    model: str | Path,
-    inputs: Sequence[str | Path],
-    out: str | Path | None = None,
-    batch_size: int = 8,
-    max_new_tokens: int = 64,
-    device: str | None = None,
-    stdout: TextIO | None = None,
-    constrain: bool = True,
-) -> tuple[int, int]:
-    """Predict for ``inputs`` and write JSON lines to ``out`` (atomically) or stream them to stdout.
-
-    ``constrain``: see :func:`predict_images`.
-
-    Returns (number answered, number that could not be read).
-    """
-    from phivision.runs import load_model
-
-    if batch_size < 1:
-        raise PhivisionError(f"--batch-size must be at least 1, got {batch_size}")
-    paths = expand_inputs(inputs)
-    loaded = load_model(model, device=device)
-    stdout = stdout or sys.stdout
-    lines, ok, failed = [], 0, 0
-    records = predict_images(
-        loaded, paths, batch_size=batch_size, max_new_tokens=max_new_tokens, constrain=constrain
+def predict(args: PredictArgs) -> list[dict]:
+    """``phivision predict`` (:class:`PredictArgs`, validated): one record per image, in order; with ``out`` the
+    records are also written as JSON lines to that file (atomically), or streamed to stdout as they come
+    (``out="-"``)."""
+    paths = expand_inputs(args.images)
+    model, loading, generation = args.model, args.loading, args.generation
+    loaded = (
+        model
+        if isinstance(model, LoadedModel)
+        else load_model(model, device=loading.device, dtype=loading.dtype)
     )
-    for record in records:
-        line = json.dumps(record, ensure_ascii=False)
-        failed += "error" in record
-        ok += "error" not in record
-        if out is None:
-            stdout.write(line + "\n")
-            stdout.flush()
-        else:
-            lines.append(line)
-    if out is not None:
-        atomic_write_text(out, "".join(line + "\n" for line in lines))
-    return ok, failed
+    stream = args.out is not None and str(args.out) == "-"
+    records = []
+    for record in predict_images(
+        loaded, paths, generation.batch_size, generation.max_new_tokens, args.progress, generation.constrain
+    ):
+        records.append(record)
+        if stream:
+            sys.stdout.write(json.dumps(record, ensure_ascii=False) + "\n")
+            sys.stdout.flush()
+    if args.out is not None and not stream:
+        atomic_write_text(args.out, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
+    return records

@@ -16,32 +16,36 @@ from __future__ import annotations
 
 import asyncio
 import html
-import io
 import json
 import logging
 import time
-import warnings
 from collections.abc import Callable
 from contextlib import asynccontextmanager
-from dataclasses import dataclass
 from importlib import resources
 from typing import Any
 
+import uvicorn
 from fastapi import FastAPI, File, HTTPException, Request, UploadFile
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse
-from PIL import Image
 from pydantic import BaseModel
-from starlette.concurrency import run_in_threadpool
 
-from phivision.data.images import ImageError, load_image
+from phivision.args import ServeArgs, ServeLimits
 from phivision.netguard import AddressPolicy
-from phivision.prompt import PromptFormat
-from phivision.serve.batcher import MicroBatcher, QueueFull, WorkerStopped
-from phivision.serve.limits import ServeLimits, allowed_hosts, check_bind
-from phivision.serve.predict import prediction_record
+from phivision.runs import load_model, resolve_device
+from phivision.serve import openai_api
+from phivision.serve.core import (
+    Generation,
+    MicroBatcher,
+    ServeError,
+    Serving,
+    answer_jobs,
+    failure,
+    prediction_record,
+)
+from phivision.serve.limits import allowed_hosts, check_bind
 
-__all__ = ["MicroBatcher", "QueueFull", "ServeLimits", "create_app", "serve"]
+__all__ = ["ServeLimits", "create_app", "serve"]
 
 log = logging.getLogger("phivision.serve")
 
@@ -52,152 +56,6 @@ JSON_OVERHEAD = 64 * 1024
 # Any other route: GET requests and small JSON bodies only.
 SMALL_BODY = 64 * 1024
 OPENAI_PATHS = ("/v1/chat/completions", "/v1/models")
-
-
-# ------------------------------------------------------------------------------------------ answering
-
-
-@dataclass(frozen=True)
-class Generation:
-    """How to answer: requests with equal settings share one batched generate call."""
-
-    question: str
-    max_new_tokens: int
-    temperature: float = 0.0
-    top_p: float = 1.0
-
-
-@dataclass
-class Job:
-    """One queued request: the image's bytes (decoded on the model thread), how to answer, and an optional
-    ``on_token(token_id)`` called on the model thread as tokens are generated (streaming)."""
-
-    data: bytes
-    generation: Generation
-    on_token: Callable[[int], None] | None = None
-
-
-def image_pixels(data: bytes, max_pixels: int) -> int:
-    """The image's pixel count from its header, without decoding it. Raises :class:`ImageError` for an image
-    over ``max_pixels`` or a file without a readable header (the reason comes from the one image loader)."""
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            with Image.open(io.BytesIO(data)) as image:
-                pixels = image.width * image.height
-    except Exception:
-        # Let the one image loader say why (not_an_image, empty, truncated, too_many_pixels...); it fails too.
-        load_image(data, max_pixels)
-        raise ImageError("corrupt", "no readable image header") from None
-    if pixels > max_pixels:
-        raise ImageError("too_many_pixels", f"{pixels:,} pixels")
-    return pixels
-
-
-def answer_jobs(loaded: Any, limits: ServeLimits, jobs: list[Job]) -> list[Any]:
-    """Decode the batch's images and answer them (on the model thread): one Completion or ImageError per job.
-
-    Decoding happens here, one batch at a time, so decoded pixels exist only for the batch being answered.
-    Jobs with different generation settings are answered by one generate call per setting.
-    """
-    from phivision.evaluate.constrain import AnswerConstraint
-    from phivision.evaluate.generate import generate_completions
-
-    constraint = AnswerConstraint.for_model(loaded) if limits.constrain else None
-    results: list[Any] = [None] * len(jobs)
-    images: dict[int, Image.Image] = {}
-    for i, job in enumerate(jobs):
-        try:
-            images[i] = load_image(job.data, limits.max_pixels)
-        except ImageError as err:
-            results[i] = err
-    groups: dict[Generation, list[int]] = {}
-    for i in images:
-        groups.setdefault(jobs[i].generation, []).append(i)
-    for generation, members in groups.items():
-        streams = {k: jobs[i].on_token for k, i in enumerate(members) if jobs[i].on_token is not None}
-
-        def on_token(k: int, token: int, streams: dict = streams) -> None:
-            if k in streams:
-                streams[k](token)
-
-        completions = generate_completions(
-            loaded.model,
-            loaded.processor,
-            [images.pop(i) for i in members],
-            prompt=PromptFormat(generation.question, loaded.prompt.answer_template),
-            batch_size=len(members),
-            max_new_tokens=generation.max_new_tokens,
-            progress=False,
-            temperature=generation.temperature,
-            top_p=generation.top_p,
-            on_token=on_token if streams else None,
-            constraint=constraint,
-            exact_length=True,
-        )
-        for i, completion in zip(members, completions, strict=True):
-            results[i] = completion
-    return results
-
-
-class ServeError(HTTPException):
-    """An HTTP error with the OpenAI error fields: rendered as ``{"error": {...}}`` on the OpenAI routes and as
-    ``{"detail": ...}`` on phivision's own."""
-
-    def __init__(
-        self, status: int, message: str, code: str | None = None, param: str | None = None, **headers: str
-    ) -> None:
-        super().__init__(status_code=status, detail=message, headers=headers or None)
-        self.code = code
-        self.param = param
-
-
-@dataclass
-class Serving:
-    """What the routes share: the model, the bounds, the batcher and the names the server answers to."""
-
-    loaded: Any
-    limits: ServeLimits
-    batcher: MicroBatcher
-    model_name: str
-    remote_images: AddressPolicy | None = None
-    created: int = 0  # when the server started (the model's `created` in /v1/models)
-
-    @property
-    def question(self) -> str:
-        return self.loaded.prompt.question
-
-    async def answer(
-        self, data: bytes, generation: Generation, on_token: Callable[[int], None] | None = None
-    ):
-        """Check the image's header, queue it and wait for its Completion. Raises ImageError, QueueFull,
-        WorkerStopped, TimeoutError, or the generation's own error."""
-        pixels = await run_in_threadpool(image_pixels, data, self.limits.max_pixels)
-        job = Job(data, generation, on_token)
-        return await asyncio.wait_for(
-            self.batcher.submit(job, cost=pixels, nbytes=len(data)), self.limits.answer_timeout
-        )
-
-
-def failure(
-    err: Exception, limits: ServeLimits, bad_image: int, label: str, param: str | None = None
-) -> ServeError:
-    """The HTTP error for an exception raised while answering (``bad_image``: the status for an undecodable
-    image: 415 on /v1/predict, 400 on the chat API, where OpenAI clients expect 400)."""
-    if isinstance(err, ImageError):
-        # The loader's detail names server-side objects, never the client's file: the reason code only.
-        if err.reason == "too_many_pixels":
-            message = f"{label}: too_many_pixels (the limit is {limits.max_pixels:,} pixels)"
-            return ServeError(413, message, "image_too_large", param)
-        return ServeError(bad_image, f"{label}: {err.reason}", "invalid_image", param)
-    if isinstance(err, QueueFull):
-        return ServeError(503, "server busy: too many requests queued", "queue_full", **{"Retry-After": "1"})
-    if isinstance(err, WorkerStopped):
-        return ServeError(503, f"the model worker is not running: {err}", "worker_stopped")
-    if isinstance(err, asyncio.TimeoutError):
-        return ServeError(504, "no answer within the request timeout", "timeout")
-    log.error("answering failed: %s: %s", type(err).__name__, err)
-    return ServeError(500, f"generation failed: {type(err).__name__}", "generation_failed")
 
 
 # ------------------------------------------------------------------------------------------ middleware
@@ -387,8 +245,6 @@ def create_app(
         hosts: the ``Host`` names answered (see :func:`phivision.serve.limits.allowed_hosts`); None: any.
         remote_images: fetch http(s) ``image_url``s under this address policy; None: data: URLs only.
     """
-    from phivision.serve import openai_api
-
     limits = (limits or ServeLimits()).validate()
     batcher = MicroBatcher(
         lambda jobs: answer_jobs(loaded, limits, jobs),
@@ -500,54 +356,23 @@ def create_app(
     return app
 
 
-def serve(
-    model: str,
-    host: str = "127.0.0.1",
-    port: int = 8000,
-    limits: ServeLimits | None = None,
-    device: str | None = None,
-    dtype: str | None = None,
-    served_model_name: str | None = None,
-    allowed_host: tuple[str, ...] | list[str] | None = None,
-    remote_images: AddressPolicy | None = None,
-) -> None:
-    """Load ``model`` (RUN, checkpoint or hub id) and serve it with uvicorn until interrupted.
+def serve(args: ServeArgs) -> None:
+    """Load ``args.model`` (RUN, checkpoint or hub id) and serve it with uvicorn until interrupted.
 
     Every argument is checked before the model loads (a bad one raises PhivisionError naming its flag).
     """
-    import uvicorn
-
-    from phivision.runs import load_model, resolve_device
-
-    limits = (limits or ServeLimits()).validate()
-    check_bind(host, port)
-    check_device(device, resolve_device)
-    loaded = load_model(model, device=device, dtype=dtype)
+    check_bind(args.host, args.port)
+    device = resolve_device(args.loading.device)
+    loaded = load_model(args.model, device=device, dtype=args.loading.dtype)
+    private = args.allow_private_image_hosts
+    remote = (
+        AddressPolicy(allow_loopback=private, allow_private=private) if args.allow_remote_images else None
+    )
     app = create_app(
         loaded,
-        limits,
-        model_name=served_model_name or str(model),
-        hosts=allowed_hosts(host, allowed_host or ()),
-        remote_images=remote_images,
+        args.limits,
+        model_name=args.served_model_name or str(args.model),
+        hosts=allowed_hosts(args.host, args.allowed_host or ()),
+        remote_images=remote,
     )
-    uvicorn.run(app, host=host, port=port, log_level="info")
-
-
-def check_device(device: str | None, resolve: Callable) -> None:
-    """``--device``: a device torch knows and this machine has."""
-    if device is None:
-        return
-    import torch
-
-    from phivision.errors import PhivisionError
-
-    try:
-        resolved = resolve(device)
-    except (RuntimeError, ValueError) as err:
-        raise PhivisionError(f"--device {device!r}: not a device ({err})") from None
-    if resolved.type == "cuda" and not torch.cuda.is_available():
-        raise PhivisionError(f"--device {device}: no CUDA device is available on this machine")
-    if resolved.type == "cuda" and resolved.index is not None and resolved.index >= torch.cuda.device_count():
-        raise PhivisionError(
-            f"--device {device}: this machine has {torch.cuda.device_count()} CUDA device(s)"
-        )
+    uvicorn.run(app, host=args.host, port=args.port, log_level="info")

@@ -32,8 +32,10 @@ from typing import Any
 import numpy as np
 import torch
 
-from phivision.errors import PhivisionError
+from phivision.data.layout import RunLayout
+from phivision.errors import PhivisionError, first_line
 from phivision.io import atomic_write_json
+from phivision.loading import check_tensors
 
 _STEP_DIR = re.compile(r"^step-(\d+)$")
 BEST_DIR = "best"
@@ -41,7 +43,7 @@ ENGINE_DIR = "engine"
 
 
 def weights_dirname(method: str) -> str:
-    return "model" if method == "full" else "adapter"
+    return RunLayout.MODEL if method == "full" else RunLayout.ADAPTER
 
 
 # ------------------------------------------------------------------------------------ directories
@@ -94,7 +96,7 @@ def _link_tree(src: Path, dst: Path) -> None:
 
 def list_checkpoints(run_dir: Path) -> list[tuple[int, Path]]:
     """Complete checkpoints, oldest first (temporary directories never match ``step-N``)."""
-    root = run_dir / "checkpoints"
+    root = RunLayout(run_dir).checkpoints
     if not root.is_dir():
         return []
     found = [(int(m.group(1)), p) for p in root.iterdir() if (m := _STEP_DIR.match(p.name)) and p.is_dir()]
@@ -166,7 +168,7 @@ def load_tree(stem: Path) -> Any:
     except FileNotFoundError:
         raise PhivisionError(f"{json_file}: missing from the checkpoint") from None
     except (OSError, ValueError, KeyError, TypeError) as err:  # safetensors raises its own errors as well
-        raise PhivisionError(f"{stem}: not a readable checkpoint file ({str(err).splitlines()[0]})") from None
+        raise PhivisionError(f"{stem}: not a readable checkpoint file ({first_line(err)})") from None
     except Exception as err:  # noqa: BLE001  (safetensors' SafetensorError is not an OSError)
         raise PhivisionError(f"{tensor_file}: not a readable safetensors file ({err})") from None
 
@@ -235,8 +237,6 @@ def load_weights(model: torch.nn.Module, src: Path, method: str) -> None:
     must be there with its shape, and nothing else (else one line naming the tensors)."""
     from safetensors.torch import load_file
 
-    from phivision.loading import check_tensors
-
     files = sorted(src.glob("*.safetensors"))
     if not files:
         raise PhivisionError(f"{src}: no .safetensors weights in this checkpoint")
@@ -297,8 +297,8 @@ def save_checkpoint(
 ) -> Path:
     """Write ``checkpoints/step-N`` atomically from all ranks (each saves its RNG state), then prune old ones."""
     step = state["step"]
-    final = run_dir / "checkpoints" / f"step-{step}"
-    tmp = run_dir / "checkpoints" / f".step-{step}.tmp"
+    final = RunLayout(run_dir).checkpoint(step)
+    tmp = final.with_name(f".{final.name}.tmp")
     is_main, rank = accelerator.is_main_process, accelerator.process_index
     if is_main:
         if tmp.exists():
@@ -320,7 +320,7 @@ def save_checkpoint(
         best = run_dir / weights_dirname(method)
         if state.get("best_step") is not None and best.is_dir():
             _link_tree(best, tmp / BEST_DIR)
-        atomic_write_json(tmp / "trainer_state.json", state)
+        atomic_write_json(tmp / RunLayout.TRAINER_STATE, state)
     accelerator.wait_for_everyone()
     if is_main:
         replace_dir(tmp, final)
@@ -334,7 +334,7 @@ def save_checkpoint(
 
 
 def _read_state(ckpt: Path) -> dict[str, Any]:
-    path = ckpt / "trainer_state.json"
+    path = ckpt / RunLayout.TRAINER_STATE
     try:
         state = json.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
@@ -406,7 +406,7 @@ def load_checkpoint(
                 _load_engine_state(accelerator, model, optimizer, ckpt / ENGINE_DIR)
             except pickle.UnpicklingError as err:  # an object beyond tensors and plain data: never unpickled
                 raise PhivisionError(
-                    f"{ckpt / ENGINE_DIR}: refused to unpickle ({_first_line(err)})"
+                    f"{ckpt / ENGINE_DIR}: refused to unpickle ({first_line(err)})"
                 ) from None
     scheduler.load_state_dict(load_tree(ckpt / "scheduler"))
     if accelerator.scaler is not None:
@@ -442,10 +442,5 @@ def _load_optimizer(optimizer: torch.optim.Optimizer, ckpt: Path) -> None:
         optimizer.load_state_dict(saved)
     except (ValueError, KeyError, TypeError, RuntimeError) as err:
         raise PhivisionError(
-            f"{ckpt / 'optimizer.json'}: does not fit this run's optimizer ({str(err).splitlines()[0]})"
+            f"{ckpt / 'optimizer.json'}: does not fit this run's optimizer ({first_line(err)})"
         ) from None
-
-
-def _first_line(err: Exception) -> str:
-    lines = str(err).strip().splitlines()
-    return lines[0] if lines else type(err).__name__

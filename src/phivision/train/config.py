@@ -11,22 +11,34 @@ from a YAML file), before anything is loaded. ``TrainConfig.to_dict()`` is what 
 from __future__ import annotations
 
 import dataclasses
-import functools
-import math
 import os
 import re
 import string
-import types
-import typing
-from collections.abc import Iterator, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import yaml
 
-from phivision.errors import PhivisionError
-from phivision.prompt import DEFAULT_ANSWER_TEMPLATE, DEFAULT_QUESTION, PromptFormat
+from phivision.answer.prompt import DEFAULT_ANSWER_TEMPLATE, DEFAULT_QUESTION, PromptFormat
+from phivision.args import SEED, Generation, TrainArgs
+from phivision.data.layout import RunLayout
+from phivision.errors import PhivisionError, first_line
+from phivision.evaluate.metrics import generation_metric_names
+from phivision.options import (
+    CONFIG,
+    ConfigError,
+    Naming,
+    Options,
+    TypeMismatch,
+    coerce,
+    group,
+    hints,
+    is_group,
+    option,
+    with_default,
+)
 
 METHODS = ("lora", "qlora", "full")
 PRECISIONS = ("fp32", "bf16", "fp16")
@@ -35,255 +47,164 @@ DECAYS = ("cosine", "linear", "constant")
 TRACKERS = ("none", "wandb", "tensorboard", "mlflow")
 LM_TARGETS = ["qkv_proj", "o_proj", "gate_up_proj", "down_proj"]
 ANSWER_FIELDS = ("title", "category", "full_price")
-SEED_MAX = 2**32 - 1  # numpy's seed range
 
 
 @dataclass
-class DataConfig:
+class DataConfig(Options):
     """Where the dataset lives and how training batches are drawn from it."""
 
-    path: str = field(
-        default="", metadata={"help": "Dataset directory (catalog.parquet + images/); `--data` sets it."}
+    path: str = option("", "Dataset directory (catalog.parquet + images/); `--data` sets it.")
+    batch_size: int = option(4, "Rows per micro-batch on each process.", check=">= 1")
+    group_by_length: bool = option(True, "Batch rows of similar token length together (less padding).")
+    max_train_samples: int = option(
+        0, "Train on the first N rows of the train split only; 0: all of them.", check=">= 0"
     )
-    batch_size: int = field(
-        default=4, metadata={"help": "Rows per micro-batch on each process.", "check": ">= 1"}
+    num_workers: int = option(
+        0, "DataLoader worker processes; 0 loads batches in the training process.", check=">= 0"
     )
-    group_by_length: bool = field(
-        default=True, metadata={"help": "Batch rows of similar token length together (less padding)."}
+    cache_examples: bool = option(
+        False, "Keep processed examples in memory after the first epoch (small datasets)."
     )
-    max_train_samples: int = field(
-        default=0,
-        metadata={
-            "help": "Train on the first N rows of the train split only; 0: all of them.",
-            "check": ">= 0",
-        },
+    packing: bool = option(
+        False,
+        "Concatenate examples into one padding-free row of at most max_tokens tokens per micro-batch; "
+        "position ids restart for every example and attention never crosses examples. Same loss as padding, "
+        "no compute spent on padding. batch_size then only sets the default budget.",
     )
-    num_workers: int = field(
-        default=0,
-        metadata={
-            "help": "DataLoader worker processes; 0 loads batches in the training process.",
-            "check": ">= 0",
-        },
+    max_images: int = option(
+        1,
+        "Photos of a product per prompt: its first N, in order, as <|image_1|> ... <|image_N|> (a product with "
+        "fewer uses all it has). Every photo costs its image tokens (see `phivision inspect`: tokens per sample "
+        "for each max_images); evaluate, predict and serve use as many as training did.",
+        check=">= 1",
     )
-    cache_examples: bool = field(
-        default=False,
-        metadata={"help": "Keep processed examples in memory after the first epoch (small datasets)."},
-    )
-    packing: bool = field(
-        default=False,
-        metadata={
-            "help": "Concatenate examples into one padding-free row of at most max_tokens tokens per micro-batch; "
-            "position ids restart for every example and attention never crosses examples. Same loss as padding, "
-            "no compute spent on padding. batch_size then only sets the default budget."
-        },
-    )
-    max_images: int = field(
-        default=1,
-        metadata={
-            "help": "Photos of a product per prompt: its first N, in order, as <|image_1|> ... <|image_N|> "
-            "(a product with fewer uses all it has). Every photo costs its image tokens (see `phivision inspect`: "
-            "tokens per sample for each max_images); evaluate, predict and serve use as many as training did.",
-            "check": ">= 1",
-        },
-    )
-    max_tokens: int = field(
-        default=0,
-        metadata={
-            "help": "Token budget of one micro-batch (per device). With packing: the packed row's length "
-            "(0: batch_size x the longest example). Without: rows x longest row, padding included, so batches of "
-            "short examples hold more rows (length-grouped batches; batch_size is then not used). 0: batches of "
-            "batch_size rows. Checked against the longest example when the batches are planned.",
-            "check": ">= 0",
-        },
+    max_tokens: int = option(
+        0,
+        "Token budget of one micro-batch (per device). With packing: the packed row's length "
+        "(0: batch_size x the longest example). Without: rows x longest row, padding included, so batches of "
+        "short examples hold more rows (length-grouped batches; batch_size is then not used). 0: batches of "
+        "batch_size rows. Checked against the longest example when the batches are planned.",
+        check=">= 0",
     )
 
 
 @dataclass
-class LoraConfig:
+class LoraConfig(Options):
     """LoRA on the language model; optionally on the CLIP tower and the projector too."""
 
-    r: int = field(default=16, metadata={"help": "LoRA rank.", "check": ">= 1"})
-    alpha: int = field(
-        default=32, metadata={"help": "LoRA scale numerator (scale = alpha / r).", "check": ">= 1"}
+    r: int = option(16, "LoRA rank.", check=">= 1")
+    alpha: int = option(32, "LoRA scale numerator (scale = alpha / r).", check=">= 1")
+    dropout: float = option(0.05, "Dropout on the LoRA input.", check="in [0, 1)")
+    target_modules: list[str] = option(
+        help="Language-model projections that get adapters (module names, e.g. qkv_proj).",
+        factory=lambda: list(LM_TARGETS),
     )
-    dropout: float = field(
-        default=0.05, metadata={"help": "Dropout on the LoRA input.", "check": "in [0, 1)"}
-    )
-    target_modules: list[str] = field(
-        default_factory=lambda: list(LM_TARGETS),
-        metadata={"help": "Language-model projections that get adapters (module names, e.g. qkv_proj)."},
-    )
-    vision: bool = field(
-        default=False, metadata={"help": "Also LoRA on CLIP q/k/v/out_proj, fc1, fc2 (the used layers)."}
-    )
-    projector: bool = field(
-        default=False, metadata={"help": "Also LoRA on the image projector (img_projection.0 / .2)."}
-    )
-    modules_to_save: list[str] = field(
-        default_factory=list,
-        metadata={"help": "Modules trained in full and saved in the adapter (e.g. img_projection.0)."},
+    vision: bool = option(False, "Also LoRA on CLIP q/k/v/out_proj, fc1, fc2 (the used layers).")
+    projector: bool = option(False, "Also LoRA on the image projector (img_projection.0 / .2).")
+    modules_to_save: list[str] = option(
+        help="Modules trained in full and saved in the adapter (e.g. img_projection.0).", factory=list
     )
 
 
 @dataclass
-class FreezeConfig:
+class FreezeConfig(Options):
     """Parts kept frozen in full fine-tuning (LoRA freezes every base weight anyway)."""
 
-    vision: bool = field(default=False, metadata={"help": "Full fine-tuning: keep the CLIP tower frozen."})
-    projector: bool = field(
-        default=False,
-        metadata={"help": "Full fine-tuning: keep img_projection and the glb_GN/sub_GN separators frozen."},
+    vision: bool = option(False, "Full fine-tuning: keep the CLIP tower frozen.")
+    projector: bool = option(
+        False, "Full fine-tuning: keep img_projection and the glb_GN/sub_GN separators frozen."
     )
 
 
 @dataclass
-class OptimConfig:
+class OptimConfig(Options):
     """AdamW and the optimizer step."""
 
-    lr: float = field(default=2e-4, metadata={"help": "Peak learning rate.", "check": "> 0"})
-    weight_decay: float = field(
-        default=0.01,
-        metadata={"help": "AdamW weight decay (never on biases, norms, separators).", "check": ">= 0"},
+    lr: float = option(2e-4, "Peak learning rate.", check="> 0")
+    weight_decay: float = option(
+        0.01, "AdamW weight decay (never on biases, norms, separators).", check=">= 0"
     )
-    betas: list[float] = field(
-        default_factory=lambda: [0.9, 0.95],
-        metadata={"help": "AdamW (beta1, beta2): two values.", "check": "in [0, 1)"},
+    betas: list[float] = option(
+        help="AdamW (beta1, beta2): two values.", factory=lambda: [0.9, 0.95], check="in [0, 1)"
     )
-    eps: float = field(default=1e-7, metadata={"help": "AdamW epsilon.", "check": "> 0"})
-    grad_clip: float = field(
-        default=1.0,
-        metadata={"help": "Clip the gradient norm to this; 0 disables clipping.", "check": ">= 0"},
-    )
-    grad_accum: int = field(
-        default=1, metadata={"help": "Micro-batches per optimizer step on each process.", "check": ">= 1"}
-    )
+    eps: float = option(1e-7, "AdamW epsilon.", check="> 0")
+    grad_clip: float = option(1.0, "Clip the gradient norm to this; 0 disables clipping.", check=">= 0")
+    grad_accum: int = option(1, "Micro-batches per optimizer step on each process.", check=">= 1")
 
 
 @dataclass
-class ScheduleConfig:
+class ScheduleConfig(Options):
     """How long training runs and how the learning rate moves."""
 
-    epochs: float = field(
-        default=1.0,
-        metadata={
-            "help": "Passes over the train split (fractions allowed); used when max_steps is 0.",
-            "check": ">= 0",
-        },
+    epochs: float = option(
+        1.0, "Passes over the train split (fractions allowed); used when max_steps is 0.", check=">= 0"
     )
-    max_steps: int = field(
-        default=0, metadata={"help": "Optimizer steps to run; 0: derived from epochs.", "check": ">= 0"}
+    max_steps: int = option(0, "Optimizer steps to run; 0: derived from epochs.", check=">= 0")
+    warmup_steps: int = option(0, "Steps of linear warmup from lr/(warmup+1) to lr.", check=">= 0")
+    warmup_ratio: float = option(
+        0.0, "Warmup as a fraction of all steps; used when warmup_steps is 0.", check="in [0, 1)"
     )
-    warmup_steps: int = field(
-        default=0, metadata={"help": "Steps of linear warmup from lr/(warmup+1) to lr.", "check": ">= 0"}
-    )
-    warmup_ratio: float = field(
-        default=0.0,
-        metadata={
-            "help": "Warmup as a fraction of all steps; used when warmup_steps is 0.",
-            "check": "in [0, 1)",
-        },
-    )
-    decay: str = field(
-        default="cosine", metadata={"help": "Learning-rate shape after warmup.", "choices": DECAYS}
-    )
-    min_lr_ratio: float = field(
-        default=0.0,
-        metadata={
-            "help": "Final learning rate as a fraction of lr (cosine and linear decay).",
-            "check": "in [0, 1]",
-        },
+    decay: str = option("cosine", "Learning-rate shape after warmup.", choices=DECAYS)
+    min_lr_ratio: float = option(
+        0.0, "Final learning rate as a fraction of lr (cosine and linear decay).", check="in [0, 1]"
     )
 
 
 @dataclass
-class EvalConfig:
-    """Evaluation on the val split: loss on ``max_samples`` rows and generation metrics on ``gen_samples``."""
+class EvalConfig(Generation):
+    """Evaluation on the val split: loss on ``max_samples`` rows and generation metrics on ``gen_samples``; answers
+    are generated as ``phivision evaluate`` generates them (``batch_size``, ``max_new_tokens``, ``constrain``)."""
 
-    every_steps: int = field(
-        default=0, metadata={"help": "Evaluate every N optimizer steps; 0: only at the end.", "check": ">= 0"}
+    max_new_tokens: int = with_default(Generation, "max_new_tokens", 48)  # short answers during training
+    every_steps: int = option(0, "Evaluate every N optimizer steps; 0: only at the end.", check=">= 0")
+    max_samples: int = option(0, "Val rows for the val loss; 0: the whole val split.", check=">= 0")
+    gen_samples: int = option(
+        32,
+        "First N val rows answered by generation and scored (parse_rate, category_accuracy, price_mape, ...); 0: val "
+        "loss only.",
+        check=">= 0",
     )
-    max_samples: int = field(
-        default=0, metadata={"help": "Val rows for the val loss; 0: the whole val split.", "check": ">= 0"}
+    metric: str = option(
+        "val_loss",
+        "Picks the best evaluation (the run's weights) and drives early stopping: val_loss or a generation metric "
+        "(parse_rate, price_mape, category_accuracy, title_similarity, ...).",
     )
-    gen_samples: int = field(
-        default=32,
-        metadata={
-            "help": "First N val rows answered by generation and scored (parse_rate, category_accuracy, "
-            "price_mape, ...); 0: val loss only.",
-            "check": ">= 0",
-        },
-    )
-    batch_size: int = field(default=8, metadata={"help": "Rows per evaluation batch.", "check": ">= 1"})
-    max_new_tokens: int = field(
-        default=48, metadata={"help": "Longest generated answer, in tokens.", "check": ">= 1"}
-    )
-    metric: str = field(
-        default="val_loss",
-        metadata={
-            "help": "Picks the best evaluation (the run's weights) and drives early stopping: val_loss or a "
-            "generation metric (parse_rate, price_mape, category_accuracy, title_similarity, ...)."
-        },
-    )
-    patience: int = field(
-        default=0,
-        metadata={
-            "help": "Stop after N evaluations without improvement; 0: never stop early.",
-            "check": ">= 0",
-        },
-    )
-    constrain: bool = field(
-        default=True,
-        metadata={
-            "help": "Generated answers follow the answer template, the category one of the train split's "
-            "(llguidance); false: free generation."
-        },
+    patience: int = option(
+        0, "Stop after N evaluations without improvement; 0: never stop early.", check=">= 0"
     )
 
 
 @dataclass
-class CheckpointConfig:
+class CheckpointConfig(Options):
     """Resumable checkpoints under RUN/checkpoints/step-N."""
 
-    every_steps: int = field(
-        default=0,
-        metadata={"help": "Checkpoint every N optimizer steps; 0: only at the end.", "check": ">= 0"},
-    )
-    keep_last: int = field(
-        default=2, metadata={"help": "Checkpoints kept (oldest deleted).", "check": ">= 1"}
-    )
+    every_steps: int = option(0, "Checkpoint every N optimizer steps; 0: only at the end.", check=">= 0")
+    keep_last: int = option(2, "Checkpoints kept (oldest deleted).", check=">= 1")
 
 
 @dataclass
-class TrackingConfig:
+class TrackingConfig(Options):
     """Experiment tracking; RUN/metrics.jsonl is always written."""
 
-    backend: str = field(default="none", metadata={"help": "Experiment tracker.", "choices": TRACKERS})
-    project: str = field(default="phivision", metadata={"help": "W&B project / MLflow experiment name."})
-    run_name: str = field(default="", metadata={"help": "Tracker run name; empty: the run directory's name."})
-    log_every: int = field(
-        default=10, metadata={"help": "Log the train loss every N optimizer steps.", "check": ">= 1"}
+    backend: str = option("none", "Experiment tracker.", choices=TRACKERS)
+    project: str = option("phivision", "W&B project / MLflow experiment name.")
+    run_name: str = option("", "Tracker run name; empty: the run directory's name.")
+    log_every: int = option(10, "Log the train loss every N optimizer steps.", check=">= 1")
+    sample_images: int = option(
+        8, "Val images logged with true and predicted answers at each evaluation.", check=">= 0"
     )
-    sample_images: int = field(
-        default=8,
-        metadata={
-            "help": "Val images logged with true and predicted answers at each evaluation.",
-            "check": ">= 0",
-        },
-    )
-    mlflow_tracking_uri: str = field(
-        default="",
-        metadata={"help": "MLflow tracking URI, e.g. sqlite:///mlflow.db; empty: MLflow's default."},
+    mlflow_tracking_uri: str = option(
+        "", "MLflow tracking URI, e.g. sqlite:///mlflow.db; empty: MLflow's default."
     )
 
 
 @dataclass
-class PromptConfig:
+class PromptConfig(Options):
     """The exchange the model learns; saved with the run so evaluation and serving ask the same question."""
 
-    question: str = field(default=DEFAULT_QUESTION, metadata={"help": "The user's question after the image."})
-    answer_template: str = field(
-        default=DEFAULT_ANSWER_TEMPLATE,
-        metadata={"help": "The answer, with each of {title}, {category} and {full_price} exactly once."},
+    question: str = option(DEFAULT_QUESTION, "The user's question after the image.")
+    answer_template: str = option(
+        DEFAULT_ANSWER_TEMPLATE, "The answer, with each of {title}, {category} and {full_price} exactly once."
     )
 
     def format(self) -> PromptFormat:
@@ -291,75 +212,48 @@ class PromptConfig:
 
 
 @dataclass
-class TrainConfig:
+class TrainConfig(Options):
     """Everything one training run needs. ``model`` is the base checkpoint path or hub id."""
 
-    model: str = field(
-        default="", metadata={"help": "Base checkpoint: a local directory or a hub id; `--model`."}
+    model: str = option("", "Base checkpoint: a local directory or a hub id; `--model`.")
+    out: str = option("", "Run directory to write; `--out` sets it.")
+    method: str = option("lora", "What trains.", choices=METHODS)
+    seed: int = option(0, "Seeds the data order, initialisation and dropout.", check=SEED)
+    precision: str = option("fp32", "Autocast precision (fp16 adds a gradient scaler).", choices=PRECISIONS)
+    attn_implementation: str = option("sdpa", "Attention kernel.", choices=ATTENTION)
+    num_crops: int = option(
+        0, "Most image tiles per image; 0: the checkpoint's preprocessor_config.json.", check=">= 0"
     )
-    out: str = field(default="", metadata={"help": "Run directory to write; `--out` sets it."})
-    method: str = field(default="lora", metadata={"help": "What trains.", "choices": METHODS})
-    seed: int = field(
-        default=0,
-        metadata={
-            "help": "Seeds the data order, initialisation and dropout.",
-            "check": f"in [0, {SEED_MAX}]",
-        },
+    gradient_checkpointing: bool = option(
+        False, "Recompute activations in backward (less memory, more compute)."
     )
-    precision: str = field(
-        default="fp32",
-        metadata={"help": "Autocast precision (fp16 adds a gradient scaler).", "choices": PRECISIONS},
+    ddp_find_unused_parameters: bool = option(
+        False, "DDP's find_unused_parameters (only for models changed by hand)."
     )
-    attn_implementation: str = field(
-        default="sdpa", metadata={"help": "Attention kernel.", "choices": ATTENTION}
+    num_threads: int = option(0, "torch CPU threads per process; 0: torch's default.", check=">= 0")
+    use_liger_kernel: bool = option(
+        False,
+        "Liger's fused Triton kernels (RMSNorm, SwiGLU MLP, RoPE) in the Phi-3 decoder. CUDA only "
+        "(checked before the model loads); needs the liger-kernel package (pip install 'phivision[liger]').",
     )
-    num_crops: int = field(
-        default=0,
-        metadata={
-            "help": "Most image tiles per image; 0: the checkpoint's preprocessor_config.json.",
-            "check": ">= 0",
-        },
-    )
-    gradient_checkpointing: bool = field(
-        default=False, metadata={"help": "Recompute activations in backward (less memory, more compute)."}
-    )
-    ddp_find_unused_parameters: bool = field(
-        default=False, metadata={"help": "DDP's find_unused_parameters (only for models changed by hand)."}
-    )
-    num_threads: int = field(
-        default=0,
-        metadata={"help": "torch CPU threads per process; 0: torch's default.", "check": ">= 0"},
-    )
-    use_liger_kernel: bool = field(
-        default=False,
-        metadata={
-            "help": "Liger's fused Triton kernels (RMSNorm, SwiGLU MLP, RoPE) in the Phi-3 decoder. CUDA only "
-            "(checked before the model loads); needs the liger-kernel package (pip install 'phivision[liger]')."
-        },
-    )
-    data: DataConfig = field(default_factory=DataConfig, metadata={"help": "Dataset and batches."})
-    lora: LoraConfig = field(default_factory=LoraConfig, metadata={"help": "LoRA / QLoRA adapters."})
-    freeze: FreezeConfig = field(
-        default_factory=FreezeConfig, metadata={"help": "Full fine-tuning: frozen parts."}
-    )
-    optim: OptimConfig = field(default_factory=OptimConfig, metadata={"help": "AdamW."})
-    schedule: ScheduleConfig = field(
-        default_factory=ScheduleConfig, metadata={"help": "Length and learning rate."}
-    )
-    eval: EvalConfig = field(default_factory=EvalConfig, metadata={"help": "Evaluation during training."})
-    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig, metadata={"help": "Checkpoints."})
-    tracking: TrackingConfig = field(
-        default_factory=TrackingConfig, metadata={"help": "Experiment tracking."}
-    )
-    prompt: PromptConfig = field(
-        default_factory=PromptConfig, metadata={"help": "Question and answer template."}
-    )
+    data: DataConfig = group(DataConfig, "Dataset and batches.")
+    lora: LoraConfig = group(LoraConfig, "LoRA / QLoRA adapters.")
+    freeze: FreezeConfig = group(FreezeConfig, "Full fine-tuning: frozen parts.")
+    optim: OptimConfig = group(OptimConfig, "AdamW.")
+    schedule: ScheduleConfig = group(ScheduleConfig, "Length and learning rate.")
+    eval: EvalConfig = group(EvalConfig, "Evaluation during training.")
+    checkpoint: CheckpointConfig = group(CheckpointConfig, "Checkpoints.")
+    tracking: TrackingConfig = group(TrackingConfig, "Experiment tracking.")
+    prompt: PromptConfig = group(PromptConfig, "Question and answer template.")
 
-    def validate(self) -> TrainConfig:
-        """Check every value a type check cannot (ranges, choices, finiteness, metric, prompt); raises
+    def validate(self, naming: Naming = CONFIG, prefix: str = "") -> TrainConfig:
+        """Check every value (types, ranges, choices, finiteness, then :meth:`check`); raises
         :class:`ConfigError` naming the key."""
-        for key, value, spec in walk_fields(self):
-            check_value(key, value, spec)
+        super().validate(naming, prefix)
+        return self
+
+    def check(self) -> None:
+        """What involves several keys: two betas, a length, early stopping, targets, the metric, the prompt."""
         if len(self.optim.betas) != 2:
             raise ConfigError("optim.betas", f"needs two values (beta1, beta2), got {len(self.optim.betas)}")
         if self.schedule.max_steps <= 0 and self.schedule.epochs <= 0:
@@ -376,7 +270,6 @@ class TrainConfig:
             )
         check_eval_metric(self)
         check_prompt(self.prompt)
-        return self
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -386,99 +279,7 @@ class TrainConfig:
         return yaml.safe_dump(self.to_dict(), sort_keys=False, allow_unicode=True)
 
 
-class ConfigError(PhivisionError):
-    """A bad config key or value: ``config key 'optim.lr': must be > 0, got -1.0``; ``key`` is the dotted key,
-    which :func:`load_config` uses to point at the YAML line that set it."""
-
-    def __init__(self, key: str, problem: str, unknown: bool = False):
-        self.key = key
-        super().__init__(
-            f"unknown config key '{key}' ({problem})" if unknown else f"config key '{key}': {problem}"
-        )
-
-
-# ------------------------------------------------------------------------------------------ checking
-
-
-def walk_fields(obj: Any, prefix: str = "") -> Iterator[tuple[str, Any, dict[str, Any]]]:
-    """``(dotted key, value, field metadata)`` for every leaf field of a config dataclass, in order."""
-    for f in dataclasses.fields(obj):
-        value = getattr(obj, f.name)
-        if dataclasses.is_dataclass(value):
-            yield from walk_fields(value, f"{prefix}{f.name}.")
-        else:
-            yield f"{prefix}{f.name}", value, dict(f.metadata)
-
-
-_RANGE = re.compile(r"^in ([\[(])\s*(\S+),\s*(\S+)\s*([\])])$")
-_BOUND = re.compile(r"^(>=|>)\s*(\S+)$")
-
-
-def in_range(value: float, check: str) -> bool:
-    """Whether ``value`` satisfies a check written as ``>= 1``, ``> 0``, ``in [0, 1)`` or ``in [0, 1]``."""
-    if match := _BOUND.match(check):
-        op, bound = match.group(1), float(match.group(2))
-        return value >= bound if op == ">=" else value > bound
-    if match := _RANGE.match(check):
-        low_open, low, high, high_open = (
-            match.group(1) == "(",
-            float(match.group(2)),
-            float(match.group(3)),
-            match.group(4) == ")",
-        )
-        above = value > low if low_open else value >= low
-        below = value < high if high_open else value <= high
-        return above and below
-    raise ValueError(f"unknown check {check!r}")
-
-
-def _show(value: Any) -> str:
-    """A value as the user wrote it (plain Python numbers, never a numpy repr)."""
-    if isinstance(value, float):
-        return repr(float(value))
-    return repr(value)
-
-
-def check_value(key: str, value: Any, spec: dict[str, Any]) -> None:
-    """Finite numbers, an allowed choice, a value within its ``check`` (list items each); else ConfigError."""
-    items = value if isinstance(value, list) else [value]
-    for i, item in enumerate(items):
-        name = f"{key}[{i}]" if isinstance(value, list) else key
-        if isinstance(item, float) and not math.isfinite(item):
-            raise ConfigError(name, f"must be a finite number, got {_show(item)}")
-        if "choices" in spec and item not in spec["choices"]:
-            raise ConfigError(name, f"{item!r} is not one of {', '.join(spec['choices'])}")
-        if "check" in spec and isinstance(item, (int, float)) and not in_range(item, spec["check"]):
-            raise ConfigError(name, f"must be {spec['check']}, got {_show(item)}")
-        if isinstance(item, str) and isinstance(value, list) and not item.strip():
-            raise ConfigError(name, "empty name")
-
-
 # ------------------------------------------------------------------------------------ eval.metric
-
-
-def scalar_metrics(summary: dict[str, Any]) -> dict[str, float]:
-    """The numbers a training evaluation reports from ``phivision.evaluate.metrics.summarize`` (not ``n``)."""
-    return {k: float(v) for k, v in summary.items() if isinstance(v, (int, float)) and k != "n"}
-
-
-@functools.lru_cache(maxsize=8)
-def _generation_metric_names(level_columns: tuple[str, ...]) -> tuple[str, ...]:
-    import pandas as pd
-
-    from phivision.evaluate.metrics import TrainStats, score, summarize
-    from phivision.prompt import ParsedAnswer
-
-    row = {"title": "t", "category": "c", "full_price": 1.0, **{col: "x" for col in level_columns}}
-    rows = pd.DataFrame([row])
-    records = score(rows, [ParsedAnswer(None, None, None)], TrainStats.from_catalog(rows))
-    return tuple(sorted(scalar_metrics(summarize(records))))
-
-
-def generation_metric_names(level_columns: Sequence[str] = ()) -> list[str]:
-    """The generation metrics a training evaluation reports for a catalog with these ``category<k>_code``
-    columns: read from what ``summarize`` actually returns for one scored row, so they never drift."""
-    return list(_generation_metric_names(tuple(level_columns)))
 
 
 _LEVEL_METRIC = re.compile(r"^category\d+_accuracy$")
@@ -534,7 +335,7 @@ def check_prompt(prompt: PromptConfig) -> None:
         try:
             prompt.format()  # the prompt module refuses templates its parser cannot read
         except (ValueError, TypeError) as err:
-            problem = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+            problem = first_line(err)
     if problem is not None:
         raise ConfigError("prompt.answer_template", problem)
 
@@ -542,72 +343,24 @@ def check_prompt(prompt: PromptConfig) -> None:
 # --------------------------------------------------------------------------------------------- loading
 
 
-def _type_name(tp: Any) -> str:
-    return getattr(tp, "__name__", str(tp).replace("typing.", ""))
-
-
-def _coerce(value: Any, tp: Any, key: str) -> Any:
-    """Check ``value`` against the annotation ``tp``; strings from the command line are parsed where safe."""
-    origin = typing.get_origin(tp)
-    if origin in (typing.Union, types.UnionType):
-        args = typing.get_args(tp)
-        if value is None and type(None) in args:
-            return None
-        for arg in args:
-            if arg is type(None):
-                continue
-            try:
-                return _coerce(value, arg, key)
-            except PhivisionError:
-                pass
-        raise ConfigError(key, f"expected {_type_name(tp)}, got {value!r}")
-    if origin is list:
-        (item,) = typing.get_args(tp)
-        if isinstance(value, str):  # `lora.target_modules=qkv_proj,o_proj` on the command line
-            value = [v.strip() for v in value.split(",") if v.strip()]
-        if not isinstance(value, (list, tuple)):
-            raise ConfigError(key, f"expected a list, got {value!r}")
-        return [_coerce(v, item, f"{key}[{i}]") for i, v in enumerate(value)]
-    if tp is bool:
-        if isinstance(value, bool):
-            return value
-    elif tp is int:
-        if isinstance(value, int) and not isinstance(value, bool):
-            return value
-        if isinstance(value, float) and value.is_integer():
-            return int(value)
-    elif tp is float:
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-        if isinstance(value, str):  # YAML reads 1e-4 (no dot) as a string
-            try:
-                return float(value)
-            except ValueError:
-                pass
-    elif tp is str:
-        if isinstance(value, str):
-            return value
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return str(value)
-    raise ConfigError(key, f"expected {_type_name(tp)}, got {value!r}")
-
-
 def _build(cls: type, data: dict[str, Any], prefix: str = "") -> Any:
-    """Build dataclass ``cls`` from a nested dict, rejecting unknown keys."""
+    """Build config group ``cls`` from a nested dict, rejecting unknown keys and values of the wrong type."""
     if not isinstance(data, dict):
         raise ConfigError(prefix.rstrip(".") or "<root>", f"expected a mapping, got {data!r}")
-    hints = typing.get_type_hints(cls)
     names = {f.name for f in dataclasses.fields(cls)}
     kwargs = {}
     for key, value in data.items():
         full = f"{prefix}{key}"
         if key not in names:
             raise ConfigError(full, f"known: {', '.join(sorted(names))}", unknown=True)
-        tp = hints[key]
-        if dataclasses.is_dataclass(tp):
+        tp = hints(cls)[key]
+        if is_group(tp):
             kwargs[key] = _build(tp, value or {}, f"{full}.")
-        else:
-            kwargs[key] = _coerce(value, tp, full)
+            continue
+        try:
+            kwargs[key] = coerce(value, tp, text_lists=True)
+        except TypeMismatch as err:
+            raise CONFIG.mismatch(full, value, err) from None
     return cls(**kwargs)
 
 
@@ -634,10 +387,10 @@ def _field_type(key: str) -> Any:
     """The annotation of a dotted key of :class:`TrainConfig` (None for an unknown key)."""
     cls: Any = TrainConfig
     for part in key.split("."):
-        hints = typing.get_type_hints(cls) if dataclasses.is_dataclass(cls) else {}
-        if part not in hints:
+        known = hints(cls) if is_group(cls) else {}
+        if part not in known:
             return None
-        cls = hints[part]
+        cls = known[part]
     return cls
 
 
@@ -703,17 +456,12 @@ def read_yaml_with_lines(path: str | os.PathLike) -> tuple[dict[str, Any], dict[
         problem = " ".join(p for p in (err.context, err.problem) if p) or "invalid YAML"
         raise PhivisionError(f"{where}: not valid YAML ({problem})") from None
     except yaml.YAMLError as err:
-        raise PhivisionError(f"{path}: not valid YAML ({str(err).splitlines()[0]})") from None
+        raise PhivisionError(f"{path}: not valid YAML ({first_line(err)})") from None
     if data is None:
         data = {}
     if not isinstance(data, dict):
         raise PhivisionError(f"{path}:1: expected a mapping of config keys at the top level")
     return data, _key_lines(node, path)
-
-
-def read_yaml(path: str | os.PathLike) -> dict[str, Any]:
-    """A config file's mapping (see :func:`read_yaml_with_lines`)."""
-    return read_yaml_with_lines(path)[0]
 
 
 def _locate(key: str, lines: dict[str, int], elsewhere: set[str]) -> int | None:
@@ -768,7 +516,7 @@ def cli_config(
 ) -> TrainConfig:
     """The config of ``phivision train``: ``--config`` (or, on ``--resume``, the run's own ``config.yaml``),
     then ``--data``/``--model``/``--out``, then ``key=value`` overrides."""
-    saved = Path(out) / "config.yaml" if out is not None else None
+    saved = RunLayout(out).config if out is not None else None
     base = config if config else (saved if resume and saved is not None and saved.is_file() else None)
     values: dict[str, Any] = {} if out is None else {"out": str(out)}
     if data is not None:
@@ -776,3 +524,19 @@ def cli_config(
     if model is not None:
         values["model"] = str(model)
     return load_config(base, overrides, **values)
+
+
+def resolve_config(args: TrainArgs) -> TrainConfig:
+    """The config a ``train`` call runs: ``args.config`` (a YAML path or a :class:`TrainConfig`) resolved as
+    :func:`cli_config` resolves ``--config``, ``args.data``/``model``/``out`` and ``args.overrides`` on top."""
+    overrides = list(args.overrides or [])
+    if not isinstance(args.config, TrainConfig):
+        return cli_config(args.out, args.data, args.model, args.config, args.resume, overrides)
+    values: dict[str, Any] = args.config.to_dict()
+    if args.out is not None:
+        values["out"] = str(args.out)
+    if args.data is not None:
+        values["data"] = {**values["data"], "path": str(args.data)}
+    if args.model is not None:
+        values["model"] = str(args.model)
+    return load_config(None, overrides, **values)

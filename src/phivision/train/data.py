@@ -1,7 +1,8 @@
 """Records -> examples -> batches.
 
 ``ProductDataset`` turns catalog rows into supervised examples (the processor masks everything but the answer):
-a product's first ``max_images`` photos, in order, go into one prompt as ``<|image_1|>`` ... ``<|image_k|>``.
+a product's first ``max_images`` photos, in order, go into one prompt as ``<|image_1|>`` ... ``<|image_k|>``. A
+micro-batch of examples is a :class:`Batch`, named tensors with their shapes.
 ``BatchPlan`` fixes the order of every micro-batch of the run from the seed alone, so micro-batch ``m`` is the
 same batch whether the run was interrupted or not: resuming only needs the index of the next micro-batch.
 Batches hold a fixed number of rows, or as many as fit a token budget (``data.max_tokens``); the collate pads
@@ -10,24 +11,24 @@ them (``Phi3VProcessor.collate``) or packs them into one padding-free row (:func
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
 import random
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import pandas as pd
 import torch
 from PIL import Image
 
+from phivision.answer.prompt import PromptFormat, format_answer, prompt_text
 from phivision.data.images import load_image
 from phivision.errors import PhivisionError
 from phivision.model.processing_phi3_v import stack_images
-from phivision.prompt import PromptFormat, format_answer, prompt_text
-
-if TYPE_CHECKING:
-    from phivision.train.config import DataConfig
+from phivision.train.config import DataConfig
 
 IGNORE_INDEX = -100
 EXIF_ORIENTATION = 0x0112
@@ -143,7 +144,65 @@ class ProductDataset(torch.utils.data.Dataset):
         return total
 
 
-def pack_examples(examples: Sequence[dict[str, Any]]) -> dict[str, torch.Tensor]:
+@dataclass(frozen=True)
+class Batch(Mapping):
+    """One micro-batch of the training path, padded (``Phi3VProcessor.collate``) or packed (:func:`pack_examples`).
+
+    Also a read-only mapping of its tensors (those that are not None), so ``model(**batch.model_inputs())`` and
+    ``batch["labels"]`` both work; the model files stay on the processor's ``dict``/``BatchFeature`` interface.
+    """
+
+    input_ids: torch.Tensor  # (rows, tokens); image positions hold negative ids
+    labels: torch.Tensor  # (rows, tokens): the answer's ids, -100 where nothing is scored
+    attention_mask: torch.Tensor | None = None  # (rows, tokens): 0 on padding; None for a packed row
+    position_ids: torch.Tensor | None = None  # (1, tokens) of a packed row: restarts at 0 for every example
+    pixel_values: torch.Tensor | None = (
+        None  # (images, num_crops + 1, 3, crop, crop): every image, in row order
+    )
+    image_sizes: torch.Tensor | None = None  # (images, 2): height and width of each image after HD resizing
+
+    @classmethod
+    def of(cls, features: Mapping[str, torch.Tensor]) -> Batch:
+        """A batch from the processor's features (a dict or a BatchFeature); an unknown key is a bug."""
+        if isinstance(features, Batch):
+            return features
+        return cls(**features)
+
+    def to(self, device: torch.device | str) -> Batch:
+        moved = {k: v.to(device, non_blocking=True) for k, v in self.items()}
+        return dataclasses.replace(self, **moved)
+
+    def model_inputs(self) -> dict[str, torch.Tensor]:
+        """The keyword arguments of the model's forward: every tensor but the labels."""
+        return {k: v for k, v in self.items() if k != "labels"}
+
+    def scored_tokens(self) -> int:
+        """Tokens the loss counts (a label at position i is the target of position i-1)."""
+        return int((self.labels[:, 1:] != IGNORE_INDEX).sum())
+
+    def __getitem__(self, key: str) -> torch.Tensor:
+        value = getattr(self, key, None) if key in self._names() else None
+        if value is None:
+            raise KeyError(key)
+        return value
+
+    def __iter__(self) -> Iterator[str]:
+        return (name for name in self._names() if getattr(self, name) is not None)
+
+    def __len__(self) -> int:
+        return sum(1 for _ in self)
+
+    @classmethod
+    def _names(cls) -> tuple[str, ...]:
+        return tuple(f.name for f in dataclasses.fields(cls))
+
+
+def collate_batch(processor: Any, examples: Sequence[dict[str, Any]]) -> Batch:
+    """Examples from ``build_example`` -> one padded :class:`Batch` (the processor pads, this names it)."""
+    return Batch.of(processor.collate(examples))
+
+
+def pack_examples(examples: Sequence[dict[str, Any]]) -> Batch:
     """Examples from ``build_example`` -> one padding-free row ``(1, total tokens)``.
 
     ``position_ids`` restart at 0 for every example and there is no ``attention_mask``: the model reads the
@@ -158,13 +217,12 @@ def pack_examples(examples: Sequence[dict[str, Any]]) -> dict[str, torch.Tensor]
         row = example["labels"].clone()
         row[0] = IGNORE_INDEX
         labels.append(row)
-    batch = {
-        "input_ids": torch.cat([ex["input_ids"] for ex in examples])[None],
-        "labels": torch.cat(labels)[None],
-        "position_ids": torch.cat([torch.arange(len(ex["input_ids"])) for ex in examples])[None],
-    }
-    batch.update(stack_images(examples))
-    return batch
+    return Batch(
+        input_ids=torch.cat([ex["input_ids"] for ex in examples])[None],
+        labels=torch.cat(labels)[None],
+        position_ids=torch.cat([torch.arange(len(ex["input_ids"])) for ex in examples])[None],
+        **stack_images(examples),
+    )
 
 
 class BatchPlan:

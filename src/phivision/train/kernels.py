@@ -10,6 +10,8 @@ from __future__ import annotations
 import importlib.util
 from typing import Any
 
+import torch
+
 from phivision.errors import PhivisionError
 
 LIGER_EXTRA = "pip install 'phivision[liger]'"
@@ -19,8 +21,6 @@ def require_liger(use_liger_kernel: bool) -> None:
     """Fail before the model loads when ``use_liger_kernel`` is set but cannot work here."""
     if not use_liger_kernel:
         return
-    import torch
-
     if not torch.cuda.is_available():
         raise PhivisionError(
             "config key 'use_liger_kernel': Liger kernels are Triton GPU kernels and need CUDA; "

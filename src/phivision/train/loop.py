@@ -13,28 +13,45 @@ checkpoint's tensors) is checked before the first step, so a mistake costs secon
 from __future__ import annotations
 
 import contextlib
+import functools
+import importlib.util
 import math
 import os
 import re
 import time
 import warnings
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
 import torch
 import torch.nn.functional as F
+from accelerate import Accelerator
+from accelerate.state import AcceleratorState, GradientState
+from accelerate.utils import DistributedDataParallelKwargs, DistributedType, set_seed
+from PIL import Image
+from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
 from tqdm.auto import tqdm
 
-from phivision.errors import PhivisionError
+from phivision.answer.constrain import AnswerConstraint
+from phivision.answer.generate import generate_answers
+from phivision.answer.prompt import parse_answer
+from phivision.data.images import DEFAULT_MAX_PIXELS
+from phivision.data.layout import RunLayout, load_catalog
+from phivision.errors import PhivisionError, first_line
+from phivision.evaluate.metrics import TrainStats, level_columns, scalar_metrics, score, summarize
 from phivision.io import atomic_write_json, atomic_write_text
 from phivision.labels import LabelSpace, write_labels
+from phivision.loading import check_model_type, load_pretrained
+from phivision.model.processing_phi3_v import Phi3VProcessor
 from phivision.train import checkpoint as ckpt
-from phivision.train.config import TrainConfig, check_eval_metric, scalar_metrics
+from phivision.train.config import TrainConfig, check_eval_metric
 from phivision.train.data import (
+    Batch,
     ProductDataset,
     RankBatches,
+    collate_batch,
     make_plan,
     pack_examples,
     photo_paths,
@@ -130,7 +147,7 @@ def check_run_dir(run_dir: Path, resume: bool) -> None:
         raise PhivisionError(f"out {run_dir}: {parent} is a file, so the run directory cannot be created")
     if not os.access(parent, os.W_OK):
         raise PhivisionError(f"out {run_dir}: {parent} is not writable")
-    started = (run_dir / "trainer_state.json").exists() or (run_dir / "checkpoints").exists()
+    started = RunLayout(run_dir).trainer_state.exists() or RunLayout(run_dir).checkpoints.exists()
     if started and not resume:
         raise PhivisionError(
             f"{run_dir}: already holds a training run; pass --resume to continue it or pick a new --out"
@@ -146,10 +163,6 @@ def check_images(root: Path, catalog: Any, positions: Iterable[int], max_images:
     image once; a file damaged after that (truncated pixel data) still stops the run with one line, from the
     loader (see :func:`_one_line_worker_errors`).
     """
-    from PIL import Image
-
-    from phivision.data.images import DEFAULT_MAX_PIXELS
-
     positions = list(positions)
     photos = [
         (pos, rel)
@@ -167,7 +180,7 @@ def check_images(root: Path, catalog: Any, positions: Iterable[int], max_images:
         except Image.DecompressionBombError as err:
             raise PhivisionError(f"{where}: too many pixels ({err})") from None
         except Exception as err:  # noqa: BLE001  (PIL raises many types for a broken header)
-            reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+            reason = first_line(err)
             raise PhivisionError(f"{where}: not a readable image ({reason})") from None
         if width * height > DEFAULT_MAX_PIXELS:
             raise PhivisionError(
@@ -200,10 +213,6 @@ def _one_line_worker_errors(batches: Iterable[Any]) -> Iterator[Any]:
 
 
 def _make_accelerator(config: TrainConfig) -> Any:
-    from accelerate import Accelerator
-    from accelerate.state import AcceleratorState, GradientState
-    from accelerate.utils import DistributedDataParallelKwargs
-
     # A second run in the same process (the demo, tests) may use another precision; the process group stays.
     AcceleratorState._reset_state()
     GradientState._reset_state()
@@ -221,7 +230,7 @@ def _make_accelerator(config: TrainConfig) -> Any:
             ],
         )
     except (ValueError, RuntimeError) as err:
-        raise PhivisionError(f"precision={config.precision}: {str(err).splitlines()[0]}") from None
+        raise PhivisionError(f"precision={config.precision}: {first_line(err)}") from None
     if config.precision == "fp16" and accelerator.device.type == "cpu":
         # accelerate would silently train in fp32 (no fp16 autocast, no gradient scaler on CPU)
         raise PhivisionError("config key 'precision': fp16 needs a GPU; use bf16 or fp32 on the CPU")
@@ -230,10 +239,6 @@ def _make_accelerator(config: TrainConfig) -> Any:
 
 def _load_model(config: TrainConfig, device: torch.device) -> tuple[torch.nn.Module, Any]:
     """The base model and processor. LoRA/QLoRA keep frozen base weights in the compute dtype to save memory."""
-    import phivision.model  # noqa: F401  (registers phi3_v with transformers)
-    from phivision.loading import check_model_type, load_pretrained
-    from phivision.model.processing_phi3_v import Phi3VProcessor
-
     kwargs: dict[str, Any] = {"attn_implementation": config.attn_implementation}
     if config.attn_implementation == "flash_attention_2" and not _has_flash_attn():
         raise PhivisionError(
@@ -251,7 +256,7 @@ def _load_model(config: TrainConfig, device: torch.device) -> tuple[torch.nn.Mod
         processor_kwargs = {"num_crops": config.num_crops} if config.num_crops else {}
         processor = Phi3VProcessor.from_pretrained(config.model, **processor_kwargs)
     except OSError as err:
-        raise PhivisionError(f"model {config.model!r}: cannot load ({str(err).splitlines()[0]})") from None
+        raise PhivisionError(f"model {config.model!r}: cannot load ({first_line(err)})") from None
     # strict: a missing, unexpected or mis-shaped tensor stops here instead of training on random weights
     model = load_pretrained(config.model, **kwargs)
     if config.gradient_checkpointing:
@@ -261,8 +266,6 @@ def _load_model(config: TrainConfig, device: torch.device) -> tuple[torch.nn.Mod
 
 
 def _has_flash_attn() -> bool:
-    import importlib.util
-
     return importlib.util.find_spec("flash_attn") is not None and torch.cuda.is_available()
 
 
@@ -283,12 +286,8 @@ def _make_optimizer(model: torch.nn.Module, config: TrainConfig) -> torch.optim.
     )
 
 
-def _to_device(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
-    return {k: v.to(device, non_blocking=True) for k, v in batch.items() if isinstance(v, torch.Tensor)}
-
-
 def answer_loss(
-    model: torch.nn.Module, batch: dict[str, torch.Tensor], answer_only: bool = True
+    model: torch.nn.Module, batch: Batch | Mapping[str, torch.Tensor], answer_only: bool = True
 ) -> tuple[torch.Tensor, int]:
     """Summed next-token cross-entropy over the answer tokens (labels != -100), and their count.
 
@@ -297,8 +296,8 @@ def answer_loss(
     16 crops, and as much again for their gradient). ``answer_only=False`` computes every position's logits and
     selects afterwards: the same loss and gradients, kept for benchmarks and tests.
     """
-    labels = batch["labels"]
-    inputs = {k: v for k, v in batch.items() if k != "labels"}
+    batch = Batch.of(batch)
+    labels, inputs = batch.labels, batch.model_inputs()
     targets = labels[:, 1:]
     scored = targets != -100  # position i predicts token i+1
     if answer_only:
@@ -319,7 +318,7 @@ def _loader(
     return torch.utils.data.DataLoader(
         dataset,
         batch_sampler=sampler,
-        collate_fn=pack_examples if packing else processor.collate,
+        collate_fn=pack_examples if packing else functools.partial(collate_batch, processor),
         num_workers=workers,
         generator=torch.Generator(),
     )
@@ -348,15 +347,10 @@ def generation_model(accelerator: Any, model: torch.nn.Module) -> Iterator[torch
     each layer's weights as generation reaches it, and transformers keeps the ranks' decoding steps in sync.
     Every rank generates the same answers, so every rank runs the same collectives.
     """
-    from accelerate.utils import DistributedType
-
-    if accelerator.distributed_type == DistributedType.FSDP:
-        from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
-
-        if isinstance(model, FSDP):
-            with FSDP.summon_full_params(model, writeback=False, recurse=False):
-                yield accelerator.unwrap_model(model)
-            return
+    if accelerator.distributed_type == DistributedType.FSDP and isinstance(model, FSDP):
+        with FSDP.summon_full_params(model, writeback=False, recurse=False):
+            yield accelerator.unwrap_model(model)
+        return
     yield accelerator.unwrap_model(model)
 
 
@@ -375,11 +369,6 @@ def evaluate_model(
 
     Every rank generates the same answers: cheap next to training, and required where parameters are sharded.
     """
-    from phivision.evaluate.constrain import AnswerConstraint
-    from phivision.evaluate.generate import generate_answers
-    from phivision.evaluate.metrics import TrainStats, score, summarize
-    from phivision.prompt import parse_answer
-
     show = progress and accelerator.is_main_process
     was_training = model.training
     model.eval()
@@ -390,7 +379,7 @@ def evaluate_model(
     with tqdm(total=len(plan), desc="eval loss", unit="batch", leave=False, disable=not show) as bar:
         for (_, counted), batch in zip(plan, _one_line_worker_errors(loader), strict=True):
             with accelerator.autocast():
-                loss, count = answer_loss(model, _to_device(batch, accelerator.device))
+                loss, count = answer_loss(model, batch.to(accelerator.device))
             if counted:
                 totals += torch.tensor([loss.item(), count], dtype=torch.float64, device=accelerator.device)
             bar.update(1)
@@ -448,8 +437,6 @@ class Recipe:
         self.is_main, self.world = self.accelerator.is_main_process, self.accelerator.num_processes
         if self.config.num_threads:
             torch.set_num_threads(self.config.num_threads)
-        from accelerate.utils import set_seed
-
         set_seed(self.config.seed)
         self.load_data()
         self.load_model()
@@ -469,9 +456,6 @@ class Recipe:
 
     def load_data(self) -> None:
         """The catalog's train and val rows; eval.metric against its columns; every image header used."""
-        from phivision.data import load_catalog
-        from phivision.evaluate.metrics import level_columns
-
         config = self.config
         catalog = load_catalog(config.data.path)
         check_eval_metric(config, level_columns(catalog))
@@ -559,15 +543,15 @@ class Recipe:
     def open_run_dir(self) -> None:
         """The main process writes config, processor and the metrics file; it alone owns the tracker."""
         config, accelerator = self.config, self.accelerator
-        self.metrics_file = MetricsFile(self.run_dir / "metrics.jsonl")
+        self.metrics_file = MetricsFile(RunLayout(self.run_dir).metrics_log)
         if self.is_main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             self.metrics_file.truncate_after(self.state.step)
-            atomic_write_text(self.run_dir / "config.yaml", config.to_yaml())
+            atomic_write_text(RunLayout(self.run_dir).config, config.to_yaml())
             write_labels(
                 self.run_dir, LabelSpace.from_rows(self.train_rows["category"], self.train_rows["currency"])
             )
-            self.processor.save_pretrained(str(self.run_dir / "processor"))
+            self.processor.save_pretrained(str(RunLayout(self.run_dir).processor))
             rows = self.plan.global_batch * config.optim.grad_accum
             accelerator.print(f"{trainable_summary(self.model)}; {self.total_steps} steps of {rows} rows")
         self.tracker = make_tracker(config, self.run_dir, self.state.tracker_run_id) if self.is_main else None
@@ -577,7 +561,7 @@ class Recipe:
 
     # ------------------------------------------------------------------------------------ fit
 
-    def train_batches(self) -> Iterator[dict[str, torch.Tensor]]:
+    def train_batches(self) -> Iterator[Batch]:
         """This rank's micro-batches from the current step on (the order depends on the seed only)."""
         accum, accelerator = self.config.optim.grad_accum, self.accelerator
         sampler = RankBatches(
@@ -595,7 +579,7 @@ class Recipe:
             packing=self.config.data.packing,
         )
         for batch in _one_line_worker_errors(loader):
-            yield _to_device(batch, accelerator.device)
+            yield batch.to(accelerator.device)
 
     def fit(self) -> None:
         """Optimizer steps until the step budget or early stopping, with logs, evaluations and checkpoints."""
@@ -623,10 +607,10 @@ class Recipe:
                 if every and step % every == 0 and step < self.total_steps and not state.stopped_early:
                     self.save_checkpoint()
 
-    def train_step(self, window: list[dict[str, torch.Tensor]]) -> torch.Tensor | None:
+    def train_step(self, window: list[Batch]) -> torch.Tensor | None:
         """One optimizer step over ``grad_accum`` micro-batches; returns the gradient norm (None: no clipping)."""
         accelerator, accum = self.accelerator, self.config.optim.grad_accum
-        local_tokens = sum(int((b["labels"][:, 1:] != -100).sum()) for b in window)
+        local_tokens = sum(batch.scored_tokens() for batch in window)
         tokens = accelerator.reduce(
             torch.tensor(float(local_tokens), device=accelerator.device), "sum"
         ).item()
@@ -711,7 +695,7 @@ class Recipe:
             config.checkpoint.keep_last,
         )
         if self.is_main:
-            atomic_write_json(self.run_dir / "trainer_state.json", self.state.to_dict())
+            atomic_write_json(RunLayout(self.run_dir).trainer_state, self.state.to_dict())
 
     # --------------------------------------------------------------------------------- finish
 

@@ -12,6 +12,8 @@ import re
 from typing import Any
 
 import torch
+from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
+from transformers import BitsAndBytesConfig
 
 from phivision.errors import PhivisionError
 from phivision.train.config import TrainConfig
@@ -73,8 +75,6 @@ def quantization_config(config: TrainConfig) -> Any:
         )
     if importlib.util.find_spec("bitsandbytes") is None:
         raise PhivisionError("method 'qlora' needs bitsandbytes: pip install phivision[qlora]")
-    from transformers import BitsAndBytesConfig
-
     return BitsAndBytesConfig(
         load_in_4bit=True,
         bnb_4bit_quant_type="nf4",
@@ -97,8 +97,6 @@ def apply_method(model: torch.nn.Module, config: TrainConfig) -> torch.nn.Module
             )
             param.requires_grad_(not frozen)
         return model
-
-    from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
 
     if config.method == "qlora":
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)

@@ -12,9 +12,12 @@ import os
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 from PIL import Image
 
+from phivision.data.layout import RunLayout
 from phivision.errors import PhivisionError
+from phivision.io import atomic_write_text
 from phivision.train.config import TrainConfig
 
 
@@ -32,8 +35,6 @@ class MetricsFile:
 
     def truncate_after(self, step: int) -> None:
         """Drop records logged after ``step`` (by a run killed after its last checkpoint) before resuming."""
-        from phivision.io import atomic_write_text
-
         if not self.path.exists():
             return
         kept = [line for line in self.path.read_text(encoding="utf-8").splitlines() if line.strip()]
@@ -43,7 +44,7 @@ class MetricsFile:
 
 def read_metrics(run_dir: str | Path, kind: str | None = None) -> list[dict[str, Any]]:
     """The records of ``RUN/metrics.jsonl``, optionally only those of one ``type`` ("train" or "eval")."""
-    path = Path(run_dir) / "metrics.jsonl"
+    path = RunLayout(run_dir).metrics_log
     if not path.exists():
         raise PhivisionError(f"{path}: no metrics logged (is {run_dir} a training run?)")
     records = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
@@ -103,8 +104,6 @@ class TensorBoardTracker(Tracker):
         self.writer.flush()
 
     def log_samples(self, rows: list[tuple[Image.Image, str, str]], step: int) -> None:
-        import numpy as np
-
         lines = ["| # | true | predicted |", "|---|---|---|"]
         for i, (image, true, predicted) in enumerate(rows):
             self.writer.add_image(

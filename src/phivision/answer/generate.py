@@ -4,7 +4,7 @@ An item is one product: one photo, or a list of its photos in order (one prompt 
 ``<|image_k|>``). Prompts are left-padded so every row's next token sits in the last column and the KV cache grows
 in step. Items are sorted by their image-token count before batching, so a batch holds prompts of similar length
 (little padding), and the answers are returned in the caller's order. With a ``constraint`` every answer follows
-the run's template (see :mod:`phivision.evaluate.constrain`).
+the run's template (see :mod:`phivision.answer.constrain`).
 """
 
 from __future__ import annotations
@@ -20,9 +20,10 @@ from tqdm.auto import tqdm
 from transformers import GenerationConfig, LogitsProcessorList
 from transformers.generation.streamers import BaseStreamer
 
+from phivision.answer.constrain import AnswerConstraint, answer_guide, effective_max_new_tokens
+from phivision.answer.prompt import PromptFormat, prompt_text
+from phivision.args import Generation
 from phivision.data.images import ImageError, load_image
-from phivision.evaluate.constrain import AnswerConstraint
-from phivision.prompt import PromptFormat, prompt_text
 
 Item = Image.Image | Sequence[Image.Image]  # one product: a photo, or its photos in order
 
@@ -83,8 +84,8 @@ def generate_answers(
     processor: Any,
     images: Sequence[Item],
     prompt: PromptFormat = PromptFormat(),
-    batch_size: int = 8,
-    max_new_tokens: int = 64,
+    batch_size: int = Generation.batch_size,
+    max_new_tokens: int = Generation.max_new_tokens,
     progress: bool | tqdm = True,
     constraint: AnswerConstraint | None = None,
 ) -> list[str]:
@@ -104,8 +105,8 @@ def generate_completions(
     processor: Any,
     images: Sequence[Item],
     prompt: PromptFormat = PromptFormat(),
-    batch_size: int = 8,
-    max_new_tokens: int = 64,
+    batch_size: int = Generation.batch_size,
+    max_new_tokens: int = Generation.max_new_tokens,
     progress: bool | tqdm = True,
     temperature: float = 0.0,
     top_p: float = 1.0,
@@ -148,8 +149,6 @@ def generate_completions(
     guide = None
     plan_tokens = max_new_tokens  # the budget the grammar plans the answer for
     if constraint is not None:
-        from phivision.evaluate.constrain import answer_guide, effective_max_new_tokens
-
         guide = answer_guide(processor.tokenizer, constraint, model.config.vocab_size, stop_ids[0])
         if exact_length:
             plan_tokens = max(max_new_tokens, guide.min_new_tokens)
@@ -217,8 +216,8 @@ def answer_image_files(
     loaded: Any,
     paths: Sequence[Path | Sequence[Path]],
     chunk_size: int,
-    batch_size: int = 8,
-    max_new_tokens: int = 64,
+    batch_size: int = Generation.batch_size,
+    max_new_tokens: int = Generation.max_new_tokens,
     progress: bool | tqdm = True,
     constraint: AnswerConstraint | None = None,
 ) -> Iterator[tuple[Any, str, str | None]]:
@@ -228,8 +227,8 @@ def answer_image_files(
     Items are decoded ``chunk_size`` at a time, so memory stays flat on large folders and results stream out.
     An unreadable file never stops the run: a product answers from its readable photos and ``error`` names the
     others (``reason: path: detail``, ``; `` between two); an item with no readable photo yields
-    ``(item, "", error)``. ``loaded`` is a
-    :class:`phivision.runs.LoadedModel`; ``constraint`` as in :func:`generate_answers`.
+    ``(item, "", error)``. ``loaded`` is a :class:`phivision.runs.LoadedModel`; ``constraint`` as in
+    :func:`generate_answers`.
     """
     own_bar = isinstance(progress, bool)
     bar = tqdm(total=len(paths), desc="generate", unit="item", disable=not progress) if own_bar else progress

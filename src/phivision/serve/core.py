@@ -1,4 +1,6 @@
-"""The micro-batcher between HTTP requests and the model.
+"""The serving core under both route modules (:mod:`phivision.serve.server`, :mod:`phivision.serve.openai_api`):
+the micro-batcher, what the routes share (:class:`Serving`), how a batch of queued requests is answered
+(:func:`answer_jobs`) and the errors a request can end with.
 
 Requests queue small work items (an upload's bytes, not decoded pixels); one task takes the first waiting item
 plus whatever else arrives within ``max_wait_s``, up to ``max_batch_size`` items and ``max_batch_cost`` (decoded
@@ -10,12 +12,25 @@ free to accept uploads and answer ``/healthz`` while a batch runs.
 from __future__ import annotations
 
 import asyncio
+import io
 import logging
+import warnings
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import suppress
 from dataclasses import dataclass
 from typing import Any
+
+from fastapi import HTTPException
+from PIL import Image
+from starlette.concurrency import run_in_threadpool
+
+from phivision.answer.constrain import AnswerConstraint
+from phivision.answer.generate import generate_completions
+from phivision.answer.prompt import PromptFormat, parse_answer
+from phivision.args import ServeLimits
+from phivision.data.images import ImageError, load_image
+from phivision.netguard import AddressPolicy
 
 log = logging.getLogger("phivision.serve")
 
@@ -213,3 +228,162 @@ class MicroBatcher:
                 waiting.future.set_exception(result)
             else:
                 waiting.future.set_result(result)
+
+
+# ------------------------------------------------------------------------------------------ answering
+
+
+@dataclass(frozen=True)
+class Generation:
+    """How to answer: requests with equal settings share one batched generate call."""
+
+    question: str
+    max_new_tokens: int
+    temperature: float = 0.0
+    top_p: float = 1.0
+
+
+@dataclass
+class Job:
+    """One queued request: the image's bytes (decoded on the model thread), how to answer, and an optional
+    ``on_token(token_id)`` called on the model thread as tokens are generated (streaming)."""
+
+    data: bytes
+    generation: Generation
+    on_token: Callable[[int], None] | None = None
+
+
+def image_pixels(data: bytes, max_pixels: int) -> int:
+    """The image's pixel count from its header, without decoding it. Raises :class:`ImageError` for an image
+    over ``max_pixels`` or a file without a readable header (the reason comes from the one image loader)."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            with Image.open(io.BytesIO(data)) as image:
+                pixels = image.width * image.height
+    except Exception:
+        # Let the one image loader say why (not_an_image, empty, truncated, too_many_pixels...); it fails too.
+        load_image(data, max_pixels)
+        raise ImageError("corrupt", "no readable image header") from None
+    if pixels > max_pixels:
+        raise ImageError("too_many_pixels", f"{pixels:,} pixels")
+    return pixels
+
+
+def answer_jobs(loaded: Any, limits: ServeLimits, jobs: list[Job]) -> list[Any]:
+    """Decode the batch's images and answer them (on the model thread): one Completion or ImageError per job.
+
+    Decoding happens here, one batch at a time, so decoded pixels exist only for the batch being answered.
+    Jobs with different generation settings are answered by one generate call per setting.
+    """
+    constraint = AnswerConstraint.for_model(loaded) if limits.constrain else None
+    results: list[Any] = [None] * len(jobs)
+    images: dict[int, Image.Image] = {}
+    for i, job in enumerate(jobs):
+        try:
+            images[i] = load_image(job.data, limits.max_pixels)
+        except ImageError as err:
+            results[i] = err
+    groups: dict[Generation, list[int]] = {}
+    for i in images:
+        groups.setdefault(jobs[i].generation, []).append(i)
+    for generation, members in groups.items():
+        streams = {k: jobs[i].on_token for k, i in enumerate(members) if jobs[i].on_token is not None}
+
+        def on_token(k: int, token: int, streams: dict = streams) -> None:
+            if k in streams:
+                streams[k](token)
+
+        completions = generate_completions(
+            loaded.model,
+            loaded.processor,
+            [images.pop(i) for i in members],
+            prompt=PromptFormat(generation.question, loaded.prompt.answer_template),
+            batch_size=len(members),
+            max_new_tokens=generation.max_new_tokens,
+            progress=False,
+            temperature=generation.temperature,
+            top_p=generation.top_p,
+            on_token=on_token if streams else None,
+            constraint=constraint,
+            exact_length=True,
+        )
+        for i, completion in zip(members, completions, strict=True):
+            results[i] = completion
+    return results
+
+
+class ServeError(HTTPException):
+    """An HTTP error with the OpenAI error fields: rendered as ``{"error": {...}}`` on the OpenAI routes and as
+    ``{"detail": ...}`` on phivision's own."""
+
+    def __init__(
+        self, status: int, message: str, code: str | None = None, param: str | None = None, **headers: str
+    ) -> None:
+        super().__init__(status_code=status, detail=message, headers=headers or None)
+        self.code = code
+        self.param = param
+
+
+@dataclass
+class Serving:
+    """What the routes share: the model, the bounds, the batcher and the names the server answers to."""
+
+    loaded: Any
+    limits: ServeLimits
+    batcher: MicroBatcher
+    model_name: str
+    remote_images: AddressPolicy | None = None
+    created: int = 0  # when the server started (the model's `created` in /v1/models)
+
+    @property
+    def question(self) -> str:
+        return self.loaded.prompt.question
+
+    async def answer(
+        self, data: bytes, generation: Generation, on_token: Callable[[int], None] | None = None
+    ):
+        """Check the image's header, queue it and wait for its Completion. Raises ImageError, QueueFull,
+        WorkerStopped, TimeoutError, or the generation's own error."""
+        pixels = await run_in_threadpool(image_pixels, data, self.limits.max_pixels)
+        job = Job(data, generation, on_token)
+        return await asyncio.wait_for(
+            self.batcher.submit(job, cost=pixels, nbytes=len(data)), self.limits.answer_timeout
+        )
+
+
+def failure(
+    err: Exception, limits: ServeLimits, bad_image: int, label: str, param: str | None = None
+) -> ServeError:
+    """The HTTP error for an exception raised while answering (``bad_image``: the status for an undecodable
+    image: 415 on /v1/predict, 400 on the chat API, where OpenAI clients expect 400)."""
+    if isinstance(err, ImageError):
+        # The loader's detail names server-side objects, never the client's file: the reason code only.
+        if err.reason == "too_many_pixels":
+            message = f"{label}: too_many_pixels (the limit is {limits.max_pixels:,} pixels)"
+            return ServeError(413, message, "image_too_large", param)
+        return ServeError(bad_image, f"{label}: {err.reason}", "invalid_image", param)
+    if isinstance(err, QueueFull):
+        return ServeError(503, "server busy: too many requests queued", "queue_full", **{"Retry-After": "1"})
+    if isinstance(err, WorkerStopped):
+        return ServeError(503, f"the model worker is not running: {err}", "worker_stopped")
+    if isinstance(err, asyncio.TimeoutError):
+        return ServeError(504, "no answer within the request timeout", "timeout")
+    log.error("answering failed: %s: %s", type(err).__name__, err)
+    return ServeError(500, f"generation failed: {type(err).__name__}", "generation_failed")
+
+
+def prediction_record(
+    image: str, answer: str, prompt: PromptFormat = PromptFormat(), currency: str | None = None
+) -> dict:
+    """The JSON shape shared by predict and the HTTP API: the fields parsed with the run's ``prompt`` template,
+    the price's ``currency`` (the catalog's, None when the model does not record one) and the raw answer."""
+    parsed = parse_answer(answer, prompt)
+    return {
+        "image": image,
+        "title": parsed.title,
+        "category": parsed.category,
+        "price": parsed.price,
+        "currency": currency,
+        "answer": answer,
+    }

@@ -5,7 +5,7 @@ token mask per step: the template's fixed text, the title as free text (one line
 never containing the text that follows it, so the answer splits back one way only), the category one of the
 training split's categories (free text like the title when the set is unknown), the price a positive number
 (up to 9 digits and 2 decimals), then the stop token. A weak or untrained model therefore always produces an
-answer that :func:`phivision.prompt.parse_answer` reads completely, and a trained model that already follows the
+answer that :func:`phivision.answer.prompt.parse_answer` reads completely, and a trained model that already follows the
 template is only kept from straying.
 
 Two things go beyond a plain mask:
@@ -16,7 +16,7 @@ Two things go beyond a plain mask:
   of the answer can take); once the tokens left reach it, the text that closes the field is forced. A budget
   too small for the fixed text, the longest category and a price is raised to that minimum (with a warning).
 
-Only this module imports llguidance, and only when a constraint is used.
+Only this module imports llguidance.
 """
 
 from __future__ import annotations
@@ -26,7 +26,12 @@ import warnings
 from dataclasses import dataclass, field
 from typing import Any
 
-from phivision.prompt import PromptFormat, answer_template_parts, format_answer
+import llguidance
+import llguidance.hf
+import numpy as np
+import torch
+
+from phivision.answer.prompt import PromptFormat, answer_template_parts, format_answer
 
 # A positive price as format_price writes it: no leading zeros, at most 9 digits and 2 decimals.
 PRICE_REGEX = r"[1-9][0-9]{0,8}(\.[0-9]{1,2})?|0\.(0[1-9]|[1-9][0-9]?)"
@@ -111,9 +116,6 @@ class AnswerGuide:
     """
 
     def __init__(self, tokenizer: Any, constraint: AnswerConstraint, vocab_size: int, stop_id: int) -> None:
-        import llguidance
-        import llguidance.hf
-
         self.constraint, self.stop_id = constraint, int(stop_id)
         self.vocab_size = max(int(vocab_size), len(tokenizer))
         self.tokenizer = llguidance.hf.from_tokenizer(
@@ -208,9 +210,6 @@ class ConstrainedLogits:
         self.prompt_length: int | None = None
 
     def __call__(self, input_ids: Any, scores: Any) -> Any:
-        import numpy as np
-        import torch
-
         if self.prompt_length is None:
             self.prompt_length = input_ids.shape[1]
         else:

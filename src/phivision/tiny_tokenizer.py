@@ -24,7 +24,7 @@ from tokenizers import (
 )
 from transformers import PreTrainedTokenizerFast
 
-from phivision.prompt import DEFAULT_ANSWER_TEMPLATE, DEFAULT_QUESTION, prompt_text
+from phivision.answer.prompt import DEFAULT_ANSWER_TEMPLATE, DEFAULT_QUESTION, prompt_text
 
 # Llama's three SentencePiece specials keep their official ids 0, 1, 2; Phi-3's chat tokens follow in the
 # official order (they are 32000-32010 in the real vocabulary).

@@ -19,7 +19,7 @@ from phivision.errors import PhivisionError
 from phivision.io import atomic_directory, require_empty_dir
 from phivision.model import Phi3VForCausalLM, Phi3VImageProcessor, Phi3VProcessor, save_checkpoint
 from phivision.model.configuration_phi3_v import DEFAULT_EMBD_LAYER, Phi3VConfig
-from phivision.model.tokenizer import build_tiny_tokenizer
+from phivision.tiny_tokenizer import build_tiny_tokenizer
 
 # Small CLIP: a 56 px tile is a 4x4 patch grid, i.e. 2x2 = 4 tokens per tile after the 2x2 merge.
 TINY_VISION = {
