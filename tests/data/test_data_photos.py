@@ -12,6 +12,7 @@ import pandas as pd
 import pytest
 from fault_server import FaultServer, dbq_row, image_bytes
 
+from cli_helpers import run_cli
 from phivision.api import prepare
 from phivision.data import load_catalog, to_hf_dataset
 from phivision.data.photos import cell_urls
@@ -276,3 +277,44 @@ def test_layout_checks_image_paths(sample_dataset, tmp_path):
     # image_paths alone is enough: image_path is its first item
     frame.drop(columns=["image_path"]).to_parquet(out / "catalog.parquet")
     assert list(load_catalog(out)["image_path"]) == list(frame["image_path"])
+
+
+def test_the_command_line_takes_every_form(tmp_path, photos, capsys):
+    """Repeated --image-col, --image-sep and --group-by-code on `phivision prepare`, and their one-line errors."""
+    u = photos.url
+    rows = [
+        {
+            **dbq_row("A1", "Red Tote", "bags", 1290, f"{u('img/a.jpg')}|{u('img/b.jpg')}"),
+            "detail": u("img/c.jpg"),
+        },
+        {**dbq_row("A1", "Red Tote", "bags", 1290, u("img/d.jpg")), "detail": ""},
+        {**dbq_row("B2", "Blue Hat", "hats", 90, u("img/e.jpg")), "detail": ""},
+    ]
+    source = tmp_path / "shop.csv"
+    pd.DataFrame(rows).to_csv(source, index=False)
+    out = tmp_path / "ds"
+    flags = ["--image-col", "imageurl", "--image-col", "detail", "--image-sep", "|", "--group-by-code"]
+    code, _, err = run_cli(
+        capsys, "prepare", "--source", str(source), "--out", str(out), *flags, "--retries", "0"
+    )
+    assert code == 0, err
+    assert catalog_photos(out, photos) == {"A1": ["a.jpg", "b.jpg", "c.jpg", "d.jpg"], "B2": ["e.jpg"]}
+    assert "Prepared 2 products from 3 of 3 rows" in err + _
+
+    code, _, err = run_cli(
+        capsys,
+        "prepare",
+        "--source",
+        str(source),
+        "--out",
+        str(tmp_path / "x"),
+        "--image-col",
+        "detail",
+        "--image-col",
+        "detail",
+    )
+    assert code == 2 and err.strip() == "error: --image-col detail: named more than once"
+    code, _, err = run_cli(
+        capsys, "prepare", "--source", str(source), "--out", str(tmp_path / "x"), "--image-sep", ""
+    )
+    assert code == 2 and err.strip().startswith("error: --image-sep ''")
