@@ -498,13 +498,24 @@ class PredictArgs(Options):
     """``phivision predict``."""
 
     images: list[Path] = option(
-        REQUIRED, "Image files and/or directories of images (not recursive).", positional=True, argument=True
+        REQUIRED,
+        "Image files and/or directories of images (not recursive), and/or product tables (.csv, .tsv, .jsonl, "
+        ".parquet: one product per row, its photos in an image_paths column as a JSON array or paths joined by "
+        "|, relative to the table; ids from product_code or id).",
+        positional=True,
+        argument=True,
     )
     model: str | LoadedModel = option(REQUIRED, MODEL + " In Python also a LoadedModel.", positional=True)
     out: Path | None = option(
         None,
         "JSON-lines file to write (default: stdout; in Python, '-' streams to stdout, None writes nothing).",
     )
+    products: bool = option(
+        False,
+        "Each directory is one product: its image files, sorted by name, are its photos in one prompt; a directory "
+        "without image files is a folder of product folders (default: each image is answered alone).",
+    )
+    max_images: int | None = max_images()
     generation: Generation = group(Generation)
     loading: ModelLoading = group(ModelLoading)
     progress: bool = progress()
