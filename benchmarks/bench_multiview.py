@@ -105,7 +105,8 @@ def samples_per_second(data: Path, base: Path, out: Path, max_images: int, args)
     from phivision.train.tracking import read_metrics
 
     run = Path(tempfile.mkdtemp(dir=out, prefix=f"timing-{max_images}-"))
-    cfg = config(data, base, run, max_images, args.seed, args.threads, [f"schedule.max_steps={args.steps}"])
+    extra = [f"schedule.max_steps={args.steps}", "tracking.log_every=1"]
+    cfg = config(data, base, run, max_images, args.seed, args.threads, extra)
     cfg.eval.gen_samples = 0
     cfg.eval.max_samples = 1
     train(cfg, progress=False)
