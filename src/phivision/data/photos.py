@@ -3,10 +3,10 @@
 Shop exports list a product's photos in one cell (a JSON array ``["a.jpg", "b.jpg"]``, a list from a parquet
 file or a hub dataset, or text with a separator such as ``a.jpg|b.jpg``), in several columns (``image1``,
 ``image2``, ...), or in several rows of one product code. :func:`row_photos` reads a row's cells in column
-order; :func:`merge_rows_by_code` merges the rows of one code into one product with their photos in row order. Every
-photo is then downloaded and checked on its own (:mod:`phivision.data.download`), and :func:`keep_valid_photos`
-keeps a product's valid photos in source order, dropping the product only when none is valid. Every photo that
-does not reach the catalog is reported with its reason (:func:`photo_drop`).
+order; :func:`merge_rows_by_code` merges the rows of one code into one product with their photos in row order.
+Every photo is then downloaded and checked on its own (:mod:`phivision.data.download`), and
+:func:`keep_valid_photos` keeps a product's valid photos in source order, dropping the product only when none is
+valid. Every photo that does not reach the catalog is reported with its reason (:func:`photo_drop`).
 """
 
 from __future__ import annotations
@@ -28,9 +28,11 @@ DUPLICATE = "duplicate_image"  # a photo listed twice for one product: kept once
 
 
 class Photo(NamedTuple):
-    """One photo of a product as the table gives it: the URL (or local path) and the source row it came from."""
+    """One photo of a product as the table gives it: the URL (or local path) and the source and row it came
+    from (a product merged from several rows has photos from each)."""
 
     url: str
+    source: str
     row: int
 
 
@@ -98,7 +100,7 @@ def row_photos(
                 )
             else:
                 seen.add(url)
-                photos.append(Photo(url, row))
+                photos.append(Photo(url, source, row))
     return RowPhotos(photos, problems)
 
 
@@ -157,10 +159,12 @@ def merge_rows_by_code(rows: pd.DataFrame, image_rows: pd.DataFrame) -> tuple[pd
         product = heads.iloc[0].to_dict()
         photos: list[Photo] = []
         seen: set[str] = set()
-        for source, photo_list in zip(group["_source"], group["_photos"], strict=True):
+        for photo_list in group["_photos"]:
             for photo in photo_list:
                 if photo.url in seen:
-                    repeat = photo_drop(source, photo.row, product["product_code"], photo.url, DUPLICATE)
+                    repeat = photo_drop(
+                        photo.source, photo.row, product["product_code"], photo.url, DUPLICATE
+                    )
                     dropped.append({**repeat, "detail": "already a photo of this product"})
                     continue
                 seen.add(photo.url)
@@ -197,7 +201,7 @@ def keep_valid_photos(products: pd.DataFrame, fetched: dict[str, Fetched], image
                 reason = result.reason or "error"
                 failed.append(
                     photo_drop(
-                        product["_source"],
+                        photo.source,
                         photo.row,
                         product["product_code"],
                         photo.url,
