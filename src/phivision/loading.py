@@ -117,6 +117,11 @@ def load_pretrained(name: str, **kwargs: Any) -> Any:
     problem = describe_mismatch(info.get("missing_keys") or (), info.get("unexpected_keys") or (), misshaped)
     if problem:
         raise PhivisionError(f"{name}: the checkpoint does not match Phi-3-Vision: {problem}")
+    # The checkpoint's auto_map names code of its own (the hub's remote code, or anyone's). phivision runs its own
+    # classes, and what it saves from this model (RUN/model, checkpoints) must not send a trust_remote_code
+    # reader to that code; exports get phivision's own auto_map (phivision.model.save_checkpoint).
+    if hasattr(model.config, "auto_map"):
+        del model.config.auto_map
     return model
 
 

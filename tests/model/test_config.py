@@ -1,4 +1,5 @@
-"""Phi3VConfig reads the official config.json files as they are and writes them back the same."""
+"""Phi3VConfig reads the official config.json files as they are and writes them back with their keys; the rope
+settings in the form each transformers reads."""
 
 from __future__ import annotations
 
@@ -18,6 +19,8 @@ DATA = Path(__file__).parent / "data"
 OFFICIAL = ["phi-3-vision-128k-instruct", "phi-3.5-vision-instruct"]
 # Metadata that transformers itself rewrites on save: the loading path and the writing library's version.
 REWRITTEN = {"_name_or_path", "transformers_version"}
+# A request for one run (flash_attention_2), not a setting of the model: not written back.
+NOT_WRITTEN = {"_attn_implementation"}
 
 
 def official(name: str) -> dict:
@@ -38,8 +41,12 @@ def test_official_config_round_trips(tmp_path, name):
     config.save_pretrained(tmp_path / "out")
     written = json.loads((tmp_path / "out" / "config.json").read_text())
     for key, value in source.items():
-        if key not in REWRITTEN:
+        if key not in REWRITTEN | NOT_WRITTEN:
             assert written.get(key) == value, key
+    assert "_attn_implementation" not in written
+    assert written["rope_scaling"]["type"] == "su"  # as read
+    assert written["rope_parameters"] == config.rope_parameters  # and transformers 5's form beside it
+    assert written["rope_parameters"]["rope_type"] == "longrope"
     assert "vision_config" not in written["img_processor"]  # the tiny-model override is never invented
     # and what was written reads back to the same configuration
     again = Phi3VConfig.from_pretrained(tmp_path / "out").to_dict()
@@ -89,17 +96,22 @@ def test_vision_tower_is_clip_vit_l_14_336_unless_overridden():
     assert vision.intermediate_size == 4096  # fields not overridden keep the official value
 
 
-def test_flash_attention_request_falls_back_to_sdpa_and_is_written_back(tmp_path, monkeypatch, caplog):
+def test_flash_attention_request_falls_back_to_sdpa_said_once_and_not_written(tmp_path, monkeypatch, caplog):
     monkeypatch.setattr(configuration, "is_flash_attn_2_available", lambda: False)
     source = official("phi-3-vision-128k-instruct")
     with caplog.at_level(logging.WARNING, logger=configuration.__name__):
-        config = Phi3VConfig.from_dict(source)
-    assert config._attn_implementation == "sdpa"
-    assert "flash-attn is not installed" in caplog.text
+        configs = [
+            Phi3VConfig.from_dict(source) for _ in range(3)
+        ]  # one load builds its config several times
+    assert [c._attn_implementation for c in configs] == ["sdpa"] * 3
+    assert (
+        caplog.text.count("flash-attn is not installed") <= 1
+    )  # once per process (0: said by an earlier test)
+    config = configs[0]
     assert config.language_model_config()._attn_implementation == "sdpa"
     assert config.vision_tower_config()._attn_implementation == "sdpa"
     config.save_pretrained(tmp_path)
-    assert json.loads((tmp_path / "config.json").read_text())["_attn_implementation"] == "flash_attention_2"
+    assert "_attn_implementation" not in json.loads((tmp_path / "config.json").read_text())
 
     # an explicit choice wins over the file's
     chosen = Phi3VConfig.from_pretrained(
@@ -127,7 +139,61 @@ def test_unsupported_settings_fail_early(fields, message):
         Phi3VConfig(**fields)
 
 
-def test_unknown_rope_type_is_rejected_when_building_the_language_model():
-    config = Phi3VConfig(rope_scaling={"type": "dynamic", "factor": 2.0})
-    with pytest.raises(ValueError, match="rope_scaling type 'dynamic'"):
-        config.language_model_config()
+def test_unknown_rope_type_is_rejected_when_the_config_is_read():
+    with pytest.raises(ValueError, match="rope type 'dynamic'"):
+        Phi3VConfig(rope_scaling={"type": "dynamic", "factor": 2.0})
+    with pytest.raises(ValueError, match="rope type 'yarn'"):
+        Phi3VConfig(rope_parameters={"rope_type": "yarn", "factor": 2.0})
+
+
+@pytest.mark.parametrize("name", OFFICIAL)
+def test_rope_parameters_expose_the_official_longrope(name):
+    """transformers 5 and vLLM read `rope_parameters`: the official "su" rope_scaling appears there as LongRoPE
+    (a config without it makes every such reader run plain RoPE)."""
+    source = official(name)
+    config = Phi3VConfig.from_dict(source)
+    assert config.rope_parameters == {
+        "rope_type": "longrope",
+        "rope_theta": 10000.0,
+        "long_factor": source["rope_scaling"]["long_factor"],
+        "short_factor": source["rope_scaling"]["short_factor"],
+        "original_max_position_embeddings": 4096,
+        "factor": 32.0,
+    }
+    assert config.rope_scaling == config.rope_parameters  # transformers 5's alias, read without a warning
+    # transformers' own validation, as vLLM runs it, accepts them without a word
+    config.standardize_rope_params()
+    config.validate_rope()
+    assert config.rope_parameters["rope_type"] == "longrope"
+
+
+def test_either_rope_key_reads_the_same_and_a_contradiction_is_refused(tmp_path):
+    source = official("phi-3-vision-128k-instruct")
+    from_legacy = Phi3VConfig.from_dict(source)
+    only_new = {k: v for k, v in source.items() if k != "rope_scaling"}
+    only_new["rope_parameters"] = from_legacy.rope_parameters
+    from_new = Phi3VConfig.from_dict(only_new)
+    assert from_new.rope_parameters == from_legacy.rope_parameters
+    assert (
+        from_new.language_model_config().rope_parameters
+        == from_legacy.language_model_config().rope_parameters
+    )
+    # A file with only rope_parameters gets rope_scaling in the form transformers 4.4x reads.
+    from_new.save_pretrained(tmp_path)
+    written = json.loads((tmp_path / "config.json").read_text())
+    assert written["rope_scaling"] == {
+        "type": "longrope",
+        "long_factor": source["rope_scaling"]["long_factor"],
+        "short_factor": source["rope_scaling"]["short_factor"],
+    }
+
+    both = {**source, "rope_parameters": {**from_legacy.rope_parameters, "short_factor": [1.0] * 48}}
+    with pytest.raises(ValueError, match="describe different ropes"):
+        Phi3VConfig.from_dict(both)
+
+
+def test_plain_rope_config_has_default_rope_parameters():
+    config = Phi3VConfig(rope_theta=500.0)
+    assert config.rope_parameters == {"rope_type": "default", "rope_theta": 500.0}
+    assert config.language_model_config().rope_parameters["rope_type"] == "default"
+    assert config.to_dict()["rope_scaling"] is None

@@ -276,3 +276,104 @@ def test_num_crops_from_pretrained_and_saved_tokenizer_class(processor, tmp_path
     config = json.loads((tmp_path / "again" / "tokenizer_config.json").read_text())
     assert not {"is_local", "local_files_only"} & set(config)
     assert config["tokenizer_class"] == "PreTrainedTokenizerFast"
+
+
+# ------------------------------------------------------------------------------------ the processor API's options
+
+
+def test_vllms_call_is_accepted(processor):
+    """vLLM's call at engine start-up (vllm/multimodal/processing): the dummy text, its profiling image and
+    num_crops from --mm-processor-kwargs, with truncation=False and return_tensors='pt'."""
+    tall = image(50, 800)
+    out = processor(text="<|image_1|>", images=[tall], num_crops=4, truncation=False, return_tensors="pt")
+    assert (
+        out["input_ids"].tolist()
+        == processor(text="<|image_1|>", images=[tall], num_crops=4)["input_ids"].tolist()
+    )
+    assert out["pixel_values"].shape[1] == 5  # num_crops honoured
+
+
+def test_grouped_options_are_read_like_flat_ones(processor):
+    texts = ["<|image_1|>a", "<|image_1|>a longer text"]
+    images = [image(60, 60), image(60, 60, 1)]
+    flat = processor(text=texts, images=images, padding_side="right", num_crops=1)
+    grouped = processor(
+        text=texts,
+        images=images,
+        text_kwargs={"padding": True, "padding_side": "right", "truncation": None},
+        images_kwargs={"num_crops": 1},
+        common_kwargs={"return_tensors": "pt"},
+    )
+    assert grouped.keys() == flat.keys()
+    for key in flat:
+        assert torch.equal(grouped[key], flat[key]), key
+    with pytest.raises(ValueError, match="given twice"):
+        processor(text=texts, images=images, num_crops=4, images_kwargs={"num_crops": 1})
+
+
+def test_padding_options(processor):
+    texts = ["a", "a b c d e f g"]
+    short, long_ = (ids_of(processor, t) for t in texts)
+    pad = processor.pad_token_id
+
+    out = processor(text=texts, padding="max_length", max_length=20, padding_side="right")
+    assert out["input_ids"].tolist()[0] == short + [pad] * (20 - len(short))
+    assert out["attention_mask"].sum(1).tolist() == [len(short), len(long_)]
+
+    out = processor(text=texts, pad_to_multiple_of=8)
+    assert out["input_ids"].shape[1] % 8 == 0 and out["input_ids"].shape[1] >= len(long_)
+
+    lists = processor(text=texts, padding=False, return_tensors=None)
+    assert lists["input_ids"] == [short, long_]
+    assert lists["attention_mask"] == [[1] * len(short), [1] * len(long_)]
+    with pytest.raises(ValueError, match="make no tensor"):
+        processor(text=texts, padding="do_not_pad")
+    assert processor(text=texts[:1], padding=False)["input_ids"].tolist() == [
+        short
+    ]  # one row needs no padding
+    with pytest.raises(ValueError, match="more than max_length"):
+        processor(text=texts, padding="max_length", max_length=3)
+    with pytest.raises(ValueError, match="padding='max_length' needs max_length"):
+        processor(text=texts, padding="max_length")
+    with pytest.raises(ValueError, match="padding='sideways' is not supported"):
+        processor(text=texts, padding="sideways")
+
+
+def test_truncation_cuts_text_but_never_image_positions(processor):
+    img = image(60, 60)
+    text = "<|image_1|>" + " word" * 30
+    whole = processor(text=text, images=[img])["input_ids"][0].tolist()
+    n = whole.count(-1)
+    cut = processor(text=text, images=[img], truncation=True, max_length=n + 5)["input_ids"][0].tolist()
+    assert cut == whole[: n + 5]
+    assert (
+        processor(text=text, images=[img], truncation="do_not_truncate", max_length=4)["input_ids"][
+            0
+        ].tolist()
+        == whole
+    )
+    with pytest.raises(ValueError, match="would cut image positions"):
+        processor(text=text, images=[img], truncation=True, max_length=n - 1)
+
+
+def test_return_options(processor):
+    img = image(60, 60)
+    as_numpy = processor(text=PROMPT, images=[img], return_tensors="np")
+    as_torch = processor(text=PROMPT, images=[img])
+    assert isinstance(as_numpy["input_ids"], np.ndarray)
+    assert as_numpy["input_ids"].tolist() == as_torch["input_ids"].tolist()
+    assert np.array_equal(as_numpy["pixel_values"], as_torch["pixel_values"].numpy())
+    assert "attention_mask" not in processor(text=PROMPT, images=[img], return_attention_mask=False)
+    no_bos = processor(text=PROMPT, images=[img], add_special_tokens=False)["input_ids"][0].tolist()
+    assert no_bos == [i for i in as_torch["input_ids"][0].tolist() if i != processor.tokenizer.bos_token_id]
+    with pytest.raises(ValueError, match="return_tensors must be"):
+        processor(text=PROMPT, images=[img], return_tensors="tf")
+
+
+def test_options_for_outputs_not_made_are_accepted_off_and_refused_on(processor):
+    off = processor(text="a", return_token_type_ids=False, return_offsets_mapping=False, verbose=False)
+    assert off["input_ids"].tolist() == processor(text="a")["input_ids"].tolist()
+    with pytest.raises(ValueError, match="return_offsets_mapping is not supported"):
+        processor(text="a", return_offsets_mapping=True)
+    with pytest.raises(TypeError, match=r"unexpected arguments: \['num_crop'\]"):
+        processor(text="a", num_crop=4)  # a misspelt option changes nothing silently

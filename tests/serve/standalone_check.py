@@ -16,7 +16,10 @@ import sys
 import torch
 import transformers
 from PIL import Image
-from transformers import AutoConfig, AutoImageProcessor, AutoModelForCausalLM, AutoProcessor, AutoTokenizer
+from transformers import AutoConfig, AutoModelForCausalLM, AutoProcessor, AutoTokenizer
+
+# From its module: transformers 5.17's top-level AutoImageProcessor is a placeholder that demands torchvision.
+from transformers.models.auto.image_processing_auto import AutoImageProcessor
 
 
 def digest(tensor: torch.Tensor) -> str:

@@ -62,13 +62,6 @@ pytestmark = pytest.mark.timeout(1800)  # the first test may wait for the clean 
 
 
 @pytest.fixture(scope="session")
-def shared_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """This session's directory for all workers: the parent of each xdist worker's basetemp."""
-    base = tmp_path_factory.getbasetemp()
-    return base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base
-
-
-@pytest.fixture(scope="session")
 def standalone_env() -> CleanEnv:
     return clean_env()
 
@@ -194,7 +187,7 @@ def transformers5(standalone_env, standalone_export, photos, phivision_side, sha
 def transformers4(standalone_env, standalone_export, photos, phivision_side, shared_dir) -> dict:
     spec = make_spec(standalone_export, photos, phivision_side)
     clean4 = build_once(
-        shared_dir / "standalone-clean4", lambda d: standalone_env.check(spec, d, transformers4=True)
+        shared_dir / "standalone-clean4", lambda d: standalone_env.check(spec, d, overlay="4.49")
     )
     return read_json(clean4)
 

@@ -1,9 +1,13 @@
-"""Phi-3-Vision configuration: reads and writes the official ``config.json`` unchanged.
+"""Phi-3-Vision configuration: reads the official ``config.json`` unchanged and writes it back with its keys.
 
 The official file is a Phi-3 language-model config plus two Phi-3-V blocks (``embd_layer``, ``img_processor``).
 The CLIP tower is not described in the file (the remote code hard-codes ViT-L/14-336), so it is hard-coded here
 too; tiny test models override it with an optional ``img_processor["vision_config"]`` dict, which official files
 do not have and which is not written when absent.
+
+RoPE: the official file says ``rope_scaling: {"type": "su", ...}`` (LongRoPE under its old name); transformers 5
+and the readers built on it (vLLM) read ``rope_parameters`` instead, transformers 4.x reads ``rope_scaling``. The
+config takes either key, exposes the form the installed transformers reads, and writes both.
 """
 
 from __future__ import annotations
@@ -55,27 +59,89 @@ DEFAULT_IMG_PROCESSOR = {
 
 
 def _resolve_attn_implementation(requested: str | None) -> str | None:
-    """The official config.json asks for flash_attention_2; without flash-attn use SDPA instead of failing."""
+    """The official config.json asks for flash_attention_2; without flash-attn use SDPA instead of failing.
+
+    Said once per process: one model load builds its config several times."""
     if requested == "flash_attention_2" and not is_flash_attn_2_available():
-        logger.warning(
+        logger.warning_once(  # transformers adds warning_once to every logging.Logger (4.4x and 5.x)
             "config asks for flash_attention_2 but flash-attn is not installed: using sdpa instead"
         )
         return "sdpa"
     return requested
 
 
+# LongRoPE's names: "su" in the official config.json, "longrope" in transformers and vLLM.
+_LONGROPE_NAMES = ("su", "longrope")
+
+
+def standard_rope_parameters(
+    rope_scaling: dict[str, Any] | None,
+    rope_parameters: dict[str, Any] | None,
+    rope_theta: float,
+    original_max_position_embeddings: int,
+    max_position_embeddings: int,
+) -> dict[str, Any]:
+    """The rope settings as transformers 5 reads them (``rope_parameters``), from either form of the file.
+
+    ``rope_scaling`` is the official/4.x form (``{"type": "su" | "longrope", "long_factor", "short_factor"}``),
+    ``rope_parameters`` the 5.x form; when both are given they must describe the same rope.
+    """
+    standard = _standard_rope(
+        rope_parameters, rope_theta, original_max_position_embeddings, max_position_embeddings
+    )
+    if rope_scaling is not None:
+        theta = standard["rope_theta"] if rope_parameters is not None else rope_theta
+        legacy = _standard_rope(
+            rope_scaling, theta, original_max_position_embeddings, max_position_embeddings
+        )
+        if rope_parameters is not None and legacy != standard:
+            raise ValueError(
+                f"rope_scaling {rope_scaling} and rope_parameters {rope_parameters} describe different ropes"
+            )
+        standard = legacy
+    return standard
+
+
+def _standard_rope(
+    rope: dict[str, Any] | None, rope_theta: float, original_max: int, max_positions: int
+) -> dict[str, Any]:
+    rope = rope or {}
+    kind = rope.get("rope_type", rope.get("type", "default"))
+    theta = float(rope.get("rope_theta", rope_theta))
+    if kind == "default":
+        return {"rope_type": "default", "rope_theta": theta}
+    if kind not in _LONGROPE_NAMES:
+        raise ValueError(f"rope type {kind!r} is not supported (only 'su'/'longrope' or none)")
+    return {
+        "rope_type": "longrope",
+        "rope_theta": theta,
+        "long_factor": [float(f) for f in rope["long_factor"]],
+        "short_factor": [float(f) for f in rope["short_factor"]],
+        "original_max_position_embeddings": original_max,
+        # What transformers would derive (max / original); given so that it does not warn about deriving it.
+        "factor": max_positions / original_max,
+    }
+
+
+def legacy_rope_scaling(rope_parameters: dict[str, Any]) -> dict[str, Any] | None:
+    """``rope_scaling`` as transformers 4.4x's Phi3Config reads it (None for plain RoPE)."""
+    if rope_parameters["rope_type"] == "default":
+        return None
+    factors = {key: list(rope_parameters[key]) for key in ("long_factor", "short_factor")}
+    return {"type": "longrope", **factors}
+
+
 class Phi3VConfig(PretrainedConfig):
     """Configuration of Phi-3-Vision-128K-Instruct / Phi-3.5-Vision-Instruct (``model_type: phi3_v``).
 
-    Attribute names are exactly the keys of the official ``config.json``; ``rope_scaling`` keeps the official
-    ``{"type": "su", ...}`` form and is translated to transformers' ``longrope`` only in ``language_model_config()``.
+    Attribute names are the keys of the official ``config.json``. The rope settings are exposed in the form the
+    installed transformers reads: ``rope_parameters`` (``{"rope_type": "longrope", ...}``) on 5.x, where
+    ``rope_scaling`` is its read-only alias; ``rope_scaling`` (``{"type": "longrope", ...}``) on 4.x. ``config.json``
+    gets both: ``rope_scaling`` as it was read (the official ``"su"`` form) and ``rope_parameters``.
     """
 
     model_type = "phi3_v"
     keys_to_ignore_at_inference = ["past_key_values"]
-    # Shadows PretrainedConfig's deprecated `rope_scaling` alias of `rope_parameters`: here it is the plain
-    # official dict, stored and written back as is.
-    rope_scaling = None
 
     def __init__(
         self,
@@ -97,6 +163,7 @@ class Phi3VConfig(PretrainedConfig):
         tie_word_embeddings: bool = False,
         rope_theta: float = 10000.0,
         rope_scaling: dict[str, Any] | None = None,
+        rope_parameters: dict[str, Any] | None = None,
         bos_token_id: int | None = 1,
         eos_token_id: int | list[int] | None = 32000,
         pad_token_id: int | None = 32000,
@@ -120,18 +187,31 @@ class Phi3VConfig(PretrainedConfig):
         self.initializer_range = initializer_range
         self.rms_norm_eps = rms_norm_eps
         self.use_cache = use_cache
-        self.rope_theta = rope_theta
-        self.rope_scaling = copy.deepcopy(rope_scaling)
+        rope = standard_rope_parameters(
+            rope_scaling,
+            rope_parameters,
+            rope_theta,
+            original_max_position_embeddings,
+            max_position_embeddings,
+        )
+        self.rope_theta = rope["rope_theta"]
+        # Written back as read (the official "su" form); derived from rope_parameters when the file had none.
+        self._rope_scaling_in_file = copy.deepcopy(rope_scaling) if rope_scaling is not None else None
+        if TRANSFORMERS_4:
+            self.rope_scaling = legacy_rope_scaling(rope)
+        else:
+            self.rope_parameters = rope  # 5.x's PretrainedConfig.rope_scaling reads it back
         self.sliding_window = sliding_window
         self.embd_layer = copy.deepcopy(embd_layer if embd_layer is not None else DEFAULT_EMBD_LAYER)
         self.img_processor = copy.deepcopy(
             img_processor if img_processor is not None else DEFAULT_IMG_PROCESSOR
         )
 
-        # The file's `_attn_implementation` (flash_attention_2 in the official files) is remembered so that it is
-        # written back unchanged; an explicit `attn_implementation=` argument wins over it at run time.
-        self._attn_implementation_in_file = kwargs.pop("_attn_implementation", None)
-        requested = kwargs.pop("attn_implementation", None) or self._attn_implementation_in_file
+        # The file's `_attn_implementation` (flash_attention_2 in the official files) is a request for this run, not
+        # a setting of the model: it is not written back (a checkpoint phivision writes lets each reader choose).
+        # An explicit `attn_implementation=` argument wins over it.
+        in_file = kwargs.pop("_attn_implementation", None)  # popped always: 5.17 would set it after us
+        requested = kwargs.pop("attn_implementation", None) or in_file
         super().__init__(attn_implementation=_resolve_attn_implementation(requested), **kwargs)
         # Set after the base class, whose 4.x version resets them to its own defaults (tied embeddings, no ids).
         self.tie_word_embeddings = tie_word_embeddings
@@ -170,6 +250,19 @@ class Phi3VConfig(PretrainedConfig):
         return int(self.img_processor.get("image_dim_out", 1024))
 
     @property
+    def rope(self) -> dict[str, Any]:
+        """The rope settings in transformers 5's form (``rope_parameters``), whichever transformers is installed."""
+        if TRANSFORMERS_4:
+            return standard_rope_parameters(
+                self.rope_scaling,
+                None,
+                self.rope_theta,
+                self.original_max_position_embeddings,
+                self.max_position_embeddings,
+            )
+        return self.rope_parameters
+
+    @property
     def vision_layer_idx(self) -> int:
         """Which CLIP hidden state feeds the projector (-2: the output of the second-to-last layer)."""
         return int(self.img_processor.get("layer_idx", -2))
@@ -183,20 +276,6 @@ class Phi3VConfig(PretrainedConfig):
 
     def language_model_config(self) -> Phi3Config:
         """transformers' own Phi3Config for the language model (rope "su" becomes "longrope")."""
-        rope: dict[str, Any] = {"rope_type": "default", "rope_theta": self.rope_theta}
-        if self.rope_scaling:
-            kind = self.rope_scaling.get("type", self.rope_scaling.get("rope_type"))
-            if kind not in ("su", "longrope"):
-                raise ValueError(f"rope_scaling type {kind!r} is not supported (only 'su'/'longrope')")
-            rope = {
-                "rope_type": "longrope",
-                "rope_theta": self.rope_theta,
-                "long_factor": list(self.rope_scaling["long_factor"]),
-                "short_factor": list(self.rope_scaling["short_factor"]),
-                "original_max_position_embeddings": self.original_max_position_embeddings,
-                # Same value transformers would derive; given explicitly so it does not warn about it.
-                "factor": self.max_position_embeddings / self.original_max_position_embeddings,
-            }
         config = Phi3Config(
             vocab_size=self.vocab_size,
             hidden_size=self.hidden_size,
@@ -214,7 +293,7 @@ class Phi3VConfig(PretrainedConfig):
             rms_norm_eps=self.rms_norm_eps,
             use_cache=self.use_cache,
             tie_word_embeddings=self.tie_word_embeddings,
-            **_phi3_rope_arguments(rope),
+            **_phi3_rope_arguments(copy.deepcopy(self.rope)),
             bos_token_id=self.bos_token_id,
             eos_token_id=self.eos_token_id,
             pad_token_id=self.pad_token_id,
@@ -226,11 +305,14 @@ class Phi3VConfig(PretrainedConfig):
     # ---- serialisation: the official layout
 
     def to_dict(self) -> dict[str, Any]:
-        """Serialise with ``_attn_implementation`` as it was read from the file (if it was there)."""
+        """Serialise with the rope settings in both forms (``rope_scaling`` as read, and ``rope_parameters``) and
+        without a run-time ``_attn_implementation``."""
         output = super().to_dict()
-        in_file = output.pop("_attn_implementation_in_file", None)
-        if in_file is not None:
-            output["_attn_implementation"] = in_file
+        in_file = output.pop("_rope_scaling_in_file", None)
+        rope = copy.deepcopy(self.rope)
+        output["rope_scaling"] = in_file if in_file is not None else legacy_rope_scaling(rope)
+        output["rope_parameters"] = rope
+        output.pop("_attn_implementation", None)
         return output
 
     def to_diff_dict(self) -> dict[str, Any]:
@@ -245,7 +327,4 @@ def _phi3_rope_arguments(rope: dict[str, Any]) -> dict[str, Any]:
     """``Phi3Config`` keyword arguments for the rope settings, in the form the installed transformers takes."""
     if not TRANSFORMERS_4:
         return {"rope_parameters": rope}
-    if rope["rope_type"] == "default":
-        return {"rope_theta": rope["rope_theta"], "rope_scaling": None}
-    factors = {"long_factor": rope["long_factor"], "short_factor": rope["short_factor"]}
-    return {"rope_theta": rope["rope_theta"], "rope_scaling": {"type": "longrope", **factors}}
+    return {"rope_theta": rope["rope_theta"], "rope_scaling": legacy_rope_scaling(rope)}
