@@ -4,10 +4,16 @@ and test images."""
 from __future__ import annotations
 
 import io
+import os
+import signal
 import socket
+import subprocess
+import sys
 import threading
+import time
 from pathlib import Path
 
+import httpx
 import torch
 import uvicorn
 import yaml
@@ -105,6 +111,43 @@ class ServerThread:
     def __exit__(self, *exc) -> None:
         self.server.should_exit = True
         self.thread.join(30)
+
+
+class ServeCommand:
+    """`phivision serve` started as users start it, in its own process on 127.0.0.1:<free port>, ready once
+    /healthz answers; stopped with Ctrl-C (SIGINT) at the end."""
+
+    def __init__(self, *flags: str) -> None:
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.command = [sys.executable, "-m", "phivision.cli", "serve", "--port", str(self.port), *flags]
+
+    def __enter__(self) -> ServeCommand:
+        env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+        self.process = subprocess.Popen(
+            self.command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env
+        )
+        try:
+            for _ in range(600):
+                try:
+                    if httpx.get(f"{self.url}/healthz", timeout=2).status_code == 200:
+                        return self
+                except httpx.TransportError:
+                    pass
+                assert self.process.poll() is None, self.process.stdout.read().decode()
+                time.sleep(0.2)
+            raise RuntimeError(f"{' '.join(self.command)}: no answer on /healthz within 2 minutes")
+        except BaseException:
+            self.__exit__()
+            raise
+
+    def __exit__(self, *exc) -> None:
+        self.process.send_signal(signal.SIGINT)
+        try:
+            self.process.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            self.process.wait()
 
 
 def data_url(data: bytes, mime: str = "image/png") -> str:

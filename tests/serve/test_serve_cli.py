@@ -3,17 +3,12 @@ model loads; and the real command, started as users start it, answers on loopbac
 
 from __future__ import annotations
 
-import os
-import signal
 import socket
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import httpx
 import pytest
-from serve_helpers import free_port
+from serve_helpers import ServeCommand, free_port
 
 from cli_helpers import run_cli
 from phivision.args import MAX_PIXELS as SERVE_MAX_PIXELS
@@ -85,41 +80,8 @@ def test_allowed_hosts_follow_the_bind_address() -> None:
 
 
 def test_serve_command_answers_on_loopback(tiny_checkpoint: Path) -> None:
-    port = free_port()
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    command = [
-        sys.executable,
-        "-m",
-        "phivision.cli",
-        "serve",
-        "--model",
-        str(tiny_checkpoint),
-        "--port",
-        str(port),
-    ]
-    process = subprocess.Popen(
-        command + ["--max-new-tokens", "4", "--max-queue", "3"],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        env=env,
-    )
-    url = f"http://127.0.0.1:{port}"
-    try:
-        for _ in range(600):
-            try:
-                if httpx.get(f"{url}/healthz", timeout=2).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            assert process.poll() is None, process.stdout.read().decode()
-            time.sleep(0.2)
-        models = httpx.get(f"{url}/v1/models").json()
+    flags = ["--model", str(tiny_checkpoint), "--max-new-tokens", "4", "--max-queue", "3"]
+    with ServeCommand(*flags) as serve:
+        models = httpx.get(f"{serve.url}/v1/models").json()
         assert [m["id"] for m in models["data"]] == [str(tiny_checkpoint)]  # the id defaults to --model
-        assert httpx.get(f"{url}/healthz", headers={"Host": "attacker.example"}).status_code == 400
-    finally:
-        process.send_signal(signal.SIGINT)
-        try:
-            process.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
+        assert httpx.get(f"{serve.url}/healthz", headers={"Host": "attacker.example"}).status_code == 400

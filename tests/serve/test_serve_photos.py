@@ -1,5 +1,6 @@
 """Several photos of one product in one request, against live uvicorn servers on loopback: repeated ``image``
-fields on ``/v1/predict`` and several ``image_url`` parts in one message through the official ``openai`` client.
+fields on ``/v1/predict`` and several ``image_url`` parts in one message through the official ``openai`` client,
+in process and through the real `phivision serve` command on a saved RUN.
 
 The model is taught, in a few training steps, two products that share their first photo and differ only in the
 second, so an answer that follows the second photo shows that every photo reaches the prompt, in order.
@@ -15,9 +16,11 @@ from pathlib import Path
 import httpx
 import openai
 import pytest
+import yaml
 from PIL import Image
-from serve_helpers import ServerThread, data_url, png_bytes, teach_answers
+from serve_helpers import ServeCommand, ServerThread, data_url, png_bytes, teach_answers
 
+from phivision.data.layout import RunLayout
 from phivision.runs import LoadedModel
 from phivision.serve.server import ServeLimits, create_app
 
@@ -46,7 +49,7 @@ def server(taught: LoadedModel) -> Iterator[ServerThread]:
         yield running
 
 
-def upload(server: ServerThread, *photos: tuple[str, bytes]) -> httpx.Response:
+def upload(server: ServerThread | ServeCommand, *photos: tuple[str, bytes]) -> httpx.Response:
     files = [("image", (name, data, "image/png")) for name, data in photos]
     return httpx.post(f"{server.url}/v1/predict", files=files, timeout=120)
 
@@ -96,3 +99,29 @@ def test_chat_takes_several_image_url_parts_in_order(server: ServerThread) -> No
     with pytest.raises(openai.BadRequestError) as err:
         chat(client, FRONT, LEATHER[:60])
     assert err.value.param == "messages[0].content[1].image_url" and err.value.code == "invalid_image"
+
+
+def test_the_serve_command_answers_from_several_photos(
+    taught: LoadedModel, tiny_checkpoint: Path, tmp_path
+) -> None:
+    """The taught model saved as a full fine-tune with data.max_images 2, served by `phivision serve`: the photos
+    of both requests reach one prompt in order, and the limit comes from the RUN's config."""
+    run = RunLayout(tmp_path / "run")
+    taught.model.save_pretrained(run.model)
+    taught.processor.save_pretrained(run.processor)
+    config = {
+        "model": str(tiny_checkpoint),
+        "method": "full",
+        "prompt": taught.prompt.to_dict(),
+        "data": {"max_images": 2},
+    }
+    run.config.write_text(yaml.safe_dump(config, sort_keys=False))
+
+    with ServeCommand("--model", str(run.root), "--served-model-name", NAME, "--max-new-tokens", "48") as serve:
+        silk = upload(serve, ("front.png", FRONT), ("detail.png", SILK)).json()
+        assert silk["answer"] == SILK_ANSWER and silk["images"] == ["front.png", "detail.png"]
+        client = openai.OpenAI(base_url=f"{serve.url}/v1", api_key="unused", max_retries=0, timeout=120)
+        assert chat(client, FRONT, LEATHER).choices[0].message.content == LEATHER_ANSWER
+        with pytest.raises(openai.BadRequestError) as err:
+            chat(client, FRONT, LEATHER, SILK)
+        assert err.value.code == "too_many_images"

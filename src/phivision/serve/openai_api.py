@@ -1,12 +1,12 @@
 """The OpenAI-compatible routes of ``phivision serve``: ``POST /v1/chat/completions`` and ``GET /v1/models``.
 
-A request is one user message with one ``image_url`` part (a ``data:`` URL; http(s) only when the server allows
-remote images) and optional text, which replaces the question the model was trained on (leave it out to ask that
-question). ``response_format`` ``json_object`` or ``json_schema`` makes the message content a JSON object with
-``title``, ``category``, ``price`` and ``currency`` (null where the answer lacks a field), ``json_schema``
-narrowing it to the properties the schema names. ``stream: true`` sends server-sent events as tokens are
-generated. Errors use OpenAI's body, ``{"error": {"message", "type", "param", "code"}}``, so the official
-client raises its usual exception classes.
+A request is one user message with one or more ``image_url`` parts, photos of one product in order (``data:``
+URLs; http(s) only when the server allows remote images), and optional text, which replaces the question the
+model was trained on (leave it out to ask that question). ``response_format`` ``json_object`` or ``json_schema``
+makes the message content a JSON object with ``title``, ``category``, ``price`` and ``currency`` (null where the
+answer lacks a field), ``json_schema`` narrowing it to the properties the schema names. ``stream: true`` sends
+server-sent events as tokens are generated. Errors use OpenAI's body, ``{"error": {"message", "type", "param",
+"code"}}``, so the official client raises its usual exception classes.
 """
 
 from __future__ import annotations
@@ -497,7 +497,7 @@ def add_routes(app: FastAPI, serving: Serving) -> None:
 
     @app.post("/v1/chat/completions", response_model=ChatCompletion, responses=errors)
     async def create_chat_completion(request: ChatRequest) -> Any:
-        """OpenAI-compatible chat completion: one user message with one image_url part and optional text."""
+        """OpenAI-compatible chat completion: one user message with image_url parts (one product) and optional text."""
         return await chat_completions(request, serving)
 
     def card() -> ModelCard:
