@@ -67,13 +67,15 @@ def test_lengths_count_every_photo_exactly(views_dataset, processor):
 
 @pytest.mark.parametrize("packing", [False, True], ids=["padded", "packed"])
 def test_the_token_budget_holds_with_several_photos(views_dataset, processor, packing):
+    """A budget that binds (1.5 of the longest example, up to 8 rows): every real micro-batch tensor, padding
+    included, fits it; were the photos after the first left out of the lengths, the planner would overfill."""
     data = dataset(views_dataset, processor, 4)
     lengths = data.lengths()
-    budget = 2 * max(lengths)
+    budget = 3 * max(lengths) // 2
     config = TrainConfig().data
-    config.batch_size, config.max_tokens, config.packing = 2, budget, packing
+    config.batch_size, config.max_tokens, config.packing = 8, budget, packing
     plan = make_plan(data, config, seed=0, world=1)
-    seen = []
+    seen, sizes = [], []
     for micro in range(plan.total_micro(1)):
         rows = plan.rank_batch(micro, 0, 1)
         examples = [data[i] for i in rows]
@@ -81,7 +83,9 @@ def test_the_token_budget_holds_with_several_photos(views_dataset, processor, pa
         assert batch["input_ids"].numel() <= budget  # the real tensor, padding included, fits the budget
         assert batch["pixel_values"].shape[0] == sum(len(data.paths[i]) for i in rows)
         seen += rows
+        sizes.append(len(rows))
     assert len(seen) == len(set(seen)) > len(data) // 2
+    assert max(sizes) > 1 and min(sizes) < 8  # the budget, not batch_size, decided the batches
 
 
 def test_packed_photos_give_the_padded_loss_and_gradients(views_dataset, processor, tiny_checkpoint):
