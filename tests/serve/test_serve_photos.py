@@ -117,7 +117,9 @@ def test_the_serve_command_answers_from_several_photos(
     }
     run.config.write_text(yaml.safe_dump(config, sort_keys=False))
 
-    with ServeCommand("--model", str(run.root), "--served-model-name", NAME, "--max-new-tokens", "48") as serve:
+    with ServeCommand(
+        "--model", str(run.root), "--served-model-name", NAME, "--max-new-tokens", "48"
+    ) as serve:
         silk = upload(serve, ("front.png", FRONT), ("detail.png", SILK)).json()
         assert silk["answer"] == SILK_ANSWER and silk["images"] == ["front.png", "detail.png"]
         client = openai.OpenAI(base_url=f"{serve.url}/v1", api_key="unused", max_retries=0, timeout=120)
