@@ -17,6 +17,7 @@ from phivision.api import prepare
 from phivision.data import load_catalog, to_hf_dataset
 from phivision.data.photos import cell_urls
 from phivision.data.prepare import summary
+from phivision.data.sample import write_sample_catalog
 from phivision.errors import PhivisionError
 
 COLOURS = {
@@ -318,3 +319,32 @@ def test_the_command_line_takes_every_form(tmp_path, photos, capsys):
         capsys, "prepare", "--source", str(source), "--out", str(tmp_path / "x"), "--image-sep", ""
     )
     assert code == 2 and err.strip().startswith("error: --image-sep ''")
+
+
+def test_a_catalog_with_several_photos_prepared_again(tmp_path):
+    """A phivision catalog as the source (its `image_paths` list column as the image column, local files): the
+    new catalog's columns replace the source's, and every product keeps its photos in order."""
+    first = write_sample_catalog(tmp_path / "first", n=12, seed=0, views=4)
+    table = pd.read_parquet(first / "catalog.parquet")
+    table["image_paths"] = [[str(first / p) for p in paths] for paths in table["image_paths"]]
+    table.to_parquet(tmp_path / "table.parquet")
+    columns = dict(category_col="category", price_col="full_price", currency_col="currency")
+    out = tmp_path / "again"
+    report = prepare(
+        str(tmp_path / "table.parquet"),
+        out,
+        image_col="image_paths",
+        allow_local=True,
+        progress=False,
+        **columns,
+    )
+    assert report["counts"]["kept"] == 12
+    before, after = load_catalog(first), load_catalog(out)
+    counts = {
+        code: len(paths) for code, paths in zip(before["product_code"], before["image_paths"], strict=True)
+    }
+    assert {c: len(p) for c, p in zip(after["product_code"], after["image_paths"], strict=True)} == counts
+    assert max(counts.values()) > 1
+    for code, paths in zip(after["product_code"], after["image_paths"], strict=True):
+        source = before.loc[before["product_code"] == code, "image_paths"].iloc[0]
+        assert [(out / p).read_bytes() for p in paths] == [(first / p).read_bytes() for p in source]

@@ -302,7 +302,8 @@ def clean_rows(
         pd.Series(currency, index=frame.index) if currency is not None else frame[columns.currency_col]
     )
     prices, price_entry = read_prices(frame, label, columns.price_col, currencies, decimal_comma, max_price)
-    out = frame.drop(columns=[c for c in REQUIRED_COLUMNS if c in frame.columns], errors="ignore")
+    # a source with the catalog's own columns (a phivision catalog prepared again) gives way to the new ones
+    out = frame.drop(columns=[c for c in (*REQUIRED_COLUMNS, IMAGE_PATHS) if c in frame.columns])
     out.insert(0, "product_code", frame[columns.code_col])
     out.insert(1, "title", frame[columns.title_col])
     out.insert(2, "category", frame[columns.category_col])
