@@ -367,10 +367,16 @@ class Serving:
         return max(1, getattr(self.loaded, "max_images", 1))
 
     async def answer(
-        self, images: list[bytes], generation: Generation, on_token: Callable[[int], None] | None = None
+        self,
+        images: bytes | list[bytes],
+        generation: Generation,
+        on_token: Callable[[int], None] | None = None,
     ):
         """Check every photo's header, queue the request and wait for its Completion (the photos in one prompt,
-        in order). Raises PhotoError, QueueFull, WorkerStopped, TimeoutError, or the generation's own error."""
+        in order; one photo's bytes alone are one photo). Raises PhotoError, QueueFull, WorkerStopped,
+        TimeoutError, or the generation's own error."""
+        if isinstance(images, (bytes, bytearray, memoryview)):
+            images = [bytes(images)]
         pixels = 0
         for k, data in enumerate(images):
             try:
