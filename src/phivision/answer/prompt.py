@@ -384,10 +384,10 @@ def prompt_text(fmt: PromptFormat = PromptFormat(), num_images: int = 1) -> str:
 
     With several photos the tags come first, in order, one per line as in Microsoft's multi-image examples, the
     question right after the last: ``<|user|>\\n<|image_1|>\\n<|image_2|>What is...``. One photo gives the
-    cookbook's prompt unchanged.
+    cookbook's prompt unchanged; none gives the text-only turn (the question alone).
     """
-    if num_images < 1:
-        raise ValueError(f"a prompt needs at least one image, got num_images={num_images}")
+    if num_images < 0:
+        raise ValueError(f"num_images must be 0 or more, got {num_images}")
     tags = "\n".join(f"<|image_{i}|>" for i in range(1, num_images + 1))
     return f"<|user|>\n{tags}{fmt.question}{END_TAG}<|assistant|>\n"
 
