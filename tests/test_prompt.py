@@ -38,6 +38,10 @@ def test_parse_price(raw, expected):
 def test_prompt_and_answer_round_trip():
     fmt = PromptFormat()
     assert prompt_text(fmt) == "<|user|>\n<|image_1|>What is shown in this image?<|end|><|assistant|>\n"
+    assert prompt_text(fmt, 3).startswith("<|user|>\n<|image_1|>\n<|image_2|>\n<|image_3|>What is")
+    assert prompt_text(fmt, 0) == "<|user|>\nWhat is shown in this image?<|end|><|assistant|>\n"  # text only
+    with pytest.raises(ValueError, match="num_images"):
+        prompt_text(fmt, -1)
     answer = format_answer(fmt, "Check Cotton Shirt, Slim", "shirts", 1290)
     assert answer == "Product: Check Cotton Shirt, Slim, Category: shirts, Full Price: 1290.0"
     parsed = parse_answer(answer + "<|end|>")

@@ -35,6 +35,7 @@ SAMPLE_N = 600  # products drawn by `phivision sample` (with --like: as many as 
 # A synthetic product is a drawn JPEG of about 10 KB kept in memory until the catalog is written: a million is
 # about 10 GB of images and an hour of drawing on one core; anything larger is a typo, not a test set.
 SAMPLE_MAX = 1_000_000
+SAMPLE_VIEWS_MAX = 4  # the photos a synthetic product can have: front, detail, back, packshot
 MAX_PRICE = 1_000_000_000.0  # a price above this is a typo or a placeholder (absurd_price), never a product
 MAX_PIXELS = 40_000_000  # the largest image (width x height) any reader decodes: decompression bombs beyond
 MAX_BYTES = 50_000_000  # the largest image file any reader reads (download, local file, dataset image)
@@ -60,6 +61,15 @@ def seed(help: str) -> Any:
 
 def progress() -> Any:
     return option(True, "Show a progress bar.")
+
+
+def max_images() -> Any:
+    return option(
+        None,
+        "Photos of a product per prompt, its first N in order [default: as many as the model was trained with, "
+        "its data.max_images; 1 when it records none].",
+        check=">= 1",
+    )
 
 
 # ------------------------------------------------------------------------------------------- rules
@@ -175,12 +185,33 @@ class Columns(Options):
     price_col: str = option(
         "full_price", "Column with the full price ($1,290.00, 1.290,00 EUR, 1290, USD 1290.5)."
     )
-    image_col: str = option("imageurl", "Column with the image URL.")
+    image_col: list[str] = option(
+        help="Column with the image URL, or with a list of a product's photo URLs (a JSON array, a parquet list, or "
+        "text split on --image-sep). Repeat for several columns (image1, image2...): the photos in column order.",
+        factory=lambda: ["imageurl"],
+    )
     code_col: str = option("product_code", "Column with the product code.")
     currency_col: str = option("currency_code", "Column with the currency code.")
+    image_sep: str | None = option(
+        None, "Separator of several photo URLs in one image cell, e.g. '|' (JSON arrays are read without it)."
+    )
+    group_by_code: bool = option(
+        False,
+        "Rows that share a product code are one product, their photos in row order (a shop export repeating the "
+        "product once per photo); a row with only a code and photos adds its photos to its code's product.",
+    )
 
-    def by_field(self) -> dict[str, str]:
-        """Catalog field -> source column."""
+    def check(self) -> None:
+        if not self.image_col or any(not c.strip() for c in self.image_col):
+            raise PhivisionError(f"--image-col {self.image_col!r}: give one or more column names")
+        repeated = sorted({c for c in self.image_col if self.image_col.count(c) > 1})
+        if repeated:
+            raise PhivisionError(f"--image-col {', '.join(repeated)}: named more than once")
+        if self.image_sep is not None and not self.image_sep:
+            raise PhivisionError("--image-sep '': must be a non-empty separator such as '|'")
+
+    def by_field(self) -> dict[str, str | list[str]]:
+        """Catalog field -> source column (``image_url``: the image columns)."""
         return {
             "title": self.title_col,
             "category": self.category_col,
@@ -340,13 +371,22 @@ class SampleArgs(Options):
     like: Path | None = option(
         None,
         "Copy the structure of this dataset (categories and proportions, per-category prices, title patterns, "
-        "image sizes, split ratios) without any of its titles or images.",
+        "photos per product, image sizes, split ratios) without any of its titles or images.",
     )
     overwrite: bool = option(False, "Replace another dataset found in --out (default: refuse).")
+    views: int = option(
+        1,
+        "The most photos per product: each product gets 1 to N (front, detail of the material, back, packshot), "
+        "with some price and category cues only in the later photos. 1: one photo showing everything.",
+        check=f"in [1, {SAMPLE_VIEWS_MAX}]",
+        what="a whole number of photos",
+    )
 
     def check(self) -> None:
         if self.like is not None and self.urls_out is not None:
             raise PhivisionError("--urls-out: not available with --like")
+        if self.like is not None and self.views != 1:
+            raise PhivisionError("--views: not available with --like (the photos per product are copied)")
 
 
 @dataclass
@@ -470,6 +510,7 @@ class EvaluateArgs(Options):
         "Ask this instead of the model's own question (a zero-shot prompt); {categories} in it is replaced by "
         "the category list, comma-separated.",
     )
+    max_images: int | None = max_images()
     generation: Generation = group(Generation)
     answering: Answering = group(Answering)
     loading: ModelLoading = group(ModelLoading)
@@ -509,13 +550,24 @@ class PredictArgs(Options):
     """``phivision predict``."""
 
     images: list[Path] = option(
-        REQUIRED, "Image files and/or directories of images (not recursive).", positional=True, argument=True
+        REQUIRED,
+        "Image files and/or directories of images (not recursive), and/or product tables (.csv, .tsv, .jsonl, "
+        ".parquet: one product per row, its photos in an image_paths column as a JSON array or paths joined by "
+        "|, relative to the table; ids from product_code or id).",
+        positional=True,
+        argument=True,
     )
     model: str | LoadedModel = option(REQUIRED, MODEL + " In Python also a LoadedModel.", positional=True)
     out: Path | None = option(
         None,
         "JSON-lines file to write (default: stdout; in Python, '-' streams to stdout, None writes nothing).",
     )
+    products: bool = option(
+        False,
+        "Each directory is one product: its image files, sorted by name, are its photos in one prompt; a directory "
+        "without image files is a folder of product folders (default: each image is answered alone).",
+    )
+    max_images: int | None = max_images()
     generation: Generation = group(Generation)
     answering: Answering = group(Answering)
     loading: ModelLoading = group(ModelLoading)

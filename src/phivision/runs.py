@@ -53,6 +53,7 @@ class LoadedModel:
     labels_path: str | None = None  # the file the categories were read from
     calibration: PriceCalibration | None = None  # price ranges (RUN/calibration.json; None: not calibrated)
     notes: tuple[str, ...] = ()  # how it was loaded where that was not as asked (a CLI prints them)
+    max_images: int = 1  # photos per prompt the model was trained with (data.max_images)
 
 
 @dataclass(frozen=True)
@@ -63,6 +64,7 @@ class RunInfo:
     base: str  # base checkpoint: a local directory or a hub id
     method: str  # "lora", "qlora" or "full"
     prompt: PromptFormat
+    max_images: int = 1  # data.max_images: photos per prompt in training
 
     @property
     def adapter_dir(self) -> Path:
@@ -221,8 +223,21 @@ def read_run(run_dir: str | Path) -> RunInfo:
     except (ValueError, TypeError) as err:
         raise PhivisionError(f"{config_path}: field 'prompt': {err}") from err
     return RunInfo(
-        run_dir=run_dir, base=_resolve_base(str(config["model"]), run_dir), method=method, prompt=prompt
+        run_dir=run_dir,
+        base=_resolve_base(str(config["model"]), run_dir),
+        method=method,
+        prompt=prompt,
+        max_images=_max_images(
+            (config.get("data") or {}).get("max_images", 1), f"{config_path}: field 'data.max_images'"
+        ),
     )
+
+
+def _max_images(value: object, where: str) -> int:
+    """A recorded ``max_images`` (photos per prompt): a whole number, at least 1."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise PhivisionError(f"{where}: expected a whole number of photos, at least 1, got {value!r}")
+    return value
 
 
 def _resolve_base(base: str, run_dir: Path) -> str:
@@ -254,12 +269,12 @@ def _load_processor(name: str | Path) -> Any:
         raise PhivisionError(f"cannot load processor from {name}: {first_line(err)}") from err
 
 
-def _export_info(path: Path) -> tuple[PromptFormat, LabelSpace, PriceCalibration | None]:
-    """The prompt, label space and price calibration an export records in phivision.json (defaults for a plain
-    checkpoint)."""
+def _export_info(path: Path) -> tuple[PromptFormat, LabelSpace, PriceCalibration | None, int]:
+    """The prompt, label space, price calibration and photos per prompt an export records in phivision.json
+    (defaults for a plain checkpoint)."""
     info_path = path / EXPORT_INFO_FILE
     if not info_path.is_file():
-        return PromptFormat(), LabelSpace(), None
+        return PromptFormat(), LabelSpace(), None, 1
     try:
         info = json.loads(read_text_bounded(info_path))
     except (ValueError, UnicodeDecodeError) as err:
@@ -278,7 +293,8 @@ def _export_info(path: Path) -> tuple[PromptFormat, LabelSpace, PriceCalibration
         calibration = PriceCalibration.from_dict(info["calibration"]) if info.get("calibration") else None
     except (ValueError, TypeError) as err:
         raise PhivisionError(f"{info_path}: field 'calibration': {err}") from err
-    return prompt, labels, calibration
+    max_images = _max_images(info.get("max_images", 1), f"{info_path}: field 'max_images'")
+    return prompt, labels, calibration, max_images
 
 
 def load_model(
@@ -308,7 +324,7 @@ def load_model(
         weights = run.model_dir if run.model_dir.is_dir() else run.base
         return _load_run(run, device, resolve_dtype(dtype, device, checkpoint_dtype(weights)), merge)
     if local.is_dir() and is_checkpoint_dir(local):
-        prompt, labels, calibration = _export_info(local)
+        prompt, labels, calibration, max_images = _export_info(local)
         model = _load_checkpoint(str(local), device, resolve_dtype(dtype, device, checkpoint_dtype(local)))
         labels_path = str(local / EXPORT_INFO_FILE) if labels.categories else None
         return LoadedModel(
@@ -320,6 +336,7 @@ def load_model(
             labels.currency,
             labels_path,
             calibration,
+            max_images=max_images,
         )
     if local.exists():
         raise PhivisionError(
@@ -342,6 +359,7 @@ def _load_run(run: RunInfo, device: torch.device, dtype: torch.dtype, merge: boo
         "currency": labels.currency,
         "labels_path": str(RunLayout(run.run_dir).labels) if labels.categories else None,
         "calibration": read_calibration(run.run_dir),
+        "max_images": run.max_images,
     }
     if run.model_dir.is_dir():  # full fine-tuning saved the whole model
         model = _load_checkpoint(str(run.model_dir), device, dtype)

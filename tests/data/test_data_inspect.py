@@ -204,3 +204,44 @@ def test_cli_inspect_and_its_bad_flags(dataset, tmp_path, capsys):
 def test_inspect_rejects_bad_arguments(dataset):
     with pytest.raises(PhivisionError, match="--near-duplicate-bits 99"):
         inspect(dataset, near_duplicate_bits=99, progress=False)
+
+
+def test_photos_per_product_and_tokens_for_each_max_images(tmp_path):
+    """A multi-view catalog: the photo counts, an unreadable later photo, and image tokens per sample for each
+    max_images that equal what training counts for the same photos."""
+    from phivision.answer.prompt import PromptFormat
+    from phivision.data import load_catalog
+    from phivision.data.sample import write_sample_catalog
+    from phivision.model.image_processing_phi3_v import Phi3VImageProcessor
+    from phivision.model.processing_phi3_v import Phi3VProcessor
+    from phivision.tiny_tokenizer import build_tiny_tokenizer
+    from phivision.train.data import ProductDataset, split_rows
+
+    data = write_sample_catalog(tmp_path / "views", n=30, seed=1, views=4)
+    catalog = load_catalog(data)
+    broken = next(i for i, paths in enumerate(catalog["image_paths"]) if len(paths) >= 3)
+    (data / catalog.at[broken, "image_paths"][2]).write_bytes(b"not a photo")
+    found = inspect(data, num_crops="1,4", crop_size=56, num_img_tokens=4, progress=False)
+
+    counts = catalog["image_paths"].map(len).value_counts()
+    assert found["photos"]["per_product"] == {str(k): int(counts[k]) for k in sorted(counts.index)}
+    assert found["photos"]["photos"] == int(catalog["image_paths"].map(len).sum())
+    assert found["photos"]["unreadable"] == 1
+    assert found["photos"]["unreadable_examples"][0]["row"] == broken + 2
+    assert found["photos"]["unreadable_examples"][0]["photo"] == 3
+    assert found["images"]["files"] == found["photos"]["photos"]
+
+    table = {(r["max_images"], r["num_crops"]): r for r in found["tokens"]["by_max_images"]}
+    assert set(table) == {(m, n) for m in (1, 2, 3, 4) for n in (1, 4)}
+    for (m, n), row in table.items():
+        processor = Phi3VProcessor(
+            Phi3VImageProcessor(num_crops=n, crop_size=56, num_img_tokens=4), build_tiny_tokenizer()
+        )
+        train = ProductDataset(data, split_rows(catalog, "train"), processor, PromptFormat(), max_images=m)
+        assert row["train_epoch"] == sum(train.image_tokens(i) for i in range(len(train))), (m, n)
+    for n in (1, 4):  # one photo per prompt is the first-photo table
+        first = next(r for r in found["tokens"]["by_num_crops"] if r["num_crops"] == n)
+        assert {k: v for k, v in table[1, n].items() if k not in ("max_images",)} == first
+        assert table[4, n]["mean"] > table[1, n]["mean"]
+    page = (data / "inspect.html").read_text()
+    assert 'id="photo-table"' in page and 'id="max-images-table"' in page

@@ -3,6 +3,8 @@ its titles or images."""
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 from catalog_helpers import write_real_like_table
@@ -27,6 +29,7 @@ def test_sample_like_copies_the_shape_not_the_content(prepared, tmp_path):
     out = sample(tmp_path / "like", like=prepared, seed=1)
     fake = load_catalog(out)
     assert len(fake) == len(real)  # n defaults to the dataset's size
+    assert set(fake["image_paths"].map(len)) == {1}  # one photo per product, as the real catalog has
 
     real_share = real["category"].value_counts(normalize=True)
     fake_share = fake["category"].value_counts(normalize=True)
@@ -69,6 +72,23 @@ def test_sample_like_copies_the_shape_not_the_content(prepared, tmp_path):
     assert not any(title in report for title in set(real["title"]))  # the profile is not leaked either
 
 
+def test_sample_like_copies_the_photos_per_product(tmp_path):
+    """A catalog with 1 to 4 photos per product gives a stand-in with the same distribution of photo counts."""
+    multi = sample(tmp_path / "multi", n=300, seed=5, views=4)
+    real = load_catalog(multi)
+    fake = load_catalog(sample(tmp_path / "like", like=multi, seed=1))
+    real_share = real["image_paths"].map(len).value_counts(normalize=True)
+    fake_share = fake["image_paths"].map(len).value_counts(normalize=True)
+    assert set(fake_share.index) == set(real_share.index) == {1, 2, 3, 4}
+    for count in real_share.index:
+        assert abs(fake_share[count] - real_share[count]) <= 0.06, count
+    for paths in fake["image_paths"]:
+        assert all((tmp_path / "like" / p).is_file() for p in paths)
+    report = json.loads((tmp_path / "like" / "prepare_report.json").read_text())
+    counts = real["image_paths"].map(len).value_counts()
+    assert report["like"]["photos_per_product"] == {str(k): int(counts[k]) for k in sorted(counts.index)}
+
+
 def test_sample_like_with_its_own_size_and_split(prepared, tmp_path):
     fake = load_catalog(sample(tmp_path / "small", like=prepared, n=50, split="0.6,0.2,0.2", seed=2))
     assert len(fake) == 50
@@ -83,6 +103,8 @@ def test_sample_like_with_its_own_size_and_split(prepared, tmp_path):
         ({"split": "1,x,2"}, "--split '1,x,2'"),
         ({"like": "/nowhere"}, "/nowhere/catalog.parquet: not found"),
         ({"like": ".", "urls_out": "u.csv"}, "--urls-out: not available with --like"),
+        ({"like": ".", "views": 3}, "--views: not available with --like"),
+        ({"views": 0}, "--views 0: must be a whole number of photos, at least 1"),
     ],
 )
 def test_bad_sample_arguments(tmp_path, kwargs, message):

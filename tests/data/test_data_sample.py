@@ -23,6 +23,7 @@ from phivision.data.sample import (
     price_of,
     write_sample_catalog,
 )
+from phivision.errors import PhivisionError
 
 
 def test_sample_dataset_follows_the_layout(sample_dataset):
@@ -112,3 +113,34 @@ def test_url_table_round_trips_through_prepare(tmp_path):
     for code in prepared.index:
         served = load_image(tmp_path / "prepared" / prepared.loc[code, "image_path"])
         assert served.tobytes() == load_image(data / original.loc[code, "image_path"]).tobytes()
+
+
+def test_views_spread_the_cues_over_a_products_photos(tmp_path):
+    """With views=4 a product has 1 to 4 photos; beyond one, the front hides the trim and shares its silhouette
+    with another department, the detail shows the material, and the products are the same as with one view."""
+    single = load_catalog(write_sample_catalog(tmp_path / "one", n=48, seed=3))
+    out = write_sample_catalog(tmp_path / "many", n=48, seed=3, views=4)
+    catalog = load_catalog(out)
+    counts = catalog["image_paths"].map(len)
+    assert set(counts) == {1, 2, 3, 4}
+    assert list(catalog["image_path"]) == [paths[0] for paths in catalog["image_paths"]]
+    same = ["product_code", "title", "category", "full_price", "split"]
+    pd.testing.assert_frame_equal(catalog[same], single[same])
+    for paths in catalog["image_paths"]:
+        assert [p.rsplit("/", 1)[-1] for p in paths[1:]] == [
+            f"{paths[0].rsplit('/', 1)[-1][:-4]}-{k}.jpg" for k in range(2, len(paths) + 1)
+        ]
+    # a one-photo product is drawn exactly as without views
+    for row in catalog[counts == 1].itertuples():
+        assert (out / row.image_path).read_bytes() == (tmp_path / "one" / row.image_path).read_bytes()
+    for row in catalog[counts > 1].itertuples():
+        front, detail = (load_image(out / p) for p in row.image_paths[:2])
+        trim = MATERIALS[row.material][1]
+        if trim is not None:
+            assert coverage(front, trim, tolerance=30) < 0.01, row.title  # the front hides the trim
+            assert coverage(detail, trim, tolerance=30) > 0.15, row.title  # the detail shows it
+    # the dataset names its views: another --views is another dataset
+    with pytest.raises(PhivisionError, match="holds another dataset"):
+        write_sample_catalog(tmp_path / "many", n=48, seed=3, views=2)
+    with pytest.raises(PhivisionError, match="--views 5: must be a whole number of photos, at most 4"):
+        write_sample_catalog(tmp_path / "bad", n=4, views=5)

@@ -3,9 +3,9 @@
 The stand-in (conftest.py) has the real config, tokenizer and CLIP geometry with few layers, in float32, and the
 official remote code beside its weights. The official side runs in the oracle environment (transformers 4.48,
 official_side.py); phivision runs here (transformers 5.x). Compared: the processor's tensors for one, two and four
-images in one prompt (tags on lines of their own, and phivision's own two-image prompt with the tags side by side)
-and for a text-only prompt, the image-token arithmetic, the tokenizer's ids, the logits, and
-the greedy tokens.
+images in one prompt (tags on lines of their own, two tags side by side, and phivision's own training prompt for two
+and four photos of one product) and for a text-only prompt, the image-token arithmetic, the tokenizer's ids, the
+logits, and the greedy tokens.
 
 Logit tolerance: both sides compute in float32 (machine epsilon 1.2e-7) the same function in another order (fused
 or split projections, SDPA or eager attention, the rotary tables built another way), through 3 CLIP and 2 decoder
@@ -57,14 +57,17 @@ def prompt(num_images: int) -> str:
     return f"<|user|>\n{tags}{DEFAULT_QUESTION}<|end|>\n<|assistant|>\n"
 
 
-# name -> (images, prompt): tags on lines of their own, and phivision's own training prompt for two images (tags
-# side by side, so the text between them is empty: both processors tokenize it as a lone BOS).
+# name -> (images, prompt): tags on lines of their own; two tags side by side (the text between them is empty: both
+# processors tokenize it as a lone BOS); phivision's own training prompt (answer/prompt.py) for two and four photos.
+# New cases go last: each case's photos rotate with its position.
 PROMPTS = {
     "one": (1, prompt(1)),
     "two": (2, prompt(2)),
     "four": (4, prompt(4)),
-    "adjacent": (2, prompt_text(num_images=2)),
+    "adjacent": (2, f"<|user|>\n<|image_1|><|image_2|>{DEFAULT_QUESTION}<|end|><|assistant|>\n"),
     "text": (0, prompt(0)),
+    "trained_two": (2, prompt_text(num_images=2)),
+    "trained_four": (4, prompt_text(num_images=4)),
 }
 CASES = {name: k for name, (k, _) in PROMPTS.items()}
 

@@ -174,6 +174,14 @@ TAUGHT_ANSWER = "Product: Check Cotton Shirt, Category: shirts, Full Price: 890.
 def teach_answer(base: Path, image: Image.Image, answer: str = TAUGHT_ANSWER, steps: int = 60):
     """A tiny model trained for a few steps on one photo until greedy decoding says ``answer`` for it: a short run
     whose answers parse, so structured answers have real fields to carry. Returns a LoadedModel."""
+    return teach_answers(base, [([image], answer)], steps)
+
+
+def teach_answers(
+    base: Path, examples: list[tuple[list[Image.Image], str]], steps: int = 60, max_images: int = 1
+):
+    """A tiny model trained for a few steps on ``examples`` (a product's photos, in one prompt, and its answer)
+    until greedy decoding gives each answer. Returns a LoadedModel that takes ``max_images`` photos per prompt."""
     from phivision.answer.prompt import PromptFormat, prompt_text
     from phivision.model import Phi3VForCausalLM, Phi3VProcessor
     from phivision.runs import LoadedModel
@@ -182,7 +190,12 @@ def teach_answer(base: Path, image: Image.Image, answer: str = TAUGHT_ANSWER, st
     model = Phi3VForCausalLM.from_pretrained(base, dtype=torch.float32)
     processor = Phi3VProcessor.from_pretrained(base)
     prompt = PromptFormat()
-    batch = processor.collate([processor.build_example(prompt_text(prompt), answer, [image])])
+    batch = processor.collate(
+        [
+            processor.build_example(prompt_text(prompt, len(images)), answer, images)
+            for images, answer in examples
+        ]
+    )
     optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
     model.train()
     for _ in range(steps):
@@ -191,7 +204,7 @@ def teach_answer(base: Path, image: Image.Image, answer: str = TAUGHT_ANSWER, st
         optimizer.step()
         optimizer.zero_grad()
     model.eval()
-    return LoadedModel(model, processor, prompt, source="taught-tiny")
+    return LoadedModel(model, processor, prompt, source="taught-tiny", max_images=max_images)
 
 
 @contextmanager

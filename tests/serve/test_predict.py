@@ -88,3 +88,40 @@ def test_bad_inputs_raise_before_loading(tmp_path: Path) -> None:
         expand_inputs([tmp_path / "empty"])
     with pytest.raises(PhivisionError, match="--batch-size"):
         predict([tmp_path], "unused", batch_size=0)
+
+
+def test_predict_a_product_per_folder_or_per_table_row(lora_run: Path, tmp_path: Path) -> None:
+    """Several photos of one product answered in one prompt: a folder per product, or a table of paths; the
+    record names the product and the photos used (at most --max-images, the first in name or list order)."""
+    for name, colors in (("tote", [(200, 10, 10), (10, 10, 200)]), ("hat", [(10, 200, 10)])):
+        folder = tmp_path / "products" / name
+        folder.mkdir(parents=True)
+        for k, color in enumerate(colors):
+            (folder / f"{k}.png").write_bytes(png_bytes(color=color))
+    table = tmp_path / "products.csv"
+    table.write_text(
+        'product_code,image_paths\nT1,"[""products/tote/1.png"", ""products/tote/0.png""]"\nH2,products/hat/0.png\n'
+    )
+    common = {"max_new_tokens": 8, "device": "cpu", "progress": False}
+    by_folder = predict([tmp_path / "products"], lora_run, products=True, max_images=2, **common)
+    assert [r["id"] for r in by_folder] == [str(tmp_path / "products" / n) for n in ("hat", "tote")]
+    assert [[Path(p).name for p in r["images"]] for r in by_folder] == [["0.png"], ["0.png", "1.png"]]
+    assert all(r["image"] == r["images"][0] and isinstance(r["answer"], str) for r in by_folder)
+    by_table = predict([table], lora_run, max_images=2, **common)
+    assert [(r["id"], [Path(p).name for p in r["images"]]) for r in by_table] == [
+        ("T1", ["1.png", "0.png"]),
+        ("H2", ["0.png"]),
+    ]
+    # the model was trained with one photo per prompt: by default a product gets its first photo only
+    first_only = predict([table], lora_run, **common)
+    assert [len(r["images"]) for r in first_only] == [1, 1]
+    # without --products a folder is its images, answered one by one
+    assert len(predict([tmp_path / "products" / "tote"], lora_run, **common)) == 2
+    with pytest.raises(
+        PhivisionError, match=r"products.csv row 3: column 'image_paths': .*missing.png: no such"
+    ):
+        table.write_text("product_code,image_paths\nT1,products/tote/0.png\nH2,products/missing.png\n")
+        predict([table], lora_run, **common)
+    with pytest.raises(PhivisionError, match="no column 'image_paths'"):
+        table.write_text("product_code,path\nT1,products/tote/0.png\n")
+        predict([table], lora_run, **common)

@@ -147,6 +147,7 @@ def test_lengths_follow_exif_rotation(train_set, tmp_path):
     Image.new("RGB", (300, 100), "red").save(tmp_path / "rotated.jpg", exif=exif)
     rows = train_set.rows.head(1).copy()
     rows.loc[0, "image_path"] = "rotated.jpg"
+    rows["image_paths"] = [["rotated.jpg"]]
     dataset = ProductDataset(tmp_path, rows, train_set.processor, train_set.fmt)
     assert dataset.lengths() == [len(dataset[0]["input_ids"])]
     upright = dataset.processor.image_processor.calc_num_image_tokens(300, 100)

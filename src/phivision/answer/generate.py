@@ -1,9 +1,10 @@
 """Batched greedy answers for product photos: the one generation loop used by evaluate, training, predict and serve.
 
-Prompts are left-padded so every row's next token sits in the last column and the KV cache grows in step. Images
-are sorted by their image-token count before batching, so a batch holds prompts of similar length (little
-padding), and the answers are returned in the caller's order. With a ``constraint`` every answer follows the run's
-template (see :mod:`phivision.answer.constrain`).
+An item is one product: one photo, or a list of its photos in order (one prompt with ``<|image_1|>`` ...
+``<|image_k|>``). Prompts are left-padded so every row's next token sits in the last column and the KV cache grows
+in step. Items are sorted by their image-token count before batching, so a batch holds prompts of similar length
+(little padding), and the answers are returned in the caller's order. With a ``constraint`` every answer follows
+the run's template (see :mod:`phivision.answer.constrain`).
 """
 
 from __future__ import annotations
@@ -25,10 +26,21 @@ from phivision.answer.prompt import PromptFormat, prompt_text
 from phivision.args import Generation
 from phivision.data.images import ImageError, load_image
 
+Item = Image.Image | Sequence[Image.Image]  # one product: a photo, or its photos in order
 
-def expected_length(processor: Any, image: Image.Image) -> int:
-    """Image tokens the processor will emit for ``image`` (arithmetic on the size only)."""
-    return processor.image_processor.calc_num_image_tokens(image.width, image.height)
+
+def photos_of(item: Item) -> list[Image.Image]:
+    """An item's photos as a list (a single photo is a list of one)."""
+    photos = [item] if isinstance(item, Image.Image) else list(item)
+    if not photos:
+        raise ValueError("an item needs at least one photo")
+    return photos
+
+
+def expected_length(processor: Any, item: Item) -> int:
+    """Image tokens the processor will emit for an item's photos (arithmetic on the sizes only)."""
+    count = processor.image_processor.calc_num_image_tokens
+    return sum(count(image.width, image.height) for image in photos_of(item))
 
 
 def _first_stop(row: list[int], stop_ids: set[int]) -> list[int]:
@@ -74,14 +86,15 @@ class _StepTokens(BaseStreamer):
 def generate_answers(
     model: Any,
     processor: Any,
-    images: Sequence[Image.Image],
+    images: Sequence[Item],
     prompt: PromptFormat = PromptFormat(),
     batch_size: int = Generation.batch_size,
     max_new_tokens: int = Generation.max_new_tokens,
     progress: bool | tqdm = True,
     constraint: AnswerConstraint | None = None,
 ) -> list[str]:
-    """Greedy answers, one per image, in the order of ``images`` (see :func:`generate_completions`)."""
+    """Greedy answers, one per item (a photo or a product's photos), in the order of ``images`` (see
+    :func:`generate_completions`)."""
     completions = generate_completions(
         model, processor, images, prompt, batch_size, max_new_tokens, progress, constraint=constraint
     )
@@ -94,7 +107,7 @@ def generate_answers(
 def generate_completions(
     model: Any,
     processor: Any,
-    images: Sequence[Image.Image],
+    images: Sequence[Item],
     prompt: PromptFormat = PromptFormat(),
     batch_size: int = Generation.batch_size,
     max_new_tokens: int = Generation.max_new_tokens,
@@ -105,12 +118,13 @@ def generate_completions(
     constraint: AnswerConstraint | None = None,
     price_spread: bool = False,
 ) -> list[Completion]:
-    """Answers, one per image, in the order of ``images``: greedy unless ``temperature`` > 0.
+    """Answers, one per item, in the order of ``images``: greedy unless ``temperature`` > 0.
 
     Args:
         model: a Phi3VForCausalLM (or a PEFT wrapper of one); put in eval mode for the call, then restored.
         processor: the matching Phi3VProcessor (its ``stop_token_ids`` end an answer).
-        images: RGB PIL images (load them with ``phivision.data.images.load_image``).
+        images: one item per answer: an RGB PIL image, or a list of a product's photos in order (one prompt with
+            one image tag per photo); load them with ``phivision.data.images.load_image``.
         prompt: the prompt format the model was trained with.
         batch_size: prompts per forward pass.
         max_new_tokens: answer length cap, never exceeded; an answer that reaches it is returned as is,
@@ -118,7 +132,7 @@ def generate_completions(
         progress: show a tqdm bar; or an open tqdm bar to advance (a caller answering in chunks keeps one bar).
         temperature: 0 decodes greedily; above 0 samples with this temperature (and ``top_p``).
         top_p: nucleus sampling mass (sampling only).
-        on_token: called as ``on_token(image_index, token_id)`` for every new token as it is generated (rows
+        on_token: called as ``on_token(item_index, token_id)`` for every new token as it is generated (rows
             that already stopped keep receiving padding), so a server can stream answers.
         constraint: force every answer into this template and label space (None: free generation). A
             ``max_new_tokens`` below what the template's fixed text, longest category and a price can need stays
@@ -128,7 +142,7 @@ def generate_completions(
             generated from (``Completion.price_distribution``; no extra forward pass).
 
     Returns:
-        One :class:`Completion` per image.
+        One :class:`Completion` per item.
     """
     if batch_size < 1:
         raise ValueError(f"batch_size must be at least 1, got {batch_size}")
@@ -153,9 +167,9 @@ def generate_completions(
     )
     device = next(model.parameters()).device
     dtype = getattr(model, "dtype", torch.float32)
-    text = prompt_text(prompt)
+    items = [photos_of(item) for item in images]
     # Longest first: similar lengths share a batch, and a batch that does not fit in memory fails at once.
-    order = sorted(range(len(images)), key=lambda i: -expected_length(processor, images[i]))
+    order = sorted(range(len(items)), key=lambda i: -expected_length(processor, items[i]))
     answers: list[Completion | None] = [None] * len(images)
     own_bar = isinstance(progress, bool)
     bar = tqdm(total=len(images), desc="generate", unit="img", disable=not progress) if own_bar else progress
@@ -165,8 +179,8 @@ def generate_completions(
         for start in range(0, len(order), batch_size):
             chunk = order[start : start + batch_size]
             batch = processor(
-                text=[text] * len(chunk),
-                images=[images[i] for i in chunk],
+                text=[prompt_text(prompt, len(items[i])) for i in chunk],
+                images=[photo for i in chunk for photo in items[i]],
                 padding_side="left",
                 return_tensors="pt",
             )
@@ -208,35 +222,39 @@ def generate_completions(
 
 def answer_image_files(
     loaded: Any,
-    paths: Sequence[Path],
+    paths: Sequence[Path | Sequence[Path]],
     chunk_size: int,
     batch_size: int = Generation.batch_size,
     max_new_tokens: int = Generation.max_new_tokens,
     progress: bool | tqdm = True,
     constraint: AnswerConstraint | None = None,
     price_spread: bool = False,
-) -> Iterator[tuple[Path, Completion | None, str | None]]:
-    """``(path, completion, error)`` for every image file, in order: the file loop shared by evaluate and predict.
+) -> Iterator[tuple[Any, Completion | None, str | None]]:
+    """``(item, completion, error)`` for every item, in order: the file loop shared by evaluate and predict. An
+    item is one image file, or a product's photo files in order (one prompt for all of them).
 
-    Images are decoded ``chunk_size`` at a time, so memory stays flat on large folders and results stream out.
-    An unreadable file yields ``(path, None, reason)`` instead of stopping the run: one corrupt photo costs that
-    photo only. ``loaded`` is a :class:`phivision.runs.LoadedModel`; ``constraint`` and ``price_spread`` as in
-    :func:`generate_completions`.
+    Items are decoded ``chunk_size`` at a time, so memory stays flat on large folders and results stream out.
+    An unreadable file never stops the run: a product answers from its readable photos and ``error`` names the
+    others (``reason: path: detail``, ``; `` between two); an item with no readable photo yields
+    ``(item, None, error)``. ``loaded`` is a :class:`phivision.runs.LoadedModel`; ``constraint`` and
+    ``price_spread`` as in :func:`generate_completions`.
     """
     own_bar = isinstance(progress, bool)
-    bar = tqdm(total=len(paths), desc="generate", unit="img", disable=not progress) if own_bar else progress
+    bar = tqdm(total=len(paths), desc="generate", unit="item", disable=not progress) if own_bar else progress
     try:
         for start in range(0, len(paths), chunk_size):
             chunk = paths[start : start + chunk_size]
-            images, errors = [], []
-            for path in chunk:
-                try:
-                    images.append(load_image(path))
-                    errors.append(None)
-                except ImageError as err:
-                    images.append(None)
-                    errors.append(str(err))
-            readable = [image for image in images if image is not None]
+            items, errors = [], []
+            for item in chunk:
+                photos, problems = [], []
+                for path in [item] if isinstance(item, (str, Path)) else item:
+                    try:
+                        photos.append(load_image(path))
+                    except ImageError as err:
+                        problems.append(str(err))  # the reason, then the file
+                items.append(photos or None)
+                errors.append("; ".join(problems) or None)
+            readable = [photos for photos in items if photos is not None]
             answers = iter(
                 generate_completions(
                     loaded.model,
@@ -250,9 +268,9 @@ def answer_image_files(
                     price_spread=price_spread,
                 )
             )
-            bar.update(len(images) - len(readable))
-            for path, image, error in zip(chunk, images, errors, strict=True):
-                yield path, (None if image is None else next(answers)), error
+            bar.update(len(items) - len(readable))
+            for item, photos, error in zip(chunk, items, errors, strict=True):
+                yield item, (None if photos is None else next(answers)), error
     finally:
         if own_bar:
             bar.close()

@@ -380,8 +380,15 @@ def _parse_with(parts: TemplateParts, text: str) -> ParsedAnswer:
 
 def prompt_text(fmt: PromptFormat = PromptFormat(), num_images: int = 1) -> str:
     """The user turn up to and including the assistant tag, exactly as trained:
-    ``<|user|>\\n<|image_1|>What is shown in this image?<|end|><|assistant|>\\n``."""
-    tags = "".join(f"<|image_{i}|>" for i in range(1, num_images + 1))
+    ``<|user|>\\n<|image_1|>What is shown in this image?<|end|><|assistant|>\\n``.
+
+    With several photos the tags come first, in order, one per line as in Microsoft's multi-image examples, the
+    question right after the last: ``<|user|>\\n<|image_1|>\\n<|image_2|>What is...``. One photo gives the
+    cookbook's prompt unchanged; none gives the text-only turn (the question alone).
+    """
+    if num_images < 0:
+        raise ValueError(f"num_images must be 0 or more, got {num_images}")
+    tags = "\n".join(f"<|image_{i}|>" for i in range(1, num_images + 1))
     return f"<|user|>\n{tags}{fmt.question}{END_TAG}<|assistant|>\n"
 
 

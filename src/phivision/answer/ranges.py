@@ -60,7 +60,10 @@ def calibrate_model(
     if items.empty:
         raise PhivisionError(f"{data_dir / 'catalog.parquet'}: no rows in split {split!r} to calibrate on")
     constraint = constraint or AnswerConstraint.for_model(loaded)
-    paths = [(data_dir / p).resolve() for p in items["image_path"]]
+    # the photos evaluate and predict give the model: its first max_images of each product
+    paths = [
+        [(data_dir / p).resolve() for p in photos[: loaded.max_images]] for photos in items["image_paths"]
+    ]
     prices, spreads = [], []
     with tqdm(total=len(paths), desc=f"calibrate on {split}", unit="img", disable=not progress) as bar:
         for _, completion, _ in answer_image_files(

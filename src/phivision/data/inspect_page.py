@@ -21,7 +21,9 @@ SHOWN = 24  # examples listed in the HTML per finding (the JSON has counts and m
 THUMBNAIL_PX = 96
 
 
-def render_page(result: dict, frame: pd.DataFrame, directory: Path) -> str:
+def render_page(
+    result: dict, frame: pd.DataFrame, directory: Path, photos: pd.DataFrame | None = None
+) -> str:
     environment = jinja2.Environment(
         loader=jinja2.PackageLoader("phivision.data", "templates"),
         autoescape=True,
@@ -32,7 +34,7 @@ def render_page(result: dict, frame: pd.DataFrame, directory: Path) -> str:
         r=result,
         splits=SPLITS,
         generated=datetime.datetime.now().strftime("%Y-%m-%d %H:%M"),
-        plots=_plots(result, frame),
+        plots=_plots(result, frame, frame if photos is None else photos),
         pairs=_pair_thumbnails(result, frame, directory),
         shared=_shared_thumbnails(result, directory),
         shown=SHOWN,
@@ -42,9 +44,9 @@ def render_page(result: dict, frame: pd.DataFrame, directory: Path) -> str:
 # ------------------------------------------------------------------------------------------------ plots
 
 
-def _plots(result: dict, frame: pd.DataFrame) -> dict:
+def _plots(result: dict, frame: pd.DataFrame, photos: pd.DataFrame) -> dict:
     plots = {"splits": _split_plot(result), "prices": _price_plots(frame)}
-    good = frame[frame["_ok"]]
+    good = photos[photos["_ok"]].drop_duplicates("image_path")
     if len(good):
         plots["sizes"] = _size_plot(good)
     return plots

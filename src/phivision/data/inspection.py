@@ -5,12 +5,14 @@ perceptual hash and a flatness check) gives ``inspect.json`` and a self-containe
 
 * rows per split and category, and the category balance;
 * the price distribution of each category (with the currency);
-* image sizes and aspect ratios, and what they cost: image tokens per sample for each ``num_crops`` (the model's
-  own HD geometry) and the image tokens of one training epoch;
+* photos per product; image sizes and aspect ratios (every photo), and what they cost: image tokens per sample
+  for each ``num_crops`` (the model's own HD geometry) and each ``max_images`` (a product's first N photos in one
+  prompt), and the image tokens of one training epoch;
 * near-duplicate images in different splits (perceptual hash, leakage), colour-variant groups (titles that
   match after normalisation), conflicting duplicates (same product code or same image file, different title,
   price or currency), placeholder images (one file for many products, flat images) and outliers (prices far
-  from their category, tiny or extreme images, unreadable files).
+  from their category, tiny or extreme images, unreadable files). These look at each product's first photo;
+  an unreadable later photo is listed under photos.
 """
 
 from __future__ import annotations
@@ -79,8 +81,10 @@ def inspect(args: InspectArgs, workers: int | None = None) -> dict:
     catalog = load_catalog(data, check_images=False)
     outputs = {"--out": html_path, "the JSON beside --out": html_path.with_suffix(".json")}
     refuse_overwriting_inputs(outputs, dataset_files(data, catalog))
-    facts = scan_images(data, catalog["image_path"], workers=workers, progress=args.progress)
+    every_photo = pd.Series([p for paths in catalog["image_paths"] for p in paths], dtype=object)
+    facts = scan_images(data, every_photo, workers=workers, progress=args.progress)
     frame = _with_facts(catalog, facts)
+    photos = photo_frame(catalog, facts)
     scanned = time.perf_counter()
     result = {
         "dataset": str(data),
@@ -88,8 +92,9 @@ def inspect(args: InspectArgs, workers: int | None = None) -> dict:
         "splits": split_table(frame),
         "balance": balance(frame),
         "prices": price_summary(frame),
-        "images": image_summary(frame),
-        "tokens": token_costs(frame, crops, crop_size, num_img_tokens),
+        "photos": photo_summary(photos),
+        "images": image_summary(photos),
+        "tokens": token_costs(frame, crops, crop_size, num_img_tokens, photos),
         "near_duplicates": near_duplicates(frame, args.near_duplicate_bits),
         "variants": variant_groups(frame),
         "conflicts": conflicts(frame),
@@ -98,7 +103,7 @@ def inspect(args: InspectArgs, workers: int | None = None) -> dict:
     }
     found = time.perf_counter()
     result["seconds"] = round(found - started, 3)  # updated below, once the page is written
-    page = render_page(result, frame, data)
+    page = render_page(result, frame, data, photos)
     done = time.perf_counter()
     result["seconds"] = round(done - started, 3)
     result["timings"] = {
@@ -181,12 +186,24 @@ def hamming(a: np.ndarray, b: np.ndarray) -> np.ndarray:
 
 
 def _with_facts(catalog: pd.DataFrame, facts: dict) -> pd.DataFrame:
+    """The catalog with its first photos' facts (``_width``, ``_ok``...)."""
     frame = catalog.copy()
     for name in ("width", "height", "sha256", "phash", "grey_std", "error"):
         frame["_" + name] = [getattr(facts[p], name) for p in frame["image_path"]]
     frame["_phash"] = frame["_phash"].astype("uint64")
     frame["_ok"] = frame["_error"].isna()
     return frame
+
+
+def photo_frame(catalog: pd.DataFrame, facts: dict) -> pd.DataFrame:
+    """One line per photo of every product: ``_product`` (its catalog position), ``_position`` (1 for the first
+    photo), ``split``, ``image_path`` and the photo's facts."""
+    lines = [
+        {"_product": i, "_position": k, "split": split, "image_path": path}
+        for i, (split, paths) in enumerate(zip(catalog["split"], catalog["image_paths"], strict=True))
+        for k, path in enumerate(paths, start=1)
+    ]
+    return _with_facts(pd.DataFrame(lines, columns=["_product", "_position", "split", "image_path"]), facts)
 
 
 # ------------------------------------------------------------------------------------------------ tables
@@ -238,8 +255,31 @@ def price_summary(frame: pd.DataFrame) -> dict:
     return out
 
 
+def photo_summary(photos: pd.DataFrame) -> dict:
+    """Photos per product (how many products have 1, 2, ... photos) and the photos that cannot be read, with
+    their product's row and place (a later photo breaks a run that uses it as surely as the first)."""
+    per_product = photos.groupby("_product").size().value_counts().sort_index()
+    bad = photos[~photos["_ok"]]
+    return {
+        "per_product": {str(k): int(v) for k, v in per_product.items()},
+        "mean": round(float(len(photos) / max(1, photos["_product"].nunique())), 2),
+        "most": int(per_product.index.max()) if len(per_product) else 0,
+        "photos": len(photos),
+        "unreadable": len(bad),
+        "unreadable_examples": [
+            {
+                "row": sheet_row(r["_product"]),
+                "photo": int(r["_position"]),
+                "image_path": str(r["image_path"]),
+                "reason": str(r["_error"]),
+            }
+            for _, r in bad.head(SHOWN).iterrows()
+        ],
+    }
+
+
 def image_summary(frame: pd.DataFrame) -> dict:
-    """Sizes and aspect ratios of the readable images; unreadable ones by reason."""
+    """Sizes and aspect ratios of the readable images (each file once); unreadable ones by reason."""
     files = frame.drop_duplicates("image_path")
     good = files[files["_ok"]]
     aspect = good["_width"] / good["_height"]
@@ -262,34 +302,66 @@ def image_summary(frame: pd.DataFrame) -> dict:
     return summary
 
 
-def token_costs(frame: pd.DataFrame, crops: list[int], crop_size: int, num_img_tokens: int) -> dict:
+def token_costs(
+    frame: pd.DataFrame,
+    crops: list[int],
+    crop_size: int,
+    num_img_tokens: int,
+    photos: pd.DataFrame | None = None,
+) -> dict:
     """Image tokens per sample for each ``num_crops`` with the model's own geometry, and the image tokens of
-    one epoch over the train split (what a training run pays per epoch, before the text)."""
+    one epoch over the train split (what a training run pays per epoch, before the text): ``by_num_crops`` for
+    the first photo, ``by_max_images`` for a product's first N photos in one prompt (``data.max_images``)."""
+    processors = {
+        n: Phi3VImageProcessor(num_crops=n, crop_size=crop_size, num_img_tokens=num_img_tokens) for n in crops
+    }
+    cache: dict[tuple[int, int, int], int] = {}
+
+    def cost(n: int, size: tuple[int, int]) -> int:
+        return cache.setdefault((n, *size), processors[n].calc_num_image_tokens(*size))
+
     good = frame[frame["_ok"]]
     sizes = list(zip(good["_width"].astype(int), good["_height"].astype(int), strict=True))
     train = (good["split"] == "train").to_numpy()
-    rows = []
-    for n in crops:
-        processor = Phi3VImageProcessor(num_crops=n, crop_size=crop_size, num_img_tokens=num_img_tokens)
-        cache: dict[tuple[int, int], int] = {}
-        tokens = np.array([cache.setdefault(s, processor.calc_num_image_tokens(*s)) for s in sizes] or [0])
-        rows.append(
-            {
-                "num_crops": n,
-                "min": int(tokens.min()),
-                "median": float(np.median(tokens)),
-                "mean": round(float(tokens.mean()), 1),
-                "p95": float(np.quantile(tokens, 0.95)),
-                "max": int(tokens.max()),
-                "train_epoch": int(tokens[train].sum()) if len(sizes) else 0,
-                "all_splits": int(tokens.sum()) if len(sizes) else 0,
-            }
-        )
+    rows = [{"num_crops": n, **_spread([cost(n, s) for s in sizes], train)} for n in crops]
+    by_max_images = []
+    if photos is not None:
+        readable = photos[photos["_ok"]]
+        counts = photos.groupby("_product").size()
+        most = int(counts.max()) if len(counts) else 1
+        for m in sorted({*range(1, min(most, 4) + 1), most}):
+            used = readable[readable["_position"] <= m]
+            for n in crops:
+                per_photo = [
+                    cost(n, (int(w), int(h))) for w, h in zip(used["_width"], used["_height"], strict=True)
+                ]
+                per_product = (
+                    pd.Series(per_photo, index=used.index, dtype="int64").groupby(used["_product"]).sum()
+                )
+                split = frame["split"].to_numpy()[per_product.index.to_numpy()]
+                by_max_images.append(
+                    {"max_images": m, "num_crops": n, **_spread(per_product.tolist(), split == "train")}
+                )
     return {
         "crop_size": crop_size,
         "num_img_tokens": num_img_tokens,
         "train_rows": int(train.sum()),
         "by_num_crops": rows,
+        "by_max_images": by_max_images,
+    }
+
+
+def _spread(tokens: list[int], train: np.ndarray) -> dict:
+    """Quantiles of image tokens per sample, and their sum over the train split and over all splits."""
+    values = np.array(tokens or [0])
+    return {
+        "min": int(values.min()),
+        "median": float(np.median(values)),
+        "mean": round(float(values.mean()), 1),
+        "p95": float(np.quantile(values, 0.95)),
+        "max": int(values.max()),
+        "train_epoch": int(values[train].sum()) if tokens else 0,
+        "all_splits": int(values.sum()) if tokens else 0,
     }
 
 

@@ -1,6 +1,10 @@
 """The two directory layouts every part reads and writes: a dataset (``DIR/catalog.parquet``, ``DIR/images/``,
 ``DIR/prepare_report.json``) and a training run (:class:`RunLayout`).
 
+A product has one or more photos, in order: ``image_paths`` (a list column) holds them all and ``image_path`` the
+first, so a reader that knows one photo per product reads every dataset, and a dataset written before
+``image_paths`` existed (``image_path`` only) reads as products with one photo each.
+
 Row numbers in messages count as a spreadsheet shows the table: the header is row 1, the first product row 2.
 """
 
@@ -13,6 +17,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath, PureWindowsPath
 
+import numpy as np
 import pandas as pd
 
 from phivision.args import SPLITS
@@ -25,6 +30,7 @@ IMAGES_DIR = "images"
 REPORT_FILE = "prepare_report.json"
 REQUIRED_COLUMNS = ("product_code", "title", "category", "full_price", "currency", "image_path", "split")
 TEXT_COLUMNS = ("product_code", "title", "category", "currency", "image_path", "split")
+IMAGE_PATHS = "image_paths"  # every photo of the product, in order (optional: absent = [image_path])
 INSPECT_FILES = ("inspect.html", "inspect.json")  # written by `phivision inspect` beside the catalog
 MAX_CATALOG_BYTES = 4 << 30
 REPLACEMENT_DIR = ".replacement"  # inside --out: the dataset that --overwrite builds beside the old one
@@ -148,7 +154,8 @@ def load_catalog(directory: str | os.PathLike, check_images: bool = True) -> pd.
     """Read ``DIR/catalog.parquet`` and check it against the layout, so a broken dataset fails here with a
     message naming the file, column or row, not later inside a training step.
 
-    Returns the catalog with text columns as ``str`` and ``full_price`` as ``float64``.
+    Returns the catalog with text columns as ``str``, ``full_price`` as ``float64`` and ``image_paths`` as a list
+    of relative paths per product (``[image_path]`` for a catalog without that column).
     """
     directory = Path(directory)
     path = directory / CATALOG_FILE
@@ -163,6 +170,7 @@ def load_catalog(directory: str | os.PathLike, check_images: bool = True) -> pd.
         raise
     except Exception as err:
         raise PhivisionError(f"{path}: cannot read parquet: {err}") from None
+    frame = _with_image_columns(frame, path)
     missing = [c for c in REQUIRED_COLUMNS if c not in frame.columns]
     if missing:
         raise PhivisionError(f"{path}: missing column(s) {', '.join(missing)}")
@@ -194,18 +202,51 @@ def load_catalog(directory: str | os.PathLike, check_images: bool = True) -> pd.
             f"{path} row {sheet_row(row)}: column 'split': {frame['split'].iloc[row]!r} is not one of "
             f"{', '.join(SPLITS)}"
         )
-    for row, rel in enumerate(frame["image_path"]):
-        problem = path_problem(rel)
-        if problem:
-            why = {"absolute": "an absolute path", "nul": "a path holding a NUL byte"}.get(
-                problem, "leaves the directory (..)"
+    for row, paths in enumerate(frame[IMAGE_PATHS]):
+        for k, rel in enumerate(paths, start=1):
+            where = f"{path} row {sheet_row(row)}: column " + (
+                "'image_path'" if len(paths) == 1 else f"'{IMAGE_PATHS}' item {k}"
             )
-            raise PhivisionError(f"{path} row {sheet_row(row)}: column 'image_path': {rel!r} is {why}")
-        if check_images and not (directory / rel).is_file():
-            raise PhivisionError(
-                f"{path} row {sheet_row(row)}: column 'image_path': {directory / rel} not found"
-            )
+            problem = path_problem(rel)
+            if problem:
+                why = {"absolute": "is an absolute path", "nul": "is a path holding a NUL byte"}.get(
+                    problem, "leaves the directory (..)"
+                )
+                raise PhivisionError(f"{where}: {rel!r} {why}")
+            if check_images and not (directory / rel).is_file():
+                raise PhivisionError(f"{where}: {directory / rel} not found")
     return frame.reset_index(drop=True)
+
+
+def _with_image_columns(frame: pd.DataFrame, path: Path) -> pd.DataFrame:
+    """Both image columns, consistent: ``image_paths`` as lists of text (``[image_path]`` where the catalog has
+    none) and ``image_path`` its first item. Either column alone is enough; both must agree on the first photo."""
+    if IMAGE_PATHS not in frame.columns:
+        if "image_path" in frame.columns:
+            frame[IMAGE_PATHS] = pd.Series(
+                [[p] for p in frame["image_path"]], index=frame.index, dtype=object
+            )
+        return frame
+    lists = []
+    for row, cell in enumerate(frame[IMAGE_PATHS]):
+        items = list(cell) if isinstance(cell, (list, tuple, np.ndarray)) else None
+        if not items or not all(isinstance(p, str) and p.strip() for p in items):
+            raise PhivisionError(
+                f"{path} row {sheet_row(row)}: column '{IMAGE_PATHS}': expected a non-empty list of relative "
+                f"paths, got {plain(cell)!r}"
+            )
+        lists.append(items)
+    frame[IMAGE_PATHS] = pd.Series(lists, index=frame.index, dtype=object)
+    if "image_path" not in frame.columns:
+        frame.insert(list(frame.columns).index(IMAGE_PATHS), "image_path", [items[0] for items in lists])
+        return frame
+    for row, (first, items) in enumerate(zip(frame["image_path"], lists, strict=True)):
+        if first != items[0]:
+            raise PhivisionError(
+                f"{path} row {sheet_row(row)}: column 'image_path': {plain(first)!r} is not the first photo of "
+                f"'{IMAGE_PATHS}' ({items[0]!r})"
+            )
+    return frame
 
 
 def dataset_files(directory: str | os.PathLike, catalog: pd.DataFrame) -> list[tuple[str, Path]]:
@@ -213,9 +254,11 @@ def dataset_files(directory: str | os.PathLike, catalog: pd.DataFrame) -> list[t
     the report and every image, each with how to name it."""
     directory = Path(directory)
     files = [("the catalog", directory / CATALOG_FILE), ("the dataset's report", directory / REPORT_FILE)]
+    column = IMAGE_PATHS if IMAGE_PATHS in catalog.columns else "image_path"
     return files + [
         (f"the image of catalog row {sheet_row(row)}", directory / rel)
-        for row, rel in enumerate(catalog["image_path"])
+        for row, paths in enumerate(catalog[column])
+        for rel in ([paths] if isinstance(paths, str) else paths)
     ]
 
 

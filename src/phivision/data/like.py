@@ -12,7 +12,8 @@ titles repeat (colour variants), its image sizes and aspect ratios, its split ra
   capitals, digits, punctuation) ranked the same in its category's vocabulary, and titles are drawn word by word
   from those ranks, so title lengths, vocabulary size, word frequencies and the last-word pattern (``... Tote``)
   carry over; a title equal to a real one (compared case- and punctuation-insensitively) is never kept;
-* canvases are real sizes jittered by up to 8%, with drawn products (never a real image).
+* each product has as many photos as a real product drawn at random (the photos-per-product distribution), and
+  canvases are real sizes jittered by up to 8%, with drawn products (never a real image).
 
 The profile itself (``Profile.as_dict``) holds no title and no image: only counts, quantiles and shapes.
 """
@@ -59,6 +60,7 @@ class Profile:
     variant_share: float  # fraction of rows whose title another row of the category repeats (for the report)
     sizes: list[tuple[int, int]]  # (width, height) of the images that could be read
     split_ratios: tuple[float, float, float]
+    photos_per_product: dict[int, int] = field(default_factory=lambda: {1: 1})  # photos -> products
     real_title_keys: set[str] = field(repr=False, default_factory=set)
     real_words: set[str] = field(repr=False, default_factory=set)
 
@@ -70,6 +72,7 @@ class Profile:
             "price_step": self.price_step,
             "variant_share": round(self.variant_share, 4),
             "images_measured": len(self.sizes),
+            "photos_per_product": {str(k): v for k, v in sorted(self.photos_per_product.items())},
             "split_ratios": [round(r, 4) for r in self.split_ratios],
         }
 
@@ -102,8 +105,9 @@ def profile_dataset(directory: str | Path) -> Profile:
         categories=categories,
         price_step=price_step(catalog["full_price"].to_numpy()),
         variant_share=float(repeated.mean()),
-        sizes=_image_sizes(directory, catalog["image_path"]),
+        sizes=_image_sizes(directory, [p for paths in catalog["image_paths"] for p in paths]),
         split_ratios=ratios,
+        photos_per_product=dict(Counter(len(paths) for paths in catalog["image_paths"])),
         real_title_keys=set(keys),
         real_words=real_words,
     )
@@ -181,11 +185,14 @@ def allocate(counts: dict[str, int], n: int) -> dict[str, int]:
 
 
 def products_like(profile: Profile, n: int, seed: int = 0) -> list[dict]:
-    """``n`` synthetic products shaped like ``profile``: category, title, price, currency, canvas and the price
-    quantile (which the drawing turns into the product's size, so the price stays visible). Titles come in
-    groups whose sizes are drawn from the category's real title groups (colour variants), so the split, which
-    keeps a group together, behaves as on the real data."""
+    """``n`` synthetic products shaped like ``profile``: category, title, price, currency, one canvas per photo
+    and the price quantile (which the drawing turns into the product's size, so the price stays visible). Titles
+    come in groups whose sizes are drawn from the category's real title groups (colour variants), so the split,
+    which keeps a group together, behaves as on the real data. Photo counts are drawn from their own stream, so
+    a one-photo profile gives the products it always gave."""
     rng = random.Random(seed)
+    photo_rng = random.Random(f"photos-{seed}")
+    counts, weights = zip(*sorted(profile.photos_per_product.items()), strict=True)
     products: list[dict] = []
     shares = allocate({k: c.rows for k, c in profile.categories.items()}, n)
     for name, count in shares.items():
@@ -202,12 +209,20 @@ def products_like(profile: Profile, n: int, seed: int = 0) -> list[dict]:
                     "title": title,
                     "full_price": _price_at(category.log_prices, u, profile.price_step),
                     "currency": category.currency,
-                    "canvas": _canvas(profile.sizes, rng),
+                    "canvases": [_canvas(profile.sizes, rng)]
+                    + [
+                        _canvas(profile.sizes, photo_rng)
+                        for _ in range(_photos(counts, weights, photo_rng) - 1)
+                    ],
                     "quantile": u,
                 }
             )
     rng.shuffle(products)
     return products
+
+
+def _photos(counts: tuple[int, ...], weights: tuple[int, ...], rng: random.Random) -> int:
+    return counts[0] if len(counts) == 1 else rng.choices(counts, weights)[0]
 
 
 def _price_at(log_prices: list[float], u: float, step: float) -> float:

@@ -26,10 +26,11 @@ from pathlib import Path
 import pandas as pd
 
 from phivision.args import Columns, PrepareArgs, split_ratios
-from phivision.data.download import download_images, file_stem, url_problem
+from phivision.data.download import download_images, file_stem
 from phivision.data.duplicates import resolve_conflicts
 from phivision.data.layout import (
     CATALOG_FILE,
+    IMAGE_PATHS,
     IMAGES_DIR,
     REPORT_FILE,
     REQUIRED_COLUMNS,
@@ -38,7 +39,15 @@ from phivision.data.layout import (
     dataset_identity,
     finish_out,
 )
-from phivision.data.prices import PLACEHOLDERS, Price, decide_convention, plain, read_price
+from phivision.data.photos import (
+    keep_valid_photos,
+    merge_rows_by_code,
+    no_photo_reason,
+    photo_table,
+    photos_report,
+    row_photos,
+)
+from phivision.data.prices import Price, cell_text, decide_convention, plain, read_price
 from phivision.data.split import assign_splits
 from phivision.errors import PhivisionError
 from phivision.io import atomic_write_json, atomic_write_parquet, read_text_bounded, warn
@@ -51,6 +60,8 @@ CONFLICT_RULE = (
     "currency: the version held by a strict majority of the group's rows is kept, the others dropped; without a "
     "strict majority the whole group is dropped (reason conflicting_duplicate)"
 )
+# what the pipeline carries beside a row's own columns: where it came from, its photos, its rows once merged
+INTERNAL_COLUMNS = ("_source", "_row", "_order", "_url", "_photos", "_problems", "_rows")
 ROW_NUMBERS = (
     "as a spreadsheet shows the table: the header is row 1, the first product row 2 (JSON Lines: line)"
 )
@@ -170,19 +181,8 @@ def _read_dataset(
 # ------------------------------------------------------------------------------------------------ cleaning
 
 
-def _text(value: object) -> str | None:
-    """A cell as clean text, or None when empty or a placeholder such as ``N.A.``."""
-    value = plain(value)
-    if value is None or (isinstance(value, float) and math.isnan(value)):
-        return None
-    if isinstance(value, float) and value.is_integer():
-        value = int(value)  # a code read as 1234.0 is "1234"
-    text = str(value).strip()
-    return None if text.lower() in PLACEHOLDERS else text
-
-
 def _as_text_column(series: pd.Series) -> pd.Series:
-    return pd.Series([_text(v) for v in series], index=series.index, dtype=object)
+    return pd.Series([cell_text(v) for v in series], index=series.index, dtype=object)
 
 
 def _encodable(value: object) -> bool:
@@ -223,10 +223,13 @@ def check_table(frame: pd.DataFrame, label: str, columns: Columns, currency: str
     if len(frame) == 0:
         raise PhivisionError(f"{label}: empty table (no rows)")
     fields = columns.by_field()
-    options = dict(zip(fields, (f.name for f in dataclasses.fields(columns)), strict=True))  # field -> option
+    # field -> option: the column options come first in the group, in by_field's order
+    names = [f.name for f in dataclasses.fields(columns)][: len(fields)]
+    options = dict(zip(fields, names, strict=True))
     if currency is not None:
         fields.pop("currency")
-    for field, column in fields.items():
+    pairs = [(f, c) for f, named in fields.items() for c in ([named] if isinstance(named, str) else named)]
+    for field, column in pairs:
         if column not in frame.columns:
             flag = flag_name(options[field])
             hint = " or pass --currency" if field == "currency" else ""
@@ -279,19 +282,28 @@ def clean_rows(
     allow_local: bool,
     decimal_comma: bool | None,
     max_price: float,
-) -> tuple[pd.DataFrame, list[dict], dict]:
-    """Map and clean one source's rows. Returns the usable rows (with ``_source``, ``_row``, ``_url``), one dict
-    per dropped row with its reason, and the source's price-reading summary."""
+) -> tuple[pd.DataFrame, list[dict], dict, pd.DataFrame, list[dict]]:
+    """Map and clean one source's rows. Returns the usable rows (with ``_source``, ``_row``, ``_url``, and
+    ``_photos``/``_problems``: the row's usable photos and the photos refused, see :mod:`phivision.data.photos`),
+    one dict per dropped row with its reason, the source's price-reading summary, the image rows (with
+    ``columns.group_by_code``: rows holding only a product code and photos, which join their product) and the
+    photos of dropped rows that were refused.
+
+    A row without a usable photo is dropped here, unless ``group_by_code`` (another row of its code may have one).
+    """
+    group_by_code = columns.group_by_code
     check_table(frame, label, columns, currency)
     _, numbers = row_numbers(frame)
     frame = frame.reset_index(drop=True)
-    raw_urls = frame[columns.image_col]
-    frame = normalise_types(frame, [c for f, c in columns.by_field().items() if f != "price"])
+    cells = list(frame[list(columns.image_col)].itertuples(index=False, name=None))
+    text_columns = [c for f, c in columns.by_field().items() if f not in ("price", "image_url")]
+    frame = normalise_types(frame, text_columns)
     currencies = (
         pd.Series(currency, index=frame.index) if currency is not None else frame[columns.currency_col]
     )
     prices, price_entry = read_prices(frame, label, columns.price_col, currencies, decimal_comma, max_price)
-    out = frame.drop(columns=[c for c in REQUIRED_COLUMNS if c in frame.columns], errors="ignore")
+    # a source with the catalog's own columns (a phivision catalog prepared again) gives way to the new ones
+    out = frame.drop(columns=[c for c in (*REQUIRED_COLUMNS, IMAGE_PATHS) if c in frame.columns])
     out.insert(0, "product_code", frame[columns.code_col])
     out.insert(1, "title", frame[columns.title_col])
     out.insert(2, "category", frame[columns.category_col])
@@ -299,7 +311,25 @@ def clean_rows(
     out.insert(4, "currency", currencies)
     out["_source"] = label
     out["_row"] = numbers
-    out["_url"] = frame[columns.image_col]
+    found = [
+        row_photos(row_cells, number, code, label, columns.image_sep, allow_local)
+        for row_cells, number, code in zip(cells, numbers, out["product_code"], strict=True)
+    ]
+    out["_photos"] = pd.Series([f.photos for f in found], index=out.index, dtype=object)
+    out["_problems"] = pd.Series([f.problems for f in found], index=out.index, dtype=object)
+    out["_url"] = [
+        f.photos[0].url if f.photos else f.problems[0]["url"] if f.problems else plain(c[0])
+        for f, c in zip(found, cells, strict=True)
+    ]
+    image_only = pd.Series(False, index=out.index)
+    if group_by_code:  # a shop export's extra photo lines: a code and photos, nothing else
+        image_only = (
+            out["product_code"].notna()
+            & out["title"].isna()
+            & out["category"].isna()
+            & pd.Series([p.reason == "missing_price" for p in prices], index=out.index)
+            & pd.Series([bool(f.photos or f.problems) for f in found], index=out.index)
+        )
     checks = [
         ("missing_product_code", out["product_code"].isna()),
         ("missing_title", out["title"].isna()),
@@ -307,22 +337,30 @@ def clean_rows(
         ("invalid_text", ~out[["product_code", "title", "category", "currency"]].map(_encodable).all(axis=1)),
         ("price", out["full_price"].isna()),
         ("missing_currency", out["currency"].isna()),
-        ("url", out["_url"].map(lambda u: url_problem(u, allow_local) is not None)),
+        ("photo", out["_photos"].map(len).eq(0) & (not group_by_code)),
     ]
     reason = pd.Series(None, index=out.index, dtype=object)
     for name, mask in checks:  # the first failing check names the row's reason
-        reason = reason.mask(reason.isna() & mask.to_numpy(), name)
-    dropped = []
+        reason = reason.mask(reason.isna() & ~image_only & mask.to_numpy(), name)
+    dropped, refused = [], []
     for i in out.index[reason.notna()]:
-        why, detail = reason[i], ""
+        why, detail, url = reason[i], "", out.at[i, "_url"]
         if why == "price":
             why, detail = prices[i].reason, prices[i].detail
-        elif why == "url":
-            why = url_problem(out.at[i, "_url"], allow_local)
-            detail = "" if why == "missing_image_url" else "only http(s) URLs (and files with --allow-local)"
-        dropped.append(_dropped(out.loc[i], why, raw_urls[i], detail))
-    price_entry["dropped"] = dict(Counter(p.reason for p in prices if p.reason).most_common())
-    return out[reason.isna()].reset_index(drop=True), dropped, price_entry
+        elif why == "photo":
+            why, detail = no_photo_reason(found[i].problems)
+            refused += found[i].problems
+        dropped.append(_dropped(out.loc[i], why, url, detail))
+    counted = [p.reason for p, extra in zip(prices, image_only, strict=True) if p.reason and not extra]
+    price_entry["dropped"] = dict(Counter(counted).most_common())
+    keep = reason.isna() & ~image_only
+    return (
+        out[keep].reset_index(drop=True),
+        dropped,
+        price_entry,
+        out[image_only].reset_index(drop=True),
+        refused,
+    )
 
 
 def _dropped(row: pd.Series, reason: str, url: object = None, detail: str = "") -> dict:
@@ -336,6 +374,19 @@ def _dropped(row: pd.Series, reason: str, url: object = None, detail: str = "") 
         "detail": detail,
     }
     return entry
+
+
+def _dropped_product(product: pd.Series, reason: str, detail: str) -> list[dict]:
+    """One entry per source row of a dropped product (several with ``group_by_code``)."""
+    rows = product.get("_rows")
+    if not isinstance(rows, list):
+        return [_dropped(product, reason, product["_url"], detail)]
+    return [
+        _dropped(
+            pd.Series({**product.to_dict(), "_source": source, "_row": row}), reason, product["_url"], detail
+        )
+        for source, row in rows
+    ]
 
 
 # ------------------------------------------------------------------------------------------------ pipeline
@@ -363,9 +414,13 @@ def prepare(args: PrepareArgs) -> dict:
         out, identity, sources, args.overwrite
     )  # out, or beside it when replacing another dataset
 
-    rows, dropped, per_source, price_report = read_sources(sources, args)
+    rows, dropped, per_source, price_report, image_rows, refused = read_sources(sources, args)
     rows, duplicate_drops, conflicts = drop_duplicates(rows)
     dropped += duplicate_drops
+    if args.columns.group_by_code:
+        rows, more_drops, more_refused = merge_products(rows, image_rows)
+        dropped += more_drops
+        refused += more_refused
     # the tables are good: mark the directory as this dataset's before the first image lands in it
     if not (build / REPORT_FILE).exists():
         atomic_write_json(
@@ -374,21 +429,27 @@ def prepare(args: PrepareArgs) -> dict:
 
     # one download per unique URL, named after the first product that uses it
     jobs: dict[str, str] = {}
-    for code, url in zip(rows["product_code"], rows["_url"], strict=True):
-        jobs.setdefault(url, file_stem(code, url))
+    for code, photos in zip(rows["product_code"], rows["_photos"], strict=True):
+        for photo in photos:
+            jobs.setdefault(photo.url, file_stem(code, photo.url))
     fetched, stats = download_images(jobs, build / IMAGES_DIR, download, progress=args.progress)
-    ok = pd.Series([fetched[u].status != "failed" for u in rows["_url"]], index=rows.index, dtype=bool)
-    for _, row in rows[~ok].iterrows():
-        result = fetched[row["_url"]]
-        dropped.append(_dropped(row, result.reason, row["_url"], result.detail))
+    outcome = keep_valid_photos(rows, fetched, IMAGES_DIR)
+    refused += outcome.dropped_photos
+    for position, (why, detail) in outcome.product_reasons.items():
+        dropped += _dropped_product(rows.iloc[position], why, detail)
+    ok = pd.Series([paths is not None for paths in outcome.paths], index=rows.index, dtype=bool)
     catalog = rows[ok].reset_index(drop=True)
-    catalog.insert(5, "image_path", catalog["_url"].map(lambda u: f"{IMAGES_DIR}/{fetched[u].file}"))
-    dropped.sort(key=lambda d: (sources.index(d["source"]), d["row"]))
+    kept_paths = [paths for paths in outcome.paths if paths is not None]
+    catalog.insert(5, "image_path", [paths[0] for paths in kept_paths])
+    order = {source: k for k, source in enumerate(sources)}
+    dropped.sort(key=lambda d: (order[d["source"]], d["row"]))
+    refused.sort(key=lambda d: (order[d["source"]], d["row"]))
 
     report = _report(out, identity, per_source, rows_in=sum(s["rows"] for s in per_source), dropped=dropped)
     report["prices"] = price_report
     report["conflicts"] = conflicts
-    report["images"] = _image_report(jobs, fetched, stats)
+    report["images"] = {**_image_report(jobs, fetched, stats), **photos_report(kept_paths, refused)}
+    report["dropped_images"] = refused
     report["options"] = {
         "columns": args.columns.by_field(),
         "currency": prices.currency,
@@ -406,10 +467,12 @@ def prepare(args: PrepareArgs) -> dict:
         raise PhivisionError(f"no product survived cleaning and download; see {build / REPORT_FILE}")
 
     catalog.insert(6, "split", assign_splits(catalog, ratios, seed=args.seed))
-    kept_counts = catalog["_source"].value_counts()
+    catalog.insert(7, IMAGE_PATHS, pd.Series(kept_paths, dtype=object))
+    dropped_counts = Counter(d["source"] for d in dropped)
     for entry in per_source:
-        entry["kept"] = int(kept_counts.get(entry["source"], 0))
-    catalog = catalog.drop(columns=["_source", "_row", "_url"])
+        entry["kept"] = entry["rows"] - dropped_counts[entry["source"]]
+    catalog = catalog.drop(columns=[c for c in INTERNAL_COLUMNS if c in catalog.columns])
+    report["products"] = len(catalog)
     report["splits"] = {s: int((catalog["split"] == s).sum()) for s in SPLITS}
     report["categories"] = {
         str(k): int(v) for k, v in catalog["category"].value_counts().sort_index().items()
@@ -423,19 +486,20 @@ def prepare(args: PrepareArgs) -> dict:
 
 def read_sources(
     sources: Sequence[str], args: PrepareArgs
-) -> tuple[pd.DataFrame, list[dict], list[dict], dict]:
+) -> tuple[pd.DataFrame, list[dict], list[dict], dict, pd.DataFrame, list[dict]]:
     """Read, check and clean every source (all of them before any download). Returns the usable rows, the
-    dropped rows, the per-source counts and the per-source price reading."""
-    kept, dropped, per_source, prices = [], [], [], {}
+    dropped rows, the per-source counts, the per-source price reading, the image rows (``group_by_code``) and
+    the photos refused in dropped rows (see :func:`clean_rows`)."""
+    kept, dropped, per_source, prices, image_rows, refused = [], [], [], {}, [], []
     limit, price = args.limit, args.prices
-    for source in sources:
+    for order, source in enumerate(sources):
         frame = read_source(source, args.hub_split, args.hub_config, args.revision)
         if limit is not None:
             lines = frame.attrs.get("line_numbers")
             frame = frame.head(limit)
             if lines is not None:
                 frame.attrs["line_numbers"] = lines[:limit]
-        good, bad, price_entry = clean_rows(
+        good, bad, price_entry, extra, bad_photos = clean_rows(
             frame,
             source,
             args.columns,
@@ -444,21 +508,40 @@ def read_sources(
             price.decimal_comma,
             price.max_price,
         )
-        kept.append(good)
+        kept.append(good.assign(_order=order))
+        image_rows.append(extra.assign(_order=order))
         dropped += bad
+        refused += bad_photos
         per_source.append({"source": source, "rows": len(frame)})
         prices[source] = price_entry
-    return normalise_types(pd.concat(kept, ignore_index=True)), dropped, per_source, prices
+    return (
+        normalise_types(pd.concat(kept, ignore_index=True)),
+        dropped,
+        per_source,
+        prices,
+        pd.concat(image_rows, ignore_index=True),
+        refused,
+    )
 
 
 def drop_duplicates(rows: pd.DataFrame) -> tuple[pd.DataFrame, list[dict], dict]:
     """Exact copies first (``duplicate_row``, the first one kept), then conflicting duplicates by the rule of
-    :mod:`phivision.data.duplicates` (same product code, then same image URL). Returns the rows kept, the
-    dropped rows and the report's ``conflicts`` entry."""
-    copy = rows.duplicated(["product_code", "title", "full_price", "currency", "_url"])
+    :mod:`phivision.data.duplicates` (same product code, then same image URL: a photo listed for several
+    products). Returns the rows kept, the dropped rows and the report's ``conflicts`` entry."""
+    photo_urls = rows["_photos"].map(lambda photos: tuple(p.url for p in photos))
+    copy = rows.assign(_urls=photo_urls).duplicated(
+        ["product_code", "title", "full_price", "currency", "_urls"]
+    )
     dropped = [_dropped(row, "duplicate_row", row["_url"]) for _, row in rows[copy].iterrows()]
     rows = rows[~copy]
-    keep, details, groups = resolve_conflicts(rows.rename(columns={"_url": "image_url"}), CONFLICT_KEYS)
+    keep, details, groups = resolve_conflicts(rows, CONFLICT_KEYS[:1])
+    photos = photo_table(rows[keep])
+    photo_keep, photo_details, photo_groups = resolve_conflicts(photos, CONFLICT_KEYS[1:])
+    for line in photos.index[~photo_keep]:
+        index = photos.at[line, "_index"]
+        keep[index] = False
+        details.setdefault(index, photo_details[line])
+    groups += photo_groups
     dropped += [
         _dropped(rows.loc[i], "conflicting_duplicate", rows.at[i, "_url"], details[i])
         for i in rows.index[~keep]
@@ -473,6 +556,26 @@ def drop_duplicates(rows: pd.DataFrame) -> tuple[pd.DataFrame, list[dict], dict]
         }
     conflicts["groups"] = [g.as_dict() for g in groups]
     return rows[keep].reset_index(drop=True), dropped, conflicts
+
+
+def merge_products(
+    rows: pd.DataFrame, image_rows: pd.DataFrame
+) -> tuple[pd.DataFrame, list[dict], list[dict]]:
+    """``group_by_code``: the rows of one product code become one product (:func:`merge_rows_by_code`). Returns
+    the products with at least one usable photo, the dropped rows (image rows without a product, products
+    without a usable photo) and the photos left out so far."""
+    products, refused = merge_rows_by_code(rows, image_rows)
+    dropped = []
+    orphans = image_rows[~image_rows["product_code"].isin(set(products["product_code"]))]
+    for _, row in orphans.iterrows():
+        detail = f"no kept row of product code {row['product_code']!r} holds its title, category and price"
+        dropped.append(_dropped(row, "image_row_without_product", row["_url"], detail))
+    bare = products["_photos"].map(len).eq(0)
+    for _, product in products[bare].iterrows():
+        why, detail = no_photo_reason(product["_problems"])
+        dropped += _dropped_product(product, why, detail)
+        refused += product["_problems"]
+    return products[~bare].reset_index(drop=True), dropped, refused
 
 
 def _image_report(jobs: dict, fetched: dict, stats) -> dict:
@@ -516,11 +619,26 @@ def summary(report: dict) -> str:
         for source, entry in report.get("prices", {}).items()
         if entry.get("evidence", {}).get("comma") or entry["decided_by"] != "majority"
     ]
+    products = report.get("products", counts["kept"])
+    made = (
+        f"{counts['kept']} of {counts['rows']} products"
+        if products == counts["kept"]
+        else f"{products} products from {counts['kept']} of {counts['rows']} rows"
+    )
+    per_product = {int(k): n for k, n in images.get("per_product", {}).items()}
+    photos = ""
+    if per_product and max(per_product) > 1:
+        photos = (
+            f"Photos: {images['in_catalog']} in the catalog, {min(per_product)} to {max(per_product)} per product "
+            f"(mean {images['in_catalog'] / sum(per_product.values()):.1f}), {images['left_out']} left out "
+            f"(listed in dropped_images). "
+        )
     return (
-        f"Prepared {counts['kept']} of {counts['rows']} products from {len(report['sources'])} source(s) into "
+        f"Prepared {made} from {len(report['sources'])} source(s) into "
         f"{report['out']} ({', '.join(f'{splits[s]} {s}' for s in SPLITS if s in splits)}). "
         f"Images: {images['downloaded']} downloaded ({rate:.1f}/s, {images['requests']} requests, "
         f"{images['retries']} retries), {images['reused']} reused from an earlier run, {images['failed']} failed. "
+        + photos
         + (f"Prices: {'; '.join(marks)}. " if marks else "")
         + f"Dropped {counts['dropped']} rows ({reasons}); every dropped row is listed with its URL and reason in "
         f"{Path(report['out']) / REPORT_FILE}."

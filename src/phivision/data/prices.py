@@ -232,6 +232,17 @@ class Convention:
         }
 
 
+def cell_text(value: object) -> str | None:
+    """A table cell as clean text, or None when empty or a placeholder such as ``N.A.``."""
+    value = plain(value)
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return None
+    if isinstance(value, float) and value.is_integer():
+        value = int(value)  # a code read as 1234.0 is "1234"
+    text = str(value).strip()
+    return None if text.lower() in PLACEHOLDERS else text
+
+
 def read_price(
     value: object,
     decimal_comma: bool | None = None,

@@ -13,6 +13,19 @@ Every product is drawn with Pillow from four visible attributes, and its price i
 
 The cues are bold on purpose: a tiny model looking at 56 px tiles must be able to learn category and price in
 minutes on a CPU. Canvas sizes and aspect ratios vary so the HD crops differ from image to image.
+
+With ``views`` > 1 a product has 1 to ``views`` photos, as catalogs shoot them. A product with one photo is drawn
+as above; with more, the cues are spread over the views the way a shoot spreads them:
+
+1. front: the silhouette, colour, pattern and size on a neutral studio backdrop; the trim is not visible, and two
+   departments share each front silhouette (a tote and a hat, a sneaker and a watch, a shirt and a scarf look
+   alike from the front), so the front alone leaves the category open between two and the material unknown;
+2. detail: a close-up of the material (leather or silk trim, canvas weave) on the department's backdrop;
+3. back: the department's own silhouette, mirrored, on its backdrop (no trim);
+4. packshot: the whole product as a one-photo product is drawn.
+
+So the first photo alone misses what sets part of the price (the material) and half the category, and a model
+that reads every photo can get them.
 """
 
 from __future__ import annotations
@@ -22,9 +35,9 @@ import random
 from pathlib import Path
 
 import pandas as pd
-from PIL import Image, ImageChops, ImageDraw, ImageFilter
+from PIL import Image, ImageChops, ImageDraw, ImageFilter, ImageOps
 
-from phivision.args import SAMPLE_N, SPLIT, SampleArgs, split_ratios
+from phivision.args import SAMPLE_N, SAMPLE_VIEWS_MAX, SPLIT, SampleArgs, split_ratios
 from phivision.data.layout import (
     CATALOG_FILE,
     IMAGES_DIR,
@@ -75,6 +88,23 @@ BACKDROPS = {
     "watches": (196, 188, 226),
 }
 PATTERN_INK = (250, 250, 250)
+MAX_VIEWS = SAMPLE_VIEWS_MAX  # front, detail, back, packshot
+# The front view's silhouette: two departments share each one, so the front alone leaves the category open.
+FRONT_SHAPES = {
+    "bags": "bags",
+    "hats": "bags",
+    "shoes": "shoes",
+    "watches": "shoes",
+    "shirts": "shirts",
+    "scarves": "shirts",
+}
+FRONT_BACKDROP = (232, 232, 228)  # the neutral studio backdrop of every front view
+# The detail view's material: leather and silk as their trim colour, canvas as a light weave.
+DETAIL_MATERIAL = {
+    "Canvas": (214, 200, 168),
+    "Leather": MATERIALS["Leather"][1],
+    "Silk": MATERIALS["Silk"][1],
+}
 NOISE = 0.05
 BRAND = "Phivision Atelier"
 
@@ -214,6 +244,60 @@ def draw_shape(
     return image
 
 
+def draw_detail(
+    backdrop: tuple[int, int, int],
+    color: str,
+    pattern: str,
+    material: str,
+    canvas: tuple[int, int],
+    rng: random.Random,
+) -> Image.Image:
+    """A close-up of the material: a broad band of the trim (or of canvas weave) across the product's patterned
+    fabric, which fills the frame but for a margin of the department's backdrop."""
+    width, height = canvas
+    backdrop = tuple(min(255, max(0, c + rng.randint(-8, 8))) for c in backdrop)
+    image = Image.new("RGB", canvas, backdrop)
+    x, y = width // 10, height // 10
+    fabric_w, fabric_h = width - 2 * x, height - 2 * y
+    image.paste(
+        _fill(COLORS[color], pattern, max(fabric_w, fabric_h)).crop((0, 0, fabric_w, fabric_h)), (x, y)
+    )
+    band = max(8, fabric_h * 2 // 5)
+    top = y + (fabric_h - band) // 2 + rng.randint(-fabric_h // 10, fabric_h // 10)
+    draw = ImageDraw.Draw(image)
+    draw.rectangle((x, top, x + fabric_w - 1, top + band - 1), fill=DETAIL_MATERIAL[material])
+    if material == "Canvas":  # the weave: a coarse grid of darker threads
+        step = max(4, band // 5)
+        for k in range(x, x + fabric_w, step):
+            draw.line((k, top, k, top + band - 1), fill=(170, 155, 120), width=max(1, step // 4))
+        for k in range(top, top + band, step):
+            draw.line((x, k, x + fabric_w - 1, k), fill=(170, 155, 120), width=max(1, step // 4))
+    return image
+
+
+def draw_views(
+    shape: str,
+    front_shape: str,
+    backdrop: tuple[int, int, int],
+    attributes: tuple[str, str, str, str],
+    canvases: list[tuple[int, int]],
+    rng: random.Random,
+) -> list[Image.Image]:
+    """The photos of one product, one per canvas: one photo is the whole product (:func:`draw_shape`); more are
+    front, detail, back and packshot, then more packshots (see the module docstring). ``attributes``: colour,
+    pattern, material, size."""
+    color, pattern, material, size = attributes
+    if len(canvases) == 1:
+        return [draw_shape(shape, backdrop, color, pattern, material, size, canvases[0], rng)]
+    views = [
+        lambda c: draw_shape(front_shape, FRONT_BACKDROP, color, pattern, "Canvas", size, c, rng),
+        lambda c: draw_detail(backdrop, color, pattern, material, c, rng),
+        lambda c: ImageOps.mirror(draw_shape(shape, backdrop, color, pattern, "Canvas", size, c, rng)),
+        lambda c: draw_shape(shape, backdrop, color, pattern, material, size, c, rng),
+    ]
+    return [views[min(k, len(views) - 1)](canvas) for k, canvas in enumerate(canvases)]  # 5th on: packshots
+
+
 def _canvas(rng: random.Random) -> tuple[int, int]:
     """Canvas sizes from 256 to 672 px with aspect ratios from 1:1.8 to 1.8:1."""
     short = rng.randrange(256, 480, 16)
@@ -222,9 +306,11 @@ def _canvas(rng: random.Random) -> tuple[int, int]:
     return (long, short) if rng.random() < 0.5 else (short, long)
 
 
-def sample_products(n: int, seed: int = 0) -> list[dict]:
-    """The attributes, title and price of ``n`` products; categories are balanced, the rest is random."""
+def sample_products(n: int, seed: int = 0, views: int = 1) -> list[dict]:
+    """The attributes, title and price of ``n`` products; categories are balanced, the rest is random. Each
+    product has 1 to ``views`` photos (drawn apart from the rest, so the products do not change with ``views``)."""
     rng = random.Random(seed)
+    view_rng = random.Random(f"views-{seed}")
     names = list(CATEGORIES)
     products = []
     for i in range(n):
@@ -249,6 +335,7 @@ def sample_products(n: int, seed: int = 0) -> list[dict]:
                 "size": size,
                 "canvas": _canvas(rng),
                 "draw_seed": rng.getrandbits(32),
+                "views": view_rng.randint(1, views) if views > 1 else 1,
             }
         )
     return products
@@ -262,8 +349,10 @@ def write_sample_catalog(
     urls_out: str | Path | None = None,
     base_url: str = "http://127.0.0.1:8000",
     overwrite: bool = False,
+    views: int = 1,
 ) -> Path:
-    """Write ``n`` synthetic products to ``out`` in the dataset layout and return ``out``.
+    """Write ``n`` synthetic products to ``out`` in the dataset layout and return ``out``. With ``views`` > 1 each
+    product has 1 to ``views`` photos (front, detail, back, packshot; see the module docstring).
 
     With ``urls_out``, also write a CSV in the DBQ schema (prices as text such as ``$1,290.00``) whose
     ``imageurl`` points at ``base_url`` + the image path: serve ``out`` over HTTP (``python -m http.server
@@ -272,27 +361,32 @@ def write_sample_catalog(
     ``out`` holding another dataset (another n or seed, or a prepared one) is refused unless ``overwrite``.
     """
     n = check_count(n)
+    views = check_views(views)
     if urls_out is not None:
         written = {
             "the catalog in --out": Path(out) / CATALOG_FILE,
             "the report in --out": Path(out) / REPORT_FILE,
         }
         refuse_overwriting_inputs({**written, "--urls-out": urls_out}, [])
-    descriptor = f"sample(n={n}, seed={seed})"
+    descriptor = f"sample(n={n}, seed={seed})" + (f", views={views}" if views > 1 else "")
     out, build = _claim(out, descriptor, overwrite)
     rows = []
-    for product in sample_products(n, seed):
-        canvas, draw_seed = product.pop("canvas"), product.pop("draw_seed")
-        attributes = [product[k] for k in ("category", "color", "pattern", "material", "size")]
-        image = draw_product(*attributes, canvas=canvas, rng=random.Random(draw_seed))
-        product["image_path"] = _save_image(build, product["product_code"], image)
+    for product in sample_products(n, seed, views):
+        canvas, draw_seed, count = product.pop("canvas"), product.pop("draw_seed"), product.pop("views")
+        rng = random.Random(draw_seed)
+        category = product["category"]
+        attributes = tuple(product[k] for k in ("color", "pattern", "material", "size"))
+        canvases = [canvas] + [_canvas(rng) for _ in range(count - 1)]
+        images = draw_views(category, FRONT_SHAPES[category], BACKDROPS[category], attributes, canvases, rng)
+        product["image_paths"] = _save_images(build, product["product_code"], images)
         rows.append(product)
     catalog = pd.DataFrame(rows)
-    catalog.insert(5, "image_path", catalog.pop("image_path"))
+    catalog.insert(5, "image_path", catalog["image_paths"].map(lambda paths: paths[0]))
     catalog.insert(6, "split", assign_splits(catalog, split, seed=seed))
+    catalog.insert(7, "image_paths", catalog.pop("image_paths"))
     _write_dataset(out, build, catalog, descriptor)
     if urls_out is not None:
-        table = catalog.drop(columns=["category", "currency", "image_path", "split"]).assign(
+        table = catalog.drop(columns=["category", "currency", "image_path", "image_paths", "split"]).assign(
             currency_code="USD",
             full_price=catalog["full_price"].map(lambda p: f"${p:,.2f}"),
             imageurl=catalog["image_path"].map(lambda p: f"{base_url.rstrip('/')}/{p}"),
@@ -310,8 +404,9 @@ def write_like_catalog(
     overwrite: bool = False,
 ) -> Path:
     """Write a synthetic catalog shaped like the dataset ``like`` (see :mod:`phivision.data.like`): its
-    categories and proportions, per-category prices, title patterns, image sizes and split ratios, but not one
-    of its titles or images. ``n`` defaults to the size of ``like``, ``split`` to its ratios."""
+    categories and proportions, per-category prices, title patterns, photos per product, image sizes and split
+    ratios, but not one of its titles or images. ``n`` defaults to the size of ``like``, ``split`` to its
+    ratios."""
     profile = profile_dataset(like)
     n = check_count(sum(c.rows for c in profile.categories.values()) if n is None else n)
     ratios = split if split is not None else profile.split_ratios
@@ -321,25 +416,27 @@ def write_like_catalog(
     names, shapes = list(profile.categories), list(SHAPES)
     rows = []
     for i, product in enumerate(products_like(profile, n, seed)):
-        u, canvas = product.pop("quantile"), product.pop("canvas")
+        u, canvases = product.pop("quantile"), product.pop("canvases")
         size = "Small" if u < 1 / 3 else "Medium" if u < 2 / 3 else "Large"  # pricier products look bigger
         category = product["category"]
-        image = draw_shape(
-            shapes[shape_of(category, names) % len(shapes)],
+        index = shape_of(category, names)
+        attributes = (rng.choice(list(COLORS)), rng.choice(list(PATTERNS)), rng.choice(list(MATERIALS)), size)
+        images = draw_views(
+            shapes[index % len(shapes)],
+            shapes[index // 2 * 2 % len(shapes)],  # pairs of departments share a front silhouette
             backdrop_of(category),
-            rng.choice(list(COLORS)),
-            rng.choice(list(PATTERNS)),
-            rng.choice(list(MATERIALS)),
-            size,
-            canvas,
+            attributes,
+            canvases,
             random.Random(rng.getrandbits(32)),
         )
         code = f"L{seed}-{i:05d}"
-        rows.append({"product_code": code, **product, "image_path": _save_image(build, code, image)})
+        rows.append({"product_code": code, **product, "image_paths": _save_images(build, code, images)})
     catalog = pd.DataFrame(rows)[
-        ["product_code", "title", "category", "full_price", "currency", "image_path"]
+        ["product_code", "title", "category", "full_price", "currency", "image_paths"]
     ]
+    catalog.insert(5, "image_path", catalog["image_paths"].map(lambda paths: paths[0]))
     catalog.insert(6, "split", assign_splits(catalog, ratios, seed=seed))
+    catalog.insert(7, "image_paths", catalog.pop("image_paths"))
     catalog["brand"] = "Synthetic"
     _write_dataset(out, build, catalog, descriptor, {"like": profile.as_dict()})
     return out
@@ -347,7 +444,8 @@ def write_like_catalog(
 
 def sample(args: SampleArgs) -> Path:
     """``phivision sample`` (:class:`SampleArgs`, validated). ``n`` defaults to 600, or with ``like`` to the size
-    of that dataset; ``split`` to 0.8,0.1,0.1, or with ``like`` to that dataset's ratios."""
+    of that dataset; ``split`` to 0.8,0.1,0.1, or with ``like`` to that dataset's ratios; ``views``: the most
+    photos per product (with ``like``, the photos per product are that dataset's)."""
     if args.like is not None:
         ratios = split_ratios(args.split) if args.split is not None else None
         return write_like_catalog(
@@ -361,12 +459,18 @@ def sample(args: SampleArgs) -> Path:
         urls_out=args.urls_out,
         base_url=args.base_url,
         overwrite=args.overwrite,
+        views=args.views,
     )
 
 
 def check_count(n: object) -> int:
     """``n`` as a plain int, checked as ``--n`` is (numpy integers are fine, bools are not)."""
     return check_option(SampleArgs, "n", n)
+
+
+def check_views(views: object) -> int:
+    """``views`` as a plain int, checked as ``--views`` is (1 to :data:`MAX_VIEWS`)."""
+    return check_option(SampleArgs, "views", views)
 
 
 def _claim(out: str | Path, descriptor: str, overwrite: bool) -> tuple[Path, Path]:
@@ -385,17 +489,20 @@ def _claim(out: str | Path, descriptor: str, overwrite: bool) -> tuple[Path, Pat
     return out, build
 
 
-def _save_image(out: Path, code: str, image: Image.Image) -> str:
-    """Save as JPEG; plain writes, because the catalog is written last (atomically), so a killed run leaves no
-    dataset to misread, and a rerun writes the same bytes again."""
-    buffer = io.BytesIO()
-    image.save(buffer, format="JPEG", quality=90)
-    rel = f"{IMAGES_DIR}/{code}.jpg"
-    try:
-        (out / rel).write_bytes(buffer.getvalue())
-    except OSError as err:
-        raise WriteError(out / rel, err) from None
-    return rel
+def _save_images(out: Path, code: str, images: list[Image.Image]) -> list[str]:
+    """Save as JPEG (``CODE.jpg``, then ``CODE-2.jpg``...); plain writes, because the catalog is written last
+    (atomically), so a killed run leaves no dataset to misread, and a rerun writes the same bytes again."""
+    paths = []
+    for k, image in enumerate(images, start=1):
+        buffer = io.BytesIO()
+        image.save(buffer, format="JPEG", quality=90)
+        rel = f"{IMAGES_DIR}/{code}.jpg" if k == 1 else f"{IMAGES_DIR}/{code}-{k}.jpg"
+        try:
+            (out / rel).write_bytes(buffer.getvalue())
+        except OSError as err:
+            raise WriteError(out / rel, err) from None
+        paths.append(rel)
+    return paths
 
 
 def _write_dataset(

@@ -50,14 +50,15 @@ def output_paths(out: str | os.PathLike) -> tuple[Path, Path]:
 
 def _answer_all(
     loaded: Any,
-    paths: list[Path],
+    paths: list[list[Path]],
     batch_size: int,
     max_new_tokens: int,
     progress: bool,
     constraint: AnswerConstraint | None = None,
     price_spread: bool = False,
 ) -> tuple[list[Any], list[str | None]]:
-    """A Completion for every image path (None for an unreadable image), loading images chunk by chunk."""
+    """A Completion for every item (a product's photo paths; None for an item without a readable photo),
+    loading images chunk by chunk."""
     completions: list[Any] = []
     problems: list[str | None] = []
     with tqdm(total=len(paths), desc="evaluate", unit="img", disable=not progress) as bar:
@@ -95,10 +96,11 @@ def evaluate(args: EvaluateArgs) -> dict:
     ``args`` (:class:`EvaluateArgs`, validated): ``model`` a RUN or checkpoint directory (or hub id) for
     :func:`phivision.runs.load_model` (with ``args.loading``), or a ``LoadedModel``; ``data`` a dataset directory
     whose train split gives the baselines; ``split``; ``out`` a metrics.json path or a directory (e.g.
-    ``RUN/eval/after``), None writes nothing; ``limit`` scores only the first items; ``generation`` the batch
-    size, answer length and whether answers are constrained to the model's template and taxonomy
-    (:mod:`phivision.answer.constrain`); ``answering`` the file of categories for a model that records none (the
-    taxonomy is the model's labels, else that file, else the train split of ``data``:
+    ``RUN/eval/after``), None writes nothing; ``limit`` scores only the first items; ``max_images`` the photos of
+    a product in its prompt (None: as many as the model was trained with, ``LoadedModel.max_images``);
+    ``generation`` the batch size, answer length and whether answers are constrained to the model's template and
+    taxonomy (:mod:`phivision.answer.constrain`); ``answering`` the file of categories for a model that records
+    none (the taxonomy is the model's labels, else that file, else the train split of ``data``:
     :mod:`phivision.answer.taxonomy`) and the level of the price ranges; ``question`` asked instead of the
     model's own, ``{categories}`` in it the taxonomy.
 
@@ -141,7 +143,8 @@ def evaluate(args: EvaluateArgs) -> dict:
         loaded = model
     taxonomy = model_taxonomy(loaded, args.answering.categories, data_dir)
     loaded = with_taxonomy(loaded, taxonomy, args.question)
-    paths = [(data_dir / p).resolve() for p in items["image_path"]]
+    max_images = args.max_images or loaded.max_images
+    paths = [[(data_dir / p).resolve() for p in photos[:max_images]] for photos in items["image_paths"]]
     constraint = AnswerConstraint.for_model(loaded) if generation.constrain else None
     vocab_size = loaded.model.config.vocab_size
     note = short_budget_note(loaded.processor, vocab_size, constraint, generation.max_new_tokens)
@@ -173,7 +176,8 @@ def evaluate(args: EvaluateArgs) -> dict:
     for record, product, path, answer, problem in zip(
         scored, items["product_code"], paths, answers, problems, strict=True
     ):
-        records.append({"id": str(product), "image": str(path), "answer": answer, **record})
+        image = {"image": str(path[0]), "images": [str(p) for p in path]}
+        records.append({"id": str(product), **image, "answer": answer, **record})
         if problem is not None:
             records[-1]["image_error"] = problem
     baseline = baseline_metrics(items, stats, price_level if ranges is not None else None)
@@ -185,6 +189,7 @@ def evaluate(args: EvaluateArgs) -> dict:
             "data": str(data_dir),
             "split": split,
             "max_new_tokens": generation.max_new_tokens,
+            "max_images": max_images,
             "constraint": constraint_name(constraint),
             "question": loaded.prompt.question,
             "taxonomy": taxonomy.to_dict(),

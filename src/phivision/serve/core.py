@@ -246,12 +246,32 @@ class Generation:
 
 @dataclass
 class Job:
-    """One queued request: the image's bytes (decoded on the model thread), how to answer, and an optional
-    ``on_token(token_id)`` called on the model thread as tokens are generated (streaming)."""
+    """One queued request: the bytes of the product's photos, in order (decoded on the model thread), how to
+    answer, and an optional ``on_token(token_id)`` called on the model thread as tokens are generated
+    (streaming)."""
 
-    data: bytes
+    images: list[bytes]
     generation: Generation
     on_token: Callable[[int], None] | None = None
+
+
+class PhotoError(Exception):
+    """Photo number ``index`` (0-based) of a request cannot be used: ``error`` says why (the loader's reason)."""
+
+    def __init__(self, index: int, error: ImageError) -> None:
+        super().__init__(str(error))
+        self.index, self.error = index, error
+
+
+def decode_photos(images: list[bytes], max_pixels: int) -> list[Image.Image]:
+    """Every photo of a request decoded, in order; the first that fails raises :class:`PhotoError`."""
+    decoded = []
+    for k, data in enumerate(images):
+        try:
+            decoded.append(load_image(data, max_pixels))
+        except ImageError as err:
+            raise PhotoError(k, err) from None
+    return decoded
 
 
 def image_pixels(data: bytes, max_pixels: int) -> int:
@@ -298,7 +318,8 @@ class ModelCheck:
 def answer_jobs(
     loaded: Any, limits: ServeLimits, jobs: list[Job], check: ModelCheck | None = None
 ) -> list[Any]:
-    """Decode the batch's images and answer them (on the model thread): one Completion or error per job.
+    """Decode the batch's photos and answer them (on the model thread): one Completion or error (PhotoError,
+    RequestFailed) per job; a job's photos go into one prompt, in order.
 
     Decoding happens here, one batch at a time, so decoded pixels exist only for the batch being answered.
     Jobs with different generation settings are answered by one generate call per setting. A call that fails
@@ -309,11 +330,11 @@ def answer_jobs(
     constraint = AnswerConstraint.for_model(loaded) if limits.constrain else None
     ranged = constraint is not None and loaded.calibration is not None
     results: list[Any] = [None] * len(jobs)
-    images: dict[int, Image.Image] = {}
+    images: dict[int, list[Image.Image]] = {}
     for i, job in enumerate(jobs):
         try:
-            images[i] = load_image(job.data, limits.max_pixels)
-        except ImageError as err:
+            images[i] = decode_photos(job.images, limits.max_pixels)
+        except PhotoError as err:
             results[i] = err
     groups: dict[Generation, list[int]] = {}
     for i in images:
@@ -376,7 +397,7 @@ def _answer_group(
         return on_token
 
     jobs_watched = [
-        Job(job.data, job.generation, watched(k, job.on_token)) if job.on_token is not None else job
+        Job(job.images, job.generation, watched(k, job.on_token)) if job.on_token is not None else job
         for k, job in enumerate(jobs)
     ]
     try:
@@ -439,23 +460,49 @@ class Serving:
         price_range = answer_range(completion, loaded.prompt, loaded.calibration, self.price_level)
         return prediction_record(image, completion.text, loaded.prompt, loaded.currency, price_range)
 
+    @property
+    def max_images(self) -> int:
+        """Photos one request may send: as many as the model was trained with per prompt."""
+        return max(1, getattr(self.loaded, "max_images", 1))
+
     async def answer(
-        self, data: bytes, generation: Generation, on_token: Callable[[int], None] | None = None
+        self,
+        images: bytes | list[bytes],
+        generation: Generation,
+        on_token: Callable[[int], None] | None = None,
     ):
-        """Check the image's header, queue it and wait for its Completion. Raises ImageError, QueueFull,
-        WorkerStopped, TimeoutError, or the generation's own error."""
-        pixels = await run_in_threadpool(image_pixels, data, self.limits.max_pixels)
-        job = Job(data, generation, on_token)
+        """Check every photo's header, queue the request and wait for its Completion (the photos in one prompt,
+        in order; one photo's bytes alone are one photo). Raises PhotoError, QueueFull, WorkerStopped,
+        TimeoutError, or the generation's own error."""
+        if isinstance(images, (bytes, bytearray, memoryview)):
+            images = [bytes(images)]
+        pixels = 0
+        for k, data in enumerate(images):
+            try:
+                pixels += await run_in_threadpool(image_pixels, data, self.limits.max_pixels)
+            except ImageError as err:
+                raise PhotoError(k, err) from None
+        job = Job(list(images), generation, on_token)
+        nbytes = sum(len(data) for data in images)
         return await asyncio.wait_for(
-            self.batcher.submit(job, cost=pixels, nbytes=len(data)), self.limits.answer_timeout
+            self.batcher.submit(job, cost=pixels, nbytes=nbytes), self.limits.answer_timeout
         )
 
 
 def failure(
-    err: Exception, limits: ServeLimits, bad_image: int, label: str, param: str | None = None
+    err: Exception,
+    limits: ServeLimits,
+    bad_image: int,
+    label: str | list[str],
+    param: str | list[str] | None = None,
 ) -> ServeError:
     """The HTTP error for an exception raised while answering (``bad_image``: the status for an undecodable
-    image: 415 on /v1/predict, 400 on the chat API, where OpenAI clients expect 400)."""
+    image: 415 on /v1/predict, 400 on the chat API, where OpenAI clients expect 400). ``label`` and ``param``
+    name the photos (one per photo, in order) when a request sends several."""
+    if isinstance(err, PhotoError):
+        label = label[err.index] if isinstance(label, list) else label
+        param = param[err.index] if isinstance(param, list) else param
+        err = err.error
     if isinstance(err, ImageError):
         # The loader's detail names server-side objects, never the client's file: the reason code only.
         if err.reason == "too_many_pixels":

@@ -90,6 +90,7 @@ def export_info(info: RunInfo, run_dir: Path) -> dict[str, Any]:
         "prompt": info.prompt.to_dict(),
         "labels": read_labels(run_dir).to_dict(),  # categories and currency, for constrained answers
         "calibration": calibration.to_dict() if (calibration := read_calibration(run_dir)) else None,
+        "max_images": info.max_images,  # photos per prompt in training: evaluate, predict and serve use as many
         "run": str(run_dir.resolve()),
         "base": info.base,
         "method": info.method,

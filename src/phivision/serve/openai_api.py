@@ -1,12 +1,12 @@
 """The OpenAI-compatible routes of ``phivision serve``: ``POST /v1/chat/completions`` and ``GET /v1/models``.
 
-A request is one user message with one ``image_url`` part (a ``data:`` URL; http(s) only when the server allows
-remote images) and optional text, which replaces the question the model was trained on (leave it out to ask that
-question). ``response_format`` ``json_object`` or ``json_schema`` makes the message content a JSON object with
-``title``, ``category``, ``price`` and ``currency`` (null where the answer lacks a field), ``json_schema``
-narrowing it to the properties the schema names. ``stream: true`` sends server-sent events as tokens are
-generated. Errors use OpenAI's body, ``{"error": {"message", "type", "param", "code"}}``, so the official
-client raises its usual exception classes.
+A request is one user message with one or more ``image_url`` parts, photos of one product in order (``data:``
+URLs; http(s) only when the server allows remote images), and optional text, which replaces the question the
+model was trained on (leave it out to ask that question). ``response_format`` ``json_object`` or ``json_schema``
+makes the message content a JSON object with ``title``, ``category``, ``price`` and ``currency`` (null where the
+answer lacks a field), ``json_schema`` narrowing it to the properties the schema names. ``stream: true`` sends
+server-sent events as tokens are generated. Errors use OpenAI's body, ``{"error": {"message", "type", "param",
+"code"}}``, so the official client raises its usual exception classes.
 """
 
 from __future__ import annotations
@@ -152,13 +152,14 @@ def check_parameters(request: ChatRequest) -> None:
         )
 
 
-def read_message(request: ChatRequest) -> tuple[str, str, str | None]:
-    """The image URL, its ``param`` path (for error messages) and the text of the one user message."""
+def read_message(request: ChatRequest, max_images: int = 1) -> tuple[list[tuple[str, str]], str | None]:
+    """The image URLs of the one user message in order, each with its ``param`` path (for error messages), and
+    its text. Several ``image_url`` parts are several photos of one product, up to ``max_images``."""
     if len(request.messages) != 1 or request.messages[0].role != "user":
         roles = [message.role for message in request.messages]
         raise invalid(
-            f"send exactly one user message holding one image_url part and optional text (got roles {roles}): "
-            "the model answers one question about one product photo",
+            f"send exactly one user message holding image_url parts and optional text (got roles {roles}): "
+            "the model answers one question about one product's photos",
             "messages",
         )
     content = request.messages[0].content
@@ -187,8 +188,15 @@ def read_message(request: ChatRequest) -> tuple[str, str, str | None]:
             images.append((url, f"{param}.image_url"))
         else:
             raise invalid(f"unsupported content part type {kind!r} (use text or image_url)", f"{param}.type")
-    if len(images) != 1:
-        raise invalid(f"send exactly one image_url part (got {len(images)})", "messages[0].content")
+    if not images:
+        raise invalid("send an image_url part (got none)", "messages[0].content")
+    if len(images) > max_images:
+        raise invalid(
+            f"send at most {max_images} image_url part(s), photos of one product (got {len(images)}): this model "
+            f"was trained with data.max_images={max_images}",
+            "messages[0].content",
+            "too_many_images",
+        )
     text = "\n".join(texts).strip()
     if SPECIAL_TOKEN.search(text):
         raise invalid(
@@ -196,8 +204,7 @@ def read_message(request: ChatRequest) -> tuple[str, str, str | None]:
         )
     if len(text) > MAX_QUESTION_CHARS:
         raise invalid(f"the text is longer than {MAX_QUESTION_CHARS} characters", "messages[0].content")
-    ((url, param),) = images
-    return url, param, text or None
+    return images, text or None
 
 
 def _is_unicode(text: str) -> bool:
@@ -467,10 +474,11 @@ async def chat_completions(request: ChatRequest, serving: Serving) -> Any:
             "model",
         )
     check_parameters(request)
-    url, image_param, text = read_message(request)
+    images, text = read_message(request, serving.max_images)
     generation = read_generation(request, serving, text)
     fields = read_response_format(request.response_format)
-    data = await read_image(url, image_param, serving)
+    data = [await read_image(url, param, serving) for url, param in images]
+    image_param = [param for _, param in images]
     request_id = f"chatcmpl-{uuid.uuid4().hex}"
     if not request.stream:
         try:
@@ -520,7 +528,7 @@ def add_routes(app: FastAPI, serving: Serving) -> None:
 
     @app.post("/v1/chat/completions", response_model=ChatCompletion, responses=errors)
     async def create_chat_completion(request: ChatRequest) -> Any:
-        """OpenAI-compatible chat completion: one user message with one image_url part and optional text."""
+        """OpenAI-compatible chat completion: one user message with image_url parts (one product) and optional text."""
         return await chat_completions(request, serving)
 
     def card() -> ModelCard:

@@ -190,6 +190,7 @@ class Prediction(BaseModel):
     price_level: float | None
     currency: str | None  # the catalog's currency the price is in (null when the model records none)
     answer: str
+    images: list[str] | None = None  # with several photos: every file name, in the order sent
 
 
 class Health(BaseModel):
@@ -204,12 +205,13 @@ class Health(BaseModel):
     error: str | None = None
 
 
-def render_page(limits: ServeLimits, source: str) -> str:
+def render_page(limits: ServeLimits, source: str, max_images: int = 1) -> str:
     """The upload page: one self-contained HTML file (inline CSS and JS, no external assets)."""
     template = resources.files("phivision.serve").joinpath("static/index.html").read_text(encoding="utf-8")
-    return template.replace("{{max_upload_mb}}", f"{limits.max_upload_mb:g}").replace(
-        "{{model}}", html.escape(source)
-    )
+    photos = f" Up to {max_images} photos of one product, in the order chosen." if max_images > 1 else ""
+    page = template.replace("{{max_upload_mb}}", f"{limits.max_upload_mb:g}").replace("{{photos}}", photos)
+    page = page.replace(" {{multiple}}", " multiple" if max_images > 1 else "")
+    return page.replace("{{model}}", html.escape(source))
 
 
 def render_docs(schema: dict) -> str:
@@ -281,7 +283,7 @@ def create_app(
         created=int(time.time()),
         price_level=price_level,
     )
-    page = render_page(limits, loaded.source)
+    page = render_page(limits, loaded.source, serving.max_images)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
@@ -300,9 +302,9 @@ def create_app(
     app.state.serving = serving  # for an embedding program (and tests) to reach the batcher and limits
     too_large = f"request body too large: images up to {limits.max_upload_mb:g} MB are accepted"
     body_limits = {
-        "/v1/predict": (limits.max_upload_bytes + MULTIPART_OVERHEAD, too_large),
+        "/v1/predict": (serving.max_images * (limits.max_upload_bytes + MULTIPART_OVERHEAD), too_large),
         "/v1/chat/completions": (
-            openai_api.max_body_bytes(limits.max_upload_bytes) + JSON_OVERHEAD,
+            serving.max_images * openai_api.max_body_bytes(limits.max_upload_bytes) + JSON_OVERHEAD,
             too_large,
         ),
     }
@@ -353,7 +355,9 @@ def create_app(
     @app.post(
         "/v1/predict",
         response_model=Prediction,
+        response_model_exclude_unset=True,  # `images` only for several photos: one photo's answer is as before
         responses={
+            400: {"description": "More photos than the model takes per prompt"},
             408: {"description": "Request body not received in time"},
             413: {"description": "Upload or image dimensions over the server's bounds"},
             415: {"description": "Not a decodable image"},
@@ -362,20 +366,40 @@ def create_app(
         },
     )
     async def predict(
-        image: UploadFile = File(..., description="A product photo (JPEG, PNG, WebP, ...)."),
+        image: list[UploadFile] = File(
+            ...,
+            description="A product photo (JPEG, PNG, WebP, ...). Repeat the field for several photos of one "
+            "product, in order, up to as many as the model was trained with per prompt.",
+        ),
     ) -> dict:
-        """Answer with the product's name, category and price for one uploaded photo."""
-        name = image.filename or "upload"
-        data = await image.read()
-        await image.close()
-        if len(data) > limits.max_upload_bytes:
-            raise ServeError(413, f"{name}: upload too large: the limit is {limits.max_upload_mb:g} MB")
+        """Answer with the product's name, category and price for its uploaded photo(s), one prompt for all."""
+        names = [upload.filename or "upload" for upload in image]
+        if len(image) > serving.max_images:
+            for upload in image:
+                await upload.close()
+            raise ServeError(
+                400,
+                f"{len(image)} photos sent: this model answers from at most {serving.max_images} photo(s) of a "
+                "product (it was trained with data.max_images="
+                f"{serving.max_images})",
+                "too_many_images",
+            )
+        photos = []
+        for name, upload in zip(names, image, strict=True):
+            data = await upload.read()
+            await upload.close()
+            if len(data) > limits.max_upload_bytes:
+                raise ServeError(413, f"{name}: upload too large: the limit is {limits.max_upload_mb:g} MB")
+            photos.append(data)
         generation = Generation(serving.question, limits.max_new_tokens)
         try:
-            completion = await serving.answer(data, generation)
+            completion = await serving.answer(photos, generation)
         except Exception as err:
-            raise failure(err, limits, 415, name) from None
-        return serving.record(name, completion)
+            raise failure(err, limits, 415, names) from None
+        record = serving.record(names[0], completion)
+        if len(names) > 1:
+            record["images"] = names
+        return record
 
     openai_api.add_routes(app, serving)
     return app

@@ -71,6 +71,13 @@ class DataConfig(Options):
         "position ids restart for every example and attention never crosses examples. Same loss as padding, "
         "no compute spent on padding. batch_size then only sets the default budget.",
     )
+    max_images: int = option(
+        1,
+        "Photos of a product per prompt: its first N, in order, as <|image_1|> ... <|image_N|> (a product with "
+        "fewer uses all it has). Every photo costs its image tokens (see `phivision inspect`: tokens per sample "
+        "for each max_images); evaluate, predict and serve use as many as training did.",
+        check=">= 1",
+    )
     max_tokens: int = option(
         0,
         "Token budget of one micro-batch (per device). With packing: the packed row's length "

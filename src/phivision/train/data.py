@@ -1,7 +1,8 @@
 """Records -> examples -> batches.
 
-``ProductDataset`` turns catalog rows into supervised examples (the processor masks everything but the answer);
-a micro-batch of them is a :class:`Batch`, named tensors with their shapes.
+``ProductDataset`` turns catalog rows into supervised examples (the processor masks everything but the answer):
+a product's first ``max_images`` photos, in order, go into one prompt as ``<|image_1|>`` ... ``<|image_k|>``. A
+micro-batch of examples is a :class:`Batch`, named tensors with their shapes.
 ``BatchPlan`` fixes the order of every micro-batch of the run from the seed alone, so micro-batch ``m`` is the
 same batch whether the run was interrupted or not: resuming only needs the index of the next micro-batch.
 Batches hold a fixed number of rows, or as many as fit a token budget (``data.max_tokens``); the collate pads
@@ -38,8 +39,17 @@ def split_rows(catalog: pd.DataFrame, split: str, limit: int = 0) -> pd.DataFram
     return rows.head(limit) if limit > 0 else rows
 
 
+def photo_paths(rows: pd.DataFrame, max_images: int) -> list[list[str]]:
+    """The first ``max_images`` photos of every row, in order (``image_path`` alone where the rows carry no
+    ``image_paths``, e.g. a frame built by hand)."""
+    if "image_paths" not in rows.columns:
+        return [[path] for path in rows["image_path"]]
+    return [list(paths)[:max_images] for paths in rows["image_paths"]]
+
+
 class ProductDataset(torch.utils.data.Dataset):
-    """One example per catalog row: the prompt with the product image, answered with title, category and price."""
+    """One example per catalog row: the prompt with the product's photos (the first ``max_images``, in order),
+    answered with title, category and price."""
 
     def __init__(
         self,
@@ -48,19 +58,31 @@ class ProductDataset(torch.utils.data.Dataset):
         processor: Any,
         fmt: PromptFormat,
         cache: bool = False,
+        max_images: int = 1,
     ):
+        if max_images < 1:
+            raise ValueError(f"max_images must be at least 1, got {max_images}")
         self.root = Path(root)
         self.rows = rows.reset_index(drop=True)
         self.processor = processor
         self.fmt = fmt
-        self.prompt = prompt_text(fmt)
+        self.max_images = max_images
+        self.paths = photo_paths(self.rows, max_images)
         self.cache: dict[int, dict[str, torch.Tensor]] | None = {} if cache else None
 
     def __len__(self) -> int:
         return len(self.rows)
 
-    def image(self, i: int) -> Image.Image:
-        path = self.root / self.rows.at[i, "image_path"]
+    def prompt(self, i: int) -> str:
+        """Row ``i``'s prompt: one image tag per photo it uses."""
+        return prompt_text(self.fmt, len(self.paths[i]))
+
+    def images(self, i: int) -> list[Image.Image]:
+        """Row ``i``'s photos, decoded (an unreadable one stops with a line naming the row and the file)."""
+        return [self._load(i, rel) for rel in self.paths[i]]
+
+    def _load(self, i: int, rel: str) -> Image.Image:
+        path = self.root / rel
         try:
             return load_image(path)
         except Exception as err:  # ImageError or an OS error: name the row, not a traceback
@@ -75,40 +97,46 @@ class ProductDataset(torch.utils.data.Dataset):
     def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
         if self.cache is not None and i in self.cache:
             return self.cache[i]
-        example = self.processor.build_example(self.prompt, self.answer(i), [self.image(i)])
+        example = self.processor.build_example(self.prompt(i), self.answer(i), self.images(i))
         if self.cache is not None:
             self.cache[i] = example
         return example
 
     def lengths(self) -> list[int]:
-        """Token count of every example, exactly as ``build_example`` makes it: prompt text + image tokens
-        (from the image's size) + answer + ``<|end|>``. Token budgets and packing rely on it being exact.
+        """Token count of every example, exactly as ``build_example`` makes it: prompt text (with one tag per
+        photo) + the image tokens of every photo (from its size) + answer + ``<|end|>``. Token budgets, length
+        grouping and packing rely on it being exact.
 
         Reads only image headers: decoding every image just to plan batches would cost as much as an epoch.
         """
         tokenizer = self.processor.tokenizer
-        prompt = len(self.processor.encode_text(self.prompt, [0]))  # text tokens of the prompt
-        return [
-            prompt
-            + self.image_tokens(i)
-            + len(tokenizer(self.answer(i), add_special_tokens=False)["input_ids"])
-            + 1  # <|end|>
-            for i in range(len(self))
-        ]
+        text_tokens: dict[int, int] = {}  # photos -> text tokens of that prompt
+        lengths = []
+        for i in range(len(self)):
+            k = len(self.paths[i])
+            if k not in text_tokens:
+                text_tokens[k] = len(self.processor.encode_text(prompt_text(self.fmt, k), [0] * k))
+            answer = len(tokenizer(self.answer(i), add_special_tokens=False)["input_ids"])
+            lengths.append(text_tokens[k] + self.image_tokens(i) + answer + 1)  # + <|end|>
+        return lengths
 
     def image_tokens(self, i: int) -> int:
-        """Image tokens of row ``i`` from its header (EXIF rotation included, as ``load_image`` applies it).
+        """Image tokens of row ``i``'s photos from their headers (EXIF rotation included, as ``load_image``
+        applies it).
 
-        An unreadable image counts 0: ``__getitem__`` raises the real error, naming the row.
+        An unreadable photo counts 0: ``__getitem__`` raises the real error, naming the row.
         """
         count = getattr(self.processor.image_processor, "calc_num_image_tokens", None)
         if count is None:
             return 0
-        try:
-            width, height = image_size(self.root / self.rows.at[i, "image_path"], upright=True)
-        except ImageError:
-            return 0
-        return int(count(width, height))
+        total = 0
+        for rel in self.paths[i]:
+            try:
+                width, height = image_size(self.root / rel, upright=True)
+            except ImageError:
+                continue
+            total += int(count(width, height))
+        return total
 
 
 @dataclass(frozen=True)

@@ -58,6 +58,7 @@ from phivision.train.data import (
     collate_batch,
     make_plan,
     pack_examples,
+    photo_paths,
     split_rows,
 )
 from phivision.train.kernels import apply_liger, require_liger
@@ -157,16 +158,23 @@ def check_run_dir(run_dir: Path, resume: bool) -> None:
         )
 
 
-def check_images(root: Path, catalog: Any, positions: Iterable[int]) -> None:
-    """Read the header of every image training will use: an unreadable file or a decompression bomb stops the
-    run here with one line naming the catalog row (1-based), not in a data-loader worker hours later.
+def check_images(root: Path, catalog: Any, positions: Iterable[int], max_images: int = 1) -> None:
+    """Read the header of every image training will use (each row's first ``max_images`` photos): an unreadable
+    file or a decompression bomb stops the run here with one line naming the catalog row (1-based), not in a
+    data-loader worker hours later.
 
     Headers only (no pixel decoding), so this costs a fraction of one epoch. ``prepare`` already decoded every
     image once; a file damaged after that (truncated pixel data) still stops the run with one line, from the
     loader (see :func:`_one_line_worker_errors`).
     """
-    for pos in positions:
-        path = root / catalog.at[pos, "image_path"]
+    positions = list(positions)
+    photos = [
+        (pos, rel)
+        for pos, paths in zip(positions, photo_paths(catalog.loc[positions], max_images), strict=True)
+        for rel in paths
+    ]
+    for pos, rel in photos:
+        path = root / rel
         where = f"{path}: catalog.parquet row {pos + 1} ('{catalog.at[pos, 'product_code']}')"
         try:
             image_size(path)
@@ -398,7 +406,7 @@ def evaluate_model(
     samples: list[tuple[Any, str, str]] = []
     gen_n = min(len(val), config.eval.gen_samples)
     if gen_n:
-        images = [val.image(i) for i in range(gen_n)]
+        images = [val.images(i) for i in range(gen_n)]
         fmt = val.fmt  # the run's prompt, {categories} filled with the train split's
         labels = LabelSpace.from_rows(train_rows["category"], train_rows["currency"])
         constraint = AnswerConstraint(fmt, labels.categories) if config.eval.constrain else None
@@ -417,7 +425,7 @@ def evaluate_model(
         summary = summarize(score(val.rows.head(gen_n), [parse_answer(a, fmt) for a in answers], stats))
         metrics.update(scalar_metrics(summary))
         keep = min(gen_n, config.tracking.sample_images)
-        samples = [(images[i], val.answer(i), answers[i]) for i in range(keep)]
+        samples = [(images[i][0], val.answer(i), answers[i]) for i in range(keep)]  # the first photo
     model.train(was_training)
     return metrics, samples
 
@@ -479,7 +487,15 @@ class Recipe:
         self.val_rows = split_rows(catalog, "val")
         train_positions = catalog.index[catalog["split"] == "train"][: len(self.train_rows)]
         val_positions = catalog.index[catalog["split"] == "val"]
-        check_images(Path(config.data.path), catalog, [*train_positions, *val_positions])
+        check_images(
+            Path(config.data.path), catalog, [*train_positions, *val_positions], config.data.max_images
+        )
+        more = int((self.train_rows["image_paths"].map(len) > config.data.max_images).sum())
+        if more:
+            self.accelerator.print(
+                f"data: {more} of {len(self.train_rows)} train products have more photos than "
+                f"data.max_images={config.data.max_images}; only their first {config.data.max_images} are used"
+            )
 
     def load_model(self) -> None:
         """Base model (strictly checked), the training method, and the datasets that need its processor."""
@@ -495,10 +511,11 @@ class Recipe:
         categories = LabelSpace.from_rows(self.train_rows["category"], []).categories
         fmt = fill_question(config.prompt.format(), categories)
         root = config.data.path
+        photos = config.data.max_images
         self.train_set = ProductDataset(
-            root, self.train_rows, self.processor, fmt, cache=config.data.cache_examples
+            root, self.train_rows, self.processor, fmt, cache=config.data.cache_examples, max_images=photos
         )
-        self.val_set = ProductDataset(root, self.val_rows, self.processor, fmt)
+        self.val_set = ProductDataset(root, self.val_rows, self.processor, fmt, max_images=photos)
         if config.eval.constrain and config.eval.gen_samples and len(self.val_rows) and self.is_main:
             labels = LabelSpace.from_rows(self.train_rows["category"], self.train_rows["currency"])
             constraint = AnswerConstraint(fmt, labels.categories)
