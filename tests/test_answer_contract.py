@@ -10,6 +10,7 @@ import pandas as pd
 import pytest
 from typer.testing import CliRunner
 
+from phivision.answer.calibration import PriceRange, read_calibration
 from phivision.answer.prompt import PromptFormat, parse_answer
 from phivision.api import evaluate
 from phivision.cli import app
@@ -17,6 +18,7 @@ from phivision.data.layout import RunLayout
 from phivision.errors import PhivisionError
 from phivision.labels import LabelSpace, read_labels, write_labels
 from phivision.runs import load_model
+from phivision.serve.export import export_run
 from phivision.serve.predict import predict_images, prediction_record
 from phivision.train.config import load_config
 from phivision.train.loop import train
@@ -75,12 +77,14 @@ def test_a_custom_template_trains_evaluates_and_predicts_with_every_answer_parse
 
     loaded = load_model(run, device="cpu")
     assert loaded.prompt == fmt and loaded.categories == labels.categories and loaded.currency == "USD"
-    # max_new_tokens is a hard cap: the defaults (64) hold a complete constrained answer, 8 would cut it
-    metrics = evaluate(loaded, sample_dataset, split="test", out=tmp_path / "eval", progress=False)
+    metrics = evaluate(
+        loaded, sample_dataset, split="test", out=tmp_path / "eval", progress=False
+    )
     assert metrics["parse_rate"] == 1.0 and metrics["constraint"] == "categories"
     for line in (tmp_path / "eval" / "predictions.jsonl").read_text().splitlines():
         record = json.loads(line)
-        assert parse_answer(record["answer"], fmt).to_dict() == record["parsed"]
+        parsed = {k: v for k, v in record["parsed"].items() if k not in ("price_low", "price_high")}
+        assert parse_answer(record["answer"], fmt).to_dict() == parsed
         assert record["parsed"]["category"] in labels.categories
 
     images = sorted((sample_dataset / "images").iterdir())[:3]
@@ -115,7 +119,8 @@ def test_no_constrain_compares_free_generation(runs, sample_dataset, tmp_path) -
 
     images = sorted((sample_dataset / "images").iterdir())[:2]
     for flag, complete in (("--no-constrain", False), ("--constrain", True)):
-        args = ["predict", *map(str, images), "--model", str(run), flag]  # the default budget holds an answer
+        cap = [] if complete else ["--max-new-tokens", "8"]  # the default cap fits a constrained answer
+        args = ["predict", *map(str, images), "--model", str(run), *cap, flag]
         result = CliRunner().invoke(app, args)
         assert result.exit_code == 0, result.output
         records = [json.loads(line) for line in result.stdout.splitlines() if line.startswith("{")]
@@ -130,8 +135,6 @@ def test_training_evaluation_can_run_unconstrained(tiny_checkpoint, sample_datas
 
 
 def test_an_export_carries_the_label_space(runs, tmp_path) -> None:
-    from phivision.serve.export import export_run
-
     run = runs[TEMPLATES[2]]
     out = export_run(run, tmp_path / "export")
     info = json.loads((out / "phivision.json").read_text())
@@ -178,6 +181,68 @@ def test_prediction_record_follows_the_template_and_carries_the_currency() -> No
         "title": "Tote, Large",
         "category": "bags",
         "price": 12.5,
+        "price_low": None,
+        "price_high": None,
+        "price_level": None,
         "currency": "USD",
         "answer": "bags | Tote, Large | 12.5 USD",
     }
+    ranged = prediction_record("a.png", "bags | Tote | 12.5 USD", fmt, "USD", PriceRange(10.0, 15.25, 0.8))
+    assert (ranged["price_low"], ranged["price_high"], ranged["price_level"]) == (10.0, 15.25, 0.8)
+
+
+def test_a_finished_run_is_calibrated_and_every_output_carries_its_range(
+    runs, sample_dataset, tmp_path
+) -> None:
+    """Training ends with a calibration on the whole val split; evaluate, predict and an export use it."""
+    run = runs[TEMPLATES[0]]
+    calibration = read_calibration(run)
+    val = pd.read_parquet(sample_dataset / "catalog.parquet").query("split == 'val'")
+    assert (
+        calibration.n == len(val)
+        and calibration.source == f"val split of {sample_dataset} ({len(val)} items)"
+    )
+
+    loaded = load_model(run, device="cpu")
+    assert loaded.calibration == calibration
+    metrics = evaluate(loaded, sample_dataset, out=tmp_path / "eval", max_new_tokens=40, progress=False)
+    records = [
+        json.loads(line) for line in (tmp_path / "eval" / "predictions.jsonl").read_text().splitlines()
+    ]
+    covered = [r["parsed"]["price_low"] <= r["truth"]["price"] <= r["parsed"]["price_high"] for r in records]
+    assert metrics["price_interval_coverage"] == pytest.approx(sum(covered) / len(covered))
+    widths = [(r["parsed"]["price_high"] - r["parsed"]["price_low"]) / r["truth"]["price"] for r in records]
+    assert metrics["price_interval_width"] == pytest.approx(sum(widths) / len(widths))
+    assert metrics["price_interval"]["calibration"]["how"] == "the model's calibration"
+    assert all("price_interval_coverage" in row for row in metrics["per_category"].values())
+    assert {"price_interval_coverage", "price_interval_width"} <= set(metrics["baseline"])
+
+    images = sorted((sample_dataset / "images").iterdir())[:3]
+    predicted = list(predict_images(loaded, images, max_new_tokens=40, progress=False, price_level=0.5))
+    assert all(r["price_low"] < r["price"] < r["price_high"] and r["price_level"] == 0.5 for r in predicted)
+    command = [
+        "predict",
+        str(images[0]),
+        "--model",
+        str(run),
+        "--max-new-tokens",
+        "40",
+        "--price-level",
+        "0.5",
+    ]
+    result = CliRunner().invoke(app, command)
+    assert result.exit_code == 0, result.output
+    printed = json.loads(result.stdout.splitlines()[0])  # the JSON line `phivision predict` prints
+    assert (printed["price_low"], printed["price_high"]) == (
+        predicted[0]["price_low"],
+        predicted[0]["price_high"],
+    )
+
+    from phivision.serve.export import export_run
+
+    exported = load_model(export_run(run, tmp_path / "export"), device="cpu")
+    assert exported.calibration == calibration
+    again = list(predict_images(exported, images, max_new_tokens=40, progress=False, price_level=0.5))
+    assert [(r["price_low"], r["price_high"]) for r in again] == [
+        (r["price_low"], r["price_high"]) for r in predicted
+    ]

@@ -394,6 +394,8 @@ def workspace(tmp_path_factory, tiny_checkpoint, sample_dataset) -> dict[str, Pa
         shutil.copytree(sample_dataset, copy)
     table = pd.read_parquet(nul_data / "catalog.parquet")
     table.loc[1, "image_path"] = "images/a\x00b.jpg"
+    if "image_paths" in table.columns:  # the photo list says the same (image_path is its first photo)
+        table.at[1, "image_paths"] = ["images/a\x00b.jpg"]
     table.to_parquet(nul_data / "catalog.parquet")
     pd.read_parquet(empty_data / "catalog.parquet").iloc[:0].to_parquet(empty_data / "catalog.parquet")
     hostile = _plant_hostile_images(hostile_data)

@@ -63,7 +63,8 @@ def oracle_answers(catalog: pd.DataFrame, quality: str):
 
     def generate_completions(model, processor, images, *args, price_spread=False, **kwargs):
         completions = []
-        for image, text in zip(images, answer_texts(images), strict=True):
+        for item, text in zip(images, answer_texts(images), strict=True):
+            image = item[0] if isinstance(item, list) else item  # an item is a photo or a product's photos
             row = catalog.iloc[image.getpixel((0, 0))[0]]
             price = parse_answer(text).price
             distribution = None

@@ -18,7 +18,7 @@ import openai
 import pytest
 import yaml
 from PIL import Image
-from serve_helpers import ServeCommand, ServerThread, data_url, png_bytes, teach_answers
+from serve_helpers import ServeProcess, ServerThread, data_url, png_bytes, teach_answers
 
 from phivision.data.layout import RunLayout
 from phivision.runs import LoadedModel
@@ -49,7 +49,7 @@ def server(taught: LoadedModel) -> Iterator[ServerThread]:
         yield running
 
 
-def upload(server: ServerThread | ServeCommand, *photos: tuple[str, bytes]) -> httpx.Response:
+def upload(server: ServerThread | ServeProcess, *photos: tuple[str, bytes]) -> httpx.Response:
     files = [("image", (name, data, "image/png")) for name, data in photos]
     return httpx.post(f"{server.url}/v1/predict", files=files, timeout=120)
 
@@ -114,9 +114,7 @@ def test_the_serve_command_answers_from_several_photos(
     }
     run.config.write_text(yaml.safe_dump(config, sort_keys=False))
 
-    with ServeCommand(
-        "--model", str(run.root), "--served-model-name", NAME, "--max-new-tokens", "48"
-    ) as serve:
+    with ServeProcess(run.root, "--served-model-name", NAME, "--max-new-tokens", "48") as serve:
         silk = upload(serve, ("front.png", FRONT), ("detail.png", SILK)).json()
         assert silk["answer"] == SILK_ANSWER and silk["images"] == ["front.png", "detail.png"]
         client = openai.OpenAI(base_url=f"{serve.url}/v1", api_key="unused", max_retries=0, timeout=120)
