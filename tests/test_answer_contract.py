@@ -77,9 +77,7 @@ def test_a_custom_template_trains_evaluates_and_predicts_with_every_answer_parse
 
     loaded = load_model(run, device="cpu")
     assert loaded.prompt == fmt and loaded.categories == labels.categories and loaded.currency == "USD"
-    metrics = evaluate(
-        loaded, sample_dataset, split="test", out=tmp_path / "eval", progress=False
-    )
+    metrics = evaluate(loaded, sample_dataset, split="test", out=tmp_path / "eval", progress=False)
     assert metrics["parse_rate"] == 1.0 and metrics["constraint"] == "categories"
     for line in (tmp_path / "eval" / "predictions.jsonl").read_text().splitlines():
         record = json.loads(line)
